@@ -1,0 +1,3 @@
+from chatfleet.cli import app
+
+app(prog_name="chatfleet")

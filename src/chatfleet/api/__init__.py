@@ -1,0 +1,1 @@
+"""api layer of ChatFleet; see docs/architecture.md."""

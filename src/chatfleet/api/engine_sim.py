@@ -1,0 +1,134 @@
+"""``chatfleet engine-sim``: the simulated engine as a standalone OpenAI-compatible server.
+
+It stands in for the vLLM container where there is no GPU, and is the upstream in tests and
+benchmarks. Like vLLM it has no admission queue of its own in front of the engine: every request
+goes straight to the engine's scheduler, which batches up to max_num_seqs and keeps the rest
+waiting (vllm:num_requests_waiting). It exports vLLM's metric names, not ChatFleet's.
+Routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from chatfleet import __version__
+from chatfleet.api.errors import ModelNotFound, install_error_handlers
+from chatfleet.api.middleware import BodySizeLimit
+from chatfleet.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from chatfleet.engines.base import ChatMessage, GenerationRequest
+from chatfleet.engines.engine_model import EngineProfile
+from chatfleet.engines.simulated import SimulatedEngine
+from chatfleet.serving.openai_format import (
+    StreamFormatter,
+    collect,
+    completion_response,
+    new_request_id,
+    stream_payloads,
+)
+from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, EngineSimMetrics, render
+
+__all__ = ["create_engine_sim_app"]
+
+_MAX_BODY_BYTES = 8 << 20
+
+router = APIRouter()
+
+
+def _engine(request: Request) -> SimulatedEngine:
+    return request.app.state.engine
+
+
+async def _answer(request: Request, generation: GenerationRequest, stream: bool,
+                  include_usage: bool) -> Response:
+    engine = _engine(request)
+    deltas = engine.generate(generation)
+    if stream:
+        fmt = StreamFormatter(request_id=generation.request_id, model=engine.model,
+                              chat=generation.is_chat, include_usage=include_usage)
+        payloads: AsyncIterator[str] = stream_payloads(fmt, deltas)
+        # Start the engine request now, so a rejection (prompt too long) is an HTTP error.
+        first = await anext(payloads)
+
+        async def events() -> AsyncIterator[str]:
+            yield first
+            async for payload in payloads:
+                yield payload
+
+        return EventSourceResponse(events(), sep="\n", ping=None)
+    answer = await collect(deltas)
+    return JSONResponse(completion_response(
+        request_id=generation.request_id, model=engine.model, chat=generation.is_chat,
+        text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage))
+
+
+def _check_model(request: Request, model: str) -> None:
+    served = _engine(request).model
+    if model != served:
+        raise ModelNotFound(model, served)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    _check_model(request, body.model)
+    generation = GenerationRequest(
+        request_id=new_request_id(chat=True), model=body.model,
+        messages=tuple(ChatMessage(m.role, m.text()) for m in body.messages),
+        max_tokens=body.output_limit(), sampling=body.sampling())
+    return await _answer(request, generation, body.stream, body.include_usage())
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    _check_model(request, body.model)
+    generation = GenerationRequest(
+        request_id=new_request_id(chat=False), model=body.model, prompt=body.prompt_text(),
+        max_tokens=body.output_limit(), sampling=body.sampling())
+    return await _answer(request, generation, body.stream, body.include_usage())
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[ModelCard(id=_engine(request).model, created=request.app.state.started_at,
+                                     owned_by="chatfleet-sim")])
+
+
+@router.get("/health")
+async def health() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(render(request.app.state.sim_metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_engine_sim_app(profile: EngineProfile, *, seed: int = 0,
+                          max_num_seqs: int | None = None) -> FastAPI:
+    model = f"chatfleet-sim/{profile.name}"
+    sim_metrics = EngineSimMetrics(model_name=model)
+    engine = SimulatedEngine(profile, model=model, seed=seed, max_num_seqs=max_num_seqs,
+                             metrics=sim_metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.aclose()
+
+    app = FastAPI(title="ChatFleet engine-sim", version=__version__, lifespan=lifespan,
+                  summary=f"Simulated vLLM engine ({profile.name}); not a language model")
+    app.state.engine = engine
+    app.state.sim_metrics = sim_metrics
+    app.state.started_at = int(time.time())
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=_MAX_BODY_BYTES)
+    return app

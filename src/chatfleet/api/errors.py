@@ -1,0 +1,120 @@
+"""The one mapping from failures to HTTP answers in OpenAI's error envelope.
+
+Every error a client sees is ``{"error": {"message", "type", "param", "code"}}`` with a message that
+says what was wrong and how to fix it. Overload answers 429 (or 503 while draining) with Retry-After.
+Handlers are registered once, by ``install_error_handlers``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatfleet.engines.base import EngineError
+from chatfleet.serving.admission import AdmissionRejected
+from chatfleet.serving.openai_format import error_body
+
+__all__ = ["InvalidParameter", "ModelNotFound", "error_response", "install_error_handlers",
+           "rejection_response", "validation_message"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(Exception):
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__(f"The model '{requested}' does not exist here; this deployment serves "
+                         f"'{served}' (see GET /v1/models)")
+
+
+class InvalidParameter(Exception):
+    """A request value that passed the schema but breaks a deployment limit (400)."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def error_response(status: int, message: str, *, error_type: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type=error_type, code=status, param=param),
+                        status_code=status, headers=headers)
+
+
+def rejection_response(exc: AdmissionRejected) -> JSONResponse:
+    return error_response(exc.status, exc.message, error_type=exc.reason,
+                          headers={"Retry-After": str(exc.retry_after_s)})
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable sentence for the first validation error, and the parameter it names."""
+    errors = exc.errors()
+    if not errors:
+        return "the request body is not valid", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")), None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if "input" in first and first.get("type") not in ("missing",) and not isinstance(first["input"], dict | list):
+        msg += f" (got {first['input']!r:.80})"
+    text = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return text, param
+
+
+def _count_invalid(request: Request) -> None:
+    """Count a completion request refused before admission as outcome=invalid."""
+    service = getattr(request.app.state, "completions", None)
+    route = request.scope.get("route")
+    if service is not None and route is not None and route.path.startswith("/v1/"):
+        service.record_invalid(route.path)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _count_invalid(request)
+        message, param = validation_message(exc)
+        return error_response(400, message, error_type="invalid_request_error", param=param)
+
+    @app.exception_handler(InvalidParameter)
+    async def _bad_param(request: Request, exc: InvalidParameter) -> JSONResponse:
+        _count_invalid(request)
+        return error_response(400, str(exc), error_type="invalid_request_error", param=exc.param)
+
+    @app.exception_handler(ModelNotFound)
+    async def _no_model(request: Request, exc: ModelNotFound) -> JSONResponse:
+        _count_invalid(request)
+        return error_response(404, str(exc), error_type="model_not_found", param="model")
+
+    @app.exception_handler(AdmissionRejected)
+    async def _rejected(request: Request, exc: AdmissionRejected) -> JSONResponse:
+        return rejection_response(exc)
+
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+        return error_response(exc.status, exc.message, error_type=exc.error_type, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 413: "request_too_large"}
+        kind = kinds.get(exc.status_code, "invalid_request_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(exc.status_code, message, error_type=kind,
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error; it was logged", error_type="internal_error")

@@ -1,0 +1,59 @@
+"""ASGI middleware, written against raw ASGI (no BaseHTTPMiddleware) to stay off the hot path."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["BodySizeLimit"]
+
+
+class BodySizeLimit:
+    """Answer 413 to a request body over ``max_bytes``, by Content-Length or by counting the stream.
+
+    A declared length over the limit is refused before the app runs. A chunked body is counted as
+    it is read; crossing the limit raises a 413 HTTPException inside the route's body parsing,
+    which FastAPI re-raises as is, so the app's error handler answers it.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self, size: int) -> str:
+        return (f"request body is {size} bytes or more; the limit is {self.max_bytes} bytes "
+                "(limits.max_body_bytes): send a shorter prompt")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                declared = int(value) if value.isdigit() else 0
+                if declared > self.max_bytes:
+                    await self._reject(send, declared)
+                    return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._message(received))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _reject(self, send: Send, size: int) -> None:
+        body = json.dumps({"error": {"message": self._message(size), "type": "request_too_large",
+                                     "param": None, "code": 413}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

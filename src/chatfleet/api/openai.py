@@ -1,0 +1,178 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+Thin: validate, build a ``CompletionJob``, hand it to the ``CompletionService`` on ``app.state``,
+wrap the result. A client that disconnects while its request waits for a slot or for a non-streamed
+answer cancels the work at once (``cancel_on_disconnect``); a streamed answer is cancelled by the SSE
+response when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from chatfleet.api.errors import InvalidParameter, ModelNotFound
+from chatfleet.api.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from chatfleet.engines.base import ChatMessage, GenerationRequest
+from chatfleet.serving.admission import Priority
+from chatfleet.serving.completions import HEARTBEAT, CompletionJob, CompletionService
+from chatfleet.serving.openai_format import new_request_id
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["openai"])
+T = TypeVar("T")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request: the message names the field"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Body over limits.max_body_bytes"},
+    429: {"model": ErrorResponse, "description": "Queue full or queue wait exceeded; see Retry-After"},
+    502: {"model": ErrorResponse, "description": "The engine failed the request"},
+    503: {"model": ErrorResponse, "description": "Draining, or the engine is unavailable; see Retry-After"},
+}
+_CLIENT_CLOSED = 499
+"""Status logged for a request whose client went away (nginx's convention); nobody receives it."""
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    raise ClientDisconnected
+
+
+def _priority(header: str | None, body: Priority | None) -> Priority:
+    """The header (set by infrastructure, e.g. per ingress route) wins over the body field."""
+    if header is not None:
+        try:
+            return Priority(header.strip().lower())
+        except ValueError:
+            raise InvalidParameter(f"X-ChatFleet-Priority: {header!r} is not a priority; use "
+                                   "'interactive' or 'batch'", param="X-ChatFleet-Priority") from None
+    return body or Priority.INTERACTIVE
+
+
+def _service(request: Request) -> CompletionService:
+    return request.app.state.completions
+
+
+def _check(request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
+    service = _service(request)
+    if body.model != service.model:
+        raise ModelNotFound(body.model, service.model)
+    limit = request.app.state.settings.limits.max_tokens
+    asked = body.output_limit()
+    if asked is not None and asked > limit:
+        raise InvalidParameter(f"max_tokens is {asked}; this deployment allows at most {limit} "
+                               "(limits.max_tokens): ask for fewer output tokens", param="max_tokens")
+    ignored = body.ignored_fields()
+    if ignored:
+        log.info("ignored unknown request fields: %s", ", ".join(ignored))
+
+
+async def _sse(events: AsyncIterator[str | object]) -> AsyncIterator[str | ServerSentEvent]:
+    async with aclosing(events):
+        async for item in events:
+            if item is HEARTBEAT:
+                yield ServerSentEvent(comment="queued: waiting for an engine slot")
+            else:
+                yield item  # type: ignore[misc]
+
+
+async def _run(request: Request, job: CompletionJob, stream: bool) -> Response:
+    service = _service(request)
+    headers = {"X-Request-Id": job.request.request_id}
+    try:
+        if stream:
+            events = await cancel_on_disconnect(request, service.open_stream(job))
+            return EventSourceResponse(_sse(events), headers=headers, sep="\n")
+        body = await cancel_on_disconnect(request, service.complete(job))
+    except ClientDisconnected:
+        return Response(status_code=_CLIENT_CLOSED)
+    return JSONResponse(body, headers=headers)
+
+
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS},
+             summary="Chat completion (OpenAI API), streamed with stream=true")
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    x_chatfleet_priority: Annotated[str | None, Header()] = None,
+) -> Response:
+    arrived_at = time.perf_counter()
+    route = "/v1/chat/completions"
+    _check(request, body)
+    priority = _priority(x_chatfleet_priority, body.priority)
+    job = CompletionJob(
+        request=GenerationRequest(
+            request_id=new_request_id(chat=True), model=body.model,
+            messages=tuple(ChatMessage(m.role, m.text()) for m in body.messages),
+            max_tokens=body.output_limit(), sampling=body.sampling()),
+        route=route, priority=priority,
+        include_usage=body.include_usage(), arrived_at=arrived_at)
+    return await _run(request, job, body.stream)
+
+
+@router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS},
+             summary="Text completion (OpenAI API), streamed with stream=true")
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    x_chatfleet_priority: Annotated[str | None, Header()] = None,
+) -> Response:
+    arrived_at = time.perf_counter()
+    route = "/v1/completions"
+    _check(request, body)
+    priority = _priority(x_chatfleet_priority, body.priority)
+    job = CompletionJob(
+        request=GenerationRequest(
+            request_id=new_request_id(chat=False), model=body.model, prompt=body.prompt_text(),
+            max_tokens=body.output_limit(), sampling=body.sampling()),
+        route=route, priority=priority,
+        include_usage=body.include_usage(), arrived_at=arrived_at)
+    return await _run(request, job, body.stream)
+
+
+@router.get("/v1/models", response_model=ModelList, summary="The model this deployment serves")
+async def list_models(request: Request) -> ModelList:
+    service = _service(request)
+    return ModelList(data=[ModelCard(id=service.model, created=request.app.state.started_at,
+                                     owned_by="chatfleet")])

@@ -1,0 +1,227 @@
+"""Wire models of the OpenAI-compatible routes: requests validated here, responses documented here.
+
+Fields follow OpenAI's order; vLLM's sampling extras (top_k, min_p, repetition_penalty, ignore_eos,
+min_tokens) come after, then ChatFleet's own ``priority``. Fields that would change the *shape* of the
+answer and that the gateway does not relay (tools, logprobs, n > 1, echo, best_of, suffix) are refused
+with a 400 that says so, rather than silently dropped. Other unknown fields are ignored and their
+names logged, as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chatfleet.serving.admission import Priority
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ErrorResponse",
+    "ModelList",
+    "StreamOptions",
+]
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+SAMPLING_FIELDS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+                   "logit_bias", "user", "response_format", "top_k", "min_p", "repetition_penalty",
+                   "ignore_eos", "min_tokens")
+"""Request fields passed to the engine as they are."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        """Names of fields this API does not know (logged by name, never by value)."""
+        return sorted(self.model_extra or {})
+
+    def sampling(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS
+                if getattr(self, name, None) is not None}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    role: Role
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                    raise ValueError(f"content part {i} has type {part.get('type')!r}; only 'text' "
+                                     "parts are supported by this deployment")
+        return value
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+    # vLLM sampling extras
+    top_k: int | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    # ChatFleet
+    priority: Priority | None = Field(
+        None, description="Admission priority: interactive (default) is served before batch.")
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"n={value} is not supported: this deployment returns one choice; "
+                             "send n=1 or omit it")
+        return value
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+def _refuse(model: BaseModel, fields: dict[str, str]) -> None:
+    extra = model.model_extra or {}
+    for name, why in fields.items():
+        value = extra.get(name, getattr(model, name, None))
+        if value not in (None, False, [], {}, 0, "none"):
+            raise ValueError(f"'{name}' is not supported by this deployment ({why}); remove it")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    model: str = Field(min_length=1)
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _no_shape_changes(self) -> ChatCompletionRequest:
+        _refuse(self, {"tools": "tool calls are not relayed", "functions": "tool calls are not relayed",
+                       "logprobs": "log-probabilities are not relayed",
+                       "top_logprobs": "log-probabilities are not relayed"})
+        return self
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    model: str = Field(min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+
+    @model_validator(mode="after")
+    def _no_shape_changes(self) -> CompletionRequest:
+        _refuse(self, {"echo": "echoing the prompt is not relayed",
+                       "logprobs": "log-probabilities are not relayed",
+                       "suffix": "suffixes are not relayed"})
+        best_of = (self.model_extra or {}).get("best_of")
+        if best_of not in (None, 1):
+            raise ValueError("'best_of' must be 1 or omitted: this deployment returns one choice")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+# -- responses (documentation of what the routes return) --------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageOut | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageOut | None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

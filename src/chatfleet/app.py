@@ -1,0 +1,100 @@
+"""The gateway's FastAPI app: ``create_app(settings)`` builds routes, middleware and handlers, and a
+lifespan that starts the engine, the admission controller and the readiness poller once.
+
+Route functions find everything on ``app.state``: ``settings``, ``engine``, ``admission``,
+``lifecycle``, ``metrics``, ``completions`` (the CompletionService) and ``started_at``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from chatfleet import __version__
+from chatfleet.api import health, openai
+from chatfleet.api.errors import install_error_handlers
+from chatfleet.api.middleware import BodySizeLimit
+from chatfleet.engines.base import Engine
+from chatfleet.engines.engine_model import load_profile
+from chatfleet.engines.openai_compat import OpenAICompatEngine
+from chatfleet.engines.simulated import SimulatedEngine
+from chatfleet.serving.admission import AdmissionController, Priority
+from chatfleet.serving.completions import CompletionService
+from chatfleet.serving.lifecycle import Lifecycle
+from chatfleet.settings import EngineKind, Settings
+from chatfleet.telemetry.metrics import GatewayMetrics
+
+__all__ = ["build_engine", "create_app"]
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine the settings ask for (not started)."""
+    engine = settings.engine
+    if engine.kind is EngineKind.OPENAI:
+        assert engine.url is not None
+        return OpenAICompatEngine(
+            base_url=engine.url,
+            api_key=engine.api_key.get_secret_value() if engine.api_key else None,
+            connect_timeout_s=engine.connect_timeout_s, read_timeout_s=engine.read_timeout_s,
+            max_connections=engine.max_connections)
+    return SimulatedEngine(load_profile(engine.profile), model=settings.served_model,
+                           seed=engine.seed, max_num_seqs=settings.admission.engine_slots)
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+    engine = engine if engine is not None else build_engine(settings)
+    model = settings.served_model
+    metrics = GatewayMetrics(model=model, engine_kind=engine.kind, version=__version__)
+    metrics.engine_slots.labels(model).set(settings.admission.engine_slots)
+    queue_gauges = {p: metrics.queue_depth.labels(model, p.value) for p in Priority}
+    running_gauge = metrics.requests_running.labels(model)
+
+    def admission_changed(admission: AdmissionController) -> None:
+        for priority, gauge in queue_gauges.items():
+            gauge.set(admission.queued(priority))
+        running_gauge.set(admission.running)
+
+    def lifecycle_changed(lifecycle: Lifecycle) -> None:
+        metrics.ready.set(1 if lifecycle.ready else 0)
+        metrics.draining.set(1 if lifecycle.draining else 0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        admission = AdmissionController(
+            slots=settings.admission.engine_slots, max_queue=settings.admission.max_queue,
+            max_queue_wait_s=settings.admission.max_queue_wait_s, on_change=admission_changed)
+        lifecycle = Lifecycle(engine=engine, admission=admission, model=model,
+                              health_interval_s=settings.engine.health_interval_s,
+                              on_change=lifecycle_changed)
+        app.state.admission = admission
+        app.state.lifecycle = lifecycle
+        app.state.completions = CompletionService(
+            engine=engine, admission=admission, metrics=metrics, model=model,
+            heartbeat_interval_s=settings.admission.heartbeat_interval_s)
+        await engine.start()
+        await lifecycle.check_engine()
+        lifecycle.start()
+        try:
+            yield
+        finally:
+            await lifecycle.stop()
+            await engine.aclose()
+
+    app = FastAPI(
+        title="ChatFleet",
+        version=__version__,
+        summary="OpenAI-compatible chat gateway with a measured, bounded admission queue",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.started_at = int(time.time())
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    return app

@@ -1,0 +1,105 @@
+"""The ``chatfleet`` command: serve, engine-sim, config, bench."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from chatfleet.settings import Settings, masked_dump
+
+__all__ = ["app"]
+
+app = typer.Typer(name="chatfleet", no_args_is_help=True, add_completion=False,
+                  help="ChatFleet: a chat gateway that owns a measured queue in front of vLLM.")
+err = Console(stderr=True)
+
+
+def _load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with command-line flags (when given) on top."""
+    try:
+        settings = Settings()
+        if overrides:
+            data = settings.model_dump()
+            for dotted, value in overrides.items():
+                if value is None:
+                    continue
+                section, key = dotted.split(".")
+                data[section][key] = value
+            settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        err.print(f"[red]invalid configuration:[/red]\n{exc}")
+        raise typer.Exit(2) from exc
+    return settings
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream request
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [env CHATFLEET_SERVER__HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env CHATFLEET_SERVER__PORT]")] = None,
+) -> None:
+    """Run the gateway (default engine: the embedded simulated engine)."""
+    from chatfleet.app import create_app  # noqa: PLC0415  (keep `chatfleet config` light)
+    from chatfleet.server import serve_app  # noqa: PLC0415
+
+    settings = _load_settings(**{"server.host": host, "server.port": port})
+    _setup_logging(settings.server.log_level)
+    logging.getLogger(__name__).info(
+        "engine %s, model %s, %d engine slots, queue %d", settings.engine.kind.value,
+        settings.served_model, settings.admission.engine_slots, settings.admission.max_queue)
+    serve_app(create_app(settings), host=settings.server.host, port=settings.server.port,
+              log_level=settings.server.log_level, drain_timeout_s=settings.server.drain_timeout_s,
+              slow_callback_s=settings.server.slow_callback_s)
+
+
+@app.command("engine-sim")
+def engine_sim(
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8001,
+    profile: Annotated[str, typer.Option(help="Latency profile (engines/profiles/*.json)")] = "tiny-cpu",
+    max_num_seqs: Annotated[int | None, typer.Option(
+        help="Sequences batched at once, like vLLM's --max-num-seqs (default: the profile's)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the token text and output lengths")] = 0,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+) -> None:
+    """Run the simulated engine as an OpenAI-compatible server with vLLM's metric names."""
+    import uvicorn  # noqa: PLC0415
+
+    from chatfleet.api.engine_sim import create_engine_sim_app  # noqa: PLC0415
+    from chatfleet.engines.engine_model import load_profile  # noqa: PLC0415
+
+    try:
+        loaded = load_profile(profile)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    if max_num_seqs is not None and max_num_seqs < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--max-num-seqs")
+    _setup_logging(log_level)
+    uvicorn.run(create_engine_sim_app(loaded, seed=seed, max_num_seqs=max_num_seqs), host=host,
+                port=port, log_level=log_level, access_log=False)
+
+
+@app.command()
+def config() -> None:
+    """Print the effective configuration (environment applied, secrets masked) as JSON."""
+    typer.echo(json.dumps(masked_dump(_load_settings()), indent=2))
+
+
+def _mount_bench() -> None:
+    try:
+        from chatfleet.bench.cli import bench_app  # noqa: PLC0415
+    except ImportError:  # the bench extra (matplotlib, numpy) is not installed
+        return
+    app.add_typer(bench_app, name="bench", help="Load-test an OpenAI-compatible server.")
+
+
+_mount_bench()

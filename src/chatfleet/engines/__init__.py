@@ -1,0 +1,1 @@
+"""engines layer of ChatFleet; see docs/architecture.md."""

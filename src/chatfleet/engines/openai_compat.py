@@ -1,0 +1,157 @@
+"""An Engine that streams from an OpenAI-compatible upstream: vLLM's server in production.
+
+Every request goes upstream as a stream (``stream: true`` with ``include_usage``), also when the
+client asked for a single answer: the gateway then measures time to first token the same way for
+both, and a client that goes away aborts the upstream request at once. Closing the iterator closes
+the HTTP response; an unfinished response cannot go back to the pool, so httpx closes the
+connection, and vLLM aborts the request when its client connection drops.
+
+One ``httpx.AsyncClient`` with a pool larger than the engine slots is shared by all requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from chatfleet.engines.base import (
+    EngineError,
+    EngineRequestRejected,
+    EngineUnavailable,
+    GenerationDelta,
+    GenerationRequest,
+    Usage,
+)
+
+__all__ = ["OpenAICompatEngine"]
+
+log = logging.getLogger(__name__)
+
+_ERROR_TEXT_MAX = 512
+"""Characters of an upstream error body kept in the message to the client."""
+
+
+def _upstream_message(status: int, raw: bytes) -> str:
+    try:
+        data = json.loads(raw)
+        message = data["error"]["message"] if isinstance(data.get("error"), dict) else data.get("message")
+        if message:
+            return str(message)[:_ERROR_TEXT_MAX]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    text = raw.decode("utf-8", "replace").strip()[:_ERROR_TEXT_MAX]
+    return f"engine answered HTTP {status}" + (f": {text}" if text else "")
+
+
+class OpenAICompatEngine:
+    """Streams generations from ``base_url`` (which includes ``/v1``)."""
+
+    kind = "openai"
+
+    def __init__(self, *, base_url: str, api_key: str | None = None, connect_timeout_s: float = 5.0,
+                 read_timeout_s: float = 120.0, max_connections: int = 2048) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
+                                      write=connect_timeout_s, pool=read_timeout_s)
+        self._limits = httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=max_connections)
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatEngine(base_url={self.base_url!r}, api_key={'***' if self._api_key else None})"
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout,
+                                         limits=self._limits, headers=headers)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("OpenAICompatEngine.start() was not called")
+        return self._client
+
+    async def list_models(self) -> list[str]:
+        try:
+            response = await self.client.get("/models", timeout=5.0)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"engine at {self.base_url} is not reachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise EngineUnavailable(_upstream_message(response.status_code, response.content))
+        try:
+            return [str(card["id"]) for card in response.json()["data"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EngineUnavailable(f"engine at {self.base_url} answered /models with an unexpected "
+                                    "body") from exc
+
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = dict(request.sampling)
+        body["model"] = request.model
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            return "/chat/completions", body
+        body["prompt"] = request.prompt
+        return "/completions", body
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        path, body = self._body(request)
+        try:
+            async with self.client.stream("POST", path, json=body) as response:
+                if response.status_code != 200:
+                    raw = await response.aread()
+                    message = _upstream_message(response.status_code, raw)
+                    if 400 <= response.status_code < 500 and response.status_code != 429:
+                        raise EngineRequestRejected(message, status=response.status_code)
+                    raise EngineUnavailable(message)
+                async for delta in self._deltas(response):
+                    yield delta
+        except EngineError:
+            raise
+        except httpx.TimeoutException as exc:
+            raise EngineUnavailable(f"engine sent nothing for too long ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"engine connection failed mid-request: {exc!r}") from exc
+
+    async def _deltas(self, response: httpx.Response) -> AsyncIterator[GenerationDelta]:
+        finish_reason: str | None = None
+        usage: Usage | None = None
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise EngineUnavailable("engine sent a malformed stream chunk") from exc
+            if "error" in chunk:
+                raise EngineUnavailable(_upstream_message(502, data.encode()))
+            for choice in chunk.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                if text:
+                    yield GenerationDelta(text)
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+            if chunk.get("usage"):
+                u = chunk["usage"]
+                usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+        else:
+            raise EngineUnavailable("engine closed the stream before it finished")
+        if finish_reason is None:
+            raise EngineUnavailable("engine ended the stream without a finish reason")
+        yield GenerationDelta("", tokens=0, finish_reason=finish_reason, usage=usage)  # type: ignore[arg-type]

@@ -1,0 +1,71 @@
+"""Run the gateway on uvicorn with a graceful drain on SIGTERM.
+
+Kubernetes sends SIGTERM when it scales a pod down. uvicorn's own handling closes the listening
+socket and then waits for connections, so late arrivals get connection errors. ChatFleet instead:
+turns /readyz false and answers new requests 503 + Retry-After at once (the endpoint controller
+takes the pod out of the Service meanwhile), lets queued and running requests finish for up to
+``server.drain_timeout_s``, then lets uvicorn shut down, and exits 0. A second SIGTERM, or SIGINT,
+stops at once as uvicorn would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+__all__ = ["DrainingServer", "serve_app"]
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, *, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._drain_task is None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(), name="chatfleet-drain")
+
+    async def _drain(self) -> None:
+        lifecycle = getattr(self._app.state, "lifecycle", None)
+        if lifecycle is not None:
+            log.info("SIGTERM: draining (up to %g s)", self._drain_timeout_s)
+            await lifecycle.drain(self._drain_timeout_s)
+        self.should_exit = True
+
+
+def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeout_s: float,
+              slow_callback_s: float | None = None) -> None:
+    """Serve ``app`` until SIGTERM has drained it (or SIGINT). One worker, one event loop.
+
+    ``slow_callback_s`` turns on asyncio's debug mode on the stdlib loop (uvloop does not report
+    slow callbacks): every callback that holds the loop longer is logged, to find blocking calls.
+    """
+    debug = slow_callback_s is not None
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on",
+                            loop="asyncio" if debug else "auto")
+    server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s)
+    with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:
+        if slow_callback_s is not None:
+            runner.get_loop().slow_callback_duration = slow_callback_s
+        runner.run(server.serve())

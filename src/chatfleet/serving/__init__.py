@@ -1,0 +1,1 @@
+"""serving layer of ChatFleet; see docs/architecture.md."""

@@ -1,0 +1,292 @@
+"""Admission: at most ``slots`` requests reach the engine; a bounded, prioritised queue holds the rest.
+
+The queue is the autoscaler's signal, so its gauge is updated on every change and counts exactly the
+requests waiting now. Rules:
+
+- A request takes a free slot at once if nobody is queued; otherwise it queues.
+- Interactive requests are granted before batch ones, first-come first-served within a priority.
+- The queue holds at most ``max_queue`` requests. When it is full, an interactive arrival displaces the
+  newest queued batch request (which gets 429); otherwise the arrival itself gets 429.
+- A queued request that waits ``max_queue_wait_s`` gets 429.
+- While draining, new arrivals get 503; queued and running requests were accepted and finish.
+- Cancelling a waiter (client gone) removes it from the queue or frees its slot at once.
+
+Retry-After on a rejection is the time the queue ahead of the caller would take to drain at the
+rate slots were freed recently, clamped to [1, 60] s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from enum import StrEnum
+
+__all__ = [
+    "AdmissionController",
+    "AdmissionRejected",
+    "Draining",
+    "Priority",
+    "QueueFull",
+    "QueueTimeout",
+    "Waiter",
+]
+
+_RETRY_AFTER_MIN_S = 1
+_RETRY_AFTER_MAX_S = 60
+_DRAIN_RATE_WINDOW = 64
+"""Slot releases remembered to estimate the drain rate."""
+
+
+class Priority(StrEnum):
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+class AdmissionRejected(Exception):
+    """The request was not admitted. ``status`` is 429 or 503; send ``Retry-After: retry_after_s``."""
+
+    status = 429
+    reason = "rejected"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(AdmissionRejected):
+    reason = "queue_full"
+
+
+class QueueTimeout(AdmissionRejected):
+    reason = "queue_timeout"
+
+
+class Draining(AdmissionRejected):
+    status = 503
+    reason = "draining"
+
+
+class Waiter:
+    """One request's claim on an engine slot: queued until granted, then holding the slot.
+
+    Use ``await wait(timeout)`` until it returns True, then ``release()`` exactly once when done
+    (also when cancelled or failed: ``release()`` on a queued waiter leaves the queue).
+    """
+
+    __slots__ = ("_controller", "_future", "arrived_at", "deadline", "granted_at", "priority",
+                 "_state")
+
+    _QUEUED, _GRANTED, _DONE = range(3)
+
+    def __init__(self, controller: AdmissionController, priority: Priority, arrived_at: float,
+                 deadline: float) -> None:
+        self._controller = controller
+        self._future: asyncio.Future[None] | None = None
+        self._state = Waiter._QUEUED
+        self.priority = priority
+        self.arrived_at = arrived_at
+        self.deadline = deadline
+        self.granted_at: float | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self._state == Waiter._GRANTED
+
+    @property
+    def queued(self) -> bool:
+        return self._state == Waiter._QUEUED
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for a slot: True once granted, False if still queued.
+
+        Raises QueueTimeout (and leaves the queue) once the request's deadline passes, or
+        QueueFull if a higher-priority arrival displaced it.
+        """
+        if self._state == Waiter._GRANTED:
+            return True
+        if self._state == Waiter._DONE:
+            raise RuntimeError("wait() on a released waiter")
+        assert self._future is not None
+        remaining = self.deadline - self._controller.clock()
+        limit = remaining if timeout is None else min(timeout, remaining)
+        if limit > 0 and not self._future.done():
+            await asyncio.wait((self._future,), timeout=limit)
+        if self._future.done():
+            self._future.result()  # raises QueueFull when displaced
+            return True
+        if self._controller.clock() >= self.deadline:
+            self._controller._leave_queue(self)
+            raise self._controller._rejection(
+                QueueTimeout, f"waited {self._controller.max_queue_wait_s:g} s in the queue "
+                "(max_queue_wait_s) without getting an engine slot; retry later")
+        return False
+
+    def release(self) -> None:
+        """Give the slot back, or leave the queue. Idempotent."""
+        if self._state == Waiter._GRANTED:
+            self._state = Waiter._DONE
+            self._controller._release_slot()
+        elif self._state == Waiter._QUEUED:
+            self._controller._leave_queue(self)
+
+    def _grant(self, now: float) -> None:
+        self._state = Waiter._GRANTED
+        self.granted_at = now
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+
+class AdmissionController:
+    """Slots plus a two-priority bounded queue. Single event loop; no locks needed."""
+
+    def __init__(
+        self,
+        *,
+        slots: int,
+        max_queue: int,
+        max_queue_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[AdmissionController], None] | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.slots = slots
+        self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
+        self.clock = clock
+        self._on_change = on_change
+        self._queues: dict[Priority, deque[Waiter]] = {p: deque() for p in Priority}
+        self._running = 0
+        self._draining = False
+        self._releases: deque[float] = deque(maxlen=_DRAIN_RATE_WINDOW)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- observation -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def queued(self, priority: Priority | None = None) -> int:
+        if priority is None:
+            return sum(len(q) for q in self._queues.values())
+        return len(self._queues[priority])
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain_rate(self) -> float | None:
+        """Slots freed per second over the recent window, or None before there is a window."""
+        if len(self._releases) < 2:
+            return None
+        span = self._releases[-1] - self._releases[0]
+        if span <= 0:
+            return None
+        return (len(self._releases) - 1) / span
+
+    def retry_after_s(self) -> int:
+        """Seconds until the current queue would have drained at the recent drain rate."""
+        rate = self.drain_rate()
+        if rate is None:
+            estimate = self.max_queue_wait_s
+        else:
+            estimate = (self.queued() + 1) / rate
+        return int(min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, math.ceil(estimate))))
+
+    # -- entering ----------------------------------------------------------------------------
+
+    def enqueue(self, priority: Priority) -> Waiter:
+        """Claim a slot: granted at once when one is free and nobody waits, else queued.
+
+        Raises Draining (503) while draining, QueueFull (429) when the queue is at its bound.
+        """
+        if self._draining:
+            raise self._rejection(Draining, "this replica is shutting down; retry, another "
+                                  "replica will answer")
+        now = self.clock()
+        waiter = Waiter(self, priority, now, now + self.max_queue_wait_s)
+        if self._running < self.slots and self.queued() == 0:
+            self._running += 1
+            self._idle.clear()
+            waiter._grant(now)
+            self._changed()
+            return waiter
+        if self.queued() >= self.max_queue:
+            victim = self._displaceable(priority)
+            if victim is None:
+                raise self._rejection(QueueFull, f"the queue is full ({self.max_queue} requests "
+                                      "waiting, max_queue); retry later")
+            self._queues[Priority.BATCH].pop()
+            victim._state = Waiter._DONE
+            assert victim._future is not None
+            victim._future.set_exception(self._rejection(
+                QueueFull, "displaced from a full queue by an interactive request; retry later"))
+        waiter._future = asyncio.get_running_loop().create_future()
+        self._queues[priority].append(waiter)
+        self._idle.clear()
+        self._changed()
+        return waiter
+
+    def _displaceable(self, priority: Priority) -> Waiter | None:
+        if priority is Priority.INTERACTIVE and self._queues[Priority.BATCH]:
+            return self._queues[Priority.BATCH][-1]
+        return None
+
+    # -- draining ----------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Refuse new arrivals from now on; queued and running requests carry on."""
+        self._draining = True
+        self._changed()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or running."""
+        await self._idle.wait()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _release_slot(self) -> None:
+        now = self.clock()
+        self._releases.append(now)
+        nxt = self._pop_next()
+        if nxt is not None:
+            nxt._grant(now)
+        else:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+        self._changed()
+
+    def _pop_next(self) -> Waiter | None:
+        for priority in (Priority.INTERACTIVE, Priority.BATCH):
+            queue = self._queues[priority]
+            if queue:
+                return queue.popleft()
+        return None
+
+    def _leave_queue(self, waiter: Waiter) -> None:
+        try:
+            self._queues[waiter.priority].remove(waiter)
+        except ValueError:
+            pass
+        waiter._state = Waiter._DONE
+        if waiter._future is not None and not waiter._future.done():
+            waiter._future.cancel()
+        if self._running == 0 and self.queued() == 0:
+            self._idle.set()
+        self._changed()
+
+    def _rejection(self, cls: type[AdmissionRejected], message: str) -> AdmissionRejected:
+        return cls(message, retry_after_s=self.retry_after_s())
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self)

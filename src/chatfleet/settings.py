@@ -1,0 +1,123 @@
+"""ChatFleet's one configuration tree.
+
+Every value can be set from the environment with the prefix ``CHATFLEET_`` and ``__`` between levels,
+for example ``CHATFLEET_ADMISSION__ENGINE_SLOTS=64``. The Helm chart's values map onto the same keys.
+Read once at start-up (``Settings()``) and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "AdmissionSettings",
+    "EngineKind",
+    "EngineSettings",
+    "LimitsSettings",
+    "ServerSettings",
+    "Settings",
+    "masked_dump",
+]
+
+
+class EngineKind(StrEnum):
+    """Which engine the gateway sends requests to."""
+
+    SIMULATED = "simulated"
+    """The engine model, in this process: no GPU, no upstream. The default, for trying ChatFleet."""
+    OPENAI = "openai"
+    """Any OpenAI-compatible server (vLLM's in production) at ``engine.url``."""
+
+
+class EngineSettings(BaseModel):
+    kind: EngineKind = EngineKind.SIMULATED
+    """Engine kind: ``simulated`` (embedded engine model) or ``openai`` (an upstream server)."""
+    url: str | None = None
+    """Upstream base URL including ``/v1``, e.g. ``http://127.0.0.1:8001/v1``. Required for ``openai``."""
+    model: str | None = None
+    """Served model id. ``openai``: required, the name the upstream lists (vLLM's
+    --served-model-name). ``simulated``: defaults to ``chatfleet-sim/<profile>``."""
+    api_key: SecretStr | None = None
+    """Bearer token sent to the upstream, if it needs one. Never logged."""
+    profile: str = "tiny-cpu"
+    """Latency profile of the simulated engine (a file in engines/profiles/)."""
+    seed: int = 0
+    """Seed of the simulated engine's token text and output lengths."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    """Seconds to open a connection to the upstream."""
+    read_timeout_s: float = Field(120.0, gt=0)
+    """Seconds the upstream may stay silent inside one response before the request fails."""
+    max_connections: int = Field(2048, ge=1)
+    """Connection pool size towards the upstream; must exceed engine slots."""
+    health_interval_s: float = Field(2.0, gt=0)
+    """Seconds between the readiness checks that list the upstream's models."""
+
+
+class AdmissionSettings(BaseModel):
+    engine_slots: int = Field(64, ge=1)
+    """Requests let through to the engine at once. Set equal to vLLM's --max-num-seqs."""
+    max_queue: int = Field(512, ge=0)
+    """Requests held waiting beyond the slots; one more gets 429."""
+    max_queue_wait_s: float = Field(30.0, gt=0)
+    """Longest a request may wait for a slot before it gets 429."""
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    """A queued stream gets its response headers and an SSE comment line this often while it waits.
+    Until the first one, a queue timeout is a real HTTP 429; after it, an SSE error event."""
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    """Address to bind. The chart sets 0.0.0.0 inside the pod."""
+    port: int = Field(8000, ge=1, le=65535)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM: how long in-flight and queued requests may take to finish before the process exits."""
+    log_level: str = "info"
+    slow_callback_s: float | None = Field(None, gt=0)
+    """Turn on asyncio debug mode and log every event-loop callback slower than this (diagnostics)."""
+
+
+class LimitsSettings(BaseModel):
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest request body accepted; larger gets 413."""
+    max_tokens: int = Field(8192, ge=1)
+    """Largest ``max_tokens`` a request may ask for."""
+    max_messages: int = Field(512, ge=1)
+    """Most messages in one chat request."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHATFLEET_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    engine: EngineSettings = EngineSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    server: ServerSettings = ServerSettings()
+    limits: LimitsSettings = LimitsSettings()
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> Settings:
+        if self.engine.kind is EngineKind.OPENAI:
+            if not self.engine.url:
+                raise ValueError(
+                    "engine.kind is 'openai' but engine.url is empty: set CHATFLEET_ENGINE__URL "
+                    "to the upstream base URL, e.g. http://127.0.0.1:8001/v1")
+            if not self.engine.model:
+                raise ValueError(
+                    "engine.kind is 'openai' but engine.model is empty: set CHATFLEET_ENGINE__MODEL "
+                    "to the model name the upstream serves (vLLM's --served-model-name)")
+        return self
+
+    @property
+    def served_model(self) -> str:
+        """The model id clients send and /v1/models lists."""
+        return self.engine.model or f"chatfleet-sim/{self.engine.profile}"
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets shown as '**********'."""
+    return settings.model_dump(mode="json")

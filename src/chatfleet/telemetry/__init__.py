@@ -1,0 +1,1 @@
+"""telemetry layer of ChatFleet; see docs/architecture.md."""

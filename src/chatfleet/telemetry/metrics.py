@@ -1,0 +1,198 @@
+"""Every Prometheus metric ChatFleet exports, defined once: the metric contract.
+
+Two families live here:
+
+- ``GatewayMetrics``: the gateway's own ``chatfleet_*`` metrics (queue, slots, outcomes, latency,
+  tokens, readiness). The HPA scales on ``chatfleet_queue_depth``; dashboards and alerts use these.
+- ``EngineSimMetrics``: what ``chatfleet engine-sim`` exports under **vLLM's own names**
+  (``vllm:*``, with vLLM's ``engine`` and ``model_name`` labels), so dashboards built on it work on a
+  real vLLM server. They are the engine's names, never the gateway's.
+
+Each class owns a private ``CollectorRegistry`` so several apps can live in one process (tests).
+Labels are closed sets: model (one per process), route (the endpoint template), priority, outcome.
+docs/metrics.md documents every name; tests check that /metrics matches that page.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "EngineSimMetrics",
+    "GatewayMetrics",
+    "Outcome",
+    "render",
+]
+
+disable_created_metrics()  # no *_created series: they double the exposition and no rule uses them
+
+# LLM latencies span milliseconds (a token) to minutes (a long answer behind a queue).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
+                3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+               0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0,
+                    120.0, 180.0, 300.0, 600.0)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0,
+                      30.0, 60.0, 120.0, 300.0)
+# vLLM's own bucket boundaries (vllm/v1/metrics/loggers.py), so engine-sim histograms line up.
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0)
+VLLM_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Outcome(StrEnum):
+    """How a request ended, as the ``outcome`` label of chatfleet_requests_total."""
+
+    OK = "ok"
+    """Answered completely (finish_reason stop or length)."""
+    INVALID = "invalid"
+    """Refused as asked (4xx): bad body, unknown model, or the engine refused it (too long)."""
+    QUEUE_FULL = "queue_full"
+    """429: the queue was at its bound."""
+    QUEUE_TIMEOUT = "queue_timeout"
+    """429: waited longer than max_queue_wait_s."""
+    DRAINING = "draining"
+    """503: arrived while the pod was draining."""
+    CLIENT_DISCONNECTED = "client_disconnected"
+    """The client went away (while queued or mid-answer); the engine request was aborted."""
+    ENGINE_ERROR = "engine_error"
+    """The engine refused or failed the request."""
+
+
+class GatewayMetrics:
+    """The gateway's metrics. One instance per app; ``model`` is fixed for the process."""
+
+    def __init__(self, *, model: str, engine_kind: str, version: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.model = model
+
+        self.queue_depth = Gauge(
+            "chatfleet_queue_depth",
+            "Requests waiting in the gateway's admission queue for an engine slot.",
+            ["model", "priority"], registry=r)
+        self.requests_running = Gauge(
+            "chatfleet_requests_running",
+            "Requests holding an engine slot (sent to the engine, not finished).",
+            ["model"], registry=r)
+        self.engine_slots = Gauge(
+            "chatfleet_engine_slots",
+            "Engine slots: the most requests the gateway lets through to the engine at once.",
+            ["model"], registry=r)
+        self.requests_total = Counter(
+            "chatfleet_requests",
+            "Requests finished, by route and outcome.",
+            ["model", "route", "outcome"], registry=r)
+        self.queue_wait_seconds = Histogram(
+            "chatfleet_queue_wait_seconds",
+            "Time from arrival to an engine slot (or to rejection), by priority.",
+            ["model", "priority"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.ttft_seconds = Histogram(
+            "chatfleet_ttft_seconds",
+            "Time from arrival at the gateway to the first output token, queue wait included.",
+            ["model", "route"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl_seconds = Histogram(
+            "chatfleet_itl_seconds",
+            "Time between consecutive output tokens of one answer, as the gateway relays them.",
+            ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.request_duration_seconds = Histogram(
+            "chatfleet_request_duration_seconds",
+            "Time from arrival to the last byte of the answer, for requests that were admitted.",
+            ["model", "route"], buckets=DURATION_BUCKETS, registry=r)
+        self.prompt_tokens_total = Counter(
+            "chatfleet_prompt_tokens",
+            "Prompt tokens of admitted requests, as the engine counted them.",
+            ["model"], registry=r)
+        self.completion_tokens_total = Counter(
+            "chatfleet_completion_tokens",
+            "Output tokens relayed to clients.",
+            ["model"], registry=r)
+        self.ready = Gauge(
+            "chatfleet_ready",
+            "1 when the engine lists the served model and the gateway is not draining, else 0.",
+            registry=r)
+        self.draining = Gauge(
+            "chatfleet_draining",
+            "1 after SIGTERM while in-flight requests finish, else 0.",
+            registry=r)
+        self.build_info = Gauge(
+            "chatfleet_build_info",
+            "Always 1; labels say the ChatFleet version, engine kind and served model.",
+            ["version", "engine_kind", "model"], registry=r)
+
+        self.build_info.labels(version=version, engine_kind=engine_kind, model=model).set(1)
+        for priority in ("interactive", "batch"):
+            self.queue_depth.labels(model=model, priority=priority)
+            self.queue_wait_seconds.labels(model=model, priority=priority)
+        self.requests_running.labels(model=model)
+        self.prompt_tokens_total.labels(model=model)
+        self.completion_tokens_total.labels(model=model)
+        self.itl_seconds.labels(model=model)
+
+
+class EngineSimMetrics:
+    """engine-sim's metrics under vLLM's names and labels (``engine``, ``model_name``)."""
+
+    def __init__(self, *, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        labels = {"engine": "0", "model_name": model_name}
+        names = list(labels)
+
+        self.num_requests_running = Gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.",
+            names, registry=r).labels(**labels)
+        self.num_requests_waiting = Gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+            names, registry=r).labels(**labels)
+        self.kv_cache_usage_perc = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+            names, registry=r).labels(**labels)
+        self.num_preemptions_total = Counter(
+            "vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
+            names, registry=r).labels(**labels)
+        self.prompt_tokens_total = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.",
+            names, registry=r).labels(**labels)
+        self.generation_tokens_total = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.",
+            names, registry=r).labels(**labels)
+        self._request_success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.",
+            [*names, "finished_reason"], registry=r)
+        self.time_to_first_token_seconds = Histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+            names, buckets=VLLM_TTFT_BUCKETS, registry=r).labels(**labels)
+        self.inter_token_latency_seconds = Histogram(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+            names, buckets=VLLM_ITL_BUCKETS, registry=r).labels(**labels)
+        self.e2e_request_latency_seconds = Histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+            names, buckets=VLLM_E2E_BUCKETS, registry=r).labels(**labels)
+        self._labels = labels
+        for reason in ("stop", "length", "abort"):
+            self.request_success(reason)
+
+    def request_success(self, finished_reason: str) -> Counter:
+        """The vllm:request_success_total child for one finish reason (stop, length, abort)."""
+        return self._request_success.labels(**self._labels, finished_reason=finished_reason)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition of one registry, for a /metrics route."""
+    return generate_latest(registry)
