@@ -54,7 +54,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeout_s: float,
-              slow_callback_s: float | None = None) -> None:
+              keep_alive_s: float, slow_callback_s: float | None = None) -> None:
     """Serve ``app`` until SIGTERM has drained it (or SIGINT). One worker, one event loop.
 
     ``slow_callback_s`` turns on asyncio's debug mode on the stdlib loop (uvloop does not report
@@ -62,7 +62,7 @@ def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeo
     """
     debug = slow_callback_s is not None
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on",
+                            timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=keep_alive_s,
                             loop="asyncio" if debug else "auto")
     server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s)
     with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:

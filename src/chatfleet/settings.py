@@ -75,6 +75,9 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight and queued requests may take to finish before the process exits."""
+    keep_alive_s: float = Field(75.0, gt=0)
+    """Idle keep-alive of client connections. Keep it above the load balancer's idle timeout
+    (60 s on common cloud LBs), or the proxy may reuse a connection the gateway is closing."""
     log_level: str = "info"
     slow_callback_s: float | None = Field(None, gt=0)
     """Turn on asyncio debug mode and log every event-loop callback slower than this (diagnostics)."""

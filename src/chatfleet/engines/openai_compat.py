@@ -121,6 +121,8 @@ class OpenAICompatEngine:
                     yield delta
         except EngineError:
             raise
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise EngineUnavailable(f"engine at {self.base_url} is not reachable: {exc!r}") from exc
         except httpx.TimeoutException as exc:
             raise EngineUnavailable(f"engine sent nothing for too long ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:

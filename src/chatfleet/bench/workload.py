@@ -1,0 +1,225 @@
+"""Request sources for the load generator: what to send, and when.
+
+A workload is either open loop (``OpenLoop``: every request has a send time fixed in advance, kept
+whatever the server does) or closed loop (``ClosedLoop``: N workers, each sending its next request as
+soon as its previous one ends). Open-loop arrivals come from a Poisson process (``poisson``) or from a
+recorded trace replayed at a speed factor (``trace_replay``); closed loop from ``closed_loop``.
+
+Request lengths are in tokens. Output length is exact: the load generator sends ``max_tokens`` with
+vLLM's ``ignore_eos``. Prompt length is approximate, see ``PromptSynthesizer``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = [
+    "ClosedLoop",
+    "EmpiricalLengths",
+    "FixedLengths",
+    "LengthSampler",
+    "OpenLoop",
+    "PromptSynthesizer",
+    "RequestSpec",
+    "TraceRow",
+    "Workload",
+    "closed_loop",
+    "load_trace",
+    "poisson",
+    "trace_replay",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestSpec:
+    """One request to send. ``at_s``: send time in seconds after the run starts (None: closed loop)."""
+
+    index: int
+    prompt_tokens: int
+    output_tokens: int
+    at_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.output_tokens < 1:
+            raise ValueError(
+                f"request {self.index}: prompt_tokens={self.prompt_tokens} and "
+                f"output_tokens={self.output_tokens} must both be at least 1"
+            )
+
+
+class LengthSampler(Protocol):
+    """Draws (prompt tokens, output tokens) for the next request."""
+
+    def sample(self, rng: random.Random) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FixedLengths:
+    prompt_tokens: int
+    output_tokens: int
+
+    def sample(self, rng: random.Random) -> tuple[int, int]:
+        return self.prompt_tokens, self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class EmpiricalLengths:
+    """Resamples observed (prompt, output) pairs, e.g. the rows of a trace, keeping their correlation."""
+
+    pairs: Sequence[tuple[int, int]]
+
+    def __post_init__(self) -> None:
+        if not self.pairs:
+            raise ValueError("EmpiricalLengths needs at least one (prompt, output) pair")
+
+    @classmethod
+    def from_trace(cls, rows: Sequence[TraceRow]) -> EmpiricalLengths:
+        return cls([(row.prompt_tokens, row.output_tokens) for row in rows])
+
+    def sample(self, rng: random.Random) -> tuple[int, int]:
+        return self.pairs[rng.randrange(len(self.pairs))]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenLoop:
+    """Requests sent at their ``at_s`` (non-decreasing), whether or not earlier ones have finished."""
+
+    arrivals: Iterable[RequestSpec]
+    description: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClosedLoop:
+    """``concurrency`` workers share ``requests``; each sends its next one when its last one ends.
+
+    Worker k starts at ``k / concurrency * ramp_s``: spread over about one request's duration, the
+    workers of a fixed-length workload do not move in lockstep waves of simultaneous prefills.
+    """
+
+    concurrency: int
+    requests: Iterable[RequestSpec]
+    description: str
+    ramp_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"closed-loop concurrency must be at least 1, got {self.concurrency}")
+        if self.ramp_s < 0:
+            raise ValueError(f"closed-loop ramp must not be negative, got {self.ramp_s} s")
+
+
+Workload = OpenLoop | ClosedLoop
+
+
+def poisson(*, rate_per_s: float, lengths: LengthSampler, seed: int = 0) -> OpenLoop:
+    """Poisson arrivals at ``rate_per_s`` (exponential gaps), endless: the run's bounds end it."""
+    if rate_per_s <= 0:
+        raise ValueError(f"Poisson rate must be positive, got {rate_per_s} requests/s")
+    rng = random.Random(seed)
+
+    def arrivals() -> Iterator[RequestSpec]:
+        at_s = 0.0
+        for index in itertools.count():
+            prompt_tokens, output_tokens = lengths.sample(rng)
+            yield RequestSpec(index=index, prompt_tokens=prompt_tokens, output_tokens=output_tokens, at_s=at_s)
+            at_s += rng.expovariate(rate_per_s)
+
+    return OpenLoop(arrivals=arrivals(), description=f"poisson {rate_per_s:g} req/s")
+
+
+def closed_loop(*, concurrency: int, lengths: LengthSampler, seed: int = 0, ramp_s: float = 0.0) -> ClosedLoop:
+    """``concurrency`` back-to-back workers started over ``ramp_s``, endless: the run's bounds end it."""
+    rng = random.Random(seed)
+
+    def requests() -> Iterator[RequestSpec]:
+        for index in itertools.count():
+            prompt_tokens, output_tokens = lengths.sample(rng)
+            yield RequestSpec(index=index, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+
+    return ClosedLoop(
+        concurrency=concurrency, requests=requests(), description=f"closed loop x{concurrency}", ramp_s=ramp_s
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRow:
+    arrived_at_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def load_trace(path: Path) -> list[TraceRow]:
+    """Read a trace CSV with columns arrived_at, num_prefill_tokens, num_decode_tokens (see shared/traces)."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"arrived_at", "num_prefill_tokens", "num_decode_tokens"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(sorted(missing))}; a trace needs "
+                "arrived_at,num_prefill_tokens,num_decode_tokens"
+            )
+        return [
+            TraceRow(float(row["arrived_at"]), int(row["num_prefill_tokens"]), int(row["num_decode_tokens"]))
+            for row in reader
+        ]
+
+
+def trace_replay(
+    rows: Sequence[TraceRow], *, speed: float = 1.0, start_s: float = 0.0, max_rows: int | None = None
+) -> OpenLoop:
+    """Replay ``rows`` from trace time ``start_s``: a row arriving at t is sent at (t - start_s) / speed."""
+    if speed <= 0:
+        raise ValueError(f"trace speed must be positive, got {speed}")
+    selected = [row for row in rows if row.arrived_at_s >= start_s]
+    if max_rows is not None:
+        selected = selected[:max_rows]
+    if not selected:
+        raise ValueError(f"the trace has no rows at or after start offset {start_s} s")
+    arrivals = [
+        RequestSpec(
+            index=index,
+            prompt_tokens=row.prompt_tokens,
+            output_tokens=row.output_tokens,
+            at_s=(row.arrived_at_s - start_s) / speed,
+        )
+        for index, row in enumerate(selected)
+    ]
+    return OpenLoop(arrivals=arrivals, description=f"trace x{speed:g}, {len(arrivals)} rows from {start_s:g} s")
+
+
+class PromptSynthesizer:
+    """Deterministic prompts of about N tokens.
+
+    The text is made of common three-letter English words, each with a leading space: four characters
+    per word. A BPE tokenizer (Llama 3, GPT) encodes each such word as one token, and the simulated
+    engine counts four characters as one token, so both see about N tokens for N words. It stays an
+    approximation: the chat template adds a few tokens of its own, and a real tokenizer may merge or
+    split the odd pair. Each request starts at a different place in a seeded word sequence, so no two
+    prompts share a prefix that an engine's prefix cache could reuse.
+    """
+
+    _WORDS = (
+        " the and for are but not you all any can had her was one our out day get has him his how man new"
+        " now old see two way who boy did its let put say she too use act add age ago air arm art ask bad"
+        " bag bed big bit box bus buy car cat cup cut dog dry ear eat egg end eye far few fit fly fun gas"
+    ).split()
+    _CORPUS_WORDS = 8192
+
+    def __init__(self, seed: int = 0) -> None:
+        rng = random.Random(seed)
+        words = rng.choices([" " + word for word in self._WORDS], k=self._CORPUS_WORDS)
+        self._corpus = "".join(words)
+        self._doubled = self._corpus * 2
+        self._seed = seed
+
+    def prompt(self, index: int, tokens: int) -> str:
+        """The prompt of request ``index``: ``tokens`` words, i.e. ``4 * tokens`` characters."""
+        start = random.Random(self._seed * 1_000_003 + index).randrange(self._CORPUS_WORDS) * 4
+        whole, rest = divmod(tokens, self._CORPUS_WORDS)
+        return self._doubled[start : start + self._CORPUS_WORDS * 4] * whole + self._doubled[start : start + rest * 4]

@@ -1,0 +1,406 @@
+"""The engine model: a pure, deterministic stand-in for one vLLM replica.
+
+``EngineProfile`` is a latency profile (data, from ``profiles/<name>.json``): a model's size, a GPU's
+achieved bandwidth and FLOP/s, fixed overheads and vLLM's scheduler defaults. ``EngineCore`` is
+vLLM v1's continuous-batching scheduler as a state machine: ``step()`` runs one engine step and
+says how long it took (from the profile's roofline) and which requests emitted a token.
+
+Nothing here reads a clock, sleeps or draws a random number; callers own time. The simulated
+engine drives a core in real time (it waits ``duration_s`` after each step), the replay in
+``chatfleet.sim.engine_replay`` and the fleet simulator in virtual time (they add it to a counter).
+docs/engine-model.md explains the model, the profiles' sources and what it leaves out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from importlib.resources.abc import Traversable
+from typing import Any
+
+__all__ = [
+    "EngineCore",
+    "EngineProfile",
+    "StepOutcome",
+    "available_profiles",
+    "load_profile",
+]
+
+_PROFILES_PACKAGE = "chatfleet.engines"
+_PROFILES_DIR = "profiles"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineProfile:
+    """How fast one engine replica runs one model on one GPU, and its scheduler defaults.
+
+    Hardware figures are *achieved* rates (what large copies and GEMMs reach), not datasheet peaks.
+    ``step_overhead_s`` is the fixed cost of a step (CPU scheduling, input preparation, sampling,
+    kernel launches); ``per_seq_overhead_s`` the part of it that grows with each scheduled sequence.
+    """
+
+    name: str
+    description: str
+    params: float
+    """Parameters of the model; a token costs 2 x params FLOPs through the dense layers."""
+    weight_bytes: float
+    """Bytes read from HBM by every step: the weights."""
+    kv_bytes_per_token: int
+    """KV-cache bytes per token of context (2 x layers x KV heads x head dim x bytes per value)."""
+    layers: int
+    hidden: int
+    """Attention width (query heads x head dim); sets attention FLOPs per token of context."""
+    hbm_bandwidth_bytes_per_s: float
+    flops_per_s: float
+    step_overhead_s: float
+    per_seq_overhead_s: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_capacity_tokens: int
+    block_size: int = 16
+    max_model_len: int
+    sources: tuple[str, ...]
+    """Where each number comes from; docs/engine-model.md expands them."""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "params", "weight_bytes", "kv_bytes_per_token", "layers", "hidden",
+            "hbm_bandwidth_bytes_per_s", "flops_per_s", "max_num_seqs", "max_num_batched_tokens",
+            "kv_capacity_tokens", "block_size", "max_model_len",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"profile {self.name!r}: {name} must be > 0, got {value!r}")
+        for name in ("step_overhead_s", "per_seq_overhead_s"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"profile {self.name!r}: {name} must be >= 0 seconds, got {value!r}")
+        if self.kv_capacity_tokens < self.block_size:
+            raise ValueError(
+                f"profile {self.name!r}: kv_capacity_tokens ({self.kv_capacity_tokens}) holds no "
+                f"block of {self.block_size} tokens; raise it to at least block_size"
+            )
+        if not self.name or not self.description:
+            raise ValueError("a profile needs a non-empty name and description")
+        if not self.sources:
+            raise ValueError(f"profile {self.name!r}: sources must cite where its numbers come from")
+
+    def step_seconds(
+        self, *, num_new_tokens: int, num_seqs: int, context_tokens_read: int, attention_flops: float
+    ) -> float:
+        """Duration of one engine step: fixed overheads plus a roofline of memory and compute.
+
+        A step reads every weight once and the KV cache of every scheduled token's context
+        (memory time), and does 2 x params FLOPs per new token plus the attention FLOPs (compute
+        time); the GPU is limited by whichever is longer. Small decode batches are memory-bound,
+        prefill chunks compute-bound.
+        """
+        memory_s = (self.weight_bytes + self.kv_bytes_per_token * context_tokens_read) / self.hbm_bandwidth_bytes_per_s
+        compute_s = (2.0 * self.params * num_new_tokens + attention_flops) / self.flops_per_s
+        return self.step_overhead_s + self.per_seq_overhead_s * num_seqs + max(memory_s, compute_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as JSON-ready data (the shape of ``profiles/<name>.json``)."""
+        data = asdict(self)
+        data["sources"] = list(self.sources)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineProfile:
+        """Build a profile from JSON data; unknown or missing keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown profile keys {unknown}; known keys are {sorted(known)}")
+        try:
+            return cls(**{**data, "sources": tuple(data.get("sources", ()))})
+        except TypeError as exc:  # a required key is missing
+            raise ValueError(f"incomplete profile data: {exc}") from exc
+
+
+def _profiles_dir() -> Traversable:
+    return resources.files(_PROFILES_PACKAGE).joinpath(_PROFILES_DIR)
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped in ``chatfleet/engines/profiles``, sorted."""
+    return sorted(p.name.removesuffix(".json") for p in _profiles_dir().iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name: str) -> EngineProfile:
+    """Load a shipped profile by name (``llama-3-8b-h100``, ``tiny-cpu``, ...)."""
+    names = available_profiles()
+    if name not in names:
+        raise ValueError(f"unknown engine profile {name!r}; available profiles: {', '.join(names)}")
+    text = _profiles_dir().joinpath(f"{name}.json").read_text("utf-8")
+    profile = EngineProfile.from_dict(json.loads(text))
+    if profile.name != name:
+        raise ValueError(f"profile file {name}.json names itself {profile.name!r}; make the two agree")
+    return profile
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepOutcome:
+    """What one ``EngineCore.step()`` did; counts are those after the step."""
+
+    duration_s: float
+    emitted: tuple[tuple[str, int], ...]
+    """(request id, tokens generated so far) for every request that produced a token this step."""
+    finished: tuple[str, ...]
+    """Requests that produced their last token this step; they have left the core."""
+    preempted: tuple[str, ...]
+    """Requests evicted this step to free KV blocks; they wait to recompute and resume."""
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    num_running: int
+    num_waiting: int
+
+
+class _Request:
+    """Scheduler state of one request.
+
+    ``num_computed`` counts tokens whose KV is in the cache. The request knows
+    ``prompt_tokens + num_generated`` tokens; when all of them are computed it samples the next
+    one. Preemption resets ``num_computed`` (recompute mode) but keeps ``num_generated``.
+    """
+
+    __slots__ = ("num_blocks", "num_computed", "num_generated", "output_tokens", "prompt_tokens", "request_id")
+
+    def __init__(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.num_generated = 0
+        self.num_computed = 0
+        self.num_blocks = 0
+
+
+class EngineCore:
+    """vLLM v1's scheduler (FCFS, chunked prefill, paged KV, recompute preemption), step by step.
+
+    Each step has a budget of ``max_num_batched_tokens``. Running requests are served first, in
+    admission order: one token for a decoding request, the next prompt chunk for a prefilling one.
+    Waiting requests are then admitted first come first served while seats (``max_num_seqs``),
+    budget and KV blocks last. KV is held in blocks of ``block_size`` tokens, allocated as tokens
+    are scheduled. When a running request cannot get a block, the most recently admitted running
+    request is preempted (KV freed, recomputed later from the front of the waiting queue), and no
+    waiting request is admitted in that step, as in ``vllm/v1/core/sched/scheduler.py``.
+    """
+
+    __slots__ = (
+        "_attention_flops_per_pos", "_free_blocks", "_requests", "_running", "_waiting", "kv_capacity_tokens",
+        "max_num_batched_tokens", "max_num_seqs", "num_blocks_total", "num_preemptions_total", "profile",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        profile: EngineProfile,
+        *,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        kv_capacity_tokens: int | None = None,
+    ) -> None:
+        self.profile = profile
+        self.max_num_seqs = profile.max_num_seqs if max_num_seqs is None else max_num_seqs
+        self.max_num_batched_tokens = (
+            profile.max_num_batched_tokens if max_num_batched_tokens is None else max_num_batched_tokens
+        )
+        self.kv_capacity_tokens = profile.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.num_blocks_total = self.kv_capacity_tokens // profile.block_size
+        if self.num_blocks_total < 1:
+            raise ValueError(
+                f"kv_capacity_tokens={self.kv_capacity_tokens} holds no KV block of {profile.block_size} "
+                "tokens; give it at least one block"
+            )
+        self.num_preemptions_total = 0
+        self._running: list[_Request] = []
+        self._waiting: deque[_Request] = deque()
+        self._requests: dict[str, _Request] = {}
+        self._free_blocks = self.num_blocks_total
+        # Attention does about 4 x hidden FLOPs per layer per (query token, context token) pair.
+        self._attention_flops_per_pos = 4.0 * profile.layers * profile.hidden
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use, in [0, 1] (vLLM's ``kv_cache_usage_perc``)."""
+        return 1.0 - self._free_blocks / self.num_blocks_total
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def add_request(self, request_id: str, *, prompt_tokens: int, output_tokens: int) -> None:
+        """Queue a request that will generate exactly ``output_tokens`` tokens after its prompt."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine; use a unique id")
+        if prompt_tokens < 1 or output_tokens < 1:
+            raise ValueError(
+                f"prompt_tokens and output_tokens must be at least 1, got {prompt_tokens} and {output_tokens}"
+            )
+        total = prompt_tokens + output_tokens
+        max_model_len = self.profile.max_model_len
+        if total > max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_tokens}) + output ({output_tokens}) = {total} tokens exceeds this "
+                f"engine's max_model_len of {max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        kv_tokens = self.num_blocks_total * self.profile.block_size
+        if total > kv_tokens:
+            raise ValueError(
+                f"prompt ({prompt_tokens}) + output ({output_tokens}) = {total} tokens can never fit "
+                f"this engine's KV cache of {kv_tokens} tokens; shorten the prompt or lower max_tokens"
+            )
+        request = _Request(request_id, prompt_tokens, output_tokens)
+        self._requests[request_id] = request
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Remove a request wherever it is and free its KV blocks; False if it is not here."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request.num_blocks:  # only running requests hold KV blocks
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self._free_blocks += request.num_blocks
+        request.num_blocks = 0
+        return True
+
+    def step(self) -> StepOutcome:
+        """Schedule one batch, account for its tokens and return what happened and how long it took."""
+        running = self._running
+        waiting = self._waiting
+        block_size = self.profile.block_size
+        budget = self.max_num_batched_tokens
+        free = self._free_blocks
+        scheduled: list[tuple[_Request, int]] = []
+        preempted: list[str] = []
+
+        index = 0
+        num_running = len(running)
+        while index < num_running and budget > 0:
+            request = running[index]
+            computed = request.num_computed
+            num_new = request.prompt_tokens + request.num_generated - computed
+            if num_new > budget:  # not min(): this loop runs for every running request, every step
+                num_new = budget
+            blocks_needed = (computed + num_new + block_size - 1) // block_size - request.num_blocks
+            if blocks_needed > free:
+                self._free_blocks = free
+                evicted_itself = self._preempt_for(request, blocks_needed, preempted)
+                free = self._free_blocks
+                num_running = len(running)
+                if evicted_itself:
+                    break  # nothing after it in the running list is left to schedule
+            if blocks_needed > 0:
+                request.num_blocks += blocks_needed
+                free -= blocks_needed
+            scheduled.append((request, num_new))
+            budget -= num_new
+            index += 1
+
+        if not preempted:  # as vLLM: no admissions in a step that preempted
+            max_num_seqs = self.max_num_seqs
+            while waiting and budget > 0 and len(running) < max_num_seqs:
+                request = waiting[0]
+                num_new = request.prompt_tokens + request.num_generated  # none computed yet
+                if num_new > budget:
+                    num_new = budget
+                blocks_needed = (num_new + block_size - 1) // block_size
+                if blocks_needed > free:
+                    break
+                waiting.popleft()
+                running.append(request)
+                request.num_blocks = blocks_needed
+                free -= blocks_needed
+                scheduled.append((request, num_new))
+                budget -= num_new
+        self._free_blocks = free
+
+        if not scheduled:
+            return StepOutcome(
+                duration_s=0.0, emitted=(), finished=(), preempted=tuple(preempted), num_prefill_tokens=0,
+                num_decode_seqs=0, num_running=len(running), num_waiting=len(waiting),
+            )  # fmt: skip
+        return self._complete(scheduled, preempted)
+
+    def _preempt_for(self, request: _Request, blocks_needed: int, preempted: list[str]) -> bool:
+        """Preempt from the back of the running list until ``request`` fits; True if it was evicted itself."""
+        running = self._running
+        while blocks_needed > self._free_blocks:
+            victim = running.pop()
+            self._free_blocks += victim.num_blocks
+            victim.num_blocks = 0
+            victim.num_computed = 0
+            self._waiting.appendleft(victim)
+            self.num_preemptions_total += 1
+            preempted.append(victim.request_id)
+            if victim is request:
+                return True
+        return False
+
+    def _complete(self, scheduled: list[tuple[_Request, int]], preempted: list[str]) -> StepOutcome:
+        """Advance every scheduled request by its tokens, emit, finish, and time the step."""
+        emitted: list[tuple[str, int]] = []
+        finished: list[str] = []
+        num_new_total = 0
+        num_decode_seqs = 0
+        context_read = 0
+        twice_attention_positions = 0  # integer arithmetic: sum of 2 x (positions attended)
+        for request, num_new in scheduled:
+            before = request.num_computed
+            computed = before + num_new
+            request.num_computed = computed
+            num_new_total += num_new
+            context_read += computed
+            # New token j (1..num_new) attends to before + j positions.
+            twice_attention_positions += num_new * (2 * before + num_new + 1)
+            generated = request.num_generated
+            if computed == request.prompt_tokens + generated:
+                if num_new == 1 and generated:
+                    num_decode_seqs += 1
+                generated += 1
+                request.num_generated = generated
+                emitted.append((request.request_id, generated))
+                if generated == request.output_tokens:
+                    finished.append(request.request_id)
+        if finished:
+            self._release_finished(finished)
+        duration = self.profile.step_seconds(
+            num_new_tokens=num_new_total,
+            num_seqs=len(scheduled),
+            context_tokens_read=context_read,
+            attention_flops=twice_attention_positions * 0.5 * self._attention_flops_per_pos,
+        )
+        return StepOutcome(
+            duration_s=duration,
+            emitted=tuple(emitted),
+            finished=tuple(finished),
+            preempted=tuple(preempted),
+            num_prefill_tokens=num_new_total - num_decode_seqs,
+            num_decode_seqs=num_decode_seqs,
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+        )
+
+    def _release_finished(self, finished: list[str]) -> None:
+        requests = self._requests
+        for request_id in finished:
+            request = requests.pop(request_id)
+            self._free_blocks += request.num_blocks
+            request.num_blocks = 0
+        self._running = [r for r in self._running if r.num_generated < r.output_tokens]

@@ -1,0 +1,91 @@
+"""Fixtures that start real ChatFleet processes on free 127.0.0.1 ports.
+
+``engine_sim(...)`` starts ``chatfleet engine-sim``; ``gateway(...)`` starts ``chatfleet serve``
+with the given CHATFLEET_* environment. Both are real subprocesses, stopped at the test's end.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.support.procs import ManagedProcess, free_port
+
+
+@dataclass
+class Server:
+    proc: ManagedProcess
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=5).text
+
+
+def start_engine_sim(*, profile: str = "tiny-cpu", max_num_seqs: int | None = None,
+                     seed: int = 0) -> Server:
+    port = free_port()
+    args = [sys.executable, "-m", "chatfleet", "engine-sim", "--host", "127.0.0.1", "--port",
+            str(port), "--profile", profile, "--seed", str(seed), "--log-level", "warning"]
+    if max_num_seqs is not None:
+        args += ["--max-num-seqs", str(max_num_seqs)]
+    proc = ManagedProcess(args, name="engine-sim").start()
+    proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    return Server(proc, port)
+
+
+def start_gateway(env: dict[str, str] | None = None, *, wait_ready: bool = True) -> Server:
+    port = free_port()
+    full_env = {"CHATFLEET_SERVER__LOG_LEVEL": "warning", **(env or {})}
+    proc = ManagedProcess([sys.executable, "-m", "chatfleet", "serve", "--host", "127.0.0.1",
+                           "--port", str(port)], env=full_env, name="gateway").start()
+    proc.wait_http(f"http://127.0.0.1:{port}/readyz" if wait_ready else
+                   f"http://127.0.0.1:{port}/livez", timeout=30)
+    return Server(proc, port)
+
+
+def upstream_env(sim: Server, **extra: str | int | float) -> dict[str, str]:
+    """Gateway environment pointing at an engine-sim server."""
+    env = {"CHATFLEET_ENGINE__KIND": "openai", "CHATFLEET_ENGINE__URL": sim.v1,
+           "CHATFLEET_ENGINE__MODEL": "chatfleet-sim/tiny-cpu"}
+    env.update({f"CHATFLEET_{key.upper()}": str(value) for key, value in extra.items()})
+    return env
+
+
+@pytest.fixture
+def engine_sim() -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+
+    def factory(**kwargs: object) -> Server:
+        server = start_engine_sim(**kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.proc.terminate()
+
+
+@pytest.fixture
+def gateway() -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+
+    def factory(env: dict[str, str] | None = None, **kwargs: object) -> Server:
+        server = start_gateway(env, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.proc.terminate()
