@@ -46,7 +46,12 @@ async def test_sixty_four_requests_through_eight_slots(engine_sim, gateway) -> N
                 before, done_before = in_flight, len(completed)
                 engine = (await client.get(sim.url + "/metrics")).text
                 mine = (await client.get(gw.url + "/metrics")).text
-                if in_flight == before and len(completed) == done_before:
+                finished = value(mine, "chatfleet_requests_total", outcome="ok")
+                arrived = (finished + value(mine, "chatfleet_queue_depth")
+                           + value(mine, "chatfleet_requests_running"))
+                # A consistent snapshot: no answer in transit, every request arrived.
+                if (in_flight == before and len(completed) == done_before == finished
+                        and arrived == 64):
                     samples.append((
                         before,
                         value(mine, "chatfleet_queue_depth"),

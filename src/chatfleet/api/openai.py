@@ -117,17 +117,29 @@ async def _sse(events: AsyncIterator[str | object]) -> AsyncIterator[str | Serve
                 yield item  # type: ignore[misc]
 
 
-async def _run(request: Request, job: CompletionJob, stream: bool) -> Response:
+async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, route: str,
+                 priority_header: str | None, arrived_at: float) -> Response:
+    """Check the request, build its job, and answer it streamed or whole."""
+    _check(request, body)
+    chat = isinstance(body, ChatCompletionRequest)
+    generation = GenerationRequest(
+        request_id=new_request_id(chat=chat), model=body.model,
+        messages=tuple(ChatMessage(m.role, m.text()) for m in body.messages) if chat else None,
+        prompt=None if chat else body.prompt_text(),
+        max_tokens=body.output_limit(), sampling=body.sampling())
+    job = CompletionJob(request=generation, route=route,
+                        priority=_priority(priority_header, body.priority),
+                        include_usage=body.include_usage(), arrived_at=arrived_at)
     service = _service(request)
-    headers = {"X-Request-Id": job.request.request_id}
+    headers = {"X-Request-Id": generation.request_id}
     try:
-        if stream:
+        if body.stream:
             events = await cancel_on_disconnect(request, service.open_stream(job))
             return EventSourceResponse(_sse(events), headers=headers, sep="\n")
-        body = await cancel_on_disconnect(request, service.complete(job))
+        answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)
-    return JSONResponse(body, headers=headers)
+    return JSONResponse(answer, headers=headers)
 
 
 @router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS},
@@ -137,18 +149,8 @@ async def chat_completions(
     request: Request,
     x_chatfleet_priority: Annotated[str | None, Header()] = None,
 ) -> Response:
-    arrived_at = time.perf_counter()
-    route = "/v1/chat/completions"
-    _check(request, body)
-    priority = _priority(x_chatfleet_priority, body.priority)
-    job = CompletionJob(
-        request=GenerationRequest(
-            request_id=new_request_id(chat=True), model=body.model,
-            messages=tuple(ChatMessage(m.role, m.text()) for m in body.messages),
-            max_tokens=body.output_limit(), sampling=body.sampling()),
-        route=route, priority=priority,
-        include_usage=body.include_usage(), arrived_at=arrived_at)
-    return await _run(request, job, body.stream)
+    return await _serve(request, body, "/v1/chat/completions", x_chatfleet_priority,
+                        time.perf_counter())
 
 
 @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS},
@@ -158,17 +160,7 @@ async def completions(
     request: Request,
     x_chatfleet_priority: Annotated[str | None, Header()] = None,
 ) -> Response:
-    arrived_at = time.perf_counter()
-    route = "/v1/completions"
-    _check(request, body)
-    priority = _priority(x_chatfleet_priority, body.priority)
-    job = CompletionJob(
-        request=GenerationRequest(
-            request_id=new_request_id(chat=False), model=body.model, prompt=body.prompt_text(),
-            max_tokens=body.output_limit(), sampling=body.sampling()),
-        route=route, priority=priority,
-        include_usage=body.include_usage(), arrived_at=arrived_at)
-    return await _run(request, job, body.stream)
+    return await _serve(request, body, "/v1/completions", x_chatfleet_priority, time.perf_counter())
 
 
 @router.get("/v1/models", response_model=ModelList, summary="The model this deployment serves")

@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 
+from chatfleet.aio import cancel_and_wait
 from chatfleet.engines.base import (
     EngineRequestRejected,
     EngineUnavailable,
@@ -92,13 +93,8 @@ class SimulatedEngine:
         self._task = asyncio.create_task(self._run(), name="chatfleet-sim-engine")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def list_models(self) -> list[str]:
         if self._task is None or self._task.done():

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from chatfleet.aio import cancel_and_wait
 from chatfleet.engines.base import Engine, EngineError
 from chatfleet.serving.admission import AdmissionController
 
@@ -71,12 +72,7 @@ class Lifecycle:
         self._task = asyncio.create_task(self._poll(), name="chatfleet-readiness")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     def begin_drain(self) -> None:
         self.admission.begin_drain()
