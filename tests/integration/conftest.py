@@ -1,0 +1,38 @@
+"""Integration fixtures: one real vLLM (CPU) server per test session.
+
+Tests that use ``vllm_server`` are marked ``vllm`` automatically, so ``-m "not vllm"`` skips
+them (and the ~40 s start and ~3 GB it costs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.vllm_cpu import VLLMServer, ensure_vllm_env
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"vllm_server", "vllm_env"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.vllm)
+
+
+@pytest.fixture(scope="session")
+def vllm_env() -> tuple[Path, Path]:
+    """``(python, model_dir)`` for starting further VLLMServers (e.g. one that is not ready yet)."""
+    return ensure_vllm_env()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """A started vLLM serving "tiny", shared by the session; terminated at its end.
+
+    It runs at most 4 requests at once (``max_num_seqs``) so gateway tests can show the engine bound.
+    """
+    python, model_dir = vllm_env
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with VLLMServer(python, model_dir, max_num_seqs=4, log_path=log_path) as server:
+        yield server
