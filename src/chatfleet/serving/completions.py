@@ -30,9 +30,12 @@ from chatfleet.serving.openai_format import (
 )
 from chatfleet.telemetry.metrics import GatewayMetrics, Outcome
 
-__all__ = ["HEARTBEAT", "CompletionJob", "CompletionService"]
+__all__ = ["HEARTBEAT", "ROUTES", "CompletionJob", "CompletionService"]
 
 log = logging.getLogger(__name__)
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+"""The routes whose requests this service serves: the ``route`` label's values."""
 
 HEARTBEAT = object()
 """Yielded by ``open_stream`` while the request waits in the queue: the route sends an SSE comment."""
@@ -49,14 +52,31 @@ class CompletionJob:
     """time.perf_counter() when the request reached the gateway."""
 
 
+class _Series:
+    """The metric children one service writes, resolved once (``labels()`` per token is costly)."""
+
+    def __init__(self, metrics: GatewayMetrics, routes: tuple[str, ...]) -> None:
+        model = metrics.model
+        self.metrics = metrics
+        self.itl = metrics.itl_seconds.labels(model)
+        self.ttft = {r: metrics.ttft_seconds.labels(model, r) for r in routes}
+        self.duration = {r: metrics.request_duration_seconds.labels(model, r) for r in routes}
+        self.queue_wait = {p: metrics.queue_wait_seconds.labels(model, p.value) for p in Priority}
+        self.prompt_tokens = metrics.prompt_tokens_total.labels(model)
+        self.completion_tokens = metrics.completion_tokens_total.labels(model)
+
+    def finished(self, route: str, outcome: Outcome) -> None:
+        self.metrics.requests_total.labels(self.metrics.model, route, outcome.value).inc()
+
+
 class _Tracker:
     """Per-request bookkeeping for the latency and token metrics."""
 
-    __slots__ = ("job", "metrics", "outcome", "last_token_at", "completion_tokens", "admitted")
+    __slots__ = ("job", "series", "outcome", "last_token_at", "completion_tokens", "admitted")
 
-    def __init__(self, job: CompletionJob, metrics: GatewayMetrics) -> None:
+    def __init__(self, job: CompletionJob, series: _Series) -> None:
         self.job = job
-        self.metrics = metrics
+        self.series = series
         self.outcome = Outcome.CLIENT_DISCONNECTED
         self.last_token_at: float | None = None
         self.completion_tokens = 0
@@ -64,13 +84,11 @@ class _Tracker:
 
     def granted(self, waiter: Waiter) -> None:
         self.admitted = True
-        self.metrics.queue_wait_seconds.labels(self.metrics.model, waiter.priority.value).observe(
-            time.perf_counter() - self.job.arrived_at)
+        self.series.queue_wait[waiter.priority].observe(time.perf_counter() - self.job.arrived_at)
 
     def rejected(self, exc: AdmissionRejected) -> None:
         self.outcome = Outcome(exc.reason)
-        self.metrics.queue_wait_seconds.labels(self.metrics.model, self.job.priority.value).observe(
-            time.perf_counter() - self.job.arrived_at)
+        self.series.queue_wait[self.job.priority].observe(time.perf_counter() - self.job.arrived_at)
 
     def failed(self, exc: EngineError) -> None:
         refused = isinstance(exc, EngineRequestRejected)
@@ -78,24 +96,22 @@ class _Tracker:
 
     def token(self, tokens: int) -> None:
         now = time.perf_counter()
-        m = self.metrics
         if self.last_token_at is None:
-            m.ttft_seconds.labels(m.model, self.job.route).observe(now - self.job.arrived_at)
+            self.series.ttft[self.job.route].observe(now - self.job.arrived_at)
         else:
-            m.itl_seconds.labels(m.model).observe(now - self.last_token_at)
+            self.series.itl.observe(now - self.last_token_at)
         self.last_token_at = now
         self.completion_tokens += tokens
 
     def done(self, usage: Usage | None) -> None:
-        m = self.metrics
-        m.requests_total.labels(m.model, self.job.route, self.outcome.value).inc()
+        series = self.series
+        series.finished(self.job.route, self.outcome)
         if self.admitted:
-            m.request_duration_seconds.labels(m.model, self.job.route).observe(
-                time.perf_counter() - self.job.arrived_at)
+            series.duration[self.job.route].observe(time.perf_counter() - self.job.arrived_at)
             completion = usage.completion_tokens if usage is not None else self.completion_tokens
-            m.completion_tokens_total.labels(m.model).inc(completion)
+            series.completion_tokens.inc(completion)
             if usage is not None:
-                m.prompt_tokens_total.labels(m.model).inc(usage.prompt_tokens)
+                series.prompt_tokens.inc(usage.prompt_tokens)
 
 
 async def _prepend(first: str | object, rest: AsyncIterator[str | object]) -> AsyncIterator[str | object]:
@@ -113,10 +129,11 @@ class CompletionService:
         self.metrics = metrics
         self.model = model
         self.heartbeat_interval_s = heartbeat_interval_s
+        self._series = _Series(metrics, ROUTES)
 
     def record_invalid(self, route: str) -> None:
         """Count a request refused before admission (bad body, unknown model)."""
-        self.metrics.requests_total.labels(self.model, route, Outcome.INVALID.value).inc()
+        self._series.finished(route, Outcome.INVALID)
 
     async def _admit(self, job: CompletionJob, tracker: _Tracker, timeout: float | None) -> tuple[Waiter, bool]:
         """Enqueue and wait up to ``timeout`` for a slot. Raises AdmissionRejected (counted)."""
@@ -142,7 +159,7 @@ class CompletionService:
 
     async def complete(self, job: CompletionJob) -> dict:
         """The whole answer as an OpenAI response body. Raises AdmissionRejected or EngineError."""
-        tracker = _Tracker(job, self.metrics)
+        tracker = _Tracker(job, self._series)
         waiter, _ = await self._admit(job, tracker, None)
         answer = Answer()
         try:
@@ -165,7 +182,7 @@ class CompletionService:
         starts; the returned iterator yields JSON strings, ``HEARTBEAT`` while still queued, and
         ``[DONE]``; later failures are an error payload in the stream.
         """
-        tracker = _Tracker(job, self.metrics)
+        tracker = _Tracker(job, self._series)
         waiter, granted = await self._admit(job, tracker, self.heartbeat_interval_s)
         events = self._events(job, tracker, waiter, granted)
         # Run the generator to its first payload now: once started, its ``finally`` (which frees the
