@@ -7,7 +7,12 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["BodySizeLimit"]
+from chatfleet.serving.admission import Priority
+from chatfleet.serving.completions import ROUTES
+
+__all__ = ["AdmissionGate", "BodySizeLimit"]
+
+_PRIORITY_HEADER = b"x-chatfleet-priority"
 
 
 class BodySizeLimit:
@@ -57,3 +62,43 @@ class BodySizeLimit:
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class AdmissionGate:
+    """Answer 429/503 to a completion request whose rejection is certain, before the body is read.
+
+    Certain means: the replica is draining, or the queue is full and the arrival cannot displace a
+    batch request (it is batch by header, or nothing queued is batch). Everything else goes on to
+    the route, which validates the body and enqueues. The answer, headers and counted outcome are
+    the same as the route's; only the cost differs (no routing, body read or validation).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ROUTES:
+            service = getattr(scope["app"].state, "completions", None)
+            if service is not None:
+                rejection = service.certain_rejection(scope["path"], _header_priority(scope))
+                if rejection is not None:
+                    body = json.dumps({"error": {
+                        "message": rejection.message, "type": rejection.reason, "param": None,
+                        "code": rejection.status}}).encode()
+                    await send({"type": "http.response.start", "status": rejection.status,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()),
+                                            (b"retry-after", str(rejection.retry_after_s).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)
+
+
+def _header_priority(scope: Scope) -> Priority | None:
+    for name, value in scope.get("headers", ()):
+        if name == _PRIORITY_HEADER:
+            try:
+                return Priority(value.decode("latin-1").strip().lower())
+            except ValueError:
+                return None  # the route answers 400 for it
+    return None

@@ -40,6 +40,13 @@ _DRAIN_RATE_WINDOW = 64
 """Slot releases remembered to estimate the drain rate."""
 
 
+_DRAINING_MESSAGE = "this replica is shutting down; retry, another replica will answer"
+
+
+def _queue_full_message(max_queue: int) -> str:
+    return f"the queue is full ({max_queue} requests waiting, max_queue); retry later"
+
+
 class Priority(StrEnum):
     INTERACTIVE = "interactive"
     BATCH = "batch"
@@ -203,14 +210,27 @@ class AdmissionController:
 
     # -- entering ----------------------------------------------------------------------------
 
+    def certain_rejection(self, priority: Priority | None) -> AdmissionRejected | None:
+        """The rejection an arrival would get for sure, without enqueueing; None if it may enter.
+
+        ``priority`` None means not yet known (the body may still say interactive): then a full
+        queue holding a batch request is not a certain rejection, since displacement could apply.
+        """
+        if self._draining:
+            return self._rejection(Draining, _DRAINING_MESSAGE)
+        if self.queued() < self.max_queue or (self._running < self.slots and self.queued() == 0):
+            return None
+        if self._queues[Priority.BATCH] and priority is not Priority.BATCH:
+            return None
+        return self._rejection(QueueFull, _queue_full_message(self.max_queue))
+
     def enqueue(self, priority: Priority) -> Waiter:
         """Claim a slot: granted at once when one is free and nobody waits, else queued.
 
         Raises Draining (503) while draining, QueueFull (429) when the queue is at its bound.
         """
         if self._draining:
-            raise self._rejection(Draining, "this replica is shutting down; retry, another "
-                                  "replica will answer")
+            raise self._rejection(Draining, _DRAINING_MESSAGE)
         now = self.clock()
         waiter = Waiter(self, priority, now, now + self.max_queue_wait_s)
         if self._running < self.slots and self.queued() == 0:
@@ -222,8 +242,7 @@ class AdmissionController:
         if self.queued() >= self.max_queue:
             victim = self._displaceable(priority)
             if victim is None:
-                raise self._rejection(QueueFull, f"the queue is full ({self.max_queue} requests "
-                                      "waiting, max_queue); retry later")
+                raise self._rejection(QueueFull, _queue_full_message(self.max_queue))
             self._queues[Priority.BATCH].pop()
             victim._state = Waiter._DONE
             assert victim._future is not None

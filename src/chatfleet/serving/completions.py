@@ -131,6 +131,18 @@ class CompletionService:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._series = _Series(metrics, ROUTES)
 
+    def certain_rejection(self, route: str, priority: Priority | None) -> AdmissionRejected | None:
+        """A rejection that admission would give this arrival for sure, counted as its outcome.
+
+        Lets the HTTP layer answer 429/503 before reading or validating the body: under a storm of
+        arrivals, refusing must cost far less than serving.
+        """
+        rejection = self.admission.certain_rejection(priority)
+        if rejection is not None:
+            self._series.queue_wait[priority or Priority.INTERACTIVE].observe(0.0)
+            self._series.finished(route, Outcome(rejection.reason))
+        return rejection
+
     def record_invalid(self, route: str) -> None:
         """Count a request refused before admission (bad body, unknown model)."""
         self._series.finished(route, Outcome.INVALID)
