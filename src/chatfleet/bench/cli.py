@@ -11,10 +11,18 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 
-from chatfleet.bench.loadgen import LoadConfig, NonLocalTargetError, discover_model, require_local, run_event_loop, run_load
+from chatfleet.bench.loadgen import (
+    LoadConfig,
+    NonLocalTargetError,
+    discover_model,
+    require_local,
+    run_event_loop,
+    run_load,
+)
 from chatfleet.bench.report import Slo, Summary, plot_runs, summarize, summary_table, write_json
 from chatfleet.bench.workload import (
     EmpiricalLengths,
@@ -46,30 +54,57 @@ def _positive(value: float | None) -> float | None:
 
 @bench_app.command("run")
 def run_command(
-    url: Annotated[str, typer.Option(help="Base URL with /v1; 127.0.0.1 or localhost only.")] = "http://127.0.0.1:8000/v1",
-    model: Annotated[str | None, typer.Option(help="Model id; default: the first one GET /models lists.")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Closed loop: N workers sending back to back.")] = None,
-    ramp: Annotated[float, typer.Option(min=0.0, help="Closed loop: start the workers spread over S seconds.")] = 0.0,
-    rate: Annotated[float | None, typer.Option(callback=_positive, help="Open loop: Poisson arrivals, req/s.")] = None,
-    trace: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Open loop: replay this trace CSV.")] = None,
+    url: Annotated[
+        str, typer.Option(help="Base URL with /v1; 127.0.0.1 or localhost only.")
+    ] = "http://127.0.0.1:8000/v1",
+    model: Annotated[
+        str | None, typer.Option(help="Model id; default: the first one GET /models lists.")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Closed loop: N workers sending back to back.")
+    ] = None,
+    ramp: Annotated[
+        float, typer.Option(min=0.0, help="Closed loop: start the workers spread over S seconds.")
+    ] = 0.0,
+    rate: Annotated[
+        float | None, typer.Option(callback=_positive, help="Open loop: Poisson arrivals, req/s.")
+    ] = None,
+    trace: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Open loop: replay this trace CSV.")
+    ] = None,
     speed: Annotated[float, typer.Option(callback=_positive, help="Trace time is divided by this.")] = 1.0,
-    trace_start: Annotated[float, typer.Option(min=0.0, help="Start the replay at this trace time (s).")] = 0.0,
+    trace_start: Annotated[
+        float, typer.Option(min=0.0, help="Start the replay at this trace time (s).")
+    ] = 0.0,
     trace_rows: Annotated[int | None, typer.Option(min=1, help="Replay at most this many rows.")] = None,
-    duration: Annotated[float | None, typer.Option(callback=_positive, help="Stop sending after S seconds.")] = None,
+    duration: Annotated[
+        float | None, typer.Option(callback=_positive, help="Stop sending after S seconds.")
+    ] = None,
     max_requests: Annotated[int | None, typer.Option(min=1, help="Stop after sending N requests.")] = None,
-    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length (about 4 characters a token).")] = 256,
-    output_tokens: Annotated[int, typer.Option(min=1, help="Output length, exact (max_tokens + ignore_eos).")] = 128,
+    prompt_tokens: Annotated[
+        int, typer.Option(min=1, help="Prompt length (about 4 characters a token).")
+    ] = 256,
+    output_tokens: Annotated[
+        int, typer.Option(min=1, help="Output length, exact (max_tokens + ignore_eos).")
+    ] = 128,
     lengths_from: Annotated[
-        Path | None, typer.Option(exists=True, dir_okay=False, help="Sample lengths from this trace's rows instead.")
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Sample lengths from this trace's rows instead."),
     ] = None,
     max_in_flight: Annotated[int, typer.Option(min=1, help="Open loop: cap on requests outstanding.")] = 1024,
-    warmup: Annotated[float, typer.Option(min=0.0, help="Do not count requests sent in the first S seconds.")] = 0.0,
+    warmup: Annotated[
+        float, typer.Option(min=0.0, help="Do not count requests sent in the first S seconds.")
+    ] = 0.0,
     slo_ttft_ms: Annotated[float, typer.Option(callback=_positive, help="Goodput SLO: TTFT bound.")] = 2000.0,
-    slo_tpot_ms: Annotated[float, typer.Option(callback=_positive, help="Goodput SLO: mean TPOT bound.")] = 100.0,
+    slo_tpot_ms: Annotated[
+        float, typer.Option(callback=_positive, help="Goodput SLO: mean TPOT bound.")
+    ] = 100.0,
     seed: Annotated[int, typer.Option(help="Seed of arrivals, sampled lengths and prompts.")] = 0,
     label: Annotated[str | None, typer.Option(help="Name of this run in tables and plots.")] = None,
     out: Annotated[Path | None, typer.Option(dir_okay=False, help="Write the summary as JSON here.")] = None,
-    plot: Annotated[Path | None, typer.Option(dir_okay=False, help="Write TTFT/ITL CDFs and throughput (PNG).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Write TTFT/ITL CDFs and throughput (PNG).")
+    ] = None,
 ) -> None:
     """Send one workload and report TTFT, ITL, TPOT, e2e, throughput and goodput."""
     try:
@@ -94,26 +129,32 @@ def run_command(
         )
     config = LoadConfig(
         url=url,
-        model=model or run_event_loop(discover_model(url)),
+        model=model or _discover_model(url),
         max_requests=max_requests,
         duration_s=duration,
         max_in_flight=max_in_flight,
         seed=seed,
     )
     result = run_event_loop(run_load(workload, config, label=label or ""))
-    summary = summarize(result, slo=Slo(ttft_s=slo_ttft_ms / 1000, tpot_s=slo_tpot_ms / 1000), warmup_s=warmup)
+    summary = summarize(
+        result, slo=Slo(ttft_s=slo_ttft_ms / 1000, tpot_s=slo_tpot_ms / 1000), warmup_s=warmup
+    )
     _console.print(summary_table([summary], title=f"{summary.workload} -> {url} ({config.model})"))
     if result.cap_waits:
-        _console.print(f"[yellow]{result.cap_waits} arrivals waited for the --max-in-flight cap ({max_in_flight}).")
+        _console.print(
+            f"[yellow]{result.cap_waits} arrivals waited for the --max-in-flight cap ({max_in_flight})."
+        )
     if out is not None:
         write_json(out, [summary])
     if plot is not None:
-        plot_runs(plot, [(result, summary)], title=summary.workload)
+        plot_runs(plot, [(result, summary)], title=summary.workload, warmup_s=warmup)
 
 
 @bench_app.command("compare")
 def compare_command(
-    results: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="JSON files from run --out.")],
+    results: Annotated[
+        list[Path], typer.Argument(exists=True, dir_okay=False, help="JSON files from run --out.")
+    ],
 ) -> None:
     """Print the runs of several result files side by side."""
     summaries = [
@@ -122,11 +163,25 @@ def compare_command(
     _console.print(summary_table(summaries, title="comparison"))
 
 
-def _lengths(prompt_tokens: int, output_tokens: int, lengths_from: Path | None, trace: Path | None) -> LengthSampler:
+def _discover_model(url: str) -> str:
+    try:
+        return run_event_loop(discover_model(url))
+    except (httpx.HTTPError, ValueError) as exc:
+        raise typer.BadParameter(
+            f"could not list the models at {url}/models ({exc}); is the server up? Or pass --model.",
+            param_hint="--url",
+        ) from exc
+
+
+def _lengths(
+    prompt_tokens: int, output_tokens: int, lengths_from: Path | None, trace: Path | None
+) -> LengthSampler:
     if lengths_from is None:
         return FixedLengths(prompt_tokens, output_tokens)
     if trace is not None:
-        raise typer.BadParameter("a trace brings its own lengths; drop --lengths-from", param_hint="--lengths-from")
+        raise typer.BadParameter(
+            "a trace brings its own lengths; drop --lengths-from", param_hint="--lengths-from"
+        )
     try:
         return EmpiricalLengths.from_trace(load_trace(lengths_from))
     except ValueError as exc:
@@ -145,7 +200,11 @@ def _workload(
     lengths: LengthSampler,
     seed: int,
 ) -> Workload:
-    chosen = [name for name, value in (("--concurrency", concurrency), ("--rate", rate), ("--trace", trace)) if value]
+    chosen = [
+        name
+        for name, value in (("--concurrency", concurrency), ("--rate", rate), ("--trace", trace))
+        if value
+    ]
     if len(chosen) != 1:
         raise typer.BadParameter(
             f"give exactly one of --concurrency, --rate and --trace (got {', '.join(chosen) or 'none'})"

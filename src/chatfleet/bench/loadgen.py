@@ -46,7 +46,7 @@ __all__ = [
     "run_load",
 ]
 
-LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 _CONTENT = re.compile(rb'"content":\s*"[^"]')
 _USAGE = re.compile(rb'"usage":\s*\{')
@@ -64,7 +64,7 @@ class NonLocalTargetError(ValueError):
 def require_local(url: str) -> httpx.URL:
     """Parse ``url`` and refuse anything but http(s) on 127.0.0.1, localhost or ::1."""
     parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or parsed.host not in LOCAL_HOSTS:
+    if parsed.scheme not in ("http", "https") or parsed.host not in _LOCAL_HOSTS:
         raise NonLocalTargetError(
             f"refusing to send load to {url!r}: the load generator only targets http(s)://127.0.0.1, "
             "localhost or [::1]. Run the server on this machine, or forward it to a local port."
@@ -296,7 +296,9 @@ class _Run:
         return json.dumps(
             {
                 "model": self._config.model,
-                "messages": [{"role": "user", "content": self._prompts.prompt(spec.index, spec.prompt_tokens)}],
+                "messages": [
+                    {"role": "user", "content": self._prompts.prompt(spec.index, spec.prompt_tokens)}
+                ],
                 "max_tokens": spec.output_tokens,
                 "ignore_eos": True,
                 "stream": True,
@@ -388,13 +390,15 @@ class _ShardedTransport(httpx.AsyncBaseTransport):
         self._per_shard = per_shard
         self._shards = [
             httpx.AsyncHTTPTransport(
-                verify=tls, limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+                verify=tls,
+                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
             )
             for _ in range(-(-connections // per_shard))
         ]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self._shards[request.extensions[_SLOT] // self._per_shard].handle_async_request(request)
+        slot: int = request.extensions[_SLOT]
+        return await self._shards[slot // self._per_shard].handle_async_request(request)
 
     async def aclose(self) -> None:
         for shard in self._shards:

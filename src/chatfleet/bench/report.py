@@ -10,11 +10,12 @@ default, as vLLM's benchmark_serving does). Definitions:
 - Counted requests: those sent at or after ``warmup_s``. Counts and latency distributions cover them.
 - Rates (request and token throughput, goodput) are measured over the sending window, from
   ``warmup_s`` to when the run stopped sending (``RunResult.send_end_s``): requests finished and
-  tokens received inside it (whenever they were sent), divided by its length. A closed-loop run's drain (in-flight requests finishing at ever lower concurrency after the
-  last send) would otherwise drag the rate down by about e2e / duration. A run whose requests were
-  all sent at once has no such window and is measured from its first send to its last end.
-- Goodput: counted requests per second that succeeded with TTFT <= ``Slo.ttft_s`` and TPOT <=
-  ``Slo.tpot_s`` (a one-token answer has no TPOT and is judged on TTFT alone).
+  tokens received inside it (whenever they were sent), divided by its length. Dividing by the whole
+  run instead would count a closed loop's drain (the last requests finishing at ever lower
+  concurrency) and understate the rate by about e2e / duration. A run that sent everything at once
+  has no such window and is measured from its first send to its last end.
+- Goodput: requests per second finishing in the window that succeeded with TTFT <= ``Slo.ttft_s``
+  and TPOT <= ``Slo.tpot_s`` (a one-token answer has no TPOT and is judged on TTFT alone).
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ def summarize(*runs: RunResult, slo: Slo = Slo(), warmup_s: float = 0.0, label: 
     for run in runs:
         start, end = _rate_window(run, warmup_s)
         window_s += end - start
-        ended = [record for record in run.records if record.e2e_s is not None and start <= record.sent_s + record.e2e_s <= end]
+        ended = [
+            record
+            for record in run.records
+            if record.e2e_s is not None and start <= record.sent_s + record.e2e_s <= end
+        ]
         finished += sum(1 for record in ended if record.ok)
         good += sum(1 for record in ended if slo.met_by(record))
         tokens += sum(_tokens_between(record, start, end) for record in run.records)
@@ -169,7 +174,9 @@ def summarize(*runs: RunResult, slo: Slo = Slo(), warmup_s: float = 0.0, label: 
         output_throughput=rate(tokens),
         goodput=rate(good),
         slo=slo,
-        slo_attainment=sum(1 for record in succeeded if slo.met_by(record)) / len(records) if records else 0.0,
+        slo_attainment=sum(1 for record in succeeded if slo.met_by(record)) / len(records)
+        if records
+        else 0.0,
         output_tokens=sum(record.output_tokens for record in succeeded),
         ttft_s=Distribution.of([record.ttft_s for record in succeeded if record.ttft_s is not None]),
         itl_s=Distribution.of(np.concatenate(gaps) if gaps else []),
@@ -215,8 +222,11 @@ def cdf_points(values: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.nda
     return data, np.arange(1, data.size + 1) / max(data.size, 1)
 
 
-def plot_runs(path: Path, runs: Sequence[tuple[RunResult, Summary]], *, title: str) -> None:
-    """One PNG: TTFT and inter-token-latency CDFs of every run, and each run's output throughput."""
+def plot_runs(
+    path: Path, runs: Sequence[tuple[RunResult, Summary]], *, title: str, warmup_s: float = 0.0
+) -> None:
+    """One PNG: TTFT and inter-token-latency CDFs of every run (requests sent from ``warmup_s``, as
+    in the summary), and each run's output throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,9 +234,11 @@ def plot_runs(path: Path, runs: Sequence[tuple[RunResult, Summary]], *, title: s
 
     figure, (ttft_axes, itl_axes, throughput_axes) = plt.subplots(1, 3, figsize=(16, 4.8))
     for run, summary in runs:
-        ok = [record for record in run.records if record.ok and record.ttft_s is not None]
-        ttft_axes.step(*cdf_points([record.ttft_s for record in ok]), where="post", label=summary.label)
-        gaps = [np.frombuffer(record.itl_s, dtype=float) for record in ok if record.itl_s]
+        ttfts = [record.ttft_s for record in run.records if record.ok and record.ttft_s is not None]
+        ttft_axes.step(*cdf_points(ttfts), where="post", label=summary.label)
+        gaps = [
+            np.frombuffer(record.itl_s, dtype=float) for record in run.records if record.ok and record.itl_s
+        ]
         if gaps:
             itl_axes.step(*cdf_points(np.concatenate(gaps) * 1000), where="post", label=summary.label)
     ttft_axes.set(xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF")
@@ -261,7 +273,12 @@ def summary_table(summaries: Sequence[Summary], *, title: str = "benchmark") -> 
         ("goodput requests/s", lambda s: f"{s.goodput:.2f}"),
         ("SLO attainment", lambda s: f"{s.slo_attainment:.1%}"),
     ]
-    for name, unit, scale in (("TTFT", "ms", 1000), ("ITL", "ms", 1000), ("TPOT", "ms", 1000), ("e2e", "s", 1)):
+    for name, unit, scale in (
+        ("TTFT", "ms", 1000),
+        ("ITL", "ms", 1000),
+        ("TPOT", "ms", 1000),
+        ("e2e", "s", 1),
+    ):
         attribute = f"{name.lower()}_s"
         for statistic in ("mean", "p50", "p90", "p99"):
             rows.append((f"{name} {statistic} ({unit})", _formatter(attribute, statistic, scale)))

@@ -127,13 +127,17 @@ def poisson(*, rate_per_s: float, lengths: LengthSampler, seed: int = 0) -> Open
         at_s = 0.0
         for index in itertools.count():
             prompt_tokens, output_tokens = lengths.sample(rng)
-            yield RequestSpec(index=index, prompt_tokens=prompt_tokens, output_tokens=output_tokens, at_s=at_s)
+            yield RequestSpec(
+                index=index, prompt_tokens=prompt_tokens, output_tokens=output_tokens, at_s=at_s
+            )
             at_s += rng.expovariate(rate_per_s)
 
     return OpenLoop(arrivals=arrivals(), description=f"poisson {rate_per_s:g} req/s")
 
 
-def closed_loop(*, concurrency: int, lengths: LengthSampler, seed: int = 0, ramp_s: float = 0.0) -> ClosedLoop:
+def closed_loop(
+    *, concurrency: int, lengths: LengthSampler, seed: int = 0, ramp_s: float = 0.0
+) -> ClosedLoop:
     """``concurrency`` back-to-back workers started over ``ramp_s``, endless: the run's bounds end it."""
     rng = random.Random(seed)
 
@@ -190,7 +194,9 @@ def trace_replay(
         )
         for index, row in enumerate(selected)
     ]
-    return OpenLoop(arrivals=arrivals, description=f"trace x{speed:g}, {len(arrivals)} rows from {start_s:g} s")
+    return OpenLoop(
+        arrivals=arrivals, description=f"trace x{speed:g}, {len(arrivals)} rows from {start_s:g} s"
+    )
 
 
 class PromptSynthesizer:
@@ -204,11 +210,16 @@ class PromptSynthesizer:
     prompts share a prefix that an engine's prefix cache could reuse.
     """
 
+    # fmt: off
     _WORDS = (
-        " the and for are but not you all any can had her was one our out day get has him his how man new"
-        " now old see two way who boy did its let put say she too use act add age ago air arm art ask bad"
-        " bag bed big bit box bus buy car cat cup cut dog dry ear eat egg end eye far few fit fly fun gas"
-    ).split()
+        "the", "and", "for", "are", "but", "not", "you", "all", "any", "can", "had", "her", "was", "one",
+        "our", "out", "day", "get", "has", "him", "his", "how", "man", "new", "now", "old", "see", "two",
+        "way", "who", "boy", "did", "its", "let", "put", "say", "she", "too", "use", "act", "add", "age",
+        "ago", "air", "arm", "art", "ask", "bad", "bag", "bed", "big", "bit", "box", "bus", "buy", "car",
+        "cat", "cup", "cut", "dog", "dry", "ear", "eat", "egg", "end", "eye", "far", "few", "fit", "fly",
+        "fun", "gas",
+    )
+    # fmt: on
     _CORPUS_WORDS = 8192
 
     def __init__(self, seed: int = 0) -> None:
@@ -222,4 +233,7 @@ class PromptSynthesizer:
         """The prompt of request ``index``: ``tokens`` words, i.e. ``4 * tokens`` characters."""
         start = random.Random(self._seed * 1_000_003 + index).randrange(self._CORPUS_WORDS) * 4
         whole, rest = divmod(tokens, self._CORPUS_WORDS)
-        return self._doubled[start : start + self._CORPUS_WORDS * 4] * whole + self._doubled[start : start + rest * 4]
+        return (
+            self._doubled[start : start + self._CORPUS_WORDS * 4] * whole
+            + self._doubled[start : start + rest * 4]
+        )
