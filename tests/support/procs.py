@@ -1,22 +1,20 @@
 """Subprocesses for tests: started on 127.0.0.1 ports, logged to a file, always cleaned up.
 
-Each process runs in its own session (process group) so that :meth:`ManagedProcess.terminate`
-can kill everything it spawned (vLLM, for one, runs its engine in child processes). Leaving the
-test runner's group also means a runner killed outright would orphan it, so the child is asked
-(``PR_SET_PDEATHSIG``) to get SIGTERM when the thread that started it dies; SIGTERM rather than
-SIGKILL because a server's own shutdown reaps its children, and a SIGKILLed vLLM API server
-leaves its engine processes running.
+Each process leads its own process group, so :meth:`ManagedProcess.terminate` reaches whatever
+it spawned (vLLM runs its engine in child processes). Outside the test runner's group it would
+outlive a runner that is killed, so a watchdog (``sh``, in a session of its own) holds the read
+end of a pipe only the runner writes to: when the runner dies, however it dies, the pipe closes
+and the watchdog sends the group SIGTERM, then SIGKILL. A server's own signal handling is not
+enough: vLLM ignores a SIGTERM that arrives while its engine starts, and a SIGKILLed vLLM API
+server leaves its engine processes running.
 """
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,10 +25,10 @@ from typing import Self
 import httpx
 
 LOCALHOST = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
-# Loaded here, not in the forked child, where dlopen could deadlock on a lock another thread held.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_live: set[ManagedProcess] = set()
+WATCHDOG_GRACE_S = 15
+# $1: the process group (never below 2: "kill -1" would signal every process); $2: grace seconds.
+# dash's kill takes no "--" before a negative (group) id.
+_WATCHDOG = '[ "$1" -gt 1 ] || exit 2; read _; kill -TERM "-$1"; sleep "$2"; kill -KILL "-$1"'
 
 
 def free_port() -> int:
@@ -51,17 +49,10 @@ def wait_until(
         time.sleep(interval)
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec (Linux only)."""
-    assert _LIBC is not None
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class ManagedProcess:
     """A subprocess whose stdout and stderr go to ``log_path``; a context manager.
 
-    ``env`` is added on top of the current environment. Start it from the thread that
-    outlives it (normally the main thread): the child is signalled when that thread exits.
+    ``env`` is added on top of the current environment.
     """
 
     def __init__(
@@ -83,6 +74,7 @@ class ManagedProcess:
             log_path = Path(raw)
         self.log_path = log_path
         self._popen: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
         """Spawn the process (returns at once; see :meth:`wait_http` for readiness)."""
@@ -98,10 +90,14 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                # Unsafe with threads only if the hook takes a lock; it makes one prctl syscall.
-                preexec_fn=_die_with_parent if _LIBC is not None else None,  # noqa: PLW1509
             )
-        _live.add(self)
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", _WATCHDOG, "watchdog", str(self._popen.pid), str(WATCHDOG_GRACE_S)],
+            stdin=subprocess.PIPE,  # this process holds the only write end
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         return self
 
     @property
@@ -160,6 +156,10 @@ class ManagedProcess:
         """
         if self._popen is None:
             return None
+        if self._watchdog is not None:  # stood down first: closing its pipe would set it off
+            self._watchdog.kill()
+            self._watchdog.communicate()  # reaps it and closes the pipe
+            self._watchdog = None
         if self._popen.poll() is None:
             self._popen.terminate()
             try:
@@ -172,7 +172,6 @@ class ManagedProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self._popen.wait()
-        _live.discard(self)
         return self._popen.returncode
 
     def __enter__(self) -> Self:
@@ -182,9 +181,3 @@ class ManagedProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.terminate()
-
-
-@atexit.register
-def _terminate_leftovers() -> None:
-    for proc in list(_live):
-        proc.terminate(timeout=10.0)
