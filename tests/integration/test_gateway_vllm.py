@@ -65,7 +65,6 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
             async for line in r.aiter_lines():
                 seen += line.startswith("data: ")
                 if seen == 5:
-                    assert vllm_server.metric("vllm:num_requests_running") == 1
                     break
         cut_at = time.monotonic()
     while vllm_server.metric("vllm:num_requests_running") != 0:
@@ -77,7 +76,7 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
         await client.post(vllm_server.base_url + "/completions",
                           json={"model": MODEL, "prompt": "x", "max_tokens": 1})
     generated = vllm_server.metric("vllm:generation_tokens_total") - generated_before
-    assert generated < 900, f"vLLM generated {generated} of 1000 tokens after the client left"
+    assert 5 <= generated < 900, f"vLLM generated {generated} of 1000 tokens after the client left"
     assert value(gw.metrics(), "chatfleet_requests_running") == 0
     assert value(gw.metrics(), "chatfleet_requests_total", outcome="client_disconnected") == 1
 
