@@ -6,14 +6,37 @@ with the given CHATFLEET_* environment. Both are real subprocesses, stopped at t
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
+from tests.support.metrics import value
 from tests.support.procs import ManagedProcess, free_port
+
+SIM_MODEL = "chatfleet-sim/tiny-cpu"
+"""The model name engine-sim serves with its default profile."""
+
+
+def chat(max_tokens: int, **extra: object) -> dict:
+    """A chat request body for engine-sim that generates exactly ``max_tokens`` tokens."""
+    return {"model": SIM_MODEL, "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": max_tokens, "ignore_eos": True, **extra}
+
+
+async def poll_until(predicate: Callable[[], Awaitable[bool]], timeout: float,
+                     interval: float = 0.005) -> float:
+    """Seconds until ``predicate()`` is true; fails the test after ``timeout``."""
+    t0 = time.perf_counter()
+    while not await predicate():
+        if time.perf_counter() - t0 > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        await asyncio.sleep(interval)
+    return time.perf_counter() - t0
 
 
 @dataclass
@@ -31,6 +54,15 @@ class Server:
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=5).text
+
+    async def wait_for(self, sample: str, expected: float, timeout: float = 10.0, **labels: str) -> None:
+        """Wait until this server's /metrics shows ``sample`` at ``expected`` (e.g. until a request
+        that was just sent holds its slot): a fixed sleep races a slow machine."""
+        async with httpx.AsyncClient(timeout=5) as probe:
+            async def reached() -> bool:
+                text = (await probe.get(self.url + "/metrics")).text
+                return value(text, sample, **labels) == expected
+            await poll_until(reached, timeout, interval=0.01)
 
 
 def start_engine_sim(*, profile: str = "tiny-cpu", max_num_seqs: int | None = None,
@@ -55,7 +87,7 @@ def start_gateway(env: dict[str, str] | None = None, *, wait_ready: bool = True)
     return Server(proc, port)
 
 
-def upstream_env(sim: Server, **extra: str | int | float) -> dict[str, str]:
+def upstream_env(sim: Server, **extra: str | float) -> dict[str, str]:
     """Gateway environment pointing at an engine-sim server."""
     env = {"CHATFLEET_ENGINE__KIND": "openai", "CHATFLEET_ENGINE__URL": sim.v1,
            "CHATFLEET_ENGINE__MODEL": "chatfleet-sim/tiny-cpu"}

@@ -48,8 +48,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port [env CHATFLEET_SERVER__PORT]")] = None,
 ) -> None:
     """Run the gateway (default engine: the embedded simulated engine)."""
-    from chatfleet.app import create_app  # noqa: PLC0415  (keep `chatfleet config` light)
-    from chatfleet.server import serve_app  # noqa: PLC0415
+    from chatfleet.app import create_app
+    from chatfleet.server import serve_app
 
     settings = _load_settings(**{"server.host": host, "server.port": port})
     _setup_logging(settings.server.log_level)
@@ -72,10 +72,10 @@ def engine_sim(
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the simulated engine as an OpenAI-compatible server with vLLM's metric names."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
-    from chatfleet.api.engine_sim import create_engine_sim_app  # noqa: PLC0415
-    from chatfleet.engines.engine_model import load_profile  # noqa: PLC0415
+    from chatfleet.api.engine_sim import create_engine_sim_app
+    from chatfleet.engines.engine_model import load_profile
 
     try:
         loaded = load_profile(profile)
@@ -96,7 +96,7 @@ def config() -> None:
 
 def _mount_bench() -> None:
     try:
-        from chatfleet.bench.cli import bench_app  # noqa: PLC0415
+        from chatfleet.bench.cli import bench_app
     except ImportError:  # the bench extra (matplotlib, numpy) is not installed
         return
     app.add_typer(bench_app, name="bench", help="Load-test an OpenAI-compatible server.")

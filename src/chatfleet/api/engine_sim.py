@@ -20,7 +20,12 @@ from sse_starlette import EventSourceResponse
 from chatfleet import __version__
 from chatfleet.api.errors import ModelNotFound, install_error_handlers
 from chatfleet.api.middleware import BodySizeLimit
-from chatfleet.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from chatfleet.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.engines.engine_model import EngineProfile
 from chatfleet.engines.simulated import SimulatedEngine

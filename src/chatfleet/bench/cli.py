@@ -23,7 +23,14 @@ from chatfleet.bench.loadgen import (
     run_event_loop,
     run_load,
 )
-from chatfleet.bench.report import Slo, Summary, plot_runs, summarize, summary_table, write_json
+from chatfleet.bench.report import (
+    Slo,
+    Summary,
+    plot_runs,
+    summarize,
+    summary_table,
+    write_json,
+)
 from chatfleet.bench.workload import (
     EmpiricalLengths,
     FixedLengths,

@@ -33,7 +33,13 @@ from typing import Any, TypeVar
 
 import httpx
 
-from chatfleet.bench.workload import ClosedLoop, OpenLoop, PromptSynthesizer, RequestSpec, Workload
+from chatfleet.bench.workload import (
+    ClosedLoop,
+    OpenLoop,
+    PromptSynthesizer,
+    RequestSpec,
+    Workload,
+)
 
 __all__ = [
     "LoadConfig",

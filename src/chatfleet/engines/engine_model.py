@@ -296,7 +296,7 @@ class EngineCore:
             request = running[index]
             computed = request.num_computed
             num_new = request.prompt_tokens + request.num_generated - computed
-            if num_new > budget:  # not min(): this loop runs for every running request, every step
+            if num_new > budget:  # noqa: PLR1730 - not min(): this loop runs per running request, per step
                 num_new = budget
             blocks_needed = (computed + num_new + block_size - 1) // block_size - request.num_blocks
             if blocks_needed > free:
@@ -318,8 +318,7 @@ class EngineCore:
             while waiting and budget > 0 and len(running) < max_num_seqs:
                 request = waiting[0]
                 num_new = request.prompt_tokens + request.num_generated  # none computed yet
-                if num_new > budget:
-                    num_new = budget
+                num_new = min(num_new, budget)
                 blocks_needed = (num_new + block_size - 1) // block_size
                 if blocks_needed > free:
                     break

@@ -60,7 +60,7 @@ def count_prompt_tokens(request: GenerationRequest) -> int:
 class _Stream:
     """Tokens delivered to one request, and the event that wakes its reader."""
 
-    __slots__ = ("generated", "finished", "event", "arrived_at", "last_token_at")
+    __slots__ = ("arrived_at", "event", "finished", "generated", "last_token_at")
 
     def __init__(self, arrived_at: float) -> None:
         self.generated = 0

@@ -84,8 +84,15 @@ class Waiter:
     (also when cancelled or failed: ``release()`` on a queued waiter leaves the queue).
     """
 
-    __slots__ = ("_controller", "_future", "arrived_at", "deadline", "granted_at", "priority",
-                 "_state")
+    __slots__ = (
+        "_controller",
+        "_future",
+        "_state",
+        "arrived_at",
+        "deadline",
+        "granted_at",
+        "priority",
+    )
 
     _QUEUED, _GRANTED, _DONE = range(3)
 

@@ -18,8 +18,19 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from chatfleet.engines.base import Engine, EngineError, EngineRequestRejected, GenerationRequest, Usage
-from chatfleet.serving.admission import AdmissionController, AdmissionRejected, Priority, Waiter
+from chatfleet.engines.base import (
+    Engine,
+    EngineError,
+    EngineRequestRejected,
+    GenerationRequest,
+    Usage,
+)
+from chatfleet.serving.admission import (
+    AdmissionController,
+    AdmissionRejected,
+    Priority,
+    Waiter,
+)
 from chatfleet.serving.openai_format import (
     Answer,
     StreamFormatter,
@@ -72,7 +83,7 @@ class _Series:
 class _Tracker:
     """Per-request bookkeeping for the latency and token metrics."""
 
-    __slots__ = ("job", "series", "outcome", "last_token_at", "completion_tokens", "admitted")
+    __slots__ = ("admitted", "completion_tokens", "job", "last_token_at", "outcome", "series")
 
     def __init__(self, job: CompletionJob, series: _Series) -> None:
         self.job = job

@@ -60,7 +60,7 @@ def completion_response(*, request_id: str, model: str, chat: bool, text: str,
 class StreamFormatter:
     """Renders the chunks of one streamed answer as JSON strings (without the SSE framing)."""
 
-    __slots__ = ("_chat", "_head", "_include_usage", "_tail", "request_id", "model", "created")
+    __slots__ = ("_chat", "_head", "_include_usage", "_tail", "created", "model", "request_id")
 
     def __init__(self, *, request_id: str, model: str, chat: bool, include_usage: bool,
                  created: int | None = None) -> None:
