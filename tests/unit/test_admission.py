@@ -117,6 +117,17 @@ async def test_a_waiter_is_refused_once_its_deadline_passes() -> None:
     assert adm.queued() == 0
 
 
+async def test_a_wait_that_reaches_the_deadline_is_refused_even_if_the_clock_lags_the_timer() -> None:
+    """The event loop's timer can fire a hair before the admission clock reads the deadline; the
+    waiter must still be refused then, not sent round for another (heartbeat-long) wait."""
+    adm = controller(slots=1, max_queue=5, wait=0.05, clock=FakeClock())  # the clock never moves
+    adm.enqueue(I)
+    late = adm.enqueue(I)
+    with pytest.raises(QueueTimeout):
+        await late.wait(timeout=5.0)
+    assert adm.queued() == 0
+
+
 async def test_a_queued_waiter_wakes_when_a_slot_frees() -> None:
     adm = controller(slots=1, max_queue=5)
     first = adm.enqueue(I)

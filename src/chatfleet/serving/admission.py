@@ -126,13 +126,16 @@ class Waiter:
             raise RuntimeError("wait() on a released waiter")
         assert self._future is not None
         remaining = self.deadline - self._controller.clock()
-        limit = remaining if timeout is None else min(timeout, remaining)
+        # Decided before waiting: the loop's timer may fire a hair before ``clock()`` reaches
+        # the deadline, and that must still count as the deadline.
+        until_deadline = timeout is None or remaining <= timeout
+        limit = remaining if until_deadline else timeout
         if limit > 0 and not self._future.done():
             await asyncio.wait((self._future,), timeout=limit)
         if self._future.done():
             self._future.result()  # raises QueueFull when displaced
             return True
-        if self._controller.clock() >= self.deadline:
+        if until_deadline:
             self._controller._leave_queue(self)
             raise self._controller._rejection(
                 QueueTimeout, f"waited {self._controller.max_queue_wait_s:g} s in the queue "
