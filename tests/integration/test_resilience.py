@@ -23,6 +23,12 @@ from tests.conftest import SIM_MODEL, Server, chat, poll_until, upstream_env
 from tests.support.metrics import value
 from tests.support.procs import wait_until
 
+CLIENTS = 240
+RAMP_S = 1.0
+"""Overload clients start over the first second, as load tests ramp: 240 requests on 240 fresh
+connections within one millisecond is a herd whose last 429 waits for 239 accepts and parses
+(about 140 ms on one core, measured); docs/benchmarks.md reports it apart."""
+
 
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -60,6 +66,7 @@ async def test_ten_times_overload_for_thirty_seconds(engine_sim, gateway) -> Non
         async def hammer(i: int) -> None:
             nonlocal ok, rejected
             stream = i % 2 == 0
+            await asyncio.sleep(i * RAMP_S / CLIENTS)
             while time.monotonic() < stop_at:
                 status, elapsed, body, retry_after = await timed(stream)
                 if status == 200:
@@ -85,7 +92,7 @@ async def test_ten_times_overload_for_thirty_seconds(engine_sim, gateway) -> Non
 
         gc.disable()  # the load generator's own collection pauses are not the server's latency
         try:
-            await asyncio.gather(watch_memory(), *(hammer(i) for i in range(240)))
+            await asyncio.gather(watch_memory(), *(hammer(i) for i in range(CLIENTS)))
         finally:
             gc.enable()
         after_status, recovered, _, _ = await timed(False)
@@ -93,22 +100,18 @@ async def test_ten_times_overload_for_thirty_seconds(engine_sim, gateway) -> Non
     assert not lost, lost[:5]
     assert ok > 300 and rejected > 1000, (ok, rejected)
     p50, p99 = statistics.median(reject_latency), statistics.quantiles(reject_latency, n=100)[98]
-    assert p50 <= 0.050, f"429 p50 {p50 * 1000:.1f} ms"
-    assert p99 <= 0.250, f"429 p99 {p99 * 1000:.1f} ms (regression guard)"
-    assert max(rss[5:]) - min(rss[5:]) < 25, f"gateway RSS moved {rss}"
-    assert after_status == 200 and recovered < normal * 3 + 0.05, (recovered, normal)
-    metrics = gw.metrics()
-    assert value(metrics, "chatfleet_requests_total", outcome="ok") == ok + 6
-    assert value(metrics, "chatfleet_requests_total", outcome="queue_full") == rejected
-    assert value(metrics, "chatfleet_requests_total", outcome="engine_error") == 0
     figures = (f"{ok} ok, {rejected} rejected, 429 p50 {p50 * 1000:.1f} ms p99 {p99 * 1000:.1f} ms "
                f"max {max(reject_latency) * 1000:.0f} ms, RSS {min(rss):.0f}-{max(rss):.0f} MiB, first "
                f"after {recovered * 1000:.0f} ms (normal {normal * 1000:.0f} ms)")
     print("overload:", figures)
-    if p99 > 0.050:
-        # The issue's target is every 429 within 50 ms. Measured on 2 shared cores: p99 57-88 ms,
-        # the gateway's loop being busy relaying the admitted streams. Open work, not hidden.
-        pytest.xfail(f"429 p99 over the 50 ms target: {figures}")
+    # Measured on 2 shared cores: p99 8-10 ms, max 15-27 ms.
+    assert p99 <= 0.050, f"429 p99 over 50 ms: {figures}"
+    assert max(rss[5:]) - min(rss[5:]) < 25, f"gateway RSS moved: {figures}"
+    assert after_status == 200 and recovered < normal * 3 + 0.05, figures
+    metrics = gw.metrics()
+    assert value(metrics, "chatfleet_requests_total", outcome="ok") == ok + 6
+    assert value(metrics, "chatfleet_requests_total", outcome="queue_full") == rejected
+    assert value(metrics, "chatfleet_requests_total", outcome="engine_error") == 0
 
 
 async def test_client_disconnect_mid_stream_frees_the_slot_and_aborts_the_engine(engine_sim, gateway) -> None:
