@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from chatfleet import __version__
 from chatfleet.api.errors import ModelNotFound, install_error_handlers
@@ -26,6 +25,7 @@ from chatfleet.api.schemas import (
     ModelCard,
     ModelList,
 )
+from chatfleet.api.sse import data_frame, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.engines.engine_model import EngineProfile
 from chatfleet.engines.simulated import SimulatedEngine
@@ -60,12 +60,12 @@ async def _answer(request: Request, generation: GenerationRequest, stream: bool,
         # Start the engine request now, so a rejection (prompt too long) is an HTTP error.
         first = await anext(payloads)
 
-        async def events() -> AsyncIterator[str]:
-            yield first
+        async def frames() -> AsyncIterator[bytes]:
+            yield data_frame(first)
             async for payload in payloads:
-                yield payload
+                yield data_frame(payload)
 
-        return EventSourceResponse(events(), sep="\n", ping=None)
+        return sse_response(frames())
     answer = await collect(deltas)
     return JSONResponse(completion_response(
         request_id=generation.request_id, model=engine.model, chat=generation.is_chat,

@@ -17,7 +17,6 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from chatfleet.api.errors import InvalidParameter, ModelNotFound
 from chatfleet.api.schemas import (
@@ -29,6 +28,7 @@ from chatfleet.api.schemas import (
     ModelCard,
     ModelList,
 )
+from chatfleet.api.sse import comment_frame, data_frame, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import HEARTBEAT, CompletionJob, CompletionService
@@ -108,13 +108,18 @@ def _check(request: Request, body: ChatCompletionRequest | CompletionRequest) ->
         log.info("ignored unknown request fields: %s", ", ".join(ignored))
 
 
-async def _sse(events: AsyncIterator[str | object]) -> AsyncIterator[str | ServerSentEvent]:
-    async with aclosing(events):
-        async for item in events:
-            if item is HEARTBEAT:
-                yield ServerSentEvent(comment="queued: waiting for an engine slot")
-            else:
-                yield item  # type: ignore[misc]
+_HEARTBEAT_FRAME = comment_frame("queued: waiting for an engine slot")
+
+
+async def _sse(first: str | object, rest: AsyncIterator[str | object]) -> AsyncIterator[bytes]:
+    async with aclosing(rest):
+        item = first
+        while True:
+            yield _HEARTBEAT_FRAME if item is HEARTBEAT else data_frame(item)  # type: ignore[arg-type]
+            try:
+                item = await anext(rest)
+            except StopAsyncIteration:
+                return
 
 
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, route: str,
@@ -134,8 +139,8 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     headers = {"X-Request-Id": generation.request_id}
     try:
         if body.stream:
-            events = await cancel_on_disconnect(request, service.open_stream(job))
-            return EventSourceResponse(_sse(events), headers=headers, sep="\n")
+            first, rest = await cancel_on_disconnect(request, service.open_stream(job))
+            return sse_response(_sse(first, rest), headers)
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)

@@ -24,7 +24,6 @@ import asyncio
 import itertools
 import json
 import re
-import ssl
 import time
 from array import array
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
@@ -40,6 +39,7 @@ from chatfleet.bench.workload import (
     RequestSpec,
     Workload,
 )
+from chatfleet.http_pools import ShardedTransport
 
 __all__ = [
     "LoadConfig",
@@ -58,7 +58,6 @@ _CONTENT = re.compile(rb'"content":\s*"[^"]')
 _USAGE = re.compile(rb'"usage":\s*\{')
 _ERROR = re.compile(rb'"error":\s*\{')
 _DONE = b"[DONE]"
-_SLOT = "chatfleet_bench_slot"
 
 T = TypeVar("T")
 
@@ -206,7 +205,7 @@ class _Run:
         self._in_flight = config.max_in_flight if isinstance(workload, OpenLoop) else workload.concurrency
 
     async def execute(self) -> RunResult:
-        transport = _ShardedTransport(connections=self._in_flight)
+        transport = ShardedTransport(connections=self._in_flight, per_pool=8)
         timeout = httpx.Timeout(self._config.request_timeout_s, connect=30.0, pool=None)
         started_at_unix = time.time()
         async with httpx.AsyncClient(
@@ -245,17 +244,15 @@ class _Run:
         return max((record.sent_s for record in self._records), default=0.0)
 
     async def _schedule_open(self, client: httpx.AsyncClient, workload: OpenLoop) -> set[asyncio.Task[None]]:
-        free_slots = list(range(self._in_flight))
-        slot_freed = asyncio.Event()
+        cap = asyncio.Semaphore(self._in_flight)
         tasks: set[asyncio.Task[None]] = set()
         deadline = self._deadline()
 
-        async def send_in_slot(spec: RequestSpec, slot: int) -> None:
+        async def send_holding(spec: RequestSpec) -> None:
             try:
-                await self._send(client, spec, slot)
+                await self._send(client, spec)
             finally:
-                free_slots.append(slot)
-                slot_freed.set()
+                cap.release()
 
         for spec in self._bounded(workload.arrivals):
             assert spec.at_s is not None, "open-loop arrivals carry a send time"
@@ -266,12 +263,10 @@ class _Run:
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if not free_slots:
+            if cap.locked():
                 self._cap_waits += 1
-                while not free_slots:
-                    slot_freed.clear()
-                    await slot_freed.wait()
-            task = asyncio.create_task(send_in_slot(spec, free_slots.pop()))
+            await cap.acquire()
+            task = asyncio.create_task(send_holding(spec))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         return tasks
@@ -280,15 +275,15 @@ class _Run:
         specs = self._bounded(workload.requests)
         deadline = self._deadline()
 
-        async def worker(slot: int) -> None:
-            await asyncio.sleep(slot / workload.concurrency * workload.ramp_s)
+        async def worker(index: int) -> None:
+            await asyncio.sleep(index / workload.concurrency * workload.ramp_s)
             for spec in specs:
-                await self._send(client, spec, slot)
+                await self._send(client, spec)
                 if time.perf_counter() >= deadline:
                     self._deadline_reached = True
                     return
 
-        return {asyncio.create_task(worker(slot)) for slot in range(workload.concurrency)}
+        return {asyncio.create_task(worker(index)) for index in range(workload.concurrency)}
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:
@@ -312,7 +307,7 @@ class _Run:
             }
         ).encode()
 
-    async def _send(self, client: httpx.AsyncClient, spec: RequestSpec, slot: int) -> None:
+    async def _send(self, client: httpx.AsyncClient, spec: RequestSpec) -> None:
         body = self._body(spec)
         sent = time.perf_counter()
         record = RequestRecord(
@@ -329,7 +324,6 @@ class _Run:
                 self._endpoint,
                 content=body,
                 headers={"content-type": "application/json"},
-                extensions={_SLOT: slot},
             ) as response:
                 record.status = response.status_code
                 if response.status_code != 200:
@@ -379,36 +373,6 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, sent: fl
     record.content_chunks = tokens
     if not done and record.error is None:
         record.error = "incomplete_stream"
-
-
-class _ShardedTransport(httpx.AsyncBaseTransport):
-    """httpx's transport, with the connections split into small pools by the request's slot.
-
-    httpcore's pool (1.0.x) walks all its connections, and for each idle one all of them again, every
-    time a request starts or ends: at 512 connections in one pool that bookkeeping alone costs more
-    CPU than reading the streams. Each request carries its slot (``0 <= slot < connections``, one
-    request per slot at a time) in the ``_SLOT`` extension; slot s uses pool s // ``per_shard``, so
-    every pool has exactly the connections its slots need and the bookkeeping stays small.
-    """
-
-    def __init__(self, *, connections: int, per_shard: int = 8) -> None:
-        tls = ssl.create_default_context()
-        self._per_shard = per_shard
-        self._shards = [
-            httpx.AsyncHTTPTransport(
-                verify=tls,
-                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
-            )
-            for _ in range(-(-connections // per_shard))
-        ]
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        slot: int = request.extensions[_SLOT]
-        return await self._shards[slot // self._per_shard].handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for shard in self._shards:
-            await shard.aclose()
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -6,7 +6,9 @@ both, and a client that goes away aborts the upstream request at once. Closing t
 the HTTP response; an unfinished response cannot go back to the pool, so httpx closes the
 connection, and vLLM aborts the request when its client connection drops.
 
-One ``httpx.AsyncClient`` with a pool larger than the engine slots is shared by all requests.
+One ``httpx.AsyncClient`` is shared by all requests; its connections are split over small pools
+(``http_pools.ShardedTransport``), because one large httpcore pool costs CPU per request that grows
+with the square of its size.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from chatfleet.engines.base import (
     GenerationRequest,
     Usage,
 )
+from chatfleet.http_pools import ShardedTransport
 
 __all__ = ["OpenAICompatEngine"]
 
@@ -59,8 +62,7 @@ class OpenAICompatEngine:
         self._api_key = api_key
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
                                       write=connect_timeout_s, pool=read_timeout_s)
-        self._limits = httpx.Limits(max_connections=max_connections,
-                                    max_keepalive_connections=max_connections)
+        self._max_connections = max_connections
         self._client: httpx.AsyncClient | None = None
 
     def __repr__(self) -> str:
@@ -68,10 +70,10 @@ class OpenAICompatEngine:
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        # Building the client loads the CA bundle into an SSL context (tens of ms): off the loop.
-        self._client = await asyncio.to_thread(
-            httpx.AsyncClient, base_url=self.base_url, timeout=self._timeout, limits=self._limits,
-            headers=headers)
+        # Building the transport loads the CA bundle into an SSL context (tens of ms): off the loop.
+        transport = await asyncio.to_thread(ShardedTransport, connections=self._max_connections)
+        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout,
+                                         transport=transport, headers=headers)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -125,13 +125,6 @@ class _Tracker:
                 series.prompt_tokens.inc(usage.prompt_tokens)
 
 
-async def _prepend(first: str | object, rest: AsyncIterator[str | object]) -> AsyncIterator[str | object]:
-    yield first
-    async with aclosing(rest):
-        async for item in rest:
-            yield item
-
-
 class CompletionService:
     def __init__(self, *, engine: Engine, admission: AdmissionController, metrics: GatewayMetrics,
                  model: str, heartbeat_interval_s: float) -> None:
@@ -198,20 +191,20 @@ class CompletionService:
                                    chat=job.request.is_chat, text=answer.text,
                                    finish_reason=answer.finish_reason, usage=answer.usage)
 
-    async def open_stream(self, job: CompletionJob) -> AsyncIterator[str | object]:
-        """Admit the request (waiting up to one heartbeat interval) and return its SSE payloads.
+    async def open_stream(self, job: CompletionJob) -> tuple[str | object, AsyncIterator[str | object]]:
+        """Admit the request (waiting up to one heartbeat interval); return its first SSE payload
+        and the iterator of the rest, which the caller must close.
 
         Raises AdmissionRejected, or EngineError, when the request fails before the response
-        starts; the returned iterator yields JSON strings, ``HEARTBEAT`` while still queued, and
-        ``[DONE]``; later failures are an error payload in the stream.
+        starts; payloads are JSON strings, ``HEARTBEAT`` while still queued, and ``[DONE]``;
+        later failures are an error payload in the stream.
         """
         tracker = _Tracker(job, self._series)
         waiter, granted = await self._admit(job, tracker, self.heartbeat_interval_s)
         events = self._events(job, tracker, waiter, granted)
         # Run the generator to its first payload now: once started, its ``finally`` (which frees the
         # slot) runs on close, cancellation or garbage collection, even if the response never starts.
-        first = await anext(events)
-        return _prepend(first, events)
+        return await anext(events), events
 
     async def _events(self, job: CompletionJob, tracker: _Tracker, waiter: Waiter,
                       granted: bool) -> AsyncIterator[str | object]:
