@@ -93,3 +93,25 @@ def test_promtool_flags_only_the_colons_of_vllm_names_on_engine_sim(servers) -> 
     _, sim = servers
     lines = promtool_check(httpx.get(sim.url + "/metrics", timeout=5).text).splitlines()
     assert lines and all(line.endswith("metric names should not contain ':'") for line in lines), lines
+
+
+def test_the_gateway_relays_the_engines_metrics_on_metrics_engine(servers) -> None:
+    """Prometheus scrapes the engine through the gateway's port (the chart keeps the engine port
+    closed): /metrics/engine is the engine's own exposition, vLLM's names and labels."""
+    gw, sim = servers
+    relayed = httpx.get(gw.url + "/metrics/engine", timeout=5)
+    assert relayed.status_code == 200
+    assert relayed.headers["content-type"].startswith("text/plain")
+    assert families(relayed.text) == families(httpx.get(sim.url + "/metrics", timeout=5).text)
+    assert not any(name.startswith("chatfleet_") for name in families(relayed.text))
+
+
+def test_metrics_engine_says_why_when_there_is_nothing_to_relay(gateway, engine_sim) -> None:
+    embedded: Server = gateway({})
+    r = httpx.get(embedded.url + "/metrics/engine", timeout=5)
+    assert r.status_code == 404 and "exports no metrics" in r.json()["error"]["message"]
+    sim: Server = engine_sim()
+    fronted: Server = gateway(upstream_env(sim))
+    sim.proc.terminate()
+    r = httpx.get(fronted.url + "/metrics/engine", timeout=10)
+    assert r.status_code == 503 and "not reachable" in r.json()["error"]["message"]

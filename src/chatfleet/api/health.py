@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from chatfleet.engines.base import Engine, EngineUnavailable
+from chatfleet.serving.openai_format import error_body
 from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, render
 
 __all__ = ["router"]
@@ -29,3 +31,20 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics (text exposition)")
 async def metrics(request: Request) -> Response:
     return Response(render(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/metrics/engine", summary="The engine's own Prometheus metrics (vLLM's names), relayed")
+async def engine_metrics(request: Request) -> Response:
+    """Lets Prometheus scrape the engine through the gateway's port: in the chart's pod the engine
+    port is closed to the network, and vLLM serves its API and its metrics on one port."""
+    engine: Engine = request.app.state.engine
+    try:
+        exposition = await engine.metrics_exposition()
+    except EngineUnavailable as exc:
+        return JSONResponse(error_body(exc.message, error_type="engine_unavailable", code=503),
+                            status_code=503)
+    if exposition is None:
+        return JSONResponse(error_body(f"the {engine.kind} engine exports no metrics of its own",
+                                       error_type="not_found", code=404), status_code=404)
+    body, content_type = exposition
+    return Response(body, media_type=content_type)

@@ -137,6 +137,15 @@ class Engine(Protocol):
         """Model ids the engine serves now. Raises EngineUnavailable when it cannot be reached."""
         ...
 
+    async def metrics_exposition(self) -> tuple[bytes, str] | None:
+        """The engine's own Prometheus exposition and its content type, or None if it has none.
+
+        The gateway serves it on /metrics/engine, so Prometheus can scrape the engine (vLLM's
+        names) through the gateway's port while the engine port stays closed to the network.
+        Raises EngineUnavailable when the engine cannot be reached.
+        """
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream the answer. Raises EngineError (before or during the stream) on failure.
 

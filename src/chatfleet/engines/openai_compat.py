@@ -59,6 +59,8 @@ class OpenAICompatEngine:
     def __init__(self, *, base_url: str, api_key: str | None = None, connect_timeout_s: float = 5.0,
                  read_timeout_s: float = 120.0, max_connections: int = 2048) -> None:
         self.base_url = base_url.rstrip("/")
+        self.metrics_url = self.base_url.removesuffix("/v1") + "/metrics"
+        """vLLM (and engine-sim) serve /metrics at the root, beside /v1."""
         self._api_key = api_key
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
                                       write=connect_timeout_s, pool=read_timeout_s)
@@ -98,6 +100,15 @@ class OpenAICompatEngine:
         except (ValueError, KeyError, TypeError) as exc:
             raise EngineUnavailable(f"engine at {self.base_url} answered /models with an unexpected "
                                     "body") from exc
+
+    async def metrics_exposition(self) -> tuple[bytes, str] | None:
+        try:
+            response = await self.client.get(self.metrics_url, timeout=5.0)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"engine metrics at {self.metrics_url} are not reachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise EngineUnavailable(f"engine metrics at {self.metrics_url}: HTTP {response.status_code}")
+        return response.content, response.headers.get("content-type", "text/plain; version=0.0.4")
 
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = dict(request.sampling)

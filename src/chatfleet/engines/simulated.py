@@ -31,7 +31,7 @@ from chatfleet.engines.base import (
     Usage,
 )
 from chatfleet.engines.engine_model import EngineCore, EngineProfile, StepOutcome
-from chatfleet.telemetry.metrics import EngineSimMetrics
+from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, EngineSimMetrics, render
 
 __all__ = ["SimulatedEngine", "count_prompt_tokens"]
 
@@ -151,6 +151,11 @@ class SimulatedEngine:
             self.metrics.num_preemptions_total.inc(len(outcome.preempted))
 
     # -- one request --------------------------------------------------------------------------
+
+    async def metrics_exposition(self) -> tuple[bytes, str] | None:
+        if self.metrics is None:
+            return None
+        return render(self.metrics.registry), CONTENT_TYPE_LATEST
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         if self._task is None or self._task.done():
