@@ -1,0 +1,77 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "chatfleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: the Deployment, Service, HPA and the Prometheus job share it. */}}
+{{- define "chatfleet.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "chatfleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "chatfleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatfleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "chatfleet.labels" -}}
+helm.sh/chart: {{ include "chatfleet.chart" . }}
+{{ include "chatfleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chatfleet
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "chatfleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "chatfleet.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Engine slots the gateway admits: vLLM's max-num-seqs unless set explicitly. */}}
+{{- define "chatfleet.engineSlots" -}}
+{{- default .Values.engine.maxNumSeqs .Values.gateway.admission.engineSlots }}
+{{- end }}
+
+{{/* The model id clients send: vLLM's served name, or engine-sim's fixed id. */}}
+{{- define "chatfleet.servedModel" -}}
+{{- if eq .Values.engine.kind "sim" }}
+{{- printf "chatfleet-sim/%s" .Values.engine.sim.profile }}
+{{- else }}
+{{- default .Values.engine.vllm.model .Values.engine.vllm.servedModelName }}
+{{- end }}
+{{- end }}
+
+{{- define "chatfleet.gatewayImage" -}}
+{{- printf "%s:%s" .Values.gateway.image.repository (default .Chart.AppVersion .Values.gateway.image.tag) }}
+{{- end }}
+
+{{/* Name of the Secret holding the Hugging Face token, if any. */}}
+{{- define "chatfleet.hfSecretName" -}}
+{{- if .Values.engine.vllm.hfToken.existingSecret }}
+{{- .Values.engine.vllm.hfToken.existingSecret }}
+{{- else if .Values.engine.vllm.hfToken.value }}
+{{- printf "%s-hf-token" (include "chatfleet.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "chatfleet.modelCacheClaim" -}}
+{{- default (printf "%s-model-cache" (include "chatfleet.fullname" .)) .Values.engine.vllm.modelCache.existingClaim }}
+{{- end }}
