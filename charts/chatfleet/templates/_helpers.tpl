@@ -59,8 +59,18 @@ app.kubernetes.io/part-of: chatfleet
 {{- end }}
 {{- end }}
 
+{{/* repository@digest when a digest is given, else repository:tag. */}}
+{{- define "chatfleet.image" -}}
+{{- if .digest }}
+{{- printf "%s@%s" .repository .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository .tag }}
+{{- end }}
+{{- end }}
+
 {{- define "chatfleet.gatewayImage" -}}
-{{- printf "%s:%s" .Values.gateway.image.repository (default .Chart.AppVersion .Values.gateway.image.tag) }}
+{{- $image := .Values.gateway.image -}}
+{{- include "chatfleet.image" (dict "repository" $image.repository "digest" $image.digest "tag" (default .Chart.AppVersion $image.tag)) }}
 {{- end }}
 
 {{/* Name of the Secret holding the Hugging Face token, if any. */}}
