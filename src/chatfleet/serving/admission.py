@@ -22,7 +22,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from enum import StrEnum
+from enum import Enum, StrEnum, auto
 
 __all__ = [
     "AdmissionController",
@@ -75,6 +75,16 @@ class QueueTimeout(AdmissionRejected):
 class Draining(AdmissionRejected):
     status = 503
     reason = "draining"
+
+
+class _Entry(Enum):
+    """Admission's decision for one arrival (``AdmissionController._decide``)."""
+
+    GRANT = auto()
+    QUEUE = auto()
+    DISPLACE = auto()
+    DRAINING = auto()
+    FULL = auto()
 
 
 class Waiter:
@@ -220,40 +230,51 @@ class AdmissionController:
 
     # -- entering ----------------------------------------------------------------------------
 
+    def _decide(self, priority: Priority | None) -> _Entry:
+        """What admission does with an arrival now. ``priority`` None means not known yet (the body
+        may still say interactive), so an arrival that could displace a batch request is assumed."""
+        if self._draining:
+            return _Entry.DRAINING
+        queued = self.queued()
+        if self._running < self.slots and queued == 0:
+            return _Entry.GRANT
+        if queued < self.max_queue:
+            return _Entry.QUEUE
+        if priority is not Priority.BATCH and self._queues[Priority.BATCH]:
+            return _Entry.DISPLACE
+        return _Entry.FULL
+
+    def _refusal(self, entry: _Entry) -> AdmissionRejected | None:
+        if entry is _Entry.DRAINING:
+            return self._rejection(Draining, _DRAINING_MESSAGE)
+        if entry is _Entry.FULL:
+            return self._rejection(QueueFull, _queue_full_message(self.max_queue))
+        return None
+
     def certain_rejection(self, priority: Priority | None) -> AdmissionRejected | None:
         """The rejection an arrival would get for sure, without enqueueing; None if it may enter.
-
-        ``priority`` None means not yet known (the body may still say interactive): then a full
-        queue holding a batch request is not a certain rejection, since displacement could apply.
-        """
-        if self._draining:
-            return self._rejection(Draining, _DRAINING_MESSAGE)
-        if self.queued() < self.max_queue or (self._running < self.slots and self.queued() == 0):
-            return None
-        if self._queues[Priority.BATCH] and priority is not Priority.BATCH:
-            return None
-        return self._rejection(QueueFull, _queue_full_message(self.max_queue))
+        The same decision as ``enqueue``'s, so the two cannot drift apart."""
+        return self._refusal(self._decide(priority))
 
     def enqueue(self, priority: Priority) -> Waiter:
         """Claim a slot: granted at once when one is free and nobody waits, else queued.
 
         Raises Draining (503) while draining, QueueFull (429) when the queue is at its bound.
         """
-        if self._draining:
-            raise self._rejection(Draining, _DRAINING_MESSAGE)
+        entry = self._decide(priority)
+        refusal = self._refusal(entry)
+        if refusal is not None:
+            raise refusal
         now = self.clock()
         waiter = Waiter(self, priority, now, now + self.max_queue_wait_s)
-        if self._running < self.slots and self.queued() == 0:
+        if entry is _Entry.GRANT:
             self._running += 1
             self._idle.clear()
             waiter._grant(now)
             self._changed()
             return waiter
-        if self.queued() >= self.max_queue:
-            victim = self._displaceable(priority)
-            if victim is None:
-                raise self._rejection(QueueFull, _queue_full_message(self.max_queue))
-            self._queues[Priority.BATCH].pop()
+        if entry is _Entry.DISPLACE:
+            victim = self._queues[Priority.BATCH].pop()
             victim._state = Waiter._DONE
             assert victim._future is not None
             victim._future.set_exception(self._rejection(
@@ -263,11 +284,6 @@ class AdmissionController:
         self._idle.clear()
         self._changed()
         return waiter
-
-    def _displaceable(self, priority: Priority) -> Waiter | None:
-        if priority is Priority.INTERACTIVE and self._queues[Priority.BATCH]:
-            return self._queues[Priority.BATCH][-1]
-        return None
 
     # -- draining ----------------------------------------------------------------------------
 
