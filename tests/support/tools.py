@@ -3,10 +3,10 @@
 Lookup order: ``PATH``, then the bin directory of the running interpreter (pip puts
 ``hadolint`` and ``kubernetes-validate`` there, and a venv's bin is not always on ``PATH`` when
 pytest is started as ``.venv/bin/python -m pytest``), then ``$CHATFLEET_TOOLS/bin`` (default
-``~/.cache/chatfleet/tools/bin``), where ``scripts/install-k8s-tools.sh`` puts helm, kubectl and
-checkov. hadolint and kubernetes-validate come from the test extra; promtool and prometheus from
-Debian's prometheus package. A missing tool fails the test with the command that installs it:
-nothing is skipped.
+``~/.cache/chatfleet/tools/bin``), where ``scripts/install-k8s-tools.sh`` puts helm, kubectl,
+checkov and docker-compose. hadolint and kubernetes-validate come from the test extra; promtool
+and prometheus from Debian's prometheus package. A missing tool fails the test with the command
+that installs it: nothing is skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _INSTALL_HINTS: dict[str, str] = {
     "helm": _INSTALL_K8S,
     "kubectl": _INSTALL_K8S,
     "checkov": _INSTALL_K8S,
+    "docker-compose": _INSTALL_K8S,
     "hadolint": _INSTALL_TEST_EXTRA,
     "kubernetes-validate": _INSTALL_TEST_EXTRA,
     "promtool": "install Debian's prometheus package: sudo apt-get install -y prometheus "
