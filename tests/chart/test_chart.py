@@ -148,6 +148,8 @@ def test_the_engine_port_is_closed_to_the_network() -> None:
     monitor = one(docs, "ServiceMonitor")
     assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [
         ("http", "/metrics"), ("http", "/metrics/engine")]
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert {"sourceLabels": ["__metrics_path__"], "targetLabel": "metrics_path"} in endpoint["relabelings"]
 
 
 @pytest.mark.parametrize("engine", ["gpu", "sim"])
