@@ -1,4 +1,5 @@
-"""Every PromQL expression the chart ships (alerts, recording rules, dashboard queries) reads only
+"""Every PromQL expression the chart ships (alerts, recording rules, dashboard queries, the HPA's
+adapter rules and the KEDA triggers) reads only
 metrics that exist, with labels and label values that exist.
 
 Existing names: the gateway's (GatewayMetrics), the engine's (a live engine-sim's /metrics, which
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from promql_parser import MatchOp
 
 from chatfleet.telemetry.metrics import Outcome
+from tests.chart.render import ROOT, one, render
 from tests.support.metrics import families
 from tests.support.promql import (
     RECORDING_SECTION,
@@ -65,11 +68,30 @@ def expositions() -> Iterator[Expositions]:
         sim.proc.terminate()
 
 
+def autoscaling_expressions() -> dict[str, str]:
+    """The prometheus-adapter queries (templates filled as the adapter fills them) and the KEDA
+    ScaledObject's queries as the chart renders them."""
+    adapter = yaml.safe_load((ROOT / "hpa" / "prometheus-adapter-values.yaml").read_text())
+    exprs = {}
+    for rule in adapter["rules"]["custom"]:
+        (series,) = metric_names(rule["seriesQuery"])
+        filled = (rule["metricsQuery"].replace("<<.Series>>", series)
+                  .replace("<<.LabelMatchers>>", 'namespace="llm",pod=~"chatfleet-a|chatfleet-b"')
+                  .replace("<<.GroupBy>>", "pod"))
+        exprs[f"adapter {rule['name']['as']}"] = filled
+    scaled = one(render({"autoscaling.mode": "keda"}), "ScaledObject")
+    for trigger in scaled["spec"]["triggers"]:
+        exprs[f"keda {trigger['name']}"] = trigger["metadata"]["query"]
+    return exprs
+
+
 def shipped_expressions() -> dict[str, str]:
-    """Where -> expression (Grafana variables filled) for every rule and dashboard query."""
+    """Where -> expression (Grafana variables filled) for every rule, dashboard query, adapter
+    rule and KEDA trigger."""
     exprs = {f"rule {name}": expr for name, expr in rule_expressions().items()}
     exprs |= {where: substitute_grafana_variables(expr)
               for where, expr in all_dashboard_expressions().items()}
+    exprs |= autoscaling_expressions()
     return exprs
 
 
