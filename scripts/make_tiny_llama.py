@@ -81,7 +81,14 @@ def corpus_files() -> list[str]:
 def train_tokenizer() -> PreTrainedTokenizerFast:
     # Imported here, not at the top: importing transformers takes seconds, and the
     # already-complete path should not pay for it.
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
