@@ -59,6 +59,7 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
     max_tokens = MAX_MODEL_LEN - 48
     gw: Server = gateway(gateway_env(vllm_server))
     generated_before = vllm_server.metric("vllm:generation_tokens_total")
+    finished_before = vllm_server.metric("vllm:request_success_total")
     async with httpx.AsyncClient(timeout=60) as client:
         async with client.stream("POST", gw.v1 + "/chat/completions", json={
                 "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
@@ -79,6 +80,8 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
                           json={"model": MODEL, "prompt": "x", "max_tokens": 1})
     generated = vllm_server.metric("vllm:generation_tokens_total") - generated_before
     assert 5 <= generated < 0.9 * max_tokens, f"vLLM generated {generated} of {max_tokens} tokens"
+    # Only the flushing request finished; the cut one was dropped, not completed (for any reason).
+    assert vllm_server.metric("vllm:request_success_total") - finished_before == 1
     assert value(gw.metrics(), "chatfleet_requests_running") == 0
     assert value(gw.metrics(), "chatfleet_requests_total", outcome="client_disconnected") == 1
 
