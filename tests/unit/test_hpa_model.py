@@ -100,6 +100,16 @@ CALCULATOR_CASES = [
         Reason.WITHIN_TOLERANCE,
         id="controller/average-is-integer-milli",
     ),
+    # controller: Go's integer division truncates toward zero, also for a negative gauge:
+    # (-3m + 0m) / 2 = -1m (a floor would give -2m), ratio -1 against a 1m target -> -2 pods,
+    # which minReplicas later lifts.
+    pytest.param(
+        PodsMetric(M, 0.001),
+        observe(2, running(-0.003), running(0.0)),
+        -2,
+        None,
+        id="controller/average-truncates-toward-zero",
+    ),
     # docs: Algorithm details, missing metrics: "in the case of a scale up, ... assume those pods
     # were consuming 0% of the desired value". (300 + 300 + 0) / 3 = 200m -> 2.0 x 3 pods.
     pytest.param(

@@ -477,6 +477,13 @@ def _within(ratio: float, tolerance: float) -> bool:
     return abs(1.0 - ratio) <= tolerance
 
 
+def _average_milli(values: Sequence[int]) -> int:
+    """Go's int64 division, which truncates toward zero (Python's ``//`` floors negatives)."""
+    total = sum(values)
+    quotient = abs(total) // len(values)
+    return quotient if total >= 0 else -quotient
+
+
 def _pods_metric_replicas(
     metric: PodsMetric, pods: Sequence[PodObservation], current: int, tolerance: float
 ) -> tuple[int, Reason | None]:
@@ -504,7 +511,7 @@ def _pods_metric_replicas(
             "did not receive metrics for targeted pods (pods might be unready)"
         )
 
-    usage_ratio = (sum(values) // len(values)) / target
+    usage_ratio = _average_milli(values) / target
     scale_up_with_unready = unready > 0 and usage_ratio > 1.0
     if not scale_up_with_unready and missing == 0:
         if _within(usage_ratio, tolerance):
@@ -516,7 +523,7 @@ def _pods_metric_replicas(
     filled = values + [target if usage_ratio < 1.0 else 0] * missing
     if scale_up_with_unready:
         filled += [0] * unready
-    new_ratio = (sum(filled) // len(filled)) / target
+    new_ratio = _average_milli(filled) / target
     if _within(new_ratio, tolerance):
         return current, Reason.WITHIN_TOLERANCE
     if (usage_ratio < 1.0 < new_ratio) or (usage_ratio > 1.0 > new_ratio):
