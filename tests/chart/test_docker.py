@@ -29,6 +29,7 @@ import yaml
 
 from chatfleet.engines.engine_model import load_profile
 from tests.support.procs import ManagedProcess, free_port, wait_until
+from tests.support.prometheus import start_prometheus
 from tests.support.tools import tool_path
 
 ROOT = Path(__file__).parents[2]
@@ -344,7 +345,7 @@ def stack(compose: dict[str, Any], final_stage: list[Instruction],
     environment (its engine URL pointed at that engine-sim), and Prometheus with compose's config
     and rules, its targets pointed at that gateway and its intervals cut to 1 s."""
     svcs = services(compose)
-    sim_port, gateway_port, prom_port = free_port(), free_port(), free_port()
+    sim_port, gateway_port = free_port(), free_port()
     tree = tmp_path_factory.mktemp("prometheus")
     mount_tree(svcs["prometheus"], tree)
     config_path = tree / prometheus_config_path(compose).lstrip("/")
@@ -366,12 +367,9 @@ def stack(compose: dict[str, Any], final_stage: list[Instruction],
             env=env, name="compose-gateway"))
         # Ready only once engine-sim lists the model compose names: the two agree.
         gateway.wait_http(f"http://127.0.0.1:{gateway_port}/readyz", timeout=30)
-        prometheus = procs.enter_context(ManagedProcess(
-            [tool_path("prometheus"), f"--config.file={config_path}",
-             f"--storage.tsdb.path={tree / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-            name="compose-prometheus"))
-        prometheus.wait_http(f"http://127.0.0.1:{prom_port}/-/ready", timeout=30)
-        yield Stack(sim_port, gateway_port, f"http://127.0.0.1:{prom_port}")
+        prometheus, prometheus_url = start_prometheus(tree, config_path)
+        procs.callback(prometheus.terminate)
+        yield Stack(sim_port, gateway_port, prometheus_url)
 
 
 def query(stack: Stack, promql: str) -> list[dict[str, Any]]:

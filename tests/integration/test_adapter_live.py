@@ -19,8 +19,7 @@ import yaml
 
 from tests.conftest import Server, chat, poll_until, upstream_env
 from tests.support.metrics import value
-from tests.support.procs import ManagedProcess, free_port
-from tests.support.tools import tool_path
+from tests.support.prometheus import start_prometheus
 
 ADAPTER_VALUES = Path(__file__).parents[2] / "hpa" / "prometheus-adapter-values.yaml"
 NAMESPACE = "default"
@@ -48,10 +47,9 @@ def fill(rule: dict[str, Any], series: str) -> str:
     return query
 
 
-def start_prometheus(tmp_path: Path, targets: dict[str, Server]) -> tuple[ManagedProcess, str]:
-    """A real Prometheus on a free port, scraping ``targets`` (pod name -> gateway) every second."""
-    port = free_port()
-    config = {
+def prometheus_config(targets: dict[str, Server]) -> dict[str, Any]:
+    """Scrape ``targets`` (pod name -> gateway) every second, labelled as in the cluster."""
+    return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{
             "job_name": "chatfleet",
@@ -60,19 +58,6 @@ def start_prometheus(tmp_path: Path, targets: dict[str, Server]) -> tuple[Manage
                                for pod, server in targets.items()],
         }],
     }
-    config_path = tmp_path / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    proc = ManagedProcess([tool_path("prometheus"), f"--config.file={config_path}",
-                           f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                          log_path=tmp_path / "prometheus.log", name="prometheus").start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(url + "/-/ready", timeout=30)
-    except BaseException:
-        proc.terminate()
-        raise
-    return proc, url
 
 
 async def query(client: httpx.AsyncClient, prometheus: str, promql: str) -> dict[str, float]:
@@ -91,7 +76,7 @@ async def test_adapter_queries_return_each_pods_own_gauges(engine_sim, gateway, 
     gateways = {"gw-a": gateway(upstream_env(sim, admission__engine_slots=2, **common)),
                 "gw-b": gateway(upstream_env(sim, admission__engine_slots=4, **common))}
     queue_rule, slots_rule = adapter_rule("chatfleet_queue_depth"), adapter_rule("chatfleet_slot_utilization")
-    prometheus_proc, prometheus = start_prometheus(tmp_path, gateways)
+    prometheus_proc, prometheus = start_prometheus(tmp_path, prometheus_config(gateways))
     load: list[asyncio.Task[None]] = []
 
     async with httpx.AsyncClient(timeout=120) as client:

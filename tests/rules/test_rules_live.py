@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from tests.conftest import Server, chat, poll_until, upstream_env
 from tests.support.metrics import value
-from tests.support.procs import ManagedProcess, free_port
+from tests.support.prometheus import start_prometheus
 from tests.support.promql import (
     RULES_FILE,
     all_dashboard_expressions,
@@ -29,7 +28,6 @@ from tests.support.promql import (
     rule_expressions,
     substitute_grafana_variables,
 )
-from tests.support.tools import tool_path
 
 NAMESPACE, JOB, POD = "llm", "chatfleet", "chatfleet-6b7c9d8f4-x2k4z"
 NEEDS_KUBE_STATE_METRICS = {
@@ -57,28 +55,11 @@ def prometheus_config(gateway: Server) -> dict[str, Any]:
     }
 
 
-def start_prometheus(tmp_path: Path, gateway: Server) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(gateway)))
-    proc = ManagedProcess([tool_path("prometheus"), f"--config.file={config}",
-                           f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                          log_path=tmp_path / "prometheus.log", name="prometheus").start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(url + "/-/ready", timeout=30)
-    except BaseException:
-        proc.terminate()
-        raise
-    return proc, url
-
-
 async def test_rules_and_dashboard_on_real_scrapes(engine_sim: Callable[..., Server],
                                                    gateway: Callable[..., Server],
                                                    tmp_path: Path) -> None:
     gw = gateway(upstream_env(engine_sim()))
-    prometheus_proc, prometheus = start_prometheus(tmp_path, gw)
+    prometheus_proc, prometheus = start_prometheus(tmp_path, prometheus_config(gw))
     values = {"namespace": NAMESPACE, "job": JOB}
     dashboard = {where: substitute_grafana_variables(expr, values)
                  for where, expr in all_dashboard_expressions().items()
