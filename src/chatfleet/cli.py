@@ -1,4 +1,4 @@
-"""The ``chatfleet`` command: serve, engine-sim, config, bench."""
+"""The ``chatfleet`` command: serve, engine-sim, config, operator, bench."""
 
 from __future__ import annotations
 
@@ -92,6 +92,33 @@ def engine_sim(
 def config() -> None:
     """Print the effective configuration (environment applied, secrets masked) as JSON."""
     typer.echo(json.dumps(masked_dump(_load_settings()), indent=2))
+
+
+@app.command()
+def operator(
+    prometheus_url: Annotated[str, typer.Option(help="Prometheus HTTP API base URL")],
+    interval: Annotated[float, typer.Option(help="Seconds between ticks of each policy")] = 30.0,
+    metrics_host: Annotated[str, typer.Option(help="Bind address of /metrics")] = "0.0.0.0",
+    metrics_port: Annotated[int, typer.Option(help="Port of the operator's own /metrics")] = 9090,
+    peering: Annotated[str, typer.Option(
+        help="kopf ClusterKopfPeering (or KopfPeering with --namespace) that keeps one "
+             "instance active")] = "chatfleet-operator",
+    standalone: Annotated[bool, typer.Option(
+        help="No peering: for one replica, or a cluster without kopf's peering CRD")] = False,
+    liveness: Annotated[str | None, typer.Option(
+        help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")] = None,
+    namespace: Annotated[list[str] | None, typer.Option(
+        help="Namespace to watch (repeat); default: all")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+) -> None:
+    """Run the kopf operator that sets the HPA's floor from ChatFleetPolicy resources."""
+    from chatfleet.autoscale.operator import OperatorConfig, configure_logging, run
+
+    configure_logging(log_level)
+    run(OperatorConfig(prometheus_url=prometheus_url, interval_s=interval,
+                       metrics_host=metrics_host, metrics_port=metrics_port,
+                       peering_name=None if standalone else peering,
+                       liveness_endpoint=liveness, namespaces=tuple(namespace or ())))
 
 
 def _mount_bench() -> None:

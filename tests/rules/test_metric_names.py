@@ -1,5 +1,5 @@
 """Every PromQL expression the chart ships (alerts, recording rules, dashboard queries, the HPA's
-adapter rules and the KEDA triggers) reads only
+adapter rules and the KEDA triggers) and the operator's queries (autoscale/prometheus.py) read only
 metrics that exist, with labels and label values that exist.
 
 Existing names: the gateway's (GatewayMetrics), the engine's (a live engine-sim's /metrics, which
@@ -18,6 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from promql_parser import MatchOp
 
+from chatfleet.autoscale.prometheus import capacity_query, demand_query
 from chatfleet.telemetry.metrics import Outcome
 from tests.chart.render import ROOT, one, render
 from tests.support.metrics import families
@@ -85,13 +86,24 @@ def autoscaling_expressions() -> dict[str, str]:
     return exprs
 
 
+def operator_expressions() -> dict[str, str]:
+    """What ``chatfleet operator`` asks Prometheus each tick, for the TTFT SLO bounds a policy
+    may name (the chart's 2 s and another bucket bound)."""
+    exprs = {"operator demand": demand_query("llm", "chatfleet")}
+    for ttft in (0.5, 2.0):
+        exprs[f"operator capacity (TTFT {ttft:g} s)"] = capacity_query(
+            "llm", "chatfleet", busy_utilization=0.7, slo_error_ratio=0.01, ttft_seconds=ttft)
+    return exprs
+
+
 def shipped_expressions() -> dict[str, str]:
     """Where -> expression (Grafana variables filled) for every rule, dashboard query, adapter
-    rule and KEDA trigger."""
+    rule, KEDA trigger and operator query."""
     exprs = {f"rule {name}": expr for name, expr in rule_expressions().items()}
     exprs |= {where: substitute_grafana_variables(expr)
               for where, expr in all_dashboard_expressions().items()}
     exprs |= autoscaling_expressions()
+    exprs |= operator_expressions()
     return exprs
 
 

@@ -8,6 +8,9 @@ Two families live here:
   (``vllm:*``, with vLLM's ``engine`` and ``model_name`` labels), so dashboards built on it work on a
   real vLLM server. They are the engine's names, never the gateway's.
 
+- ``OperatorMetrics``: ``chatfleet operator``'s ``chatfleet_operator_*`` metrics (ticks, the
+  floor it decided, its inputs), on the operator's own port.
+
 Each class owns a private ``CollectorRegistry`` so several apps can live in one process (tests).
 Labels are closed sets: model (one per process), route (the endpoint template), priority, outcome.
 docs/metrics.md documents every name; tests check that /metrics matches that page.
@@ -31,7 +34,9 @@ __all__ = [
     "CONTENT_TYPE_LATEST",
     "EngineSimMetrics",
     "GatewayMetrics",
+    "OperatorMetrics",
     "Outcome",
+    "TickOutcome",
     "render",
 ]
 
@@ -191,6 +196,62 @@ class EngineSimMetrics:
     def request_success(self, finished_reason: str) -> Counter:
         """The vllm:request_success_total child for one finish reason (stop, length, abort)."""
         return self._request_success.labels(**self._labels, finished_reason=finished_reason)
+
+
+class TickOutcome(StrEnum):
+    """How one operator tick on one ChatFleetPolicy ended (``outcome`` of the ticks counter)."""
+
+    DECIDED = "decided"
+    """A floor was decided (and, in enforce mode, applied)."""
+    INVALID_POLICY = "invalid_policy"
+    """The policy's spec cannot be acted on (reported in its status)."""
+    TARGET_MISSING = "target_missing"
+    """The HPA or ScaledObject it names does not exist."""
+    PROMETHEUS_ERROR = "prometheus_error"
+    """Prometheus did not answer: nothing changed."""
+    KUBE_ERROR = "kube_error"
+    """The API server refused or failed a call: nothing changed."""
+
+
+class OperatorMetrics:
+    """``chatfleet operator``'s own metrics, on its own /metrics port (not the gateway's).
+
+    Labelled by the ChatFleetPolicy (``policy_namespace``, ``policy``): Prometheus adds the
+    operator pod's own ``namespace`` label, so the policy's is named apart.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        names = ["policy_namespace", "policy"]
+        self.ticks_total = Counter(
+            "chatfleet_operator_ticks", "Policy evaluations, by how they ended.",
+            [*names, "outcome"], registry=r)
+        self.floor = Gauge(
+            "chatfleet_operator_floor", "The floor (minReplicas) the policy decided last.",
+            names, registry=r)
+        self.needed_replicas = Gauge(
+            "chatfleet_operator_needed_replicas",
+            "Replicas the forecast needs, before bounds and hysteresis.", names, registry=r)
+        self.forecast_rate = Gauge(
+            "chatfleet_operator_forecast_requests_per_second",
+            "Requests/s forecast one cold start ahead.", names, registry=r)
+        self.replica_capacity = Gauge(
+            "chatfleet_operator_replica_capacity_requests_per_second",
+            "Requests/s one replica serves within the SLO (learned or configured).",
+            names, registry=r)
+        self.floor_patches_total = Counter(
+            "chatfleet_operator_floor_patches",
+            "Times the target's minReplicas / minReplicaCount was patched (enforce mode).",
+            names, registry=r)
+        self.tick_seconds = Histogram(
+            "chatfleet_operator_tick_seconds",
+            "Time one policy evaluation took (Prometheus reads and API calls included).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=r)
+
+    def tick(self, namespace: str, policy: str, outcome: TickOutcome) -> None:
+        self.ticks_total.labels(policy_namespace=namespace, policy=policy,
+                                outcome=outcome.value).inc()
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -1,0 +1,119 @@
+"""The few Kubernetes API calls the operator makes itself (kopf makes the rest): read a scaling
+target and patch its floor.
+
+What it may touch is closed here: an autoscaling/v2 HorizontalPodAutoscaler's
+``spec.minReplicas`` or a KEDA ScaledObject's ``spec.minReplicaCount``. There is no code path to
+a Deployment: the HPA owns ``spec.replicas``, and writing it too is how operators end up fighting
+their autoscaler. The patch is a JSON merge patch of that one field, so nothing else of the
+target is overwritten (a ``kubectl apply`` of other fields keeps working).
+
+Credentials come from kopf's login (kubeconfig or the pod's service account), so the operator
+and these calls always talk to the same API server as the same user.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import kopf
+
+__all__ = ["TARGETS", "KubeClient", "KubeError", "Target", "TargetNotFound", "current_floor",
+           "scale_target_name"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A kind of scaling target: where it lives in the API and which field is its floor."""
+
+    kind: str
+    api_path: str
+    plural: str
+    floor_field: str
+
+
+TARGETS: dict[str, Target] = {
+    "HorizontalPodAutoscaler": Target("HorizontalPodAutoscaler", "/apis/autoscaling/v2",
+                                      "horizontalpodautoscalers", "minReplicas"),
+    "ScaledObject": Target("ScaledObject", "/apis/keda.sh/v1alpha1", "scaledobjects",
+                           "minReplicaCount"),
+}
+
+
+class KubeError(RuntimeError):
+    """The API server refused or failed a call."""
+
+
+class TargetNotFound(KubeError):
+    """The policy's target does not exist (yet)."""
+
+
+def _verify(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    if not info.ca_path and not info.ca_data and not info.certificate_path \
+            and not info.certificate_data:
+        return True
+    context = ssl.create_default_context()
+    if info.ca_path:
+        context.load_verify_locations(cafile=str(info.ca_path))
+    if info.ca_data:
+        ca = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
+        context.load_verify_locations(cadata=ca)
+    if info.certificate_path and info.private_key_path:
+        context.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
+    return context
+
+
+class KubeClient:
+    """An httpx client on the API server kopf logged in to."""
+
+    def __init__(self, info: kopf.ConnectionInfo, *, timeout_s: float = 10.0) -> None:
+        headers = {"Accept": "application/json"}
+        if info.token:
+            headers["Authorization"] = f"Bearer {info.token}"
+        auth = httpx.BasicAuth(info.username, info.password or "") if info.username else None
+        self._client = httpx.AsyncClient(base_url=info.server.rstrip("/"), headers=headers,
+                                         auth=auth, verify=_verify(info), timeout=timeout_s)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _url(self, target: Target, namespace: str, name: str) -> str:
+        return f"{target.api_path}/namespaces/{namespace}/{target.plural}/{name}"
+
+    async def _call(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = await self._client.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise KubeError(f"{method} {url}: {exc}") from exc
+        if response.status_code == 404:
+            raise TargetNotFound(f"{url} not found")
+        if response.status_code >= 400:
+            raise KubeError(f"{method} {url}: {response.status_code} {response.text[:300]}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def get_target(self, target: Target, namespace: str, name: str) -> dict[str, Any]:
+        return await self._call("GET", self._url(target, namespace, name))
+
+    async def set_floor(self, target: Target, namespace: str, name: str, floor: int) -> None:
+        """Merge-patch exactly the target's floor field."""
+        await self._call("PATCH", self._url(target, namespace, name),
+                         json={"spec": {target.floor_field: floor}},
+                         headers={"Content-Type": "application/merge-patch+json"})
+
+
+def current_floor(target: Target, obj: dict[str, Any]) -> int | None:
+    """The target's floor as it is now (None if unset)."""
+    value = obj.get("spec", {}).get(target.floor_field)
+    return int(value) if isinstance(value, int | float) else None
+
+
+def scale_target_name(obj: dict[str, Any]) -> str | None:
+    """The Deployment the HPA or ScaledObject scales: its name is the Prometheus job."""
+    ref = obj.get("spec", {}).get("scaleTargetRef", {})
+    name = ref.get("name")
+    return name if isinstance(name, str) and name else None

@@ -1,0 +1,413 @@
+"""The real operator (``chatfleet operator``, kopf, a subprocess) against kmock's Kubernetes API and
+a real local HTTP server answering Prometheus' query API with fixed series.
+
+What must hold: in enforce mode exactly the target's floor field is PATCHed, with the value the
+policy computes from what Prometheus said; in recommend mode nothing but the policy's status (and
+Events) is written; no request ever goes to a Deployment; bad policies end up in their status
+while the operator carries on with the good ones; one instance acts (kopf peering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kmock
+import pytest
+import yaml
+from aiohttp import web
+
+from tests.support.metrics import documented, families, family_name, value
+from tests.support.procs import ManagedProcess, free_port
+
+NS = "llm"
+DEPLOYMENT = "chatfleet"
+POLICIES = "chatfleet.io/v1alpha1/chatfleetpolicies"
+HPAS = "autoscaling/v2/horizontalpodautoscalers"
+SCALED_OBJECTS = "keda.sh/v1alpha1/scaledobjects"
+DEPLOYMENTS = "apps/v1/deployments"
+PEERINGS = "kopf.dev/v1/clusterkopfpeerings"
+EVENTS = "v1/events"
+
+
+@dataclass
+class FakePrometheus:
+    """Answers /api/v1/query_range: demand ``rate`` req/s at every step, and ``capacity``
+    req/s per replica (or nothing) for the capacity query. Records every query."""
+
+    rate: float = 10.0
+    capacity: float | None = None
+    fail: bool = False
+    """Answer 503, as a Prometheus that is restarting does."""
+    queries: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+
+    async def query_range(self, request: web.Request) -> web.Response:
+        q = dict(request.query)
+        self.queries.append(q)
+        if self.fail:
+            return web.json_response({"status": "error", "errorType": "unavailable",
+                                      "error": "restarting"}, status=503)
+        start, end, step = float(q["start"]), float(q["end"]), float(q["step"])
+        n = int((end - start) // step) + 1
+        times = [start + i * step for i in range(n)]
+        if "namespace_job:chatfleet_requests:rate5m" in q["query"]:
+            value: float | None = self.rate
+        elif "chatfleet_requests_total" in q["query"]:
+            value = self.capacity
+        else:
+            return web.json_response({"status": "error", "errorType": "bad_data",
+                                      "error": "unknown query"}, status=400)
+        result = [] if value is None else [
+            {"metric": {"namespace": NS, "job": DEPLOYMENT}, "values": [[t, str(value)] for t in times]}]
+        return web.json_response({"status": "success",
+                                  "data": {"resultType": "matrix", "result": result}})
+
+
+@pytest.fixture
+async def prometheus() -> AsyncIterator[FakePrometheus]:
+    fake = FakePrometheus()
+    app = web.Application()
+    app.router.add_get("/api/v1/query_range", fake.query_range)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    fake.url = f"http://127.0.0.1:{port}"
+    yield fake
+    await runner.cleanup()
+
+
+def hpa(min_replicas: int = 1) -> dict[str, Any]:
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": DEPLOYMENT, "namespace": NS},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                        "name": DEPLOYMENT},
+                     "minReplicas": min_replicas, "maxReplicas": 20,
+                     "metrics": [{"type": "Pods", "pods": {
+                         "metric": {"name": "chatfleet_queue_depth"},
+                         "target": {"type": "AverageValue", "averageValue": "8"}}}]}}
+
+
+def scaled_object(min_count: int = 1) -> dict[str, Any]:
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": DEPLOYMENT, "namespace": NS},
+            "spec": {"scaleTargetRef": {"name": DEPLOYMENT}, "minReplicaCount": min_count,
+                     "maxReplicaCount": 20, "triggers": []}}
+
+
+def policy(name: str, **spec: Any) -> dict[str, Any]:
+    base = {"targetRef": {"kind": "HorizontalPodAutoscaler", "name": DEPLOYMENT},
+            "mode": "enforce", "minReplicas": 1, "maxReplicas": 16, "coldStartSeconds": 120,
+            "replicaCapacity": 1.0, "targetUtilization": 0.85, "slo": {"ttftSeconds": 2}}
+    base.update(spec)
+    return {"apiVersion": "chatfleet.io/v1alpha1", "kind": "ChatFleetPolicy",
+            "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1,
+                         "resourceVersion": "1"},
+            "spec": base}
+
+
+class ApiServer(kmock.KubernetesEmulator):
+    """kmock, plus what a real API server fills in on create and kopf relies on: a name from
+    ``generateName`` (kopf's Events; without it the second Event is a 409) and a ``uid`` (kopf
+    keeps each object's timers under its uid)."""
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:8]}"
+            meta.setdefault("uid", str(uuid.uuid4()))
+        return await super()._handle(request)
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[kmock.KubernetesEmulator]:
+    """kmock with the resources the operator discovers, and a Deployment nobody may touch."""
+    async with ApiServer() as emulator, kmock.Server(emulator):
+        yield declare(emulator)
+
+
+def declare(emulator: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
+    emulator.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+    emulator.resources[EVENTS] = kmock.ResourceInfo(kind="Event", namespaced=True)
+    emulator.resources[POLICIES] = kmock.ResourceInfo(
+        kind="ChatFleetPolicy", singular="chatfleetpolicy", namespaced=True,
+        subresources={"status"}, verbs={"get", "list", "watch", "patch"})
+    emulator.resources[HPAS] = kmock.ResourceInfo(kind="HorizontalPodAutoscaler", namespaced=True)
+    emulator.resources[SCALED_OBJECTS] = kmock.ResourceInfo(kind="ScaledObject", namespaced=True)
+    emulator.resources[DEPLOYMENTS] = kmock.ResourceInfo(kind="Deployment", namespaced=True)
+    emulator.resources[PEERINGS] = kmock.ResourceInfo(kind="ClusterKopfPeering", namespaced=False)
+    emulator.objects["v1/namespaces", None, NS] = {"apiVersion": "v1", "kind": "Namespace",
+                                                   "metadata": {"name": NS}}
+    emulator.objects[DEPLOYMENTS, NS, DEPLOYMENT] = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": DEPLOYMENT, "namespace": NS}, "spec": {"replicas": 3}}
+    emulator.objects[PEERINGS, None, "chatfleet-operator"] = {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+        "metadata": {"name": "chatfleet-operator"}, "status": {}}
+    return emulator
+
+
+@dataclass
+class Operator:
+    proc: ManagedProcess
+    metrics_url: str
+
+
+@pytest.fixture
+async def operator(api: kmock.KubernetesEmulator, prometheus: FakePrometheus,
+                   tmp_path: Path) -> AsyncIterator[Callable[[], Operator]]:
+    """Starts ``chatfleet operator`` on kmock when called (after the test has put its objects)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(api.url).rstrip("/")}}],
+        "users": [{"name": "kmock", "user": {"token": "kmock-token"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+    started: list[ManagedProcess] = []
+
+    def start() -> Operator:
+        port = free_port()
+        proc = ManagedProcess(
+            [sys.executable, "-m", "chatfleet", "operator", "--prometheus-url", prometheus.url,
+             "--interval", "0.5", "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
+             "--log-level", "info"],
+            env={"KUBECONFIG": str(kubeconfig)}, name="operator").start()
+        started.append(proc)
+        return Operator(proc, f"http://127.0.0.1:{port}/metrics")
+
+    yield start
+    for proc in started:  # in a thread: kmock must keep answering kopf's farewell to its peers
+        await asyncio.to_thread(proc.terminate, 10)
+
+
+async def eventually(check: Callable[[], Any], proc: ManagedProcess, timeout: float = 20.0) -> Any:
+    """Polls ``check()`` (the event loop keeps serving kmock meanwhile) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if proc.returncode is not None:
+            raise AssertionError(f"operator exited {proc.returncode}:\n{proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s; operator log:\n{proc.log_tail(80)}")
+        await asyncio.sleep(0.05)
+
+
+def scrape_when(op: Operator, check: Callable[[str], bool]) -> str | None:
+    """The operator's /metrics text if ``check`` holds for it, else None (a blocking GET: the
+    operator's metrics server is its own thread, it does not wait on kmock)."""
+    text = httpx.get(op.metrics_url, timeout=5).text
+    return text if check(text) else None
+
+
+def status_of(api: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
+    return dict(api.objects[POLICIES, NS, name].get("status") or {})
+
+
+def writes(api: kmock.KubernetesEmulator) -> list[kmock.Request]:
+    return [r for r in list(api) if str(r.method).upper() not in {"GET", "method.GET"}
+            and r.method != kmock.method.GET]
+
+
+def resource_of(request: kmock.Request) -> str:
+    res = request.resource
+    return "" if res is None else f"{res.group or ''}/{res.version}/{res.plural}".lstrip("/")
+
+
+def only_status_or_finalizer(request: kmock.Request) -> bool:
+    """A write to a ChatFleetPolicy that touches its status, or kopf's finalizer (kopf keeps one
+    on every object with a timer, so it can stop the timer before the object goes)."""
+    if isinstance(request.data, list):  # JSON patch
+        return all(op["op"] == "test" and op["path"] == "/metadata/resourceVersion"
+                   or op["path"].startswith("/metadata/finalizers") for op in request.data)
+    return set(request.data) == {"status"} and str(request.url).endswith("/status")
+
+
+def expected_floor(rate: float, capacity: float, utilization: float = 0.85) -> int:
+    return math.ceil(rate / (capacity * utilization) - 1e-9)
+
+
+def no_deployment_requests(api: kmock.KubernetesEmulator) -> None:
+    touched = [f"{r.method} {r.url}" for r in list(api) if "deployments" in str(r.url)]
+    assert touched == [], touched
+    assert api.objects[DEPLOYMENTS, NS, DEPLOYMENT]["spec"] == {"replicas": 3}
+
+
+async def test_enforce_patches_exactly_the_hpa_min_replicas(api, prometheus, operator) -> None:
+    prometheus.rate, prometheus.capacity = 10.0, 2.0  # learned capacity: 2 req/s per replica
+    api.objects[HPAS, NS, DEPLOYMENT] = hpa(min_replicas=1)
+    api.objects[POLICIES, NS, "floor"] = policy("floor")
+    op = operator()
+    floor = expected_floor(10.0, 2.0)
+    assert floor == 6
+    await eventually(lambda: api.objects[HPAS, NS, DEPLOYMENT]["spec"]["minReplicas"] == floor,
+                     op.proc)
+    await eventually(lambda: status_of(api, "floor").get("applied"), op.proc)
+    await asyncio.sleep(1.5)  # further ticks: the floor holds, so no further patches
+
+    hpa_writes = [r for r in writes(api) if resource_of(r) == HPAS]
+    assert [r.data for r in hpa_writes] == [{"spec": {"minReplicas": floor}}]
+    assert hpa_writes[0].name == DEPLOYMENT and hpa_writes[0].namespace == NS
+    assert "merge-patch" in hpa_writes[0].headers.get("Content-Type", "")
+    spec = api.objects[HPAS, NS, DEPLOYMENT]["spec"]
+    assert spec == {**hpa()["spec"], "minReplicas": floor}  # nothing else of the HPA changed
+    no_deployment_requests(api)
+
+    status = status_of(api, "floor")
+    assert status["floor"] == floor and status["targetMinReplicas"] == floor
+    assert status["mode"] == "enforce" and status["neededReplicas"] == floor
+    assert status["forecastRequestsPerSecond"] == pytest.approx(10.0)
+    assert status["replicaCapacity"] == pytest.approx(2.0)
+    assert status["inputs"]["job"] == DEPLOYMENT and status["inputs"]["capacitySamples"] >= 5
+    assert status["reason"].startswith(f"raised to {floor}") or "kept" in status["reason"]
+    assert status["conditions"][0]["status"] == "True"
+    # Prometheus was asked about this Deployment (the HPA's scale target) only.
+    assert prometheus.queries and all(f'namespace="{NS}",job="{DEPLOYMENT}"' in q["query"]
+                                      for q in prometheus.queries)
+    events = [r.data for r in writes(api) if resource_of(r) == EVENTS]
+    assert any(e.get("reason") == "FloorSet" and f"floor {floor} (was 1)" in e.get("message", "")
+               for e in events), events
+
+
+async def test_enforce_patches_a_scaled_objects_min_replica_count(api, prometheus,
+                                                                  operator) -> None:
+    prometheus.rate, prometheus.capacity = 4.0, None  # nothing learned: the configured 1 req/s
+    api.objects[SCALED_OBJECTS, NS, DEPLOYMENT] = scaled_object(min_count=2)
+    api.objects[POLICIES, NS, "keda"] = policy(
+        "keda", targetRef={"kind": "ScaledObject", "name": DEPLOYMENT})
+    op = operator()
+    floor = expected_floor(4.0, 1.0)
+    await eventually(
+        lambda: api.objects[SCALED_OBJECTS, NS, DEPLOYMENT]["spec"]["minReplicaCount"] == floor,
+        op.proc)
+    await eventually(lambda: status_of(api, "keda").get("applied"), op.proc)
+    so_writes = [r for r in writes(api) if resource_of(r) == SCALED_OBJECTS]
+    assert [r.data for r in so_writes] == [{"spec": {"minReplicaCount": floor}}]
+    assert not [r for r in list(api) if resource_of(r) == HPAS]
+    no_deployment_requests(api)
+    assert status_of(api, "keda")["replicaCapacity"] == pytest.approx(1.0)
+
+
+async def test_recommend_mode_writes_only_the_status(api, prometheus, operator) -> None:
+    prometheus.rate, prometheus.capacity = 10.0, 2.0
+    api.objects[HPAS, NS, DEPLOYMENT] = hpa(min_replicas=1)
+    api.objects[POLICIES, NS, "watch"] = policy("watch", mode="recommend")
+    op = operator()
+    await eventually(lambda: status_of(api, "watch").get("floor") == 6, op.proc)
+    await asyncio.sleep(1.5)  # several more ticks
+
+    assert api.objects[HPAS, NS, DEPLOYMENT]["spec"] == hpa()["spec"]
+    allowed = {POLICIES, EVENTS, PEERINGS}
+    stray = [f"{r.method} {r.url}" for r in writes(api) if resource_of(r) not in allowed]
+    assert stray == []
+    policy_writes = [r for r in writes(api) if resource_of(r) == POLICIES]
+    assert policy_writes and all(only_status_or_finalizer(r) for r in policy_writes)
+    assert any(str(r.url).endswith("/watch/status") for r in policy_writes)
+    status = status_of(api, "watch")
+    assert status["applied"] is False and status["targetMinReplicas"] == 1
+    assert status["conditions"][0]["reason"] == "Recommended"
+    events = [r.data for r in writes(api) if resource_of(r) == EVENTS]
+    assert any(e.get("reason") == "FloorRecommended" and "recommends" in e.get("message", "")
+               for e in events), events
+    no_deployment_requests(api)
+
+
+async def test_bad_policies_are_reported_in_status_and_the_good_one_still_acts(
+        api, prometheus, operator) -> None:
+    prometheus.rate, prometheus.capacity = 3.0, None
+    api.objects[HPAS, NS, DEPLOYMENT] = hpa(min_replicas=1)
+    api.objects[POLICIES, NS, "inverted"] = policy("inverted", minReplicas=8, maxReplicas=2)
+    api.objects[POLICIES, NS, "unknown-kind"] = policy(
+        "unknown-kind", targetRef={"kind": "Deployment", "name": DEPLOYMENT})
+    api.objects[POLICIES, NS, "missing"] = policy(
+        "missing", targetRef={"kind": "HorizontalPodAutoscaler", "name": "nope"})
+    api.objects[POLICIES, NS, "odd-slo"] = policy("odd-slo", slo={"ttftSeconds": 1.7})
+    no_target = policy("no-target")
+    del no_target["spec"]["targetRef"]
+    api.objects[POLICIES, NS, "no-target"] = no_target
+    api.objects[POLICIES, NS, "good"] = policy("good")
+    op = operator()
+    bad = ("inverted", "unknown-kind", "missing", "odd-slo", "no-target")
+
+    def conditions() -> dict[str, tuple[str, str]] | None:
+        got = {}
+        for name in bad:
+            ready = (status_of(api, name).get("conditions") or [{}])[0]
+            got[name] = (ready.get("status"), ready.get("reason"))
+        return got if all(reason for _, reason in got.values()) else None
+
+    got = await eventually(conditions, op.proc)
+    assert got == {"inverted": ("False", "InvalidPolicy"),
+                   "unknown-kind": ("False", "InvalidPolicy"),
+                   "missing": ("False", "TargetNotFound"),
+                   "odd-slo": ("False", "InvalidPolicy"),
+                   "no-target": ("False", "InvalidPolicy")}
+    assert "min_replicas (8) <= max_replicas (2)" in status_of(api, "inverted")["reason"]
+    assert "'Deployment' is not one of" in status_of(api, "unknown-kind")["reason"]
+    assert "nope does not exist" in status_of(api, "missing")["reason"]
+    assert "not a bound of the TTFT histogram" in status_of(api, "odd-slo")["reason"]
+    assert "spec.targetRef is missing" in status_of(api, "no-target")["reason"]
+    assert all("floor" not in status_of(api, name) for name in bad)
+    await eventually(lambda: api.objects[HPAS, NS, DEPLOYMENT]["spec"]["minReplicas"]
+                     == expected_floor(3.0, 1.0), op.proc)
+    assert op.proc.returncode is None
+
+    def warned() -> set[str]:
+        return {r.data["involvedObject"]["name"] for r in writes(api)
+                if resource_of(r) == EVENTS and r.data.get("type") == "Warning"}
+    await eventually(lambda: warned() == set(bad), op.proc)
+    no_deployment_requests(api)
+
+
+async def test_peering_metrics_and_prometheus_outage(api, prometheus, operator) -> None:
+    """kopf peering announces the instance; /metrics has exactly the documented operator
+    names; a Prometheus error changes nothing and is reported."""
+    prometheus.rate, prometheus.capacity = 10.0, 2.0
+    api.objects[HPAS, NS, DEPLOYMENT] = hpa(min_replicas=1)
+    api.objects[POLICIES, NS, "floor"] = policy("floor")
+    op = operator()
+    await eventually(lambda: api.objects[HPAS, NS, DEPLOYMENT]["spec"]["minReplicas"] == 6, op.proc)
+    peering = api.objects[PEERINGS, None, "chatfleet-operator"]
+    assert peering.get("status"), "kopf did not announce itself in the peering object"
+
+    labels = {"policy_namespace": NS, "policy": "floor"}
+    text = await eventually(lambda: scrape_when(
+        op, lambda t: value(t, "chatfleet_operator_floor", **labels) == 6), op.proc)
+    doc = {family_name(name): labels for name, labels in documented("Operator").items()}
+    assert len(doc) >= 6, "the Operator rows of docs/metrics.md were not found"
+    assert families(text) == doc
+    assert value(text, "chatfleet_operator_floor_patches_total", **labels) == 1
+
+    prometheus.rate = 30.0  # Prometheus goes down just as demand triples: the floor must hold
+    prometheus.fail = True
+    hpa_writes = len([r for r in writes(api) if resource_of(r) == HPAS])
+    await eventually(lambda: (status_of(api, "floor").get("conditions") or [{}])[0].get("reason")
+                     == "PrometheusUnavailable", op.proc)
+    await asyncio.sleep(1.0)  # two more failing ticks
+    status = status_of(api, "floor")
+    assert status["conditions"][0]["status"] == "False" and "503" in status["reason"]
+    assert status["floor"] == 6  # the last decision stays on record
+    assert api.objects[HPAS, NS, DEPLOYMENT]["spec"]["minReplicas"] == 6
+    assert len([r for r in writes(api) if resource_of(r) == HPAS]) == hpa_writes
+    text = scrape_when(op, lambda _: True)
+    assert value(text, "chatfleet_operator_ticks_total", **labels, outcome="prometheus_error") >= 2
+    assert value(text, "chatfleet_operator_floor_patches_total", **labels) == 1
+
+    def warnings() -> list[str]:
+        return [r.data["reason"] for r in writes(api)
+                if resource_of(r) == EVENTS and r.data.get("type") == "Warning"]
+    await eventually(warnings, op.proc)
+    assert warnings() == ["PrometheusUnavailable"]  # once, not once per failing tick
+    no_deployment_requests(api)
