@@ -105,6 +105,9 @@ def operator(
              "instance active")] = "chatfleet-operator",
     standalone: Annotated[bool, typer.Option(
         help="No peering: for one replica, or a cluster without kopf's peering CRD")] = False,
+    priority: Annotated[int | None, typer.Option(
+        help="Peering priority: the live instance with the highest acts, the others stand by. "
+             "Default: random, so that replicas never tie")] = None,
     liveness: Annotated[str | None, typer.Option(
         help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")] = None,
     namespace: Annotated[list[str] | None, typer.Option(
@@ -117,7 +120,7 @@ def operator(
     configure_logging(log_level)
     run(OperatorConfig(prometheus_url=prometheus_url, interval_s=interval,
                        metrics_host=metrics_host, metrics_port=metrics_port,
-                       peering_name=None if standalone else peering,
+                       peering_name=None if standalone else peering, priority=priority,
                        liveness_endpoint=liveness, namespaces=tuple(namespace or ())))
 
 

@@ -168,8 +168,9 @@ class Operator:
 
 @pytest.fixture
 async def operator(api: kmock.KubernetesEmulator, prometheus: FakePrometheus,
-                   tmp_path: Path) -> AsyncIterator[Callable[[], Operator]]:
-    """Starts ``chatfleet operator`` on kmock when called (after the test has put its objects)."""
+                   tmp_path: Path) -> AsyncIterator[Callable[..., Operator]]:
+    """Starts ``chatfleet operator`` (with extra arguments) on kmock when called, after the test
+    has put its objects."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -178,19 +179,19 @@ async def operator(api: kmock.KubernetesEmulator, prometheus: FakePrometheus,
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
     started: list[ManagedProcess] = []
 
-    def start() -> Operator:
+    def start(*args: str) -> Operator:
         port = free_port()
         proc = ManagedProcess(
             [sys.executable, "-m", "chatfleet", "operator", "--prometheus-url", prometheus.url,
              "--interval", "0.5", "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
-             "--log-level", "info"],
+             "--log-level", "info", *args],
             env={"KUBECONFIG": str(kubeconfig)}, name="operator").start()
         started.append(proc)
         return Operator(proc, f"http://127.0.0.1:{port}/metrics")
 
     yield start
-    for proc in started:  # in a thread: kmock must keep answering kopf's farewell to its peers
-        await asyncio.to_thread(proc.terminate, 10)
+    # In threads: kmock (this event loop) must keep answering kopf's farewell to its peers.
+    await asyncio.gather(*(asyncio.to_thread(proc.terminate, 10) for proc in started))
 
 
 async def eventually(check: Callable[[], Any], proc: ManagedProcess, timeout: float = 20.0) -> Any:
@@ -427,4 +428,29 @@ async def test_peering_metrics_and_prometheus_outage(api, prometheus, operator) 
                 if resource_of(r) == EVENTS and r.data.get("type") == "Warning"]
     await eventually(warnings, op.proc)
     assert warnings() == ["PrometheusUnavailable"]  # once, not once per failing tick
+    no_deployment_requests(api)
+
+
+async def test_of_two_peers_only_the_higher_priority_one_acts(api, prometheus, operator) -> None:
+    """Two replicas behind one ClusterKopfPeering: the one with the higher priority acts, the
+    other stands by (kopf pauses its timers) and says so."""
+    prometheus.rate, prometheus.capacity = 10.0, 2.0
+    api.objects[HPAS, NS, DEPLOYMENT] = hpa(min_replicas=1)
+    api.objects[POLICIES, NS, "floor"] = policy("floor")
+    low = operator("--priority", "10")
+    await eventually(lambda: api.objects[HPAS, NS, DEPLOYMENT]["spec"]["minReplicas"] == 6, low.proc)
+    high = operator("--priority", "20")
+    await eventually(lambda: "Pausing operations in favour of" in low.proc.log_text(), low.proc)
+
+    def ticks(op: Operator) -> float:
+        return value(scrape_when(op, lambda _: True) or "", "chatfleet_operator_ticks_total")
+    await eventually(lambda: ticks(high) >= 1, high.proc)
+    await asyncio.sleep(0.5)  # a tick under way when the pause came may still finish
+    standing_by, acting = ticks(low), ticks(high)
+    await asyncio.sleep(1.5)  # three ticks' worth
+    assert ticks(low) == standing_by
+    assert ticks(high) >= acting + 2
+    peers = api.objects[PEERINGS, None, "chatfleet-operator"]["status"]
+    assert sorted(p["priority"] for p in peers.values()) == [10, 20]
+    assert [r.data for r in writes(api) if resource_of(r) == HPAS] == [{"spec": {"minReplicas": 6}}]
     no_deployment_requests(api)

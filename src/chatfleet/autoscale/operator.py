@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class OperatorConfig:
     peering_name: str | None = "chatfleet-operator"
     """kopf peering object (ClusterKopfPeering); None: standalone, no peering at all."""
     peering_mandatory: bool = True
+    priority: int | None = None
+    """kopf peering priority: of the live instances, the one with the highest acts and the others
+    stand by. None: random, so that replicas of one Deployment never tie (kopf pauses every
+    instance of a tie, which would leave none acting)."""
     liveness_endpoint: str | None = None
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; empty: all (cluster-wide)."""
@@ -374,9 +379,13 @@ def run(config: OperatorConfig) -> None:
     runtime = Runtime(config)
     registry = build_registry(runtime)
     standalone = config.peering_name is None
+    priority = config.priority if config.priority is not None else random.randint(1, 2**30)
+    if not standalone:
+        log.info("peering %r with priority %d", config.peering_name, priority)
     asyncio.run(kopf.operator(
         registry=registry,
         standalone=standalone,
+        priority=priority,
         peering_name=config.peering_name,
         liveness_endpoint=config.liveness_endpoint,
         clusterwide=not config.namespaces,
