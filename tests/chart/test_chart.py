@@ -27,14 +27,34 @@ TOKEN_VALUE = {"engine.vllm.hfToken.value": "hf_dummy_for_tests"}
 INGRESS = {"ingress.enabled": True, "ingress.className": "nginx"}
 
 
+OPERATOR = {"operator.enabled": True}
+OPERATOR_PEERING = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2}
+OPERATOR_NAMESPACES = {**OPERATOR_PEERING, "operator.watchNamespaces": ["llm", "team-b"]}
+
+
+def operator_variant(mode: str, existing: bool, ingress: bool) -> tuple[str, dict[str, Any]]:
+    """Off in half the cases; else standalone, or with peering cluster-wide, or with peering
+    and a Role per watched namespace: every operator template in several renders."""
+    if not existing:
+        return "", {}
+    if not ingress:
+        return "-operator", OPERATOR
+    if mode == "keda":
+        return "-operator-peering-ns", OPERATOR_NAMESPACES
+    return "-operator-peering", OPERATOR_PEERING
+
+
 def matrix() -> list[Any]:
-    """engine gpu/sim x autoscaling hpa/keda/none x existing claim+secret or chart-made x ingress."""
+    """engine gpu/sim x autoscaling hpa/keda/none x existing claim+secret or chart-made x ingress,
+    with the operator (operator_variant) on in the existing-claim half."""
     cases = []
     for engine, mode, existing, ingress in itertools.product(
             ("gpu", "sim"), ("hpa", "keda", "none"), (False, True), (False, True)):
+        suffix, operator = operator_variant(mode, existing, ingress)
         values: dict[str, Any] = {**(GPU if engine == "gpu" else SIM), "autoscaling.mode": mode,
-                                  **(EXISTING if existing else TOKEN_VALUE), **(INGRESS if ingress else {})}
-        case_id = f"{engine}-{mode}-{'existing' if existing else 'created'}-{'ingress' if ingress else 'noingress'}"
+                                  **(EXISTING if existing else TOKEN_VALUE), **(INGRESS if ingress else {}),
+                                  **operator}
+        case_id = f"{engine}-{mode}-{'existing' if existing else 'created'}-{'ingress' if ingress else 'noingress'}{suffix}"
         cases.append(pytest.param(values, id=case_id))
     return cases
 

@@ -7,22 +7,46 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
 from cloudcoil.models.keda import v1alpha1 as keda
 from cloudcoil.models.prometheus_operator import v1 as monitoring
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from tests.chart.render import CHART, render_text
 from tests.chart.test_chart import MATRIX
 from tests.support.tools import tool_path
 
+
+class _PeeringMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    namespace: str | None = None
+    labels: dict[str, str] = {}
+
+
+class ClusterKopfPeering(BaseModel):
+    """kopf's peering object (kopf.dev/v1; kopf's CRD keeps no spec): name, labels, status."""
+
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: Literal["kopf.dev/v1"]
+    kind: Literal["ClusterKopfPeering"]
+    metadata: _PeeringMeta
+
+
+class KopfPeering(ClusterKopfPeering):
+    kind: Literal["KopfPeering"]  # type: ignore[assignment]
+
+
 CUSTOM_KINDS: dict[tuple[str, str], type[BaseModel]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): monitoring.ServiceMonitor,
+    ("monitoring.coreos.com/v1", "PodMonitor"): monitoring.PodMonitor,
     ("monitoring.coreos.com/v1", "PrometheusRule"): monitoring.PrometheusRule,
     ("keda.sh/v1alpha1", "ScaledObject"): keda.ScaledObject,
+    ("kopf.dev/v1", "ClusterKopfPeering"): ClusterKopfPeering,
+    ("kopf.dev/v1", "KopfPeering"): KopfPeering,
 }
 
 
@@ -72,11 +96,16 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
             again = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
             assert again == doc, f"{case_id}: {doc['kind']} has fields its CRD does not define"
             seen.add(doc["kind"])
-    assert seen == {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+    assert seen == {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject",
+                    "ClusterKopfPeering", "KopfPeering"}
 
 
-@pytest.mark.parametrize("values", [{}, {"engine": {"kind": "sim"}, "autoscaling": {"mode": "keda"}}],
-                         ids=["defaults", "sim-keda"])
+@pytest.mark.parametrize("values", [
+    {},
+    {"engine": {"kind": "sim"}, "autoscaling": {"mode": "keda"}, "operator": {"enabled": True}},
+    {"operator": {"enabled": True, "replicas": 2, "peering": {"enabled": True},
+                  "watchNamespaces": ["llm", "team-b"]}},
+], ids=["defaults", "sim-keda-operator", "operator-peering-namespaces"])
 def test_checkov_passes_with_only_written_waivers(values: dict[str, Any], tmp_path: Path) -> None:
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import sys
 import time
 import uuid
@@ -26,6 +27,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+from tests.chart.render import render
+from tests.chart.test_operator import rules_granted
 from tests.support.crd import problems, status_problems
 from tests.support.metrics import documented, families, family_name, value
 from tests.support.procs import ManagedProcess, free_port
@@ -167,10 +170,10 @@ class Operator:
 
 
 @pytest.fixture
-async def operator(api: kmock.KubernetesEmulator, prometheus: FakePrometheus,
-                   tmp_path: Path) -> AsyncIterator[Callable[..., Operator]]:
+async def operator(api: kmock.KubernetesEmulator, prometheus: FakePrometheus, tmp_path: Path,
+                   chart_rbac: set[tuple[str, str, str]]) -> AsyncIterator[Callable[..., Operator]]:
     """Starts ``chatfleet operator`` (with extra arguments) on kmock when called, after the test
-    has put its objects."""
+    has put its objects. Afterwards, every request it made must be one the chart's RBAC allows."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -192,6 +195,38 @@ async def operator(api: kmock.KubernetesEmulator, prometheus: FakePrometheus,
     yield start
     # In threads: kmock (this event loop) must keep answering kopf's farewell to its peers.
     await asyncio.gather(*(asyncio.to_thread(proc.terminate, 10) for proc in started))
+    denied = sorted({f"{verb} {group}/{resource}" for group, resource, verb in
+                     (access(r) for r in list(api)) if (group, resource, verb) not in chart_rbac})
+    assert denied == [], "the chart's RBAC for the operator would refuse these"
+
+
+_API_PATH = re.compile(r"^/(?:api|apis/(?P<group>[^/]+))/(?P<version>[^/]+)"
+                       r"(?:/namespaces/(?P<namespace>[^/]+))?/(?P<plural>[^/]+)"
+                       r"(?:/(?P<name>[^/]+)(?:/(?P<subresource>[^/]+))?)?$")
+_VERBS = {"PATCH": "patch", "POST": "create", "PUT": "update", "DELETE": "delete"}
+
+
+def access(request: kmock.Request) -> tuple[str, str, str]:
+    """(apiGroup, resource[/subresource], verb) as RBAC sees ``request``; discovery requests,
+    which every authenticated user may make, as ("", "", "discovery")."""
+    match = _API_PATH.match(request.url.path)
+    if match is None:
+        return "", "", "discovery"
+    resource = match["plural"] + (f"/{match['subresource']}" if match["subresource"] else "")
+    method = str(request.method.value if hasattr(request.method, "value") else request.method)
+    if method.upper() == "GET":
+        verb = "get" if match["name"] else "watch" if request.params.get("watch") else "list"
+    else:
+        verb = _VERBS[method.upper()]
+    return match["group"] or "", resource, verb
+
+
+@pytest.fixture(scope="module")
+def chart_rbac() -> set[tuple[str, str, str]]:
+    """What the chart lets the operator do (cluster-wide, with peering), plus discovery."""
+    docs = render({"operator.enabled": True, "operator.peering.enabled": True,
+                   "operator.replicas": 2})
+    return rules_granted(docs) | {("", "", "discovery")}
 
 
 async def eventually(check: Callable[[], Any], proc: ManagedProcess, timeout: float = 20.0) -> Any:

@@ -85,3 +85,53 @@ app.kubernetes.io/part-of: chatfleet
 {{- define "chatfleet.modelCacheClaim" -}}
 {{- default (printf "%s-model-cache" (include "chatfleet.fullname" .)) .Values.engine.vllm.modelCache.existingClaim }}
 {{- end }}
+
+{{/* The operator's name: its Deployment, ServiceAccount, RBAC and peering object. */}}
+{{- define "chatfleet.operatorName" -}}
+{{- printf "%s-operator" (include "chatfleet.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The operator pods' labels: apart from the gateway's, so the Service, PDB, NetworkPolicy and
+ServiceMonitor never select them. */}}
+{{- define "chatfleet.operatorSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatfleet.name" . | trunc 54 | trimSuffix "-" }}-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The operator's image: its own if set, else the gateway image (which has `chatfleet operator`). */}}
+{{- define "chatfleet.operatorImage" -}}
+{{- $image := .Values.operator.image -}}
+{{- if $image.repository }}
+{{- include "chatfleet.image" (dict "repository" $image.repository "digest" $image.digest "tag" (default .Chart.AppVersion $image.tag)) }}
+{{- else }}
+{{- include "chatfleet.gatewayImage" . }}
+{{- end }}
+{{- end }}
+
+{{/* The peering object's name (ClusterKopfPeering, or KopfPeering per watched namespace). */}}
+{{- define "chatfleet.operatorPeering" -}}
+{{- default (include "chatfleet.operatorName" .) .Values.operator.peering.name }}
+{{- end }}
+
+{{/* What the operator may do in a namespace it serves; nothing on Deployments, nothing else. */}}
+{{- define "chatfleet.operatorNamespacedRules" -}}
+# Its policies: watched by kopf, which also keeps a finalizer on each (so a policy's timer stops
+# before the policy goes); the decision is written to the status.
+- apiGroups: [chatfleet.io]
+  resources: [chatfleetpolicies]
+  verbs: [get, list, watch, patch]
+- apiGroups: [chatfleet.io]
+  resources: [chatfleetpolicies/status]
+  verbs: [patch]
+# The targets: read, and in enforce mode a merge patch of spec.minReplicas / minReplicaCount.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, patch]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, patch]
+# Each decision and each problem as an Event on the policy (kopf creates them; never updates).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
