@@ -14,7 +14,9 @@ and these calls always talk to the same API server as the same user.
 from __future__ import annotations
 
 import ssl
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,20 +52,32 @@ class TargetNotFound(KubeError):
     """The policy's target does not exist (yet)."""
 
 
-def _verify(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
-    if info.insecure:
-        return False
-    if not info.ca_path and not info.ca_data and not info.certificate_path \
-            and not info.certificate_data:
-        return True
+def _pem(data: bytes | str) -> str:
+    return data.decode() if isinstance(data, bytes) else data
+
+
+def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext:
+    """TLS as kopf's login found it: the cluster's CA (file or inline kubeconfig data), a client
+    certificate (files or inline data, as kind and minikube kubeconfigs have), or no checks when
+    the kubeconfig says ``insecure-skip-tls-verify``."""
     context = ssl.create_default_context()
+    if info.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     if info.ca_path:
         context.load_verify_locations(cafile=str(info.ca_path))
     if info.ca_data:
-        ca = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
-        context.load_verify_locations(cadata=ca)
+        context.load_verify_locations(cadata=_pem(info.ca_data))
     if info.certificate_path and info.private_key_path:
         context.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
+    elif info.certificate_data and info.private_key_data:
+        # ssl loads a client certificate from files only: into a private folder, gone after.
+        with tempfile.TemporaryDirectory(prefix="chatfleet-kube-") as folder:
+            cert, key = Path(folder) / "client.crt", Path(folder) / "client.key"
+            cert.write_text(_pem(info.certificate_data))
+            key.touch(mode=0o600)
+            key.write_text(_pem(info.private_key_data))
+            context.load_cert_chain(str(cert), str(key))
     return context
 
 
@@ -76,7 +90,7 @@ class KubeClient:
             headers["Authorization"] = f"Bearer {info.token}"
         auth = httpx.BasicAuth(info.username, info.password or "") if info.username else None
         self._client = httpx.AsyncClient(base_url=info.server.rstrip("/"), headers=headers,
-                                         auth=auth, verify=_verify(info), timeout=timeout_s)
+                                         auth=auth, verify=_ssl_context(info), timeout=timeout_s)
 
     async def aclose(self) -> None:
         await self._client.aclose()
