@@ -59,7 +59,8 @@ def outcomes(result: FleetResult) -> dict[str, int]:
 def test_a_static_fleet_serves_a_light_load_within_the_slo() -> None:
     requests = load(5.0, 120.0)
     result = simulate(config(initial_replicas=2), requests, StaticReplicas(2))
-    assert outcomes(result) == {"OK": len(requests), "REJECTED": 0, "NO_ENDPOINT": 0, "CUT": 0}
+    assert outcomes(result) == {"OK": len(requests), "REJECTED": 0, "NO_ENDPOINT": 0, "CUT": 0,
+                                "INVALID": 0}
     ttfts = sorted(result.ttft_s)
     assert ttfts[int(0.95 * len(ttfts))] < 0.5
     assert all(t <= 0.1 for t in result.tpot_s)
@@ -140,3 +141,23 @@ def test_the_charts_hpa_scales_out_on_a_load_step_within_its_policies() -> None:
     assert max(d for _, d in desired) <= spec.max_replicas
     ready_late = [p.ready for p in result.timeline if p.at >= first_at + 75]
     assert max(ready_late) > 1, "the new pods became ready a cold start later"
+
+
+def test_a_pod_scaled_down_while_it_admits_from_its_queue_finishes_what_it_admitted() -> None:
+    """Regression: a draining pod that took its last queued request into a new step was ended
+    at once, losing that request and every one running on it; the run then never finished."""
+    requests = load(8.0, 40.0, prompt=300, output=300)
+    result = simulate(config(initial_replicas=2, engine_slots=8, drain_timeout_s=3600.0,
+                             max_queue_wait_s=3600.0, end_s=7200.0),
+                      requests, Scripted(lambda now: 2 if now < 30 else 1))
+    counts = outcomes(result)
+    assert counts["OK"] == len(requests), counts
+    assert max(point.queued for point in result.timeline) > 0  # the drained pod had a queue
+    assert all(not math.isnan(ttft) for ttft in result.ttft_s)
+
+
+def test_a_request_longer_than_the_context_is_invalid_under_any_policy() -> None:
+    requests = [RequestSpec(index=10_000, prompt_tokens=PROFILE.max_model_len, output_tokens=10, at_s=0.5),
+                *load(1.0, 10.0)]
+    result = simulate(config(), requests, StaticReplicas(1))
+    assert outcomes(result)["INVALID"] == 1 and outcomes(result)["OK"] == len(requests) - 1

@@ -51,6 +51,8 @@ class RequestOutcome(IntEnum):
     """No pod was ready to take it (the Service had no endpoints)."""
     CUT = 3
     """Still running when its draining pod reached drain_timeout_s."""
+    INVALID = 4
+    """Prompt + output over the engine's max_model_len: a 400 under any policy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +263,10 @@ class _Simulation:
 
     def arrive(self, index: int) -> None:
         self.arrivals_seen.append(self.now)
+        request = self.requests[index]
+        if request.prompt_tokens + request.output_tokens > self.config.profile.max_model_len:
+            self.settle(index, RequestOutcome.INVALID)
+            return
         ready = [pod for pod in self.pods if pod.phase is _Phase.READY]
         if not ready:
             self.settle(index, RequestOutcome.NO_ENDPOINT)
@@ -310,6 +316,8 @@ class _Simulation:
                 self.first_token[int(request_id)] = self.now
         for request_id in outcome.finished:
             index = int(request_id)
+            if index not in pod.running:
+                continue  # cut at its pod's drain deadline while this step ran: settled already
             self.finished[index] = self.now
             pod.running.discard(index)
             self.unfinished -= 1
@@ -317,7 +325,7 @@ class _Simulation:
             self.admit_from_queue(pod)  # may start the next step itself
             if pod.core.has_work() and not pod.stepping:
                 self.begin_step(pod)
-            elif pod.phase is _Phase.DRAINING and not pod.queue:
+            elif pod.phase is _Phase.DRAINING and not pod.running and not pod.queue:
                 self.end_pod(pod)
 
     # -- pods ----------------------------------------------------------------------------------
