@@ -46,6 +46,18 @@ def test_a_rising_load_is_projected_one_cold_start_ahead() -> None:
     assert forecast_rate(points, 10_000, horizon_s=300, trend_window_s=600) == pytest.approx(13.0)
 
 
+def test_a_trend_needs_half_a_window_of_history_before_it_is_projected() -> None:
+    """The first minutes of a ramp (a fresh operator, a new deployment) give the level only."""
+    points = ramp(4.0, per_s=0.05, span=240)  # 16 req/s at now, 240 s of a 600 s window
+    assert forecast_rate(points, 10_000, horizon_s=300, trend_window_s=600) == pytest.approx(16.0)
+
+
+def test_a_steep_trend_is_projected_to_at_most_double_the_level() -> None:
+    points = ramp(1.0, per_s=0.015)  # 10 req/s at now, +4.5 req/s every 300 s
+    assert forecast_rate(points, 10_000, horizon_s=300, trend_window_s=600) == pytest.approx(14.5)
+    assert forecast_rate(points, 10_000, horizon_s=1200, trend_window_s=600) == pytest.approx(20.0)
+
+
 def test_a_falling_load_is_not_projected_down() -> None:
     points = ramp(16.0, per_s=-0.01)  # falling to 10 req/s
     assert forecast_rate(points, 10_000, horizon_s=300, trend_window_s=600) == pytest.approx(10.0)

@@ -134,7 +134,10 @@ def forecast_rate(points: Sequence[RatePoint], now: float, horizon_s: float,
     """The arrival rate expected at ``now + horizon_s``.
 
     Short term: the recent level plus its trend, projected over the horizon (a falling trend is
-    not projected: the floor must not drop on a guess). Seasonality, when the history holds the
+    not projected: the floor must not drop on a guess). The trend is projected only once the
+    history spans half the trend window, and by at most the level itself (doubling): a slope
+    fitted on the first minutes of a ramp, projected over a long cold start, would ask for a
+    fleet many times the peak and hold it for ``lower_after_s``. Seasonality, when the history holds the
     same time on earlier days: yesterday's change from now to now + horizon, applied to today's
     level, and the larger of the two forecasts wins.
     """
@@ -143,7 +146,9 @@ def forecast_rate(points: Sequence[RatePoint], now: float, horizon_s: float,
         return 0.0
     level, slope = _trend(recent)
     level = max(level, 0.0)
-    short_term = level + max(slope, 0.0) * horizon_s
+    span = recent[-1].at - recent[0].at
+    rise = max(slope, 0.0) * horizon_s if span >= trend_window_s / 2 else 0.0
+    short_term = level + min(rise, level)
     seasonal = []
     # Averaged over half the horizon (at least 30 s) around each instant, so "then" and "later"
     # do not overlap much even for a short cold start.
