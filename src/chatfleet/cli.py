@@ -1,4 +1,4 @@
-"""The ``chatfleet`` command: serve, engine-sim, config, operator, bench."""
+"""The ``chatfleet`` command: serve, engine-sim, config, operator, simulate, bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from chatfleet.settings import Settings, masked_dump
+from chatfleet.sim.cli import simulate_command
 
 __all__ = ["app"]
 
@@ -122,6 +123,9 @@ def operator(
                        metrics_host=metrics_host, metrics_port=metrics_port,
                        peering_name=None if standalone else peering, priority=priority,
                        liveness_endpoint=liveness, namespaces=tuple(namespace or ())))
+
+
+app.command("simulate")(simulate_command)
 
 
 def _mount_bench() -> None:

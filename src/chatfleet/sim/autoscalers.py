@@ -1,5 +1,11 @@
 """The autoscalers the fleet simulator compares, each an ``Autoscaler`` over a ``FleetView``.
 
+- ``HPAOnQueue``: the chart's HPA (``autoscaling.mode: hpa``).
+- ``KedaOnQueue``: the chart's ScaledObject (``mode: keda``), pending-pod discount included.
+- ``OperatorFloor``: the HPA with the operator's floor (autoscale/policy.py, the code the kopf
+  operator runs) written into its minReplicas every ``tick_s``.
+- ``Oracle``: knows the arrivals to come; sizes the fleet for the peak rate one cold start ahead.
+
 ``HPAOnQueue`` is the chart's HPA (hpa/hpa.yaml, parsed by ``sim.hpa.spec_from_manifest``) run by
 the controller model of ``sim/hpa.py`` on the per-pod gauges the prometheus-adapter would serve:
 ``chatfleet_queue_depth`` and ``chatfleet_slot_utilization`` (running / slots), as of the last
@@ -8,8 +14,18 @@ scrape. A pod the last scrape did not see has no series yet: a missing metric to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
+from chatfleet.autoscale.policy import (
+    Observations,
+    PolicySpec,
+    PolicyState,
+    RatePoint,
+    decide,
+)
 from chatfleet.sim.fleet import FleetView
 from chatfleet.sim.hpa import (
     HorizontalPodAutoscaler,
@@ -18,8 +34,15 @@ from chatfleet.sim.hpa import (
     PodObservation,
     PodPhase,
 )
+from chatfleet.sim.keda import (
+    ScaledObject,
+    ScaledObjectSpec,
+    pending_pod_allowance,
+    queue_trigger_value,
+    slot_trigger_value,
+)
 
-__all__ = ["HPAOnQueue", "pods_metrics"]
+__all__ = ["HPAOnQueue", "KedaOnQueue", "OperatorFloor", "Oracle", "pods_metrics"]
 
 QUEUE_METRIC = "chatfleet_queue_depth"
 SLOTS_METRIC = "chatfleet_slot_utilization"
@@ -50,3 +73,88 @@ class HPAOnQueue:
         replicas = view.ready_replicas + view.starting_replicas
         observation = Observation(spec_replicas=replicas, pods=pods_metrics(view))
         return self.controller.step(view.now, observation).desired
+
+
+@dataclass
+class KedaOnQueue:
+    """The ScaledObject's two triggers, in the chart's order: queue (with the pending-pod
+    discount), then slot utilisation."""
+
+    spec: ScaledObjectSpec
+    engine_slots: int
+    target_queue_depth_per_pod: float
+    allowance: float | None = None
+    scaled: ScaledObject = field(init=False)
+    next_poll_s: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self.scaled = ScaledObject(self.spec)
+
+    def desired_replicas(self, view: FleetView) -> int:
+        pods = pods_metrics(view)
+        allowance = pending_pod_allowance(self.engine_slots, self.target_queue_depth_per_pod,
+                                          self.allowance)
+        values = (queue_trigger_value(pods, allowance), slot_trigger_value(pods))
+        current = view.ready_replicas + view.starting_replicas
+        if view.now >= self.next_poll_s:
+            self.next_poll_s = view.now + self.spec.polling_interval_s
+            polled = self.scaled.poll(view.now, current, values)
+            if polled.desired is not None:
+                return polled.desired
+        return self.scaled.hpa_step(view.now, Observation(spec_replicas=current, pods=pods),
+                                    values).desired
+
+
+@dataclass
+class OperatorFloor:
+    """The HPA, with minReplicas set by the operator's policy from the arrival rates it saw."""
+
+    hpa: HPAOnQueue
+    policy: PolicySpec
+    tick_s: float = 30.0
+    history_s: float = 3600.0
+    rates: list[RatePoint] = field(default_factory=list)
+    state: PolicyState | None = None
+    next_tick_s: float = 0.0
+
+    def desired_replicas(self, view: FleetView) -> int:
+        self.rates.append(RatePoint(view.now, view.arrival_rate))
+        if view.now >= self.next_tick_s:
+            self.next_tick_s = view.now + self.tick_s
+            while self.rates and self.rates[0].at < view.now - self.history_s:
+                self.rates.pop(0)
+            decision = decide(self.policy, Observations(view.now, tuple(self.rates)), self.state)
+            self.state = decision.state
+            controller = self.hpa.controller
+            controller.spec = replace(controller.spec, min_replicas=decision.floor)
+        return self.hpa.desired_replicas(view)
+
+
+@dataclass
+class Oracle:
+    """Sizes the fleet for the highest arrival rate of the coming cold start (plus one sync),
+    knowing every arrival in advance: the yardstick the others' cost is measured against.
+
+    It plans with the same headroom as the operator (``target_utilization`` of a replica's
+    capacity): at exactly the measured capacity a replica is at its SLO edge, and the per-pod
+    share of a fleet's load varies around the mean."""
+
+    arrivals_s: Sequence[float]
+    replica_capacity: float
+    cold_start_s: float
+    target_utilization: float = 0.85
+    min_replicas: int = 1
+    window_s: float = 60.0
+    sync_s: float = 15.0
+
+    def rate_at(self, at: float) -> float:
+        lo = bisect.bisect_left(self.arrivals_s, at)
+        hi = bisect.bisect_left(self.arrivals_s, at + self.window_s)
+        return (hi - lo) / self.window_s
+
+    def desired_replicas(self, view: FleetView) -> int:
+        horizon = self.cold_start_s + self.sync_s
+        peak = max(self.rate_at(view.now + offset) for offset in
+                   range(0, int(horizon) + 1, int(self.sync_s)))
+        return max(self.min_replicas,
+                   math.ceil(peak / (self.replica_capacity * self.target_utilization) - 1e-9))

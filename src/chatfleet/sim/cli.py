@@ -1,0 +1,156 @@
+"""``chatfleet simulate``: replay a trace against a fleet under each autoscaling policy, compare.
+
+Each policy runs the same arrivals through the same fleet model (sim/fleet.py): ``static`` (the
+fleet sized for the peak), ``hpa`` (the chart's HPA, hpa/hpa.yaml), ``keda`` (the chart's
+ScaledObject), ``operator`` (the HPA with the operator policy's floor) and ``oracle`` (sized for
+the coming peak, knowing the future). Per-replica capacity is measured on one simulated pod
+first (sim/capacity.py). Prints a table, writes a JSON report and optional PNG plots.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from chatfleet.bench.workload import load_trace
+from chatfleet.engines.engine_model import load_profile
+from chatfleet.sim.experiment import POLICIES, prepare
+from chatfleet.sim.fleet import FleetResult
+from chatfleet.sim.report import PolicyReport
+
+__all__ = ["POLICIES", "simulate_command"]
+
+_ROOT = Path(__file__).resolve().parents[3]
+_console = Console(width=140)  # the table is wider than a pipe's default 80 columns
+
+
+def _ttft_p95(result: FleetResult, window_s: float) -> tuple[list[float], list[float]]:
+    """TTFT p95 of the requests answered in each window (by arrival), minutes and seconds."""
+    by_window: dict[int, list[float]] = {}
+    for at, ttft in zip(result.arrival_s, result.ttft_s, strict=True):
+        if not math.isnan(ttft):
+            by_window.setdefault(int(at // window_s), []).append(ttft)
+    windows = sorted(by_window)
+    p95 = [sorted(by_window[w])[int(0.95 * (len(by_window[w]) - 1))] for w in windows]
+    return [(w + 0.5) * window_s / 60 for w in windows], p95
+
+
+def _plot(results: dict[str, FleetResult], directory: Path, title: str, ttft_slo_s: float) -> Path:
+    """Replicas (ready solid, desired dashed) with the load, queued requests, TTFT p95."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    figure, (replicas, queue, ttft) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+    for index, (name, result) in enumerate(results.items()):
+        color = f"C{index}"
+        times = [p.at / 60 for p in result.timeline]
+        replicas.step(times, [p.ready for p in result.timeline], where="post", color=color,
+                      label=f"{name} ready")
+        replicas.step(times, [p.desired for p in result.timeline], where="post", color=color,
+                      linestyle="--", linewidth=0.8)
+        queue.plot(times, [p.queued for p in result.timeline], color=color, label=name)
+        ttft.plot(*_ttft_p95(result, 60.0), color=color, label=name)
+    first = next(iter(results.values()))
+    load = replicas.twinx()
+    load.plot([p.at / 60 for p in first.timeline], [p.arrival_rate for p in first.timeline],
+              color="grey", alpha=0.4)
+    load.set_ylabel("arrivals (req/s, grey)")
+    replicas.set_ylabel("replicas (ready; desired dashed)")
+    queue.set_ylabel("queued requests")
+    ttft.axhline(ttft_slo_s, color="black", linestyle=":", linewidth=0.8)
+    ttft.set_yscale("log")
+    ttft.set_ylabel("TTFT p95 per minute (s)")
+    ttft.set_xlabel("minutes")
+    for axes in (replicas, queue, ttft):
+        axes.legend(loc="upper left", fontsize=7)
+    replicas.set_title(title)
+    figure.tight_layout()
+    path = directory / "replicas-queue-ttft.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def simulate_command(
+    trace: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Trace CSV: arrived_at, num_prefill_tokens, num_decode_tokens.")],
+    speed: Annotated[float, typer.Option(min=0.01, help="Trace time is divided by this.")] = 1.0,
+    cold_start: Annotated[float, typer.Option(min=0, help="Seconds from a new pod to ready.")] = 120.0,
+    policies: Annotated[str, typer.Option(help=f"Comma-separated, from {', '.join(POLICIES)}.")] = ",".join(POLICIES),
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write PNG plots into this folder.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    duration: Annotated[float | None, typer.Option(min=1, help="Simulate only this many seconds of (sped-up) trace.")] = None,
+    profile: Annotated[str, typer.Option(help="Engine profile of every replica.")] = "llama-3-8b-h100",
+    engine_slots: Annotated[int | None, typer.Option(
+        min=1, help="Gateway slots = vLLM max-num-seqs; default: the fewest that reach the best "
+                    "per-replica capacity.")] = None,
+    max_replicas: Annotated[int, typer.Option(min=1)] = 64,
+    hpa_dir: Annotated[Path, typer.Option(help="Folder with hpa.yaml and keda-scaledobject.yaml.")] = _ROOT / "hpa",
+) -> None:
+    """Replay a trace against the fleet under each autoscaling policy and compare them."""
+    chosen = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(POLICIES))
+    if unknown or not chosen:
+        raise typer.BadParameter(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    if plots is not None and importlib.util.find_spec("matplotlib") is None:
+        raise typer.BadParameter("--plots needs matplotlib: pip install 'chatfleet[bench]'")
+    try:
+        engine = load_profile(profile)
+        experiment = prepare(load_trace(trace), speed=speed, cold_start_s=cold_start,
+                             profile=engine, hpa_dir=hpa_dir, engine_slots=engine_slots,
+                             duration_s=duration, max_replicas=max_replicas, seed=seed)
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    order = sorted(chosen, key=lambda name: name != "oracle")  # the oracle first: the others' yardstick
+    results: dict[str, FleetResult] = {}
+    reports: dict[str, PolicyReport] = {}
+    with Progress(console=_console, transient=True) as progress:
+        task = progress.add_task("simulating", total=len(order))
+        for name in order:
+            progress.update(task, description=f"simulating {name}")
+            results[name] = experiment.run(name)
+            reports[name] = experiment.report(name, results[name], results.get("oracle"))
+            progress.advance(task)
+    requests, capacity, engine_slots = (len(experiment.requests), experiment.replica_capacity,
+                                        experiment.engine_slots)
+    slo = experiment.slo
+
+    table = Table(title=f"{trace.name} x{speed:g}, cold start {cold_start:g} s, {requests} requests, "
+                        f"{profile} with {engine_slots} slots: {capacity:.2f} req/s per replica")
+    for column in ("policy", "SLO", "GPU-s", "vs oracle", "429s", "peak", "overshoot", "reversals/h",
+                   "reaction s", "recovery s"):
+        table.add_column(column, justify="right")
+    for name in chosen:
+        r = reports[name]
+        table.add_row(name, f"{r.slo_attainment:.1%}", f"{r.gpu_seconds:,.0f}",
+                      "" if r.gpu_seconds_vs_oracle is None else f"{r.gpu_seconds_vs_oracle:.2f}x",
+                      str(r.rejected), str(r.peak_replicas), str(r.peak_overshoot),
+                      f"{r.reversals_per_hour:.1f}", _opt(r.reaction_s), _opt(r.recovery_s))
+    _console.print(table)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps({
+            "trace": str(trace), "speed": speed, "cold_start_s": cold_start, "seed": seed,
+            "profile": profile, "engine_slots": engine_slots, "replica_capacity": capacity,
+            "requests": requests, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+            "policies": {name: reports[name].as_dict() for name in chosen}}, indent=2) + "\n")
+    if plots is not None:
+        path = _plot({name: results[name] for name in chosen}, plots,
+                     f"{trace.name} x{speed:g}, cold start {cold_start:g} s", slo.ttft_s)
+        _console.print(f"plot: {path}")
+
+
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+

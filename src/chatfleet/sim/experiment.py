@@ -1,0 +1,159 @@
+"""One fleet experiment: a trace at a speed, a GPU profile, a cold start, and the policies to
+compare on it. ``chatfleet simulate`` and scripts/tune_autoscaling.py both build on it, so the
+tuning sweep and the published table run exactly the same fleet.
+
+Per-replica capacity is measured on one simulated pod (sim/capacity.py), with the slots tuned
+the same way unless given. Every policy starts from the replicas the oracle would start with
+(static-at-peak from its own count), and runs the same requests with the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from chatfleet.autoscale.policy import PolicySpec
+from chatfleet.bench.workload import (
+    EmpiricalLengths,
+    RequestSpec,
+    TraceRow,
+    trace_replay,
+)
+from chatfleet.engines.engine_model import EngineProfile
+from chatfleet.sim.autoscalers import HPAOnQueue, KedaOnQueue, OperatorFloor, Oracle
+from chatfleet.sim.capacity import replica_capacity, tuned_slots
+from chatfleet.sim.fleet import (
+    Autoscaler,
+    FleetConfig,
+    FleetResult,
+    StaticReplicas,
+    simulate,
+)
+from chatfleet.sim.hpa import spec_from_manifest
+from chatfleet.sim.keda import scaled_object_from_manifest
+from chatfleet.sim.report import PolicyReport, Slo, summarize
+
+__all__ = ["POLICIES", "Experiment", "hpa_with_targets", "keda_with_targets", "prepare"]
+
+POLICIES = ("static", "hpa", "keda", "operator", "oracle")
+REACTION_LOOKAHEAD_S = 75.0
+"""A scale-up this long plus a cold start before the biggest step still counts as the reaction to
+it (the oracle's horizon: a cold start, a sync and a minute's rate window ahead)."""
+
+
+def hpa_with_targets(manifest: dict[str, Any], queue_per_pod: float,
+                     slot_utilization: float) -> dict[str, Any]:
+    """The chart's HPA with other targets for its two Pods metrics (queue, slot utilisation)."""
+    tuned = copy.deepcopy(manifest)
+    queue, slots = tuned["spec"]["metrics"]
+    queue["pods"]["target"]["averageValue"] = f"{queue_per_pod:g}"
+    slots["pods"]["target"]["averageValue"] = f"{round(slot_utilization * 1000)}m"
+    return tuned
+
+
+def keda_with_targets(manifest: dict[str, Any], queue_per_pod: float,
+                      slot_utilization: float) -> dict[str, Any]:
+    """The chart's ScaledObject with other thresholds for its queue and slot triggers."""
+    tuned = copy.deepcopy(manifest)
+    queue, slots = tuned["spec"]["triggers"]
+    queue["metadata"]["threshold"] = f"{queue_per_pod:g}"
+    slots["metadata"]["threshold"] = f"{slot_utilization:g}"
+    return tuned
+
+
+@dataclass(frozen=True)
+class Experiment:
+    requests: list[RequestSpec]
+    profile: EngineProfile
+    engine_slots: int
+    replica_capacity: float
+    cold_start_s: float
+    max_replicas: int
+    hpa_manifest: dict[str, Any]
+    keda_manifest: dict[str, Any]
+    slo: Slo = field(default_factory=Slo)
+    seed: int = 0
+
+    @property
+    def arrivals(self) -> list[float]:
+        return [float(r.at_s or 0.0) for r in self.requests]
+
+    def oracle(self) -> Oracle:
+        return Oracle(self.arrivals, self.replica_capacity, self.cold_start_s)
+
+    def static_replicas(self) -> int:
+        """Enough for the busiest minute (static-at-peak), within max_replicas."""
+        oracle, end = self.oracle(), self.arrivals[-1]
+        peak = max(oracle.rate_at(at) for at in range(0, int(end) + 1, 15))
+        return min(self.max_replicas, max(1, math.ceil(peak / self.replica_capacity)))
+
+    def hpa(self, manifest: dict[str, Any] | None = None) -> HPAOnQueue:
+        spec = spec_from_manifest(manifest or self.hpa_manifest)
+        return HPAOnQueue(replace(spec, max_replicas=self.max_replicas))
+
+    def keda(self, manifest: dict[str, Any] | None = None) -> KedaOnQueue:
+        manifest = manifest or self.keda_manifest
+        spec = scaled_object_from_manifest(manifest)
+        # The queue trigger's threshold is the chart's targetQueueDepthPerPod, the pending
+        # discount's base.
+        queue_per_pod = float(manifest["spec"]["triggers"][0]["metadata"]["threshold"])
+        return KedaOnQueue(replace(spec, max_replica_count=self.max_replicas), self.engine_slots,
+                           queue_per_pod)
+
+    def operator(self) -> OperatorFloor:
+        return OperatorFloor(self.hpa(), PolicySpec(
+            min_replicas=1, max_replicas=self.max_replicas, cold_start_s=self.cold_start_s,
+            replica_capacity=self.replica_capacity))
+
+    def autoscaler(self, policy: str) -> Autoscaler:
+        factories: dict[str, Callable[[], Autoscaler]] = {
+            "static": lambda: StaticReplicas(self.static_replicas()), "hpa": self.hpa,
+            "keda": self.keda, "operator": self.operator, "oracle": self.oracle}
+        return factories[policy]()
+
+    def run(self, policy: str, autoscaler: Autoscaler | None = None) -> FleetResult:
+        """Simulate one policy (or ``autoscaler``, started like ``policy``) over the requests."""
+        initial = (self.static_replicas() if policy == "static" else
+                   max(1, math.ceil(self.oracle().rate_at(0.0) / self.replica_capacity)))
+        config = FleetConfig(profile=self.profile, engine_slots=self.engine_slots,
+                             initial_replicas=initial, seed=self.seed,
+                             cold_start_s=lambda rng: self.cold_start_s * rng.uniform(0.9, 1.1))
+        return simulate(config, self.requests, autoscaler or self.autoscaler(policy))
+
+    def report(self, name: str, result: FleetResult, oracle: FleetResult | None) -> PolicyReport:
+        return summarize(name, result, slo=self.slo, replica_capacity=self.replica_capacity,
+                         oracle_gpu_seconds=oracle.gpu_seconds if oracle else None,
+                         lookahead_s=self.cold_start_s + REACTION_LOOKAHEAD_S)
+
+
+def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile: EngineProfile,
+            hpa_dir: Path, engine_slots: int | None = None, duration_s: float | None = None,
+            max_replicas: int = 64, seed: int = 0) -> Experiment:
+    """The experiment for a trace: requests at ``speed``, the replica's slots and capacity."""
+    import yaml
+
+    requests = [r for r in trace_replay(rows, speed=speed).arrivals
+                if duration_s is None or float(r.at_s or 0.0) < duration_s]
+    if not requests:
+        raise ValueError("no requests left in the trace for that speed and duration")
+    slo = Slo()
+    lengths = EmpiricalLengths.from_trace(rows)
+    if engine_slots is None:
+        engine_slots, capacity = tuned_slots(profile, lengths=lengths, slo=slo, seed=seed)
+    else:
+        capacity = replica_capacity(profile, engine_slots=engine_slots, lengths=lengths, slo=slo,
+                                    seed=seed)
+    manifests = {}
+    for name in ("hpa.yaml", "keda-scaledobject.yaml"):
+        path = hpa_dir / name
+        if not path.exists():
+            raise ValueError(f"{path} not found: run from a ChatFleet checkout or pass --hpa-dir")
+        manifests[name] = yaml.safe_load(path.read_text())
+    return Experiment(requests=requests, profile=profile, engine_slots=engine_slots,
+                      replica_capacity=capacity, cold_start_s=cold_start_s,
+                      max_replicas=max_replicas, hpa_manifest=manifests["hpa.yaml"],
+                      keda_manifest=manifests["keda-scaledobject.yaml"], slo=slo, seed=seed)

@@ -1,0 +1,118 @@
+"""What a fleet run is worth: SLO attainment, GPU-seconds, refusals, and how the scaling moved.
+
+SLO (the issue's): a request meets it when it was answered, its TTFT is at most ``ttft_s`` and its
+mean time per output token at most ``tpot_s``; refused, unrouted and cut requests miss it. Requests
+longer than the engine's context (a 400 under any policy) are left out. The
+"biggest step" is the largest rise of the arrival rate between consecutive ``window_s`` windows;
+reaction and recovery are measured from its start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from chatfleet.sim.fleet import FleetResult, RequestOutcome
+
+__all__ = ["PolicyReport", "Slo", "biggest_step", "meets_slo", "summarize", "valid_arrivals"]
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    ttft_s: float = 2.0
+    tpot_s: float = 0.100
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyReport:
+    policy: str
+    requests: int
+    slo_attainment: float
+    gpu_seconds: float
+    gpu_seconds_vs_oracle: float | None
+    rejected: int
+    """429s plus requests that found no ready pod."""
+    cut: int
+    peak_replicas: int
+    peak_overshoot: int
+    """Replicas desired after the biggest step beyond what its peak needs (capacity-based)."""
+    reversals_per_hour: float
+    reaction_s: float | None
+    """From the biggest step to the first scale-up decision in reach of it (from one cold start
+    before it): negative when the policy scaled ahead of the step."""
+    recovery_s: float | None
+    """From the biggest step to the first window at or above the SLO target again."""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def meets_slo(result: FleetResult, slo: Slo) -> list[bool]:
+    """Per valid request (those the engine could serve at all, in arrival order): met or not."""
+    return [outcome == RequestOutcome.OK and ttft <= slo.ttft_s and (math.isnan(tpot) or tpot <= slo.tpot_s)
+            for outcome, ttft, tpot in zip(result.outcome, result.ttft_s, result.tpot_s, strict=True)
+            if outcome != RequestOutcome.INVALID]
+
+
+def valid_arrivals(result: FleetResult) -> list[float]:
+    """Arrival times of the requests ``meets_slo`` scores, in the same order."""
+    return [at for at, outcome in zip(result.arrival_s, result.outcome, strict=True)
+            if outcome != RequestOutcome.INVALID]
+
+
+def _window_rates(arrivals: Sequence[float], window_s: float, end_s: float) -> list[float]:
+    counts = [0] * max(1, math.ceil(end_s / window_s))
+    for at in arrivals:
+        counts[min(int(at // window_s), len(counts) - 1)] += 1
+    return [count / window_s for count in counts]
+
+
+def biggest_step(arrivals: Sequence[float], window_s: float, end_s: float) -> tuple[float, float]:
+    """(start of the window with the largest rise in arrival rate, that window's rate)."""
+    rates = _window_rates(arrivals, window_s, end_s)
+    if len(rates) < 2:
+        return 0.0, rates[0]
+    _, index = max((rates[i] - rates[i - 1], i) for i in range(1, len(rates)))
+    return index * window_s, rates[index]
+
+
+def summarize(name: str, result: FleetResult, *, slo: Slo, replica_capacity: float,
+              oracle_gpu_seconds: float | None = None, window_s: float = 60.0,
+              target: float = 0.99, lookahead_s: float = 0.0) -> PolicyReport:
+    """The report's numbers; ``lookahead_s`` (the cold start) is how early before the biggest
+    step a scale-up still counts as the reaction to it."""
+    met = meets_slo(result, slo)
+    outcomes = list(result.outcome)
+    desired = [point.desired for point in result.timeline]
+    moves = [b - a for a, b in itertools.pairwise(desired) if b != a]
+    reversals = sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
+    hours = max(result.end_s, 1.0) / 3600
+    step_at, step_rate = biggest_step(result.arrival_s, window_s, result.end_s)
+    since = step_at - lookahead_s
+    before = [p.desired for p in result.timeline if p.at < since]
+    base = before[-1] if before else (desired[0] if desired else 0)
+    reaction = next((p.at - step_at for p in result.timeline if p.at >= since and p.desired > base),
+                    None)
+    needed = math.ceil(step_rate / replica_capacity) if replica_capacity > 0 else 0
+    after = [p.desired for p in result.timeline if step_at <= p.at <= step_at + 900]
+    recovery = None
+    windows = math.ceil(result.end_s / window_s)
+    scored = list(zip(valid_arrivals(result), met, strict=True))
+    for w in range(int(step_at // window_s), windows):
+        inside = [m for at, m in scored if w * window_s <= at < (w + 1) * window_s]
+        if inside and sum(inside) / len(inside) >= target:
+            recovery = w * window_s - step_at
+            break
+    return PolicyReport(
+        policy=name, requests=len(outcomes),
+        slo_attainment=sum(met) / len(met) if met else 1.0,
+        gpu_seconds=result.gpu_seconds,
+        gpu_seconds_vs_oracle=result.gpu_seconds / oracle_gpu_seconds if oracle_gpu_seconds else None,
+        rejected=sum(1 for o in outcomes if o in (RequestOutcome.REJECTED, RequestOutcome.NO_ENDPOINT)),
+        cut=sum(1 for o in outcomes if o == RequestOutcome.CUT),
+        peak_replicas=max(desired, default=0),
+        peak_overshoot=max(0, max(after, default=0) - needed),
+        reversals_per_hour=reversals / hours,
+        reaction_s=reaction, recovery_s=recovery)
