@@ -2,7 +2,8 @@
 
 Runs, on one experiment (default: the conv trace at x1.5 on L4s, 120 s cold start, the table's
 reference case in docs/autoscaling.md), the HPA and the KEDA ScaledObject with every pair of
-targetQueueDepthPerPod x targetSlotUtilization below, plus the oracle as the cost yardstick.
+targetQueueDepthPerPod x targetSlotUtilization below, the operator's floor over each of those
+HPAs, a few operator policies over the chart's HPA, and the oracle as the cost yardstick.
 Prints a table and writes the rows as JSON. The pair that meets the SLO best at the lowest cost
 is what charts/chatfleet/values.yaml ships (docs/autoscaling.md says so).
 
@@ -22,7 +23,9 @@ from chatfleet.sim.experiment import hpa_with_targets, keda_with_targets, prepar
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE_TARGETS = (8.0, 2.0)
-SLOT_TARGETS = (0.9, 0.7, 0.6, 0.5, 0.4)
+SLOT_TARGETS = (0.9, 0.7, 0.5, 0.4, 0.3)
+OPERATOR_VARIANTS = ((0.85, 600.0), (0.85, 300.0), (1.0, 600.0), (1.0, 300.0))
+"""The policy's targetUtilization and lowerAfterSeconds, over the chart's HPA."""
 
 
 def main() -> None:
@@ -43,12 +46,14 @@ def main() -> None:
     print(f"{'autoscaler':>10} {'queue/pod':>9} {'slots':>5} {'SLO':>7} {'vs oracle':>9} "
           f"{'429s':>5} {'reversals/h':>11}")
     rows = []
-    for kind in ("hpa", "keda"):
+    for kind in ("hpa", "operator", "keda"):
         for queue in QUEUE_TARGETS:
             for slots in SLOT_TARGETS:
                 started = time.perf_counter()
                 if kind == "hpa":
                     scaler = experiment.hpa(hpa_with_targets(experiment.hpa_manifest, queue, slots))
+                elif kind == "operator":
+                    scaler = experiment.operator(hpa_with_targets(experiment.hpa_manifest, queue, slots))
                 else:
                     scaler = experiment.keda(keda_with_targets(experiment.keda_manifest, queue, slots))
                 report = experiment.report(kind, experiment.run(kind, scaler), oracle)
@@ -58,6 +63,15 @@ def main() -> None:
                 print(f"{kind:>10} {queue:>9g} {slots:>5g} {report.slo_attainment:>7.1%} "
                       f"{report.gpu_seconds_vs_oracle:>8.2f}x {report.rejected:>5} "
                       f"{report.reversals_per_hour:>11.1f}", flush=True)
+    print(f"{'operator':>10} {'util':>9} {'lower':>5}   (over the chart's HPA)")
+    for utilization, lower_after in OPERATOR_VARIANTS:
+        scaler = experiment.operator(target_utilization=utilization, lower_after_s=lower_after)
+        report = experiment.report("operator", experiment.run("operator", scaler), oracle)
+        rows.append({"autoscaler": "operator-policy", "target_utilization": utilization,
+                     "lower_after_s": lower_after, **report.as_dict()})
+        print(f"{'operator':>10} {utilization:>9g} {lower_after:>5g} {report.slo_attainment:>7.1%} "
+              f"{report.gpu_seconds_vs_oracle:>8.2f}x {report.rejected:>5} "
+              f"{report.reversals_per_hour:>11.1f}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({

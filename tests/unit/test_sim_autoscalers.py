@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -12,6 +13,7 @@ from chatfleet.engines.engine_model import load_profile
 from chatfleet.sim.arrivals import ramp, shaped_arrivals, step
 from chatfleet.sim.autoscalers import HPAOnQueue, KedaOnQueue, OperatorFloor, Oracle
 from chatfleet.sim.capacity import replica_capacity, tuned_slots
+from chatfleet.sim.experiment import hpa_with_targets
 from chatfleet.sim.fleet import FleetConfig, FleetResult, simulate
 from chatfleet.sim.hpa import spec_from_manifest
 from chatfleet.sim.keda import scaled_object_from_manifest
@@ -36,9 +38,12 @@ def fleet(autoscaler: object, requests: list | None = None) -> FleetResult:
     return simulate(config, requests or stepped_load(), autoscaler)  # type: ignore[arg-type]
 
 
-def hpa() -> HPAOnQueue:
+def hpa(slot_utilization: float | None = None) -> HPAOnQueue:
+    """The chart's HPA (another slot target if given), with room to grow (default max 8)."""
     manifest = yaml.safe_load((HPA_DIR / "hpa.yaml").read_text())
-    return HPAOnQueue(spec_from_manifest(manifest))
+    if slot_utilization is not None:
+        manifest = hpa_with_targets(manifest, 8, slot_utilization)
+    return HPAOnQueue(replace(spec_from_manifest(manifest), max_replicas=30))
 
 
 def first_scale_up(result: FleetResult, after: float = 0.0) -> float:
@@ -78,16 +83,17 @@ def test_keda_scales_on_the_queue_and_its_pending_discount_orders_fewer_pods() -
 
 
 def test_the_operator_floor_rises_ahead_of_a_ramp_and_the_hpa_above_it_follows() -> None:
-    """A ramp from 2 to 14 req/s over 15 min: the floor (the policy run every 30 s on the rates
-    the fleet saw) rises while the load climbs, and the HPA's minReplicas is that floor."""
+    """A ramp from 2 to 14 req/s over 15 min under an HPA that waits for full slots (target
+    0.9): the floor (the policy run every 30 s on the rates the fleet saw) rises while the load
+    climbs, the HPA's minReplicas is that floor, and the fleet grows before the HPA alone's."""
     requests = list(shaped_arrivals(ramp(2.0, 14.0, 900), duration_s=1200, lengths=LENGTHS,
                                     seed=5).arrivals)
     policy = PolicySpec(min_replicas=1, max_replicas=30, cold_start_s=COLD_START,
                         replica_capacity=3.0, trend_window_s=300, lower_after_s=300)
-    operator = OperatorFloor(hpa(), policy)
+    operator = OperatorFloor(hpa(0.9), policy)
     result = fleet(operator, requests=requests)
     floor = operator.state.floor if operator.state else 0
     assert floor >= 5  # 14 req/s at 3 req/s per replica and 85 %
     assert operator.hpa.controller.spec.min_replicas == floor
-    alone = fleet(hpa(), requests=requests)
+    alone = fleet(hpa(0.9), requests=requests)
     assert first_scale_up(result) < first_scale_up(alone)

@@ -132,8 +132,9 @@ class OperatorFloor:
 
 @dataclass
 class Oracle:
-    """Sizes the fleet for the highest arrival rate of the coming cold start (plus one sync),
-    knowing every arrival in advance: the yardstick the others' cost is measured against.
+    """Sizes the fleet for the highest arrival rate from a minute ago to a cold start (plus one
+    sync) ahead, knowing every arrival in advance: the yardstick the others' cost is measured
+    against.
 
     It plans with the same headroom as the operator (``target_utilization`` of a replica's
     capacity): at exactly the measured capacity a replica is at its SLO edge, and the per-pod
@@ -153,8 +154,10 @@ class Oracle:
         return (hi - lo) / self.window_s
 
     def desired_replicas(self, view: FleetView) -> int:
+        # From a window back (what arrived then is still running: scaling below it cuts
+        # requests at the drain timeout) to a cold start and a sync ahead.
         horizon = self.cold_start_s + self.sync_s
         peak = max(self.rate_at(view.now + offset) for offset in
-                   range(0, int(horizon) + 1, int(self.sync_s)))
+                   range(-int(self.window_s), int(horizon) + 1, int(self.sync_s)))
         return max(self.min_replicas,
                    math.ceil(peak / (self.replica_capacity * self.target_utilization) - 1e-9))

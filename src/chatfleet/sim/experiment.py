@@ -3,7 +3,7 @@ compare on it. ``chatfleet simulate`` and scripts/tune_autoscaling.py both build
 tuning sweep and the published table run exactly the same fleet.
 
 Per-replica capacity is measured on one simulated pod (sim/capacity.py), with the slots tuned
-the same way unless given. Every policy starts from the replicas the oracle would start with
+the same way unless given. Every policy starts from the replicas the oracle would have at 0 s
 (static-at-peak from its own count), and runs the same requests with the same seed.
 """
 
@@ -30,6 +30,7 @@ from chatfleet.sim.fleet import (
     Autoscaler,
     FleetConfig,
     FleetResult,
+    FleetView,
     StaticReplicas,
     simulate,
 )
@@ -104,10 +105,13 @@ class Experiment:
         return KedaOnQueue(replace(spec, max_replica_count=self.max_replicas), self.engine_slots,
                            queue_per_pod)
 
-    def operator(self) -> OperatorFloor:
-        return OperatorFloor(self.hpa(), PolicySpec(
+    def operator(self, hpa_manifest: dict[str, Any] | None = None, *,
+                 target_utilization: float = 0.85, lower_after_s: float = 600.0) -> OperatorFloor:
+        """The operator's floor over the HPA; defaults: hpa/chatfleetpolicy.yaml's."""
+        return OperatorFloor(self.hpa(hpa_manifest), PolicySpec(
             min_replicas=1, max_replicas=self.max_replicas, cold_start_s=self.cold_start_s,
-            replica_capacity=self.replica_capacity))
+            replica_capacity=self.replica_capacity, target_utilization=target_utilization,
+            lower_after_s=lower_after_s))
 
     def autoscaler(self, policy: str) -> Autoscaler:
         factories: dict[str, Callable[[], Autoscaler]] = {
@@ -117,8 +121,10 @@ class Experiment:
 
     def run(self, policy: str, autoscaler: Autoscaler | None = None) -> FleetResult:
         """Simulate one policy (or ``autoscaler``, started like ``policy``) over the requests."""
+        # Every policy starts from the fleet the oracle would have at 0 s: sized before the trace
+        # began, so the first cold start is nobody's handicap.
         initial = (self.static_replicas() if policy == "static" else
-                   max(1, math.ceil(self.oracle().rate_at(0.0) / self.replica_capacity)))
+                   self.oracle().desired_replicas(FleetView(0.0, (), 0, 0, 0.0)))
         config = FleetConfig(profile=self.profile, engine_slots=self.engine_slots,
                              initial_replicas=initial, seed=self.seed,
                              cold_start_s=lambda rng: self.cold_start_s * rng.uniform(0.9, 1.1))
