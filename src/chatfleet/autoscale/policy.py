@@ -17,6 +17,7 @@ passed in and returned (``PolicyState``), never kept here.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -123,10 +124,17 @@ def _trend(points: Sequence[RatePoint]) -> tuple[float, float]:
     return mean_r + slope * (points[-1].at - mean_t), slope
 
 
-def _rate_near(points: Sequence[RatePoint], at: float, within_s: float) -> float | None:
+def _between(points: Sequence[RatePoint], times: Sequence[float], start: float,
+             end: float) -> Sequence[RatePoint]:
+    """The points with ``start <= at <= end``; ``times`` are their ``at``, ascending."""
+    return points[bisect.bisect_left(times, start):bisect.bisect_right(times, end)]
+
+
+def _rate_near(points: Sequence[RatePoint], times: Sequence[float], at: float,
+               within_s: float) -> float | None:
     """The mean rate of the points within ``within_s`` of ``at``, or None if there are none."""
-    near = [p.rate for p in points if abs(p.at - at) <= within_s]
-    return sum(near) / len(near) if near else None
+    near = _between(points, times, at - within_s, at + within_s)
+    return sum(p.rate for p in near) / len(near) if near else None
 
 
 def forecast_rate(points: Sequence[RatePoint], now: float, horizon_s: float,
@@ -141,7 +149,8 @@ def forecast_rate(points: Sequence[RatePoint], now: float, horizon_s: float,
     same time on earlier days: yesterday's change from now to now + horizon, applied to today's
     level, and the larger of the two forecasts wins.
     """
-    recent = [p for p in points if now - trend_window_s <= p.at <= now]
+    times = [p.at for p in points]  # oldest first (Observations.rates): bisect, not scan
+    recent = _between(points, times, now - trend_window_s, now)
     if not recent:
         return 0.0
     level, slope = _trend(recent)
@@ -154,8 +163,8 @@ def forecast_rate(points: Sequence[RatePoint], now: float, horizon_s: float,
     # do not overlap much even for a short cold start.
     within_s = max(min(trend_window_s, horizon_s) / 2, 30.0)
     for days_back in (1, 2, 7):
-        then = _rate_near(points, now - days_back * DAY_S, within_s)
-        later = _rate_near(points, now - days_back * DAY_S + horizon_s, within_s)
+        then = _rate_near(points, times, now - days_back * DAY_S, within_s)
+        later = _rate_near(points, times, now - days_back * DAY_S + horizon_s, within_s)
         if then is not None and later is not None and then > 0:
             seasonal.append(level * later / then)
     if seasonal:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from chatfleet.autoscale.policy import (
+    DAY_S,
     Observations,
     PolicySpec,
     PolicyState,
@@ -107,23 +109,37 @@ class KedaOnQueue:
 
 @dataclass
 class OperatorFloor:
-    """The HPA, with minReplicas set by the operator's policy from the arrival rates it saw."""
+    """The HPA, with minReplicas set by the operator's policy from the arrival rates it saw.
+
+    The rate history is what the operator reads from Prometheus (autoscale/prometheus.py): every
+    scrape within the trend window, one point a minute before that, back ``history_s`` (a week
+    and a day by default, for the policy's seasonal look at 1, 2 and 7 days back)."""
 
     hpa: HPAOnQueue
     policy: PolicySpec
     tick_s: float = 30.0
-    history_s: float = 3600.0
-    rates: list[RatePoint] = field(default_factory=list)
+    history_s: float = 8 * DAY_S
+    older_step_s: float = 60.0
     state: PolicyState | None = None
     next_tick_s: float = 0.0
+    recent: deque[RatePoint] = field(default_factory=deque)
+    older: deque[RatePoint] = field(default_factory=deque)
+
+    def remember(self, point: RatePoint) -> None:
+        self.recent.append(point)
+        while self.recent and self.recent[0].at < point.at - self.policy.trend_window_s:
+            old = self.recent.popleft()
+            if not self.older or old.at - self.older[-1].at >= self.older_step_s:
+                self.older.append(old)
+        while self.older and self.older[0].at < point.at - self.history_s:
+            self.older.popleft()
 
     def desired_replicas(self, view: FleetView) -> int:
-        self.rates.append(RatePoint(view.now, view.arrival_rate))
+        self.remember(RatePoint(view.now, view.arrival_rate))
         if view.now >= self.next_tick_s:
             self.next_tick_s = view.now + self.tick_s
-            while self.rates and self.rates[0].at < view.now - self.history_s:
-                self.rates.pop(0)
-            decision = decide(self.policy, Observations(view.now, tuple(self.rates)), self.state)
+            rates = (*self.older, *self.recent)
+            decision = decide(self.policy, Observations(view.now, rates), self.state)
             self.state = decision.state
             controller = self.hpa.controller
             controller.spec = replace(controller.spec, min_replicas=decision.floor)
