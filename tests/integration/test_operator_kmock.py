@@ -45,11 +45,15 @@ EVENTS = "v1/events"
 
 @dataclass
 class FakePrometheus:
-    """Answers /api/v1/query_range: demand ``rate`` req/s at every step, and ``capacity``
-    req/s per replica (or nothing) for the capacity query. Records every query."""
+    """Answers /api/v1/query_range: demand ``rate`` req/s now, rising by ``slope`` req/s each
+    second (never below 0), and ``capacity`` req/s per replica (or nothing) for the capacity
+    query; and /api/v1/query: ``cold_start`` seconds (or nothing) for the cold-start query about
+    DEPLOYMENT's pods, nothing for other pods. Records every query."""
 
     rate: float = 10.0
+    slope: float = 0.0
     capacity: float | None = None
+    cold_start: float | None = None
     fail: bool = False
     """Answer 503, as a Prometheus that is restarting does."""
     queries: list[dict[str, str]] = field(default_factory=list)
@@ -64,17 +68,35 @@ class FakePrometheus:
         start, end, step = float(q["start"]), float(q["end"]), float(q["step"])
         n = int((end - start) // step) + 1
         times = [start + i * step for i in range(n)]
+        now = time.time()
         if "namespace_job:chatfleet_requests:rate5m" in q["query"]:
-            value: float | None = self.rate
+            values: list[float] | None = [max(self.rate + self.slope * (t - now), 0.0)
+                                          for t in times]
         elif "chatfleet_requests_total" in q["query"]:
-            value = self.capacity
+            values = None if self.capacity is None else [self.capacity] * n
         else:
             return web.json_response({"status": "error", "errorType": "bad_data",
                                       "error": "unknown query"}, status=400)
-        result = [] if value is None else [
-            {"metric": {"namespace": NS, "job": DEPLOYMENT}, "values": [[t, str(value)] for t in times]}]
+        result = [] if values is None else [
+            {"metric": {"namespace": NS, "job": DEPLOYMENT},
+             "values": [[t, str(v)] for t, v in zip(times, values, strict=True)]}]
         return web.json_response({"status": "success",
                                   "data": {"resultType": "matrix", "result": result}})
+
+    async def query(self, request: web.Request) -> web.Response:
+        q = dict(request.query)
+        self.queries.append(q)
+        if self.fail:
+            return web.json_response({"status": "error", "errorType": "unavailable",
+                                      "error": "restarting"}, status=503)
+        if "kube_pod_status_ready_time" not in q["query"]:
+            return web.json_response({"status": "error", "errorType": "bad_data",
+                                      "error": "unknown query"}, status=400)
+        ours = f'pod=~"{DEPLOYMENT}-[a-z0-9]+-[a-z0-9]+"' in q["query"]
+        result = [] if self.cold_start is None or not ours else [
+            {"metric": {}, "value": [float(q["time"]), str(self.cold_start)]}]
+        return web.json_response({"status": "success",
+                                  "data": {"resultType": "vector", "result": result}})
 
 
 @pytest.fixture
@@ -82,6 +104,7 @@ async def prometheus() -> AsyncIterator[FakePrometheus]:
     fake = FakePrometheus()
     app = web.Application()
     app.router.add_get("/api/v1/query_range", fake.query_range)
+    app.router.add_get("/api/v1/query", fake.query)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -111,10 +134,12 @@ def scaled_object(min_count: int = 1) -> dict[str, Any]:
 
 
 def policy(name: str, **spec: Any) -> dict[str, Any]:
+    """A ChatFleetPolicy; a spec value None leaves the field out."""
     base = {"targetRef": {"kind": "HorizontalPodAutoscaler", "name": DEPLOYMENT},
             "mode": "enforce", "minReplicas": 1, "maxReplicas": 16, "coldStartSeconds": 120,
             "replicaCapacity": 1.0, "targetUtilization": 0.85, "slo": {"ttftSeconds": 2}}
     base.update(spec)
+    base = {key: value for key, value in base.items() if value is not None}
     return {"apiVersion": "chatfleet.io/v1alpha1", "kind": "ChatFleetPolicy",
             "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1,
                          "resourceVersion": "1"},
@@ -318,12 +343,55 @@ async def test_enforce_patches_exactly_the_hpa_min_replicas(api, prometheus, ope
     assert status["inputs"]["job"] == DEPLOYMENT and status["inputs"]["capacitySamples"] >= 5
     assert status["reason"].startswith(f"raised to {floor}") or "kept" in status["reason"]
     assert status["conditions"][0]["status"] == "True"
-    # Prometheus was asked about this Deployment (the HPA's scale target) only.
+    # Prometheus was asked about this Deployment (the HPA's scale target) only, and not about its
+    # pods' cold start: the policy sets coldStartSeconds.
     assert prometheus.queries and all(f'namespace="{NS}",job="{DEPLOYMENT}"' in q["query"]
                                       for q in prometheus.queries)
     events = [r.data for r in writes(api) if resource_of(r) == EVENTS]
     assert any(e.get("reason") == "FloorSet" and f"floor {floor} (was 1)" in e.get("message", "")
                for e in events), events
+
+
+async def test_the_cold_start_is_the_policys_else_learned_from_its_pods_else_the_default(
+        api, prometheus, operator) -> None:
+    """Three policies on one HPA, demand rising 0.01 req/s each second: one sets
+    coldStartSeconds (it wins, and the pods' cold start is not even asked for), one leaves it
+    to be learned from the Deployment's pods (600 s: the rise is projected 600 s ahead), and one
+    reads a job whose pods Prometheus has never seen (the default 120 s)."""
+    prometheus.rate, prometheus.slope, prometheus.capacity = 10.0, 0.01, 2.0
+    prometheus.cold_start = 600.0
+    api.objects[HPAS, NS, DEPLOYMENT] = hpa(min_replicas=1)
+    api.objects[POLICIES, NS, "configured"] = policy("configured", mode="recommend")
+    learned = policy("learned", mode="recommend", coldStartSeconds=None)
+    assert "coldStartSeconds" not in learned["spec"] and problems(learned) == []
+    api.objects[POLICIES, NS, "learned"] = learned
+    api.objects[POLICIES, NS, "default"] = policy("default", mode="recommend",
+                                                  coldStartSeconds=None, job="elsewhere")
+    op = operator()
+    names = ("configured", "learned", "default")
+    await eventually(lambda: all("floor" in status_of(api, n) for n in names), op.proc)
+
+    # forecast = level + slope * cold start: 10 + 0.01 * 120 and 10 + 0.01 * 600 req/s
+    expected = {"configured": (120.0, "configured", 11.2), "learned": (600.0, "learned", 16.0),
+                "default": (120.0, "default", 11.2)}
+    for name, (seconds, source, forecast) in expected.items():
+        status = status_of(api, name)
+        assert status_problems(status) == [], "the CRD's schema would refuse this status"
+        assert (status["inputs"]["coldStartSeconds"], status["inputs"]["coldStartSource"]) == (
+            seconds, source), name
+        # (less up to 0.15: the last 15 s step may end just before now)
+        assert status["forecastRequestsPerSecond"] == pytest.approx(forecast, abs=0.2), name
+        assert status["floor"] == expected_floor(forecast, 2.0), name
+        assert f"in {seconds:.0f} s" in status["reason"], status["reason"]
+    assert status_of(api, "learned")["floor"] == 10 > status_of(api, "configured")["floor"] == 7
+
+    cold_start_queries = [q["query"] for q in prometheus.queries
+                          if "kube_pod_status_ready_time" in q["query"]]
+    assert any(f'pod=~"{DEPLOYMENT}-[a-z0-9]+-[a-z0-9]+"' in q for q in cold_start_queries)
+    assert any('pod=~"elsewhere-[a-z0-9]+-[a-z0-9]+"' in q for q in cold_start_queries)
+    assert all(f'namespace="{NS}"' in q and "kube_pod_created" in q for q in cold_start_queries)
+    assert api.objects[HPAS, NS, DEPLOYMENT]["spec"] == hpa()["spec"]
+    no_deployment_requests(api)
 
 
 async def test_enforce_patches_a_scaled_objects_min_replica_count(api, prometheus,

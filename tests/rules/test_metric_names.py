@@ -18,7 +18,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from promql_parser import MatchOp
 
-from chatfleet.autoscale.prometheus import capacity_query, demand_query
+from chatfleet.autoscale.prometheus import (
+    capacity_query,
+    cold_start_query,
+    demand_query,
+)
 from chatfleet.telemetry.metrics import Outcome
 from tests.chart.render import ROOT, one, render
 from tests.support.metrics import families
@@ -88,8 +92,10 @@ def autoscaling_expressions() -> dict[str, str]:
 
 def operator_expressions() -> dict[str, str]:
     """What ``chatfleet operator`` asks Prometheus each tick, for the TTFT SLO bounds a policy
-    may name (the chart's 2 s and another bucket bound)."""
-    exprs = {"operator demand": demand_query("llm", "chatfleet")}
+    may name (the chart's 2 s and another bucket bound), and the cold start it learns from the
+    Deployment's pods (kube-state-metrics) for a policy that sets none."""
+    exprs = {"operator demand": demand_query("llm", "chatfleet"),
+             "operator cold start": cold_start_query("llm", "chatfleet")}
     for ttft in (0.5, 2.0):
         exprs[f"operator capacity (TTFT {ttft:g} s)"] = capacity_query(
             "llm", "chatfleet", busy_utilization=0.7, slo_error_ratio=0.01, ttft_seconds=ttft)

@@ -13,6 +13,11 @@ the policy's condition changes, and to ``chatfleet_operator_*`` metrics. The hys
 policy needs between ticks (the floor, and since when a lower one was proposed) is kept in the
 status too, so a restarted or newly elected operator carries on where the last one stopped.
 
+The cold start (the forecast's horizon) is the policy's ``coldStartSeconds`` when it sets one (a
+person's figure wins); otherwise the one learned from the Deployment's own pods (creation to first
+Ready, 90th percentile over the last hours, autoscale/prometheus.py), and until a pod has been
+seen, ``DEFAULT_COLD_START_S``. The status says which (``inputs.coldStartSource``).
+
 A policy that cannot be acted on (bounds the wrong way round, an unknown target kind, a missing
 target, Prometheus down) is reported in its status and as a Warning Event; the operator goes on
 with the other policies. One instance acts at a time: kopf peering (a ClusterKopfPeering object)
@@ -27,7 +32,7 @@ import math
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,13 +51,19 @@ from chatfleet.autoscale.policy import Decision, PolicySpec, PolicyState, decide
 from chatfleet.autoscale.prometheus import PrometheusError, PrometheusReader, ReadWindow
 from chatfleet.telemetry.metrics import TTFT_BUCKETS, OperatorMetrics, TickOutcome
 
-__all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig", "ParsedPolicy", "PolicyError",
-           "build_registry", "parse_policy", "run"]
+__all__ = ["DEFAULT_COLD_START_S", "GROUP", "MAX_COLD_START_S", "PLURAL", "VERSION",
+           "OperatorConfig", "ParsedPolicy", "PolicyError", "build_registry", "cold_start_for",
+           "parse_policy", "run"]
 
 GROUP = "chatfleet.io"
 VERSION = "v1alpha1"
 PLURAL = "chatfleetpolicies"
 MODES = ("recommend", "enforce")
+DEFAULT_COLD_START_S = 120.0
+"""The cold start of a policy that sets none, until one is learned from its pods."""
+MAX_COLD_START_S = 3600.0
+"""A learned cold start is taken up to this (the CRD's maximum for coldStartSeconds): a pod that
+sat Pending for hours (a quota, a node pool at its limit) says nothing about the next one."""
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +103,20 @@ class ParsedPolicy:
     ttft_seconds: float
     slo_error_ratio: float
     job: str | None
+    cold_start_s: float | None = None
+    """``spec.coldStartSeconds``; None: learned each tick (``spec.cold_start_s`` is then the
+    default, replaced by ``cold_start_for``'s figure)."""
+
+
+def cold_start_for(configured: float | None, learned: float | None) -> tuple[float, str]:
+    """The forecast's horizon and where it came from: the policy's figure if it has one
+    ("configured"), else the one observed on its pods ("learned", at most MAX_COLD_START_S),
+    else DEFAULT_COLD_START_S ("default")."""
+    if configured is not None:
+        return configured, "configured"
+    if learned is not None and math.isfinite(learned) and learned >= 0:
+        return min(learned, MAX_COLD_START_S), "learned"
+    return DEFAULT_COLD_START_S, "default"
 
 
 def _number(spec: Mapping[str, Any], key: str, default: float | None = None) -> float:
@@ -130,6 +155,8 @@ def parse_policy(spec: Mapping[str, Any]) -> ParsedPolicy:
     if ttft not in TTFT_BUCKETS:
         raise PolicyError(f"spec.slo.ttftSeconds {ttft:g} is not a bound of the TTFT histogram "
                           f"({', '.join(f'{b:g}' for b in TTFT_BUCKETS)})")
+    cold_start = (None if spec.get("coldStartSeconds") is None
+                  else _number(spec, "coldStartSeconds"))
     attainment = _number(slo, "attainment", 0.99)
     if not 0 < attainment <= 1:
         raise PolicyError(f"spec.slo.attainment {attainment:g} is not in (0, 1]")
@@ -137,7 +164,7 @@ def parse_policy(spec: Mapping[str, Any]) -> ParsedPolicy:
         policy = PolicySpec(
             min_replicas=_integer(spec, "minReplicas"),
             max_replicas=_integer(spec, "maxReplicas"),
-            cold_start_s=_number(spec, "coldStartSeconds", 120.0),
+            cold_start_s=DEFAULT_COLD_START_S if cold_start is None else cold_start,
             replica_capacity=_number(spec, "replicaCapacity"),
             target_utilization=_number(spec, "targetUtilization", 0.85),
             trend_window_s=_number(spec, "trendWindowSeconds", 600.0),
@@ -150,7 +177,8 @@ def parse_policy(spec: Mapping[str, Any]) -> ParsedPolicy:
     job = spec.get("job")
     return ParsedPolicy(target=TARGETS[kind], target_name=name, mode=mode, spec=policy,
                         ttft_seconds=ttft, slo_error_ratio=1 - attainment,
-                        job=job if isinstance(job, str) and job else None)
+                        job=job if isinstance(job, str) and job else None,
+                        cold_start_s=cold_start)
 
 
 def previous_state(status: Mapping[str, Any], spec: PolicySpec) -> PolicyState | None:
@@ -242,8 +270,12 @@ async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
                         "spec.scaleTargetRef.name and spec.job is not set")
         return
     now = time.time()
-    window = ReadWindow(trend_window_s=policy.spec.trend_window_s, horizon_s=policy.spec.cold_start_s)
     try:
+        learned = (None if policy.cold_start_s is not None
+                   else await runtime.reader().cold_start(namespace, job, now))
+        cold_start_s, cold_start_source = cold_start_for(policy.cold_start_s, learned)
+        spec_now = replace(policy.spec, cold_start_s=cold_start_s)
+        window = ReadWindow(trend_window_s=spec_now.trend_window_s, horizon_s=cold_start_s)
         observations = await runtime.reader().observations(
             namespace, job, now, window, slo_error_ratio=policy.slo_error_ratio,
             ttft_seconds=policy.ttft_seconds)
@@ -252,7 +284,7 @@ async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
                         TickOutcome.PROMETHEUS_ERROR, "PrometheusUnavailable", str(exc))
         return
 
-    decision = decide(policy.spec, observations, previous_state(status, policy.spec))
+    decision = decide(spec_now, observations, previous_state(status, spec_now))
     before = current_floor(policy.target, target_obj)
     after = before
     if policy.mode == "enforce" and before != decision.floor:
@@ -270,7 +302,8 @@ async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
         "ratePoints": len(observations.rates),
         "lastRate": observations.rates[-1].rate if observations.rates else None,
         "capacitySamples": len(observations.capacity_samples),
-        "coldStartSeconds": policy.spec.cold_start_s,
+        "coldStartSeconds": round(cold_start_s, 3),
+        "coldStartSource": cold_start_source,
     }, before=before, after=after)
 
 
