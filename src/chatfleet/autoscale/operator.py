@@ -166,7 +166,7 @@ def parse_policy(spec: Mapping[str, Any]) -> ParsedPolicy:
             max_replicas=_integer(spec, "maxReplicas"),
             cold_start_s=DEFAULT_COLD_START_S if cold_start is None else cold_start,
             replica_capacity=_number(spec, "replicaCapacity"),
-            target_utilization=_number(spec, "targetUtilization", 0.85),
+            target_utilization=_number(spec, "targetUtilization", 1.0),
             trend_window_s=_number(spec, "trendWindowSeconds", 600.0),
             lower_after_s=_number(spec, "lowerAfterSeconds", 600.0),
         )

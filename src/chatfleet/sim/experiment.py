@@ -106,7 +106,7 @@ class Experiment:
                            queue_per_pod)
 
     def operator(self, hpa_manifest: dict[str, Any] | None = None, *,
-                 target_utilization: float = 0.85, lower_after_s: float = 600.0) -> OperatorFloor:
+                 target_utilization: float = 1.0, lower_after_s: float = 600.0) -> OperatorFloor:
         """The operator's floor over the HPA; defaults: hpa/chatfleetpolicy.yaml's."""
         return OperatorFloor(self.hpa(hpa_manifest), PolicySpec(
             min_replicas=1, max_replicas=self.max_replicas, cold_start_s=self.cold_start_s,
