@@ -141,7 +141,7 @@ def simulate_command(
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps({
-            "trace": str(trace), "speed": speed, "cold_start_s": cold_start, "seed": seed,
+            "trace": trace.name, "speed": speed, "cold_start_s": cold_start, "seed": seed,
             "profile": profile, "engine_slots": engine_slots, "replica_capacity": capacity,
             "requests": requests, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
             "policies": {name: reports[name].as_dict() for name in chosen}}, indent=2) + "\n")
