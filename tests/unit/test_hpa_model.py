@@ -631,9 +631,9 @@ def test_chart_hpa_is_represented_exactly() -> None:
     assert (hpa.min_replicas, hpa.max_replicas) == (1, 8)
     assert hpa.metrics == (
         PodsMetric("chatfleet_queue_depth", 8.0),
-        PodsMetric("chatfleet_slot_utilization", 0.9),
+        PodsMetric("chatfleet_slot_utilization", 0.3),
     )
-    assert to_milli(hpa.metrics[1].average_value) == 900  # "900m"
+    assert to_milli(hpa.metrics[1].average_value) == 300  # "300m"
     assert hpa.behavior == Behavior(
         scale_up=ScalingRules(
             0,

@@ -184,7 +184,7 @@ def test_values_are_sent_in_truncated_milli_units() -> None:
 def test_chart_scaled_object_is_represented_exactly() -> None:
     spec = scaled_object_from_manifest(chart_manifest())
     assert spec == ScaledObjectSpec(
-        triggers=(Trigger("prometheus", 8), Trigger("prometheus", 0.9)),
+        triggers=(Trigger("prometheus", 8), Trigger("prometheus", 0.3)),
         min_replica_count=1,
         max_replica_count=8,
         polling_interval_s=15,
