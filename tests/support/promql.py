@@ -29,7 +29,7 @@ import promql_parser
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatfleet.telemetry.metrics import GatewayMetrics
+from chatfleet.telemetry.metrics import GatewayMetrics, OperatorMetrics
 from tests.support.tools import tool_path
 
 ROOT = Path(__file__).parents[2]
@@ -140,6 +140,12 @@ def gateway_metric_names() -> set[str]:
             for name in family_sample_names(family.name, family.type)}
 
 
+def operator_metric_names() -> set[str]:
+    """``chatfleet operator``'s sample names, from a fresh ``OperatorMetrics``."""
+    return {name for family in OperatorMetrics().registry.collect()
+            for name in family_sample_names(family.name, family.type)}
+
+
 def doc_table_names(heading: str, doc: Path = METRICS_DOC) -> set[str]:
     """The names in the first column of the tables of the section of ``doc`` whose heading
     starts with ``heading`` (``## ...``)."""
@@ -167,9 +173,10 @@ def recorded_names(path: Path = RULES_FILE) -> set[str]:
 
 
 def known_metric_names(*expositions: str) -> set[str]:
-    """Every name a query may read: the gateway's, those in ``expositions`` (pass engine-sim's
-    ``/metrics``), the recording rules' and docs/metrics.md's external names."""
-    names = gateway_metric_names() | recorded_names() | external_metric_names()
+    """Every name a query may read: the gateway's and the operator's, those in ``expositions``
+    (pass engine-sim's ``/metrics``), the recording rules' and docs/metrics.md's external names."""
+    names = (gateway_metric_names() | operator_metric_names() | recorded_names()
+             | external_metric_names())
     for text in expositions:
         names |= exposition_names(text)
     return names
