@@ -7,7 +7,7 @@ HPA sees the 09:00 step only when the queue forms; the operator on day 2 has day
 and raises the floor one cold start before 09:00. Reported: the whole run, and the half hour after
 each day's step. Seeds fixed.
 
-    python scripts/seasonal_case.py --out docs/autoscaling/seasonal.json    # about 10 min
+    python scripts/seasonal_case.py --out docs/autoscaling/seasonal.json    # about 6 min
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from chatfleet.autoscale.policy import DAY_S
 from chatfleet.bench.workload import EmpiricalLengths, load_trace
 from chatfleet.engines.engine_model import load_profile
 from chatfleet.sim.arrivals import RateShape, shaped_arrivals
-from chatfleet.sim.experiment import Experiment
+from chatfleet.sim.experiment import for_requests
 from chatfleet.sim.report import meets_slo, valid_arrivals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +48,13 @@ def main() -> None:
     lengths = EmpiricalLengths.from_trace(rows)
     requests = list(shaped_arrivals(workday(args.night, args.day), duration_s=args.days * DAY_S,
                                     lengths=lengths, seed=0).arrivals)
-    import yaml
-    experiment = Experiment(
-        requests=requests, profile=load_profile("llama-3-8b-l4"), engine_slots=24,
-        replica_capacity=0.54, cold_start_s=args.cold_start, max_replicas=64,
-        hpa_manifest=yaml.safe_load((ROOT / "hpa/hpa.yaml").read_text()),
-        keda_manifest=yaml.safe_load((ROOT / "hpa/keda-scaledobject.yaml").read_text()))
+    # The table's conv fleet: L4s with the 24 slots sim/capacity.py tunes for conv's lengths.
+    experiment = for_requests(requests, lengths=lengths, cold_start_s=args.cold_start,
+                              profile=load_profile("llama-3-8b-l4"), hpa_dir=ROOT / "hpa",
+                              engine_slots=24)
     print(f"{len(requests)} requests over {args.days} days, {args.night:g} -> {args.day:g} req/s "
-          f"at 09:00, cold start {args.cold_start:g} s (L4, 24 slots, 0.54 req/s per replica)")
+          f"at 09:00, cold start {args.cold_start:g} s (L4, 24 slots, "
+          f"{experiment.replica_capacity:.2f} req/s per replica)")
     results, out = {}, {}
     for policy in ("oracle", "hpa", "operator"):
         started = time.perf_counter()

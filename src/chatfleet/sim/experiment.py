@@ -13,12 +13,16 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from chatfleet.autoscale.policy import PolicySpec
 from chatfleet.bench.workload import (
     EmpiricalLengths,
+    LengthSampler,
     RequestSpec,
     TraceRow,
     trace_replay,
@@ -38,7 +42,8 @@ from chatfleet.sim.hpa import spec_from_manifest
 from chatfleet.sim.keda import scaled_object_from_manifest
 from chatfleet.sim.report import PolicyReport, Slo, summarize
 
-__all__ = ["POLICIES", "Experiment", "hpa_with_targets", "keda_with_targets", "prepare"]
+__all__ = ["POLICIES", "Experiment", "for_requests", "hpa_with_targets", "keda_with_targets",
+           "load_manifests", "prepare"]
 
 POLICIES = ("static", "hpa", "keda", "operator", "oracle")
 REACTION_LOOKAHEAD_S = 75.0
@@ -79,17 +84,20 @@ class Experiment:
     slo: Slo = field(default_factory=Slo)
     seed: int = 0
 
-    @property
+    @cached_property
     def arrivals(self) -> list[float]:
         return [float(r.at_s or 0.0) for r in self.requests]
 
+    @cached_property
     def oracle(self) -> Oracle:
+        """Stateless, so one serves every run."""
         return Oracle(self.arrivals, self.replica_capacity, self.cold_start_s)
 
+    @cached_property
     def static_replicas(self) -> int:
         """Enough for the busiest minute (static-at-peak), within max_replicas."""
-        oracle, end = self.oracle(), self.arrivals[-1]
-        peak = max(oracle.rate_at(at) for at in range(0, int(end) + 1, 15))
+        end = self.arrivals[-1]
+        peak = max(self.oracle.rate_at(at) for at in range(0, int(end) + 1, 15))
         return min(self.max_replicas, max(1, math.ceil(peak / self.replica_capacity)))
 
     def hpa(self, manifest: dict[str, Any] | None = None) -> HPAOnQueue:
@@ -115,16 +123,16 @@ class Experiment:
 
     def autoscaler(self, policy: str) -> Autoscaler:
         factories: dict[str, Callable[[], Autoscaler]] = {
-            "static": lambda: StaticReplicas(self.static_replicas()), "hpa": self.hpa,
-            "keda": self.keda, "operator": self.operator, "oracle": self.oracle}
+            "static": lambda: StaticReplicas(self.static_replicas), "hpa": self.hpa,
+            "keda": self.keda, "operator": self.operator, "oracle": lambda: self.oracle}
         return factories[policy]()
 
     def run(self, policy: str, autoscaler: Autoscaler | None = None) -> FleetResult:
         """Simulate one policy (or ``autoscaler``, started like ``policy``) over the requests."""
         # Every policy starts from the fleet the oracle would have at 0 s: sized before the trace
         # began, so the first cold start is nobody's handicap.
-        initial = (self.static_replicas() if policy == "static" else
-                   self.oracle().desired_replicas(FleetView(0.0, (), 0, 0, 0.0)))
+        initial = (self.static_replicas if policy == "static" else
+                   self.oracle.desired_replicas(FleetView(0.0, (), 0, 0, 0.0)))
         config = FleetConfig(profile=self.profile, engine_slots=self.engine_slots,
                              initial_replicas=initial, seed=self.seed,
                              cold_start_s=lambda rng: self.cold_start_s * rng.uniform(0.9, 1.1))
@@ -136,30 +144,45 @@ class Experiment:
                          lookahead_s=self.cold_start_s + REACTION_LOOKAHEAD_S)
 
 
-def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile: EngineProfile,
-            hpa_dir: Path, engine_slots: int | None = None, duration_s: float | None = None,
-            max_replicas: int = 64, seed: int = 0) -> Experiment:
-    """The experiment for a trace: requests at ``speed``, the replica's slots and capacity."""
-    import yaml
+def load_manifests(hpa_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chart's HPA and ScaledObject as shipped in ``hpa_dir`` (hpa/ of a checkout)."""
+    manifests = []
+    for name in ("hpa.yaml", "keda-scaledobject.yaml"):
+        path = hpa_dir / name
+        if not path.exists():
+            raise ValueError(f"{path} not found: run from a ChatFleet checkout or pass --hpa-dir")
+        manifests.append(yaml.safe_load(path.read_text()))
+    return manifests[0], manifests[1]
 
-    requests = [r for r in trace_replay(rows, speed=speed).arrivals
-                if duration_s is None or float(r.at_s or 0.0) < duration_s]
+
+def for_requests(requests: list[RequestSpec], *, lengths: LengthSampler, cold_start_s: float,
+                 profile: EngineProfile, hpa_dir: Path, engine_slots: int | None = None,
+                 max_replicas: int = 64, seed: int = 0) -> Experiment:
+    """The experiment for these requests: the replica's slots (tuned unless given) and its
+    capacity measured with requests of ``lengths``, and the chart's autoscalers."""
     if not requests:
-        raise ValueError("no requests left in the trace for that speed and duration")
+        raise ValueError("no requests to simulate")
+    hpa_manifest, keda_manifest = load_manifests(hpa_dir)
     slo = Slo()
-    lengths = EmpiricalLengths.from_trace(rows)
     if engine_slots is None:
         engine_slots, capacity = tuned_slots(profile, lengths=lengths, slo=slo, seed=seed)
     else:
         capacity = replica_capacity(profile, engine_slots=engine_slots, lengths=lengths, slo=slo,
                                     seed=seed)
-    manifests = {}
-    for name in ("hpa.yaml", "keda-scaledobject.yaml"):
-        path = hpa_dir / name
-        if not path.exists():
-            raise ValueError(f"{path} not found: run from a ChatFleet checkout or pass --hpa-dir")
-        manifests[name] = yaml.safe_load(path.read_text())
     return Experiment(requests=requests, profile=profile, engine_slots=engine_slots,
                       replica_capacity=capacity, cold_start_s=cold_start_s,
-                      max_replicas=max_replicas, hpa_manifest=manifests["hpa.yaml"],
-                      keda_manifest=manifests["keda-scaledobject.yaml"], slo=slo, seed=seed)
+                      max_replicas=max_replicas, hpa_manifest=hpa_manifest,
+                      keda_manifest=keda_manifest, slo=slo, seed=seed)
+
+
+def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile: EngineProfile,
+            hpa_dir: Path, engine_slots: int | None = None, duration_s: float | None = None,
+            max_replicas: int = 64, seed: int = 0) -> Experiment:
+    """The experiment for a trace replayed at ``speed`` (its first ``duration_s`` only)."""
+    requests = [r for r in trace_replay(rows, speed=speed).arrivals
+                if duration_s is None or float(r.at_s or 0.0) < duration_s]
+    if not requests:
+        raise ValueError("no requests left in the trace for that speed and duration")
+    return for_requests(requests, lengths=EmpiricalLengths.from_trace(rows),
+                        cold_start_s=cold_start_s, profile=profile, hpa_dir=hpa_dir,
+                        engine_slots=engine_slots, max_replicas=max_replicas, seed=seed)
