@@ -8,6 +8,7 @@ Read once at start-up (``Settings()``) and passed down; nothing else reads the e
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
@@ -15,11 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "AdmissionSettings",
+    "EmbeddingsSettings",
     "EngineKind",
     "EngineSettings",
+    "KnowledgeSettings",
     "LimitsSettings",
     "ServerSettings",
     "Settings",
+    "StoreKind",
     "masked_dump",
 ]
 
@@ -92,6 +96,73 @@ class LimitsSettings(BaseModel):
     """Most messages in one chat request."""
 
 
+class StoreKind(StrEnum):
+    """Where knowledge bases live."""
+
+    LOCAL = "local"
+    """Files, chunks and indexes under ``kb.data_dir``, in this process. One replica only."""
+    PGVECTOR = "pgvector"
+    """PostgreSQL with pgvector at ``kb.pg_dsn``: every replica sees every upload at once."""
+
+
+class EmbeddingsSettings(BaseModel):
+    url: str | None = None
+    """OpenAI-compatible base URL including ``/v1`` whose ``/embeddings`` embeds chunks and queries.
+    Unset: retrieval is lexical (BM25) only, and /server/configs and every RAG answer say so."""
+    model: str | None = None
+    """Embedding model name sent to that endpoint. Required with ``url``."""
+    api_key: SecretStr | None = None
+    """Bearer token for the embeddings endpoint, if it needs one. Never logged."""
+    batch_size: int = Field(64, ge=1, le=2048)
+    """Texts per /embeddings request when ingesting."""
+    max_concurrency: int = Field(4, ge=1, le=64)
+    """Embedding requests in flight at once from one ingestion."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Seconds one /embeddings request may take."""
+
+
+class KnowledgeSettings(BaseModel):
+    store: StoreKind = StoreKind.LOCAL
+    """``local`` (one replica; files under data_dir) or ``pgvector`` (shared by all replicas)."""
+    data_dir: Path = Path("data")
+    """``local`` store: knowledge bases' files and indexes live here."""
+    pg_dsn: SecretStr | None = None
+    """``pgvector`` store: libpq connection URI, e.g. postgresql://user:pass@host:5432/db. Never
+    logged."""
+    pg_pool_size: int = Field(10, ge=1, le=200)
+    """``pgvector`` store: connections kept open by one gateway process."""
+    embeddings: EmbeddingsSettings = EmbeddingsSettings()
+    chunk_size: int = Field(750, ge=50, le=100_000)
+    """Characters per chunk (Chatchat's CHUNK_SIZE)."""
+    chunk_overlap: int = Field(150, ge=0, le=50_000)
+    """Characters shared by neighbouring chunks (Chatchat's OVERLAP_SIZE)."""
+    top_k: int = Field(3, ge=1, le=100)
+    """Chunks put into a RAG prompt when the request does not say (Chatchat's VECTOR_SEARCH_TOP_K)."""
+    score_threshold: float = Field(2.0, ge=0, le=2)
+    """Default cut on a hit's score (its cosine distance to the question, halved: 0 same
+    direction, 1 opposite); hits scoring above it are dropped. Chatchat's default, 2.0, keeps all."""
+    max_upload_bytes: int = Field(64 << 20, ge=1024)
+    """Largest upload_docs / update_docs request body; larger gets a clear error, nothing stored."""
+    max_files_per_upload: int = Field(100, ge=1)
+    """Most files in one upload_docs request."""
+
+    @model_validator(mode="after")
+    def _check(self) -> KnowledgeSettings:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"kb.chunk_overlap ({self.chunk_overlap}) must be smaller than kb.chunk_size "
+                f"({self.chunk_size})")
+        if self.store is StoreKind.PGVECTOR and self.pg_dsn is None:
+            raise ValueError(
+                "kb.store is 'pgvector' but kb.pg_dsn is empty: set CHATFLEET_KB__PG_DSN to a "
+                "postgresql:// URI of a database where the vector extension exists or may be created")
+        if self.embeddings.url and not self.embeddings.model:
+            raise ValueError(
+                "kb.embeddings.url is set but kb.embeddings.model is empty: set "
+                "CHATFLEET_KB__EMBEDDINGS__MODEL to the embedding model the endpoint serves")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CHATFLEET_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -101,6 +172,7 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = AdmissionSettings()
     server: ServerSettings = ServerSettings()
     limits: LimitsSettings = LimitsSettings()
+    kb: KnowledgeSettings = KnowledgeSettings()
 
     @model_validator(mode="after")
     def _check_engine(self) -> Settings:

@@ -1,0 +1,1 @@
+"""Knowledge stores: one interface (``base.KnowledgeStore``), two backends (``local``, ``pgvector``)."""

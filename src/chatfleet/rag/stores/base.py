@@ -1,0 +1,172 @@
+"""The interface every knowledge store implements, and the values that cross it.
+
+A store keeps, per knowledge base (KB): its info line, the original files, their chunks, each
+chunk's embedding (when embeddings are configured) and a lexical index over the chunks' text. It
+answers two searches, lexical (BM25 or full-text rank) and dense (cosine distance), and the fusion
+of the two lives above it in ``rag/retrieval.py``, so both stores rank the same way.
+
+Rules every implementation keeps (``tests/integration/test_kb_stores.py`` checks them on both):
+
+- Every method is a coroutine and never blocks the event loop (CPU or disk work goes to a thread).
+- ``put_file`` is atomic: after it returns, searches see all of the file's new chunks and none of
+  its old ones; if it raises, the KB is as it was.
+- KB and file names arrive already validated (``rag/names.py``); stores do not re-check them.
+- Searches in a KB that does not exist raise ``KnowledgeBaseNotFound``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ChunkDraft",
+    "FileRecord",
+    "Hit",
+    "KnowledgeBaseExists",
+    "KnowledgeBaseNotFound",
+    "KnowledgeBaseRecord",
+    "KnowledgeStore",
+    "StoreError",
+    "StoredChunk",
+    "Vector",
+]
+
+Vector = npt.NDArray[np.float32]
+"""One embedding, unit length (stores compare by inner product = cosine similarity)."""
+
+
+class StoreError(Exception):
+    """Base of the errors a store raises on purpose."""
+
+
+class KnowledgeBaseNotFound(StoreError):
+    def __init__(self, kb: str) -> None:
+        super().__init__(f"knowledge base '{kb}' does not exist")
+        self.kb = kb
+
+
+class KnowledgeBaseExists(StoreError):
+    def __init__(self, kb: str) -> None:
+        super().__init__(f"knowledge base '{kb}' already exists")
+        self.kb = kb
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnowledgeBaseRecord:
+    name: str
+    info: str
+    """The KB's description (Chatchat's kb_info), shown to users and agents."""
+    vector_store: str
+    """The store kind that holds it: "local" or "pgvector" (Chatchat's vs_type)."""
+    embed_model: str
+    """The embedding model its vectors came from, or "" when it has none (lexical only)."""
+    file_count: int
+    created_at: float
+    """Unix seconds."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileRecord:
+    kb: str
+    file_name: str
+    size_bytes: int
+    chunk_count: int
+    loader: str
+    """The langchain loader that read it, e.g. "TextLoader"."""
+    splitter: str
+    """The langchain splitter that cut it, e.g. "RecursiveCharacterTextSplitter"."""
+    version: int
+    """1 on first upload, +1 each time the file is replaced."""
+    created_at: float
+    """Unix seconds of the first upload."""
+    modified_at: float
+    """Unix seconds of the latest upload."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkDraft:
+    """A chunk about to be stored: its text, metadata and (optionally) its embedding."""
+
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Loader metadata (source, page, row, ...), returned with every hit."""
+    embedding: Vector | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredChunk:
+    id: str
+    """Stable within the store; unique across KBs."""
+    kb: str
+    file_name: str
+    seq: int
+    """Position of the chunk in its file, from 0."""
+    text: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hit:
+    """One search result. ``score`` is the search's own measure:
+
+    - lexical: the BM25 (local) or full-text (pgvector) rank, higher is better;
+    - dense: cosine distance halved into [0, 1], lower is better (Chatchat's score direction).
+    """
+
+    chunk: StoredChunk
+    score: float
+
+
+class KnowledgeStore(Protocol):
+    kind: str
+    """ "local" or "pgvector"."""
+
+    async def start(self) -> None:
+        """Open files or connections, create what is missing, load indexes."""
+
+    async def aclose(self) -> None: ...
+
+    async def list_kbs(self) -> list[KnowledgeBaseRecord]: ...
+
+    async def get_kb(self, kb: str) -> KnowledgeBaseRecord | None: ...
+
+    async def create_kb(self, kb: str, *, info: str, embed_model: str) -> KnowledgeBaseRecord:
+        """Raises ``KnowledgeBaseExists``."""
+
+    async def delete_kb(self, kb: str) -> None:
+        """Removes the KB with its files, chunks and indexes. Raises ``KnowledgeBaseNotFound``."""
+
+    async def update_kb_info(self, kb: str, info: str) -> None:
+        """Raises ``KnowledgeBaseNotFound``."""
+
+    async def list_files(self, kb: str) -> list[FileRecord]:
+        """Raises ``KnowledgeBaseNotFound``."""
+
+    async def get_file(self, kb: str, file_name: str) -> bytes | None:
+        """The original bytes as uploaded, or None. Raises ``KnowledgeBaseNotFound``."""
+
+    async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
+                       *, loader: str, splitter: str) -> FileRecord:
+        """Store (or replace, atomically) one file and its chunks. Raises ``KnowledgeBaseNotFound``."""
+
+    async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
+        """Remove a file's chunks (and its bytes unless ``keep_content``). False if it was not
+        there. Raises ``KnowledgeBaseNotFound``."""
+
+    async def list_chunks(self, kb: str, file_name: str) -> list[StoredChunk]:
+        """A file's chunks in order. Raises ``KnowledgeBaseNotFound``."""
+
+    async def lexical_search(self, kb: str, query: str, k: int) -> list[Hit]:
+        """Best ``k`` chunks by lexical rank, best first; chunks sharing no term are left out."""
+
+    async def dense_search(self, kb: str, query: Vector, k: int) -> list[Hit]:
+        """Nearest ``k`` chunks by cosine distance, nearest first; chunks without an embedding are
+        left out."""
+
+    async def distances(self, kb: str, query: Vector, chunk_ids: Sequence[str]) -> dict[str, float]:
+        """Halved cosine distance from ``query`` to each listed chunk that has an embedding."""
