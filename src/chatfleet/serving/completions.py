@@ -11,7 +11,6 @@ away: cancellation (a disconnect) releases the slot, aborts the engine request a
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,10 +32,10 @@ from chatfleet.serving.admission import (
 )
 from chatfleet.serving.openai_format import (
     Answer,
+    ChunkFormatter,
     StreamFormatter,
     collect,
     completion_response,
-    error_body,
     stream_payloads,
 )
 from chatfleet.telemetry.metrics import GatewayMetrics, Outcome
@@ -45,7 +44,8 @@ __all__ = ["HEARTBEAT", "ROUTES", "CompletionJob", "CompletionService"]
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/chat/completions", "/v1/completions")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/chat/chat/completions", "/chat/kb_chat",
+          "/knowledge_base/{mode}/{param}/chat/completions")
 """The routes whose requests this service serves: the ``route`` label's values."""
 
 HEARTBEAT = object()
@@ -61,6 +61,15 @@ class CompletionJob:
     include_usage: bool = False
     arrived_at: float
     """time.perf_counter() when the request reached the gateway."""
+    retrieved_at: float | None = None
+    """time.perf_counter() when a knowledge-base request's retrieval finished (it then queues);
+    its TTFT is recorded split into retrieval, queue and engine time. None for plain chat."""
+    formatter: ChunkFormatter | None = None
+    """Renders the streamed payloads; None: OpenAI's chunks (``StreamFormatter``)."""
+
+    @property
+    def queued_at(self) -> float:
+        return self.arrived_at if self.retrieved_at is None else self.retrieved_at
 
 
 class _Series:
@@ -73,6 +82,8 @@ class _Series:
         self.ttft = {r: metrics.ttft_seconds.labels(model, r) for r in routes}
         self.duration = {r: metrics.request_duration_seconds.labels(model, r) for r in routes}
         self.queue_wait = {p: metrics.queue_wait_seconds.labels(model, p.value) for p in Priority}
+        self.kb_phases = tuple(metrics.kb_chat_ttft_seconds.labels(model, phase)
+                               for phase in ("retrieval", "queue", "engine"))
         self.prompt_tokens = metrics.prompt_tokens_total.labels(model)
         self.completion_tokens = metrics.completion_tokens_total.labels(model)
 
@@ -83,7 +94,8 @@ class _Series:
 class _Tracker:
     """Per-request bookkeeping for the latency and token metrics."""
 
-    __slots__ = ("admitted", "completion_tokens", "job", "last_token_at", "outcome", "series")
+    __slots__ = ("admitted", "completion_tokens", "granted_at", "job", "last_token_at", "outcome",
+                 "series")
 
     def __init__(self, job: CompletionJob, series: _Series) -> None:
         self.job = job
@@ -92,14 +104,16 @@ class _Tracker:
         self.last_token_at: float | None = None
         self.completion_tokens = 0
         self.admitted = False
+        self.granted_at = 0.0
 
     def granted(self, waiter: Waiter) -> None:
         self.admitted = True
-        self.series.queue_wait[waiter.priority].observe(time.perf_counter() - self.job.arrived_at)
+        self.granted_at = time.perf_counter()
+        self.series.queue_wait[waiter.priority].observe(self.granted_at - self.job.queued_at)
 
     def rejected(self, exc: AdmissionRejected) -> None:
         self.outcome = Outcome(exc.reason)
-        self.series.queue_wait[self.job.priority].observe(time.perf_counter() - self.job.arrived_at)
+        self.series.queue_wait[self.job.priority].observe(time.perf_counter() - self.job.queued_at)
 
     def failed(self, exc: EngineError) -> None:
         refused = isinstance(exc, EngineRequestRejected)
@@ -108,7 +122,13 @@ class _Tracker:
     def token(self, tokens: int) -> None:
         now = time.perf_counter()
         if self.last_token_at is None:
-            self.series.ttft[self.job.route].observe(now - self.job.arrived_at)
+            job = self.job
+            self.series.ttft[job.route].observe(now - job.arrived_at)
+            if job.retrieved_at is not None:
+                retrieval, queue, engine = self.series.kb_phases
+                retrieval.observe(job.retrieved_at - job.arrived_at)
+                queue.observe(self.granted_at - job.retrieved_at)
+                engine.observe(now - self.granted_at)
         else:
             self.series.itl.observe(now - self.last_token_at)
         self.last_token_at = now
@@ -210,6 +230,9 @@ class CompletionService:
                       granted: bool) -> AsyncIterator[str | object]:
         answer = Answer()
         responded = False
+        fmt: ChunkFormatter = job.formatter or StreamFormatter(
+            request_id=job.request.request_id, model=self.model, chat=job.request.is_chat,
+            include_usage=job.include_usage)
         try:
             while not granted:
                 responded = True
@@ -218,15 +241,14 @@ class CompletionService:
                     granted = await waiter.wait(self.heartbeat_interval_s)
                 except AdmissionRejected as exc:
                     tracker.rejected(exc)
-                    body = error_body(exc.message, error_type=exc.reason, code=exc.status)
-                    body["error"]["retry_after"] = exc.retry_after_s
-                    yield json.dumps(body)
-                    yield "[DONE]"
+                    yield fmt.error(exc.message, error_type=exc.reason, code=exc.status,
+                                    retry_after_s=exc.retry_after_s)
+                    done = fmt.done()
+                    if done is not None:
+                        yield done
                     return
                 if granted:
                     tracker.granted(waiter)
-            fmt = StreamFormatter(request_id=job.request.request_id, model=self.model,
-                                  chat=job.request.is_chat, include_usage=job.include_usage)
             async with aclosing(stream_payloads(fmt, self.engine.generate(job.request),
                                                 tracker.token, answer)) as payloads:
                 async for payload in payloads:
@@ -238,8 +260,10 @@ class CompletionService:
             if not responded:
                 raise  # nothing sent yet: the route answers with the engine's HTTP status
             log.warning("engine failed request %s mid-stream: %s", job.request.request_id, exc.message)
-            yield json.dumps(error_body(exc.message, error_type=exc.error_type, code=exc.status))
-            yield "[DONE]"
+            yield fmt.error(exc.message, error_type=exc.error_type, code=exc.status)
+            done = fmt.done()
+            if done is not None:
+                yield done
         finally:
             waiter.release()
             tracker.done(answer.usage)

@@ -15,12 +15,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from chatfleet.engines.base import GenerationDelta, Usage
 
-__all__ = ["Answer", "StreamFormatter", "collect", "completion_response", "error_body",
-           "new_request_id", "stream_payloads"]
+__all__ = ["Answer", "ChunkFormatter", "StreamFormatter", "collect", "completion_response",
+           "error_body", "new_request_id", "stream_payloads"]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -57,8 +57,29 @@ def completion_response(*, request_id: str, model: str, chat: bool, text: str,
             "choices": [choice], "usage": _usage(usage)}
 
 
+class ChunkFormatter(Protocol):
+    """Renders the payloads of one streamed answer (JSON text, without the SSE framing).
+
+    ``StreamFormatter`` renders OpenAI's chunks; ``serving/chatchat_format.py`` renders Chatchat's.
+    A method returning None sends nothing.
+    """
+
+    def first(self) -> str | None: ...
+
+    def token(self, text: str) -> str: ...
+
+    def finish(self, finish_reason: str) -> str | None: ...
+
+    def usage(self, usage: Usage | None) -> str | None: ...
+
+    def done(self) -> str | None: ...
+
+    def error(self, message: str, *, error_type: str, code: int,
+              retry_after_s: float | None = None) -> str: ...
+
+
 class StreamFormatter:
-    """Renders the chunks of one streamed answer as JSON strings (without the SSE framing)."""
+    """Renders the chunks of one streamed OpenAI answer as JSON strings (without the SSE framing)."""
 
     __slots__ = ("_chat", "_head", "_include_usage", "_tail", "created", "model", "request_id")
 
@@ -100,6 +121,16 @@ class StreamFormatter:
         return _dumps({"id": self.request_id, "object": obj, "created": self.created,
                        "model": self.model, "choices": [], "usage": _usage(usage)})
 
+    def done(self) -> str:
+        return "[DONE]"
+
+    def error(self, message: str, *, error_type: str, code: int,
+              retry_after_s: float | None = None) -> str:
+        body = error_body(message, error_type=error_type, code=code)
+        if retry_after_s is not None:
+            body["error"]["retry_after"] = retry_after_s
+        return _dumps(body)
+
 
 OnToken = Callable[[int], None]
 
@@ -128,9 +159,9 @@ async def collect(deltas: AsyncIterator[GenerationDelta], on_token: OnToken | No
     return answer
 
 
-async def stream_payloads(fmt: StreamFormatter, deltas: AsyncIterator[GenerationDelta],
+async def stream_payloads(fmt: ChunkFormatter, deltas: AsyncIterator[GenerationDelta],
                           on_token: OnToken | None = None, answer: Answer | None = None) -> AsyncIterator[str]:
-    """The SSE payloads of a streamed answer, ending with ``[DONE]``; fills ``answer`` if given.
+    """The SSE payloads of a streamed answer, ending with ``fmt.done()``; fills ``answer`` if given.
 
     Nothing is yielded before the engine's first delta, so a caller that primes this iterator
     sees an engine's refusal as an exception before any byte of the response is sent.
@@ -150,8 +181,6 @@ async def stream_payloads(fmt: StreamFormatter, deltas: AsyncIterator[Generation
                 yield fmt.token(delta.text)
             if delta.finish_reason is not None:
                 answer.finish_reason, answer.usage = delta.finish_reason, delta.usage
-    yield fmt.finish(answer.finish_reason)
-    usage_chunk = fmt.usage(answer.usage)
-    if usage_chunk is not None:
-        yield usage_chunk
-    yield "[DONE]"
+    for payload in (fmt.finish(answer.finish_reason), fmt.usage(answer.usage), fmt.done()):
+        if payload is not None:
+            yield payload

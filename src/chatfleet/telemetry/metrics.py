@@ -49,6 +49,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.0
                0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0,
                     120.0, 180.0, 300.0, 600.0)
+RETRIEVAL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0,
                       30.0, 60.0, 120.0, 300.0)
 # vLLM's own bucket boundaries (vllm/v1/metrics/loggers.py), so engine-sim histograms line up.
@@ -135,6 +137,26 @@ class GatewayMetrics:
             "chatfleet_draining",
             "1 after SIGTERM while in-flight requests finish, else 0.",
             registry=r)
+        self.retrieval_seconds = Histogram(
+            "chatfleet_retrieval_seconds",
+            "Time to retrieve a knowledge-base question's chunks (query embedding, both searches "
+            "and fusion), by store and retrieval mode.",
+            ["store", "mode"], buckets=RETRIEVAL_BUCKETS, registry=r)
+        self.ingest_chunks_total = Counter(
+            "chatfleet_ingest_chunks",
+            "Chunks stored in knowledge bases (uploads, updates and rebuilds), by store.",
+            ["store"], registry=r)
+        self.ingest_files_total = Counter(
+            "chatfleet_ingest_files",
+            "Files offered to a knowledge base, by store and outcome (ok, rejected: the file or "
+            "its name was refused, failed: the embeddings endpoint or the store failed).",
+            ["store", "outcome"], registry=r)
+        self.kb_chat_ttft_seconds = Histogram(
+            "chatfleet_kb_chat_ttft_seconds",
+            "Knowledge-base chat time to first token, split by phase: retrieval (arrival to "
+            "chunks retrieved), queue (to an engine slot), engine (to the first token). The phases "
+            "of one request add up to its TTFT.",
+            ["model", "phase"], buckets=TTFT_BUCKETS, registry=r)
         self.build_info = Gauge(
             "chatfleet_build_info",
             "Always 1; labels say the ChatFleet version, engine kind and served model.",
@@ -148,6 +170,8 @@ class GatewayMetrics:
         self.prompt_tokens_total.labels(model=model)
         self.completion_tokens_total.labels(model=model)
         self.itl_seconds.labels(model=model)
+        for phase in ("retrieval", "queue", "engine"):
+            self.kb_chat_ttft_seconds.labels(model=model, phase=phase)
 
 
 class EngineSimMetrics:

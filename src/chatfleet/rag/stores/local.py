@@ -1,0 +1,350 @@
+"""The embedded knowledge store: one process, everything under a data directory.
+
+Layout of ``data_dir``: ``kb.sqlite3`` (knowledge bases, files with their original bytes, chunks
+with their embeddings) and nothing else; it is the one source of truth and every change is one
+SQLite transaction, so a crash leaves a KB either before or after an upload. The indexes are kept
+in memory and rebuilt from it at start (``tests`` and docs/benchmarks.md give the time for 20k
+chunks): a ``Bm25Index`` and, once a KB has embeddings, a FAISS inner-product index over unit
+vectors (``IndexIDMap2(IndexFlatIP)``: exact search, and vectors can be read back for
+``distances``). Both are updated in place on every upload or delete, never rebuilt per query.
+
+All SQLite, FAISS and BM25 work runs in worker threads; one lock serialises it, because neither
+the indexes nor the connection may be used from two threads at once. A search holds it for a
+millisecond or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import faiss
+import numpy as np
+
+from chatfleet.rag.lexical import Bm25Index, tokenize
+from chatfleet.rag.stores.base import (
+    ChunkDraft,
+    FileRecord,
+    Hit,
+    KnowledgeBaseExists,
+    KnowledgeBaseNotFound,
+    KnowledgeBaseRecord,
+    StoredChunk,
+    Vector,
+)
+
+__all__ = ["LocalStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+PRAGMA journal_mode = WAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS kb (
+    name TEXT PRIMARY KEY, info TEXT NOT NULL, embed_model TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS file (
+    kb TEXT NOT NULL REFERENCES kb(name) ON DELETE CASCADE, file_name TEXT NOT NULL,
+    content BLOB, size INTEGER NOT NULL, loader TEXT NOT NULL, splitter TEXT NOT NULL,
+    version INTEGER NOT NULL, created_at REAL NOT NULL, modified_at REAL NOT NULL,
+    PRIMARY KEY (kb, file_name));
+CREATE TABLE IF NOT EXISTS chunk (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kb TEXT NOT NULL, file_name TEXT NOT NULL,
+    seq INTEGER NOT NULL, text TEXT NOT NULL, metadata TEXT NOT NULL, embedding BLOB,
+    FOREIGN KEY (kb, file_name) REFERENCES file(kb, file_name) ON DELETE CASCADE);
+CREATE INDEX IF NOT EXISTS chunk_by_file ON chunk (kb, file_name, seq);
+"""
+
+
+@dataclass
+class _KbIndex:
+    """One KB's in-memory search state."""
+
+    bm25: Bm25Index = field(default_factory=Bm25Index)
+    vectors: Any = None
+    """faiss.IndexIDMap2 over IndexFlatIP, created with the first embedding's dimension."""
+    chunks: dict[int, StoredChunk] = field(default_factory=dict)
+    tokens: dict[int, list[str]] = field(default_factory=dict)
+
+    def add(self, row_id: int, chunk: StoredChunk, embedding: Vector | None) -> None:
+        tokens = tokenize(chunk.text)
+        self.bm25.add(row_id, tokens)
+        self.tokens[row_id] = tokens
+        self.chunks[row_id] = chunk
+        if embedding is not None:
+            if self.vectors is None:
+                self.vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(len(embedding)))
+            self.vectors.add_with_ids(embedding.reshape(1, -1), np.array([row_id], dtype=np.int64))
+
+    def remove(self, row_ids: Sequence[int]) -> None:
+        for row_id in row_ids:
+            self.bm25.remove(row_id, self.tokens.pop(row_id))
+            del self.chunks[row_id]
+        if self.vectors is not None and row_ids:
+            self.vectors.remove_ids(np.asarray(row_ids, dtype=np.int64))
+
+
+def _vector_bytes(embedding: Vector | None) -> bytes | None:
+    return None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
+
+
+class LocalStore:
+    kind = "local"
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / "kb.sqlite3"
+        self._data_dir = data_dir
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._indexes: dict[str, _KbIndex] = {}
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return work()
+        return await asyncio.to_thread(locked)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("LocalStore.start() was not called")
+        return self._db
+
+    async def start(self) -> None:
+        def open_and_load() -> None:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            db.executescript(_SCHEMA)
+            self._db = db
+            for (name,) in db.execute("SELECT name FROM kb").fetchall():
+                self._indexes[name] = self._load_kb(name)
+        await self._run(open_and_load)
+
+    def _load_kb(self, kb: str) -> _KbIndex:
+        index = _KbIndex()
+        rows = self.db.execute(
+            "SELECT id, file_name, seq, text, metadata, embedding FROM chunk WHERE kb = ? "
+            "ORDER BY id", (kb,))
+        for row_id, file_name, seq, text, metadata, embedding in rows:
+            vector = None if embedding is None else np.frombuffer(embedding, dtype=np.float32)
+            index.add(row_id, StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
+                                          text=text, metadata=json.loads(metadata)), vector)
+        return index
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        await self._run(close)
+
+    def _index(self, kb: str) -> _KbIndex:
+        index = self._indexes.get(kb)
+        if index is None:
+            raise KnowledgeBaseNotFound(kb)
+        return index
+
+    def _kb_record(self, kb: str) -> KnowledgeBaseRecord | None:
+        row = self.db.execute(
+            "SELECT name, info, embed_model, created_at, "
+            "(SELECT count(*) FROM file WHERE file.kb = kb.name) FROM kb WHERE name = ?",
+            (kb,)).fetchone()
+        if row is None:
+            return None
+        name, info, embed_model, created_at, file_count = row
+        return KnowledgeBaseRecord(name=name, info=info, vector_store=self.kind,
+                                   embed_model=embed_model, file_count=file_count,
+                                   created_at=created_at)
+
+    async def list_kbs(self) -> list[KnowledgeBaseRecord]:
+        def work() -> list[KnowledgeBaseRecord]:
+            names = [name for (name,) in self.db.execute("SELECT name FROM kb ORDER BY name")]
+            return [record for name in names if (record := self._kb_record(name)) is not None]
+        return await self._run(work)
+
+    async def get_kb(self, kb: str) -> KnowledgeBaseRecord | None:
+        return await self._run(lambda: self._kb_record(kb))
+
+    async def create_kb(self, kb: str, *, info: str, embed_model: str) -> KnowledgeBaseRecord:
+        def work() -> KnowledgeBaseRecord:
+            try:
+                self.db.execute("INSERT INTO kb VALUES (?, ?, ?, ?)",
+                                (kb, info, embed_model, time.time()))
+            except sqlite3.IntegrityError:
+                raise KnowledgeBaseExists(kb) from None
+            self._indexes[kb] = _KbIndex()
+            record = self._kb_record(kb)
+            assert record is not None
+            return record
+        return await self._run(work)
+
+    async def delete_kb(self, kb: str) -> None:
+        def work() -> None:
+            self._index(kb)
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("DELETE FROM kb WHERE name = ?", (kb,))
+            del self._indexes[kb]
+        await self._run(work)
+
+    async def update_kb_info(self, kb: str, info: str) -> None:
+        def work() -> None:
+            self._index(kb)
+            self.db.execute("UPDATE kb SET info = ? WHERE name = ?", (info, kb))
+        await self._run(work)
+
+    def _file_records(self, kb: str, file_name: str | None = None) -> list[FileRecord]:
+        query = ("SELECT f.file_name, f.size, f.loader, f.splitter, f.version, f.created_at, "
+                 "f.modified_at, (SELECT count(*) FROM chunk c WHERE c.kb = f.kb AND "
+                 "c.file_name = f.file_name) FROM file f WHERE f.kb = ?")
+        params: tuple[str, ...] = (kb,)
+        if file_name is not None:
+            query += " AND f.file_name = ?"
+            params = (kb, file_name)
+        rows = self.db.execute(query + " ORDER BY f.file_name", params).fetchall()
+        return [FileRecord(kb=kb, file_name=name, size_bytes=size, chunk_count=chunks,
+                           loader=loader, splitter=splitter, version=version,
+                           created_at=created, modified_at=modified)
+                for name, size, loader, splitter, version, created, modified, chunks in rows]
+
+    async def list_files(self, kb: str) -> list[FileRecord]:
+        def work() -> list[FileRecord]:
+            self._index(kb)
+            return self._file_records(kb)
+        return await self._run(work)
+
+    async def get_file(self, kb: str, file_name: str) -> bytes | None:
+        def work() -> bytes | None:
+            self._index(kb)
+            row = self.db.execute("SELECT content FROM file WHERE kb = ? AND file_name = ?",
+                                  (kb, file_name)).fetchone()
+            return None if row is None else row[0]
+        return await self._run(work)
+
+    def _chunk_ids(self, kb: str, file_name: str) -> list[int]:
+        return [row_id for (row_id,) in self.db.execute(
+            "SELECT id FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))]
+
+    async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
+                       *, loader: str, splitter: str) -> FileRecord:
+        dims = {len(c.embedding) for c in chunks if c.embedding is not None}
+        if len(dims) > 1:
+            raise ValueError(f"chunks of one file have embeddings of different dimensions {dims}")
+
+        def work() -> FileRecord:
+            index = self._index(kb)
+            if dims and index.vectors is not None and index.vectors.d not in dims:
+                raise ValueError(
+                    f"embeddings of dimension {dims.pop()} cannot join knowledge base '{kb}', "
+                    f"whose vectors have dimension {index.vectors.d}: recreate its vector store")
+            now = time.time()
+            rows: list[tuple[int, StoredChunk, Vector | None]] = []
+            with self.db:
+                self.db.execute("BEGIN")
+                old_ids = self._chunk_ids(kb, file_name)
+                self.db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))
+                self.db.execute(
+                    "INSERT INTO file VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
+                    "ON CONFLICT (kb, file_name) DO UPDATE SET content = excluded.content, "
+                    "size = excluded.size, loader = excluded.loader, splitter = excluded.splitter, "
+                    "version = file.version + 1, modified_at = excluded.modified_at",
+                    (kb, file_name, content, len(content), loader, splitter, now, now))
+                for seq, draft in enumerate(chunks):
+                    cursor = self.db.execute(
+                        "INSERT INTO chunk (kb, file_name, seq, text, metadata, embedding) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (kb, file_name, seq, draft.text, json.dumps(draft.metadata),
+                         _vector_bytes(draft.embedding)))
+                    row_id = cursor.lastrowid
+                    assert row_id is not None
+                    stored = StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
+                                         text=draft.text, metadata=dict(draft.metadata))
+                    vector = (None if draft.embedding is None
+                              else np.asarray(draft.embedding, dtype=np.float32))
+                    rows.append((row_id, stored, vector))
+            # Committed: now the in-memory indexes follow (under the same lock, so no search sees
+            # a half-updated file).
+            index.remove(old_ids)
+            for row_id, stored, vector in rows:
+                index.add(row_id, stored, vector)
+            return self._file_records(kb, file_name)[0]
+        return await self._run(work)
+
+    async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
+        def work() -> bool:
+            index = self._index(kb)
+            with self.db:
+                self.db.execute("BEGIN")
+                old_ids = self._chunk_ids(kb, file_name)
+                if keep_content:
+                    self.db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?",
+                                    (kb, file_name))
+                    existed = self.db.execute(
+                        "SELECT 1 FROM file WHERE kb = ? AND file_name = ?",
+                        (kb, file_name)).fetchone() is not None
+                else:
+                    existed = self.db.execute(
+                        "DELETE FROM file WHERE kb = ? AND file_name = ?",
+                        (kb, file_name)).rowcount > 0
+            index.remove(old_ids)
+            return existed
+        return await self._run(work)
+
+    async def list_chunks(self, kb: str, file_name: str) -> list[StoredChunk]:
+        def work() -> list[StoredChunk]:
+            index = self._index(kb)
+            return sorted((c for c in index.chunks.values() if c.file_name == file_name),
+                          key=lambda c: c.seq)
+        return await self._run(work)
+
+    async def lexical_search(self, kb: str, query: str, k: int) -> list[Hit]:
+        tokens = tokenize(query)
+
+        def work() -> list[Hit]:
+            index = self._index(kb)
+            return [Hit(chunk=index.chunks[row_id], score=score)
+                    for row_id, score in index.bm25.search(tokens, k)]
+        return await self._run(work)
+
+    async def dense_search(self, kb: str, query: Vector, k: int) -> list[Hit]:
+        vector = np.asarray(query, dtype=np.float32).reshape(1, -1)
+
+        def work() -> list[Hit]:
+            index = self._index(kb)
+            if index.vectors is None or index.vectors.ntotal == 0 or k <= 0:
+                return []
+            self._check_dim(kb, index, vector.shape[1])
+            similarities, ids = index.vectors.search(vector, min(k, index.vectors.ntotal))
+            return [Hit(chunk=index.chunks[int(row_id)], score=(1.0 - float(sim)) / 2.0)
+                    for sim, row_id in zip(similarities[0], ids[0], strict=True) if row_id >= 0]
+        return await self._run(work)
+
+    @staticmethod
+    def _check_dim(kb: str, index: _KbIndex, dim: int) -> None:
+        if dim != index.vectors.d:
+            raise ValueError(f"query vector has dimension {dim}; knowledge base '{kb}' holds "
+                             f"vectors of dimension {index.vectors.d}")
+
+    async def distances(self, kb: str, query: Vector, chunk_ids: Sequence[str]) -> dict[str, float]:
+        vector = np.asarray(query, dtype=np.float32)
+
+        def work() -> dict[str, float]:
+            index = self._index(kb)
+            if index.vectors is None:
+                return {}
+            self._check_dim(kb, index, len(vector))
+            out: dict[str, float] = {}
+            for chunk_id in chunk_ids:
+                try:
+                    stored = index.vectors.reconstruct(int(chunk_id))
+                except RuntimeError:  # no embedding for that chunk
+                    continue
+                out[chunk_id] = (1.0 - float(np.dot(stored, vector))) / 2.0
+            return out
+        return await self._run(work)
