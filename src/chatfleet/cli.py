@@ -70,6 +70,11 @@ def engine_sim(
     max_num_seqs: Annotated[int | None, typer.Option(
         help="Sequences batched at once, like vLLM's --max-num-seqs (default: the profile's)")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the token text and output lengths")] = 0,
+    embedding_model: Annotated[str, typer.Option(
+        help="Model name /v1/embeddings accepts besides the served model id (what the gateway's "
+             "kb.embeddings.model names)")] = "chatfleet-sim/hashed-embedding",
+    embedding_dim: Annotated[int, typer.Option(
+        min=1, help="Dimensions of /v1/embeddings' hashed vectors")] = 256,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the simulated engine as an OpenAI-compatible server with vLLM's metric names."""
@@ -85,8 +90,9 @@ def engine_sim(
     if max_num_seqs is not None and max_num_seqs < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--max-num-seqs")
     _setup_logging(log_level)
-    uvicorn.run(create_engine_sim_app(loaded, seed=seed, max_num_seqs=max_num_seqs), host=host,
-                port=port, log_level=log_level, access_log=False)
+    sim = create_engine_sim_app(loaded, seed=seed, max_num_seqs=max_num_seqs,
+                                embedding_model=embedding_model, embedding_dim=embedding_dim)
+    uvicorn.run(sim, host=host, port=port, log_level=log_level, access_log=False)
 
 
 @app.command()

@@ -4,30 +4,42 @@ It stands in for the vLLM container where there is no GPU, and is the upstream i
 benchmarks. Like vLLM it has no admission queue of its own in front of the engine: every request
 goes straight to the engine's scheduler, which batches up to max_num_seqs and keeps the rest
 waiting (vllm:num_requests_waiting). It exports vLLM's metric names, not ChatFleet's.
-Routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+Routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, /metrics.
+
+/v1/embeddings answers with ``engines.hashed_embeddings`` (feature hashing, not a language model),
+so knowledge bases' dense retrieval runs without an embedding model. It accepts the served model
+id or the embedding model name (``--embedding-model``); /v1/models lists only the former.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from chatfleet import __version__
-from chatfleet.api.errors import ModelNotFound, install_error_handlers
+from chatfleet.api.errors import InvalidParameter, ModelNotFound, install_error_handlers
 from chatfleet.api.middleware import BodySizeLimit
 from chatfleet.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
 )
 from chatfleet.api.sse import data_frame, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.engines.engine_model import EngineProfile
+from chatfleet.engines.hashed_embeddings import DEFAULT_DIM, hashed_embeddings
 from chatfleet.engines.simulated import SimulatedEngine
 from chatfleet.serving.openai_format import (
     StreamFormatter,
@@ -41,6 +53,14 @@ from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, EngineSimMetrics, r
 __all__ = ["create_engine_sim_app"]
 
 _MAX_BODY_BYTES = 8 << 20
+_CHARS_PER_TOKEN = 4
+"""Embedding inputs are counted as the simulated engine counts prompts."""
+_MAX_INPUT_CHARS = 8192 * _CHARS_PER_TOKEN
+"""Longest text embedded: OpenAI's limit of 8192 tokens per input, in characters."""
+_INLINE_TEXTS = 64
+_INLINE_CHARS = 1 << 16
+"""Larger batches are embedded and serialized in a thread, so that the engine's steps, which run
+on this event loop, keep their modelled timing."""
 
 router = APIRouter()
 
@@ -97,6 +117,51 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _answer(request, generation, body.stream, body.include_usage())
 
 
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    state = request.app.state
+    if body.model not in (state.embedding_model, _engine(request).model):
+        raise ModelNotFound(body.model, state.embedding_model)
+    dim: int = state.embedding_dim
+    if body.dimensions is not None:
+        if body.dimensions > dim:
+            raise InvalidParameter(f"dimensions={body.dimensions} is more than this model's {dim}; "
+                                   f"ask for at most {dim} or omit it", param="dimensions")
+        dim = body.dimensions
+    texts = body.texts()
+    for i, text in enumerate(texts):
+        if len(text) > _MAX_INPUT_CHARS:
+            raise InvalidParameter(f"input[{i}] has {len(text)} characters; the limit is "
+                                   f"{_MAX_INPUT_CHARS} characters (8192 tokens) per input: "
+                                   "split it", param="input")
+    render = partial(_embedding_body, texts, dim=dim, model=body.model,
+                     encoding_format=body.encoding_format)
+    if len(texts) > _INLINE_TEXTS or sum(map(len, texts)) > _INLINE_CHARS:
+        content = await asyncio.to_thread(render)
+    else:
+        content = render()
+    return Response(content, media_type="application/json")
+
+
+def _embedding_body(texts: list[str], *, dim: int, model: str, encoding_format: str) -> bytes:
+    """The JSON of an EmbeddingResponse. A smaller ``dim`` hashes into that many dimensions
+    (every token still counts) instead of cutting the full vector short.
+
+    Built one row at a time: a single ``json.dumps`` of a large batch is one C call that holds the
+    GIL for tens of milliseconds, and so stalls the event loop even from a worker thread."""
+    vectors = hashed_embeddings(texts, dim)
+    if encoding_format == "base64":  # what the openai SDK asks for by default
+        rows = ('"' + base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") + '"'
+                for row in vectors)
+    else:
+        rows = (json.dumps(row.tolist(), separators=(",", ":")) for row in vectors)
+    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{row}}}'
+                    for i, row in enumerate(rows))
+    tokens = sum(math.ceil(len(text) / _CHARS_PER_TOKEN) for text in texts)
+    usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens}, separators=(",", ":"))
+    return f'{{"object":"list","data":[{data}],"model":{json.dumps(model)},"usage":{usage}}}'.encode()
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=_engine(request).model, created=request.app.state.started_at,
@@ -114,7 +179,11 @@ async def metrics(request: Request) -> Response:
 
 
 def create_engine_sim_app(profile: EngineProfile, *, seed: int = 0,
-                          max_num_seqs: int | None = None) -> FastAPI:
+                          max_num_seqs: int | None = None,
+                          embedding_model: str = "chatfleet-sim/hashed-embedding",
+                          embedding_dim: int = DEFAULT_DIM) -> FastAPI:
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be at least 1, got {embedding_dim}")
     model = f"chatfleet-sim/{profile.name}"
     sim_metrics = EngineSimMetrics(model_name=model)
     engine = SimulatedEngine(profile, model=model, seed=seed, max_num_seqs=max_num_seqs,
@@ -132,6 +201,8 @@ def create_engine_sim_app(profile: EngineProfile, *, seed: int = 0,
                   summary=f"Simulated vLLM engine ({profile.name}); not a language model")
     app.state.engine = engine
     app.state.sim_metrics = sim_metrics
+    app.state.embedding_model = embedding_model
+    app.state.embedding_dim = embedding_dim
     app.state.started_at = int(time.time())
     app.include_router(router)
     install_error_handlers(app)

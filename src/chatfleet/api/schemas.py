@@ -9,7 +9,7 @@ names logged, as vLLM does.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,6 +20,8 @@ __all__ = [
     "ChatCompletionResponse",
     "CompletionRequest",
     "CompletionResponse",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
     "ErrorResponse",
     "ModelList",
     "StreamOptions",
@@ -227,3 +229,71 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- embeddings --------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048
+"""Most texts in one embeddings request (OpenAI's own limit)."""
+
+
+def _input_problem(value: Any) -> str | None:
+    """What is wrong with an embeddings ``input``, or None when it is text."""
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, list):
+        return "must be a string or a list of strings"
+    if not value:
+        return "must not be an empty list: send at least one text"
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        return (f"has {len(value)} texts; the limit is {MAX_EMBEDDING_INPUTS} per request: send "
+                "them in several requests")
+    for i, item in enumerate(value):
+        if isinstance(item, int | list) and not isinstance(item, bool):
+            return ("token-id input is not supported: only text input is supported here; send a "
+                    "string or a list of strings")
+        if not isinstance(item, str):
+            return f"item {i} is {type(item).__name__}; every input must be a string"
+    return None
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's embeddings request. Token-id input (lists of ints) is refused: only text is embedded
+    here, and the gateway's embedding upstream need not share any client's tokenizer."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str = Field(min_length=1)
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        problem = _input_problem(value)
+        if problem is not None:
+            raise ValueError(problem)  # pydantic makes a 400 of ValueError, not of TypeError
+        return value
+
+    def texts(self) -> list[str]:
+        # The validator above lets only a str or a list of str through.
+        return [self.input] if isinstance(self.input, str) else cast(list[str], self.input)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+    """Floats, or with ``encoding_format: base64`` the little-endian float32 bytes in base64."""
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
