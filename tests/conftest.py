@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ def start_engine_sim(*, profile: str = "tiny-cpu", max_num_seqs: int | None = No
 
 def start_gateway(env: dict[str, str] | None = None, *, wait_ready: bool = True) -> Server:
     port = free_port()
-    full_env = {"CHATFLEET_SERVER__LOG_LEVEL": "warning", **(env or {})}
+    # Knowledge bases go to a fresh directory, never the working directory's ./data.
+    full_env = {"CHATFLEET_SERVER__LOG_LEVEL": "warning",
+                "CHATFLEET_KB__DATA_DIR": tempfile.mkdtemp(prefix="chatfleet-kb-"), **(env or {})}
     proc = ManagedProcess([sys.executable, "-m", "chatfleet", "serve", "--host", "127.0.0.1",
                            "--port", str(port)], env=full_env, name="gateway").start()
     proc.wait_http(f"http://127.0.0.1:{port}/readyz" if wait_ready else

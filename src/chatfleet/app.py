@@ -2,7 +2,8 @@
 lifespan that starts the engine, the admission controller and the readiness poller once.
 
 Route functions find everything on ``app.state``: ``settings``, ``engine``, ``admission``,
-``lifecycle``, ``metrics``, ``completions`` (the CompletionService) and ``started_at``.
+``lifecycle``, ``metrics``, ``completions`` (the CompletionService), ``knowledge`` (the
+KnowledgeService: knowledge bases and retrieval) and ``started_at``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from chatfleet import __version__
-from chatfleet.api import health, openai
+from chatfleet.api import chatchat, health, knowledge, openai
 from chatfleet.api.errors import install_error_handlers
+from chatfleet.api.knowledge import UPLOAD_PATHS
 from chatfleet.api.middleware import AdmissionGate, BodySizeLimit
 from chatfleet.engines.base import Engine
 from chatfleet.engines.engine_model import load_profile
 from chatfleet.engines.openai_compat import OpenAICompatEngine
 from chatfleet.engines.simulated import SimulatedEngine
+from chatfleet.rag.knowledge import KnowledgeService
 from chatfleet.serving.admission import AdmissionController, Priority
 from chatfleet.serving.completions import CompletionService
 from chatfleet.serving.lifecycle import Lifecycle
@@ -58,6 +61,17 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             gauge.set(admission.queued(priority))
         running_gauge.set(admission.running)
 
+    store_kind = settings.kb.store.value
+    ingest_chunks = metrics.ingest_chunks_total.labels(store_kind)
+    knowledge_service = KnowledgeService(
+        settings.kb,
+        on_retrieval=lambda mode, seconds: metrics.retrieval_seconds.labels(
+            store_kind, mode.value).observe(seconds),
+        on_chunks=ingest_chunks.inc)
+    metrics.retrieval_seconds.labels(store_kind, knowledge_service.mode.value)
+    for outcome in ("ok", "rejected", "failed"):
+        metrics.ingest_files_total.labels(store_kind, outcome)
+
     def lifecycle_changed(lifecycle: Lifecycle) -> None:
         metrics.ready.set(1 if lifecycle.ready else 0)
         metrics.draining.set(1 if lifecycle.draining else 0)
@@ -75,6 +89,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         app.state.completions = CompletionService(
             engine=engine, admission=admission, metrics=metrics, model=model,
             heartbeat_interval_s=settings.admission.heartbeat_interval_s)
+        await knowledge_service.start()
         await engine.start()
         await lifecycle.check_engine()
         lifecycle.start()
@@ -87,6 +102,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         finally:
             await lifecycle.stop()
             await engine.aclose()
+            await knowledge_service.aclose()
 
     app = FastAPI(
         title="ChatFleet",
@@ -97,10 +113,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.knowledge = knowledge_service
     app.state.started_at = int(time.time())
     app.include_router(openai.router)
+    app.include_router(chatchat.router)
+    app.include_router(knowledge.router)
     app.include_router(health.router)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes,
+                       upload_paths=UPLOAD_PATHS, max_upload_bytes=settings.kb.max_upload_bytes)
     app.add_middleware(AdmissionGate)  # outermost of ours: a certain 429 costs the least
     return app

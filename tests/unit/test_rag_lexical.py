@@ -9,8 +9,7 @@ import pytest
 
 from chatfleet.rag.lexical import Bm25Index, tokenize
 
-WORDS = ("kubernetes pod replica gateway queue engine token latency vector index chunk file "
-         "answer question policy scale cold start prompt cache batch slot drain metric").split()
+WORDS = ["kubernetes", "pod", "replica", "gateway", "queue", "engine", "token", "latency", "vector", "index", "chunk", "file", "answer", "question", "policy", "scale", "cold", "start", "prompt", "cache", "batch", "slot", "drain", "metric"]
 
 
 def _corpus(n: int, seed: int = 7) -> list[list[str]]:

@@ -14,8 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatfleet.api.chatchat_envelope import envelope, is_chatchat_path
 from chatfleet.engines.base import EngineError
 from chatfleet.serving.admission import AdmissionRejected
+from chatfleet.serving.completions import ROUTES
 from chatfleet.serving.openai_format import error_body
 
 __all__ = ["InvalidParameter", "ModelNotFound", "error_response", "install_error_handlers",
@@ -39,14 +41,18 @@ class InvalidParameter(Exception):
 
 
 def error_response(status: int, message: str, *, error_type: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """OpenAI's error envelope; on Chatchat's routes (``path``) Chatchat's ``{code, msg, data}``
+    with the same HTTP status."""
+    if is_chatchat_path(path):
+        return envelope(status, message, http_status=status, headers=headers)
     return JSONResponse(error_body(message, error_type=error_type, code=status, param=param),
                         status_code=status, headers=headers)
 
 
-def rejection_response(exc: AdmissionRejected) -> JSONResponse:
+def rejection_response(exc: AdmissionRejected, path: str = "") -> JSONResponse:
     return error_response(exc.status, exc.message, error_type=exc.reason,
-                          headers={"Retry-After": str(exc.retry_after_s)})
+                          headers={"Retry-After": str(exc.retry_after_s)}, path=path)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -72,7 +78,7 @@ def _count_invalid(request: Request) -> None:
     """Count a completion request refused before admission as outcome=invalid."""
     service = getattr(request.app.state, "completions", None)
     route = request.scope.get("route")
-    if service is not None and route is not None and route.path.startswith("/v1/"):
+    if service is not None and route is not None and route.path in ROUTES:
         service.record_invalid(route.path)
 
 
@@ -81,7 +87,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         _count_invalid(request)
         message, param = validation_message(exc)
-        return error_response(400, message, error_type="invalid_request_error", param=param)
+        # Chatchat's routes answer a malformed body with 422, as FastAPI does there.
+        status = 422 if is_chatchat_path(request.url.path) else 400
+        return error_response(status, message, error_type="invalid_request_error", param=param,
+                              path=request.url.path)
 
     @app.exception_handler(InvalidParameter)
     async def _bad_param(request: Request, exc: InvalidParameter) -> JSONResponse:
@@ -95,12 +104,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdmissionRejected)
     async def _rejected(request: Request, exc: AdmissionRejected) -> JSONResponse:
-        return rejection_response(exc)
+        return rejection_response(exc, request.url.path)
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError) -> JSONResponse:
         headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
-        return error_response(exc.status, exc.message, error_type=exc.error_type, headers=headers)
+        return error_response(exc.status, exc.message, error_type=exc.error_type, headers=headers,
+                              path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -112,9 +122,10 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return error_response(exc.status_code, message, error_type=kind,
-                              headers=getattr(exc, "headers", None))
+                              headers=getattr(exc, "headers", None), path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error; it was logged", error_type="internal_error")
+        return error_response(500, "internal error; it was logged", error_type="internal_error",
+                              path=request.url.path)

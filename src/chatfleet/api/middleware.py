@@ -7,6 +7,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatfleet.api.chatchat_envelope import is_chatchat_path
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import ROUTES
 
@@ -23,23 +24,35 @@ class BodySizeLimit:
     which FastAPI re-raises as is, so the app's error handler answers it.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, upload_paths: tuple[str, ...] = (),
+                 max_upload_bytes: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_paths = frozenset(upload_paths)
+        self.max_upload_bytes = max_upload_bytes
 
-    def _message(self, size: int) -> str:
-        return (f"request body is {size} bytes or more; the limit is {self.max_bytes} bytes "
-                "(limits.max_body_bytes): send a shorter prompt")
+    def _limit(self, path: str) -> tuple[int, str, str]:
+        """The limit for a path, the setting that holds it, and what to do instead."""
+        if path in self.upload_paths:
+            return (self.max_upload_bytes, "kb.max_upload_bytes",
+                    "upload fewer or smaller files per request")
+        return self.max_bytes, "limits.max_body_bytes", "send a shorter prompt"
+
+    def _message(self, path: str, size: int) -> str:
+        limit, setting, fix = self._limit(path)
+        return f"request body is {size} bytes or more; the limit is {limit} bytes ({setting}): {fix}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        limit = self._limit(path)[0]
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 declared = int(value) if value.isdigit() else 0
-                if declared > self.max_bytes:
-                    await self._reject(send, declared)
+                if declared > limit:
+                    await self._reject(send, path, declared)
                     return
         received = 0
 
@@ -48,15 +61,19 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, self._message(received))
+                if received > limit:
+                    raise HTTPException(413, self._message(path, received))
             return message
 
         await self.app(scope, counting_receive, send)
 
-    async def _reject(self, send: Send, size: int) -> None:
-        body = json.dumps({"error": {"message": self._message(size), "type": "request_too_large",
-                                     "param": None, "code": 413}}).encode()
+    async def _reject(self, send: Send, path: str, size: int) -> None:
+        message = self._message(path, size)
+        if is_chatchat_path(path):
+            body = json.dumps({"code": 413, "msg": message, "data": None}).encode()
+        else:
+            body = json.dumps({"error": {"message": message, "type": "request_too_large",
+                                         "param": None, "code": 413}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
@@ -82,9 +99,11 @@ class AdmissionGate:
             if service is not None:
                 rejection = service.certain_rejection(scope["path"], _header_priority(scope))
                 if rejection is not None:
-                    body = json.dumps({"error": {
-                        "message": rejection.message, "type": rejection.reason, "param": None,
-                        "code": rejection.status}}).encode()
+                    body = json.dumps(
+                        {"code": rejection.status, "msg": rejection.message, "data": None}
+                        if is_chatchat_path(scope["path"]) else
+                        {"error": {"message": rejection.message, "type": rejection.reason,
+                                   "param": None, "code": rejection.status}}).encode()
                     await send({"type": "http.response.start", "status": rejection.status,
                                 "headers": [(b"content-type", b"application/json"),
                                             (b"content-length", str(len(body)).encode()),

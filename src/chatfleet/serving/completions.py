@@ -82,7 +82,7 @@ class _Series:
         self.ttft = {r: metrics.ttft_seconds.labels(model, r) for r in routes}
         self.duration = {r: metrics.request_duration_seconds.labels(model, r) for r in routes}
         self.queue_wait = {p: metrics.queue_wait_seconds.labels(model, p.value) for p in Priority}
-        self.kb_phases = tuple(metrics.kb_chat_ttft_seconds.labels(model, phase)
+        self.kb_phases = tuple(metrics.knowledge_chat_ttft_seconds.labels(model, phase)
                                for phase in ("retrieval", "queue", "engine"))
         self.prompt_tokens = metrics.prompt_tokens_total.labels(model)
         self.completion_tokens = metrics.completion_tokens_total.labels(model)

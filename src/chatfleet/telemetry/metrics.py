@@ -151,8 +151,8 @@ class GatewayMetrics:
             "Files offered to a knowledge base, by store and outcome (ok, rejected: the file or "
             "its name was refused, failed: the embeddings endpoint or the store failed).",
             ["store", "outcome"], registry=r)
-        self.kb_chat_ttft_seconds = Histogram(
-            "chatfleet_kb_chat_ttft_seconds",
+        self.knowledge_chat_ttft_seconds = Histogram(
+            "chatfleet_knowledge_chat_ttft_seconds",
             "Knowledge-base chat time to first token, split by phase: retrieval (arrival to "
             "chunks retrieved), queue (to an engine slot), engine (to the first token). The phases "
             "of one request add up to its TTFT.",
@@ -171,7 +171,7 @@ class GatewayMetrics:
         self.completion_tokens_total.labels(model=model)
         self.itl_seconds.labels(model=model)
         for phase in ("retrieval", "queue", "engine"):
-            self.kb_chat_ttft_seconds.labels(model=model, phase=phase)
+            self.knowledge_chat_ttft_seconds.labels(model=model, phase=phase)
 
 
 class EngineSimMetrics:

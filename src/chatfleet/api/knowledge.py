@@ -1,0 +1,422 @@
+"""Chatchat 0.3.1.3's knowledge-base routes: /knowledge_base/* (docs/api.md lists each).
+
+Same paths, fields, defaults and ``{code, msg, data}`` envelopes as Chatchat, so its WebUI and
+scripts work; the work goes to the ``KnowledgeService`` on ``app.state.knowledge``. Names are
+validated before anything is read or stored (``rag/names.py``); a refused name or file is reported
+per file in ``failed_files`` with the reason, and leaves the knowledge base unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Body, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from chatfleet.api.chatchat_envelope import envelope
+from chatfleet.rag.embeddings import EmbeddingError
+from chatfleet.rag.ingest import SplitOptions
+from chatfleet.rag.knowledge import KnowledgeService
+from chatfleet.rag.loaders import EmptyDocument, UnreadableDocument, UnsupportedFileType
+from chatfleet.rag.names import InvalidName, validate_file_name, validate_kb_name
+from chatfleet.rag.stores.base import (
+    FileRecord,
+    KnowledgeBaseExists,
+    KnowledgeBaseNotFound,
+)
+
+__all__ = ["UPLOAD_PATHS", "file_record", "router"]
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/knowledge_base", tags=["chatchat knowledge base"])
+
+UPLOAD_PATHS = ("/knowledge_base/upload_docs",)
+"""Routes whose bodies carry files: their limit is kb.max_upload_bytes, not limits.max_body_bytes."""
+
+_FILE_REFUSED = (InvalidName, UnsupportedFileType, EmptyDocument, UnreadableDocument)
+
+
+def _knowledge(request: Request) -> KnowledgeService:
+    return request.app.state.knowledge
+
+
+def _not_found(kb: str) -> Response:
+    return envelope(404, f"未找到知识库 {kb} (knowledge base '{kb}' does not exist; "
+                         "see /knowledge_base/list_knowledge_bases)")
+
+
+def _bad_name(exc: InvalidName) -> Response:
+    return envelope(403, str(exc))
+
+
+def file_record(record: FileRecord, index: int = 0) -> dict[str, Any]:
+    """A file as Chatchat's list_files shows it (its knowledge_file table row)."""
+    return {
+        "No": index + 1, "kb_name": record.kb, "file_name": record.file_name,
+        "file_ext": PurePosixPath(record.file_name).suffix.lower(),
+        "file_version": record.version, "document_loader": record.loader,
+        "docs_count": record.chunk_count, "text_splitter": record.splitter,
+        "create_time": record.created_at, "in_folder": True, "in_db": record.chunk_count > 0,
+        "file_mtime": record.modified_at, "file_size": record.size_bytes, "custom_docs": False,
+    }
+
+
+@router.get("/list_knowledge_bases", summary="List knowledge bases (Chatchat)")
+async def list_knowledge_bases(request: Request) -> Response:
+    kbs = await _knowledge(request).store.list_kbs()
+    return envelope(200, "success", [
+        {"id": i + 1, "kb_name": kb.name, "kb_info": kb.info, "vs_type": kb.vector_store,
+         "embed_model": kb.embed_model, "file_count": kb.file_count,
+         "create_time": datetime.fromtimestamp(kb.created_at).isoformat(timespec="seconds")}
+        for i, kb in enumerate(kbs)])
+
+
+class CreateKnowledgeBase(BaseModel):
+    knowledge_base_name: str = Field(examples=["samples"])
+    vector_store_type: str = Field("", description="Chatchat's vs_type; ChatFleet uses its "
+                                   "configured store (kb.store) whatever this says")
+    kb_info: str = ""
+    embed_model: str = Field("", description="Ignored: the configured kb.embeddings.model is used")
+
+
+@router.post("/create_knowledge_base", summary="Create a knowledge base (Chatchat)")
+async def create_knowledge_base(body: CreateKnowledgeBase, request: Request) -> Response:
+    if not body.knowledge_base_name.strip():
+        return envelope(404, "知识库名称不能为空，请重新填写知识库名称 (knowledge_base_name is empty)")
+    try:
+        name = validate_kb_name(body.knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    knowledge = _knowledge(request)
+    try:
+        await knowledge.store.create_kb(name, info=body.kb_info, embed_model=knowledge.embed_model)
+    except KnowledgeBaseExists:
+        return envelope(404, f"已存在同名知识库 {name} (a knowledge base named '{name}' exists)")
+    return envelope(200, f"已新增知识库 {name}")
+
+
+@router.post("/delete_knowledge_base", summary="Delete a knowledge base (Chatchat; the body "
+             "is a bare JSON string)")
+async def delete_knowledge_base(request: Request,
+                                knowledge_base_name: Annotated[str, Body(examples=["samples"])]
+                                ) -> Response:
+    try:
+        name = validate_kb_name(knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    try:
+        await _knowledge(request).store.delete_kb(name)
+    except KnowledgeBaseNotFound:
+        return _not_found(name)
+    return envelope(200, f"成功删除知识库 {name}")
+
+
+@router.get("/list_files", summary="List a knowledge base's files (Chatchat)")
+async def list_files(request: Request, knowledge_base_name: str) -> Response:
+    try:
+        name = validate_kb_name(knowledge_base_name)
+    except InvalidName as exc:
+        return envelope(403, str(exc), [])
+    try:
+        files = await _knowledge(request).store.list_files(name)
+    except KnowledgeBaseNotFound:
+        return envelope(404, f"未找到知识库 {name}", [])
+    return envelope(200, "success", [file_record(f, i) for i, f in enumerate(files)])
+
+
+class SearchDocs(BaseModel):
+    query: str = ""
+    knowledge_base_name: str = Field(examples=["samples"])
+    top_k: int | None = Field(None, ge=1, le=100, description="Default: kb.top_k (3)")
+    score_threshold: float | None = Field(None, ge=0.0, le=2.0,
+                                          description="Default: kb.score_threshold (2.0, keeps all)")
+    file_name: str = Field("", description="With an empty query: list this file's chunks")
+    metadata: dict[str, Any] = Field(default_factory=dict,
+                                     description="With an empty query: keep chunks whose metadata "
+                                     "has these top-level values")
+
+
+def _document(chunk: Any, score: float | None) -> dict[str, Any]:
+    """A chunk as Chatchat's DocumentWithVSId."""
+    metadata = {**chunk.metadata, "id": chunk.id, "source": chunk.file_name}
+    return {"page_content": chunk.text, "metadata": metadata, "type": "Document", "id": chunk.id,
+            "score": 0.0 if score is None else score}
+
+
+@router.post("/search_docs", summary="Search a knowledge base (Chatchat; a bare list of documents)")
+async def search_docs(body: SearchDocs, request: Request) -> Response:
+    knowledge = _knowledge(request)
+    try:
+        name = validate_kb_name(body.knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    try:
+        if body.query:
+            result = await knowledge.retriever.retrieve(
+                name, body.query, top_k=body.top_k or knowledge.settings.top_k,
+                score_threshold=(knowledge.settings.score_threshold if body.score_threshold is None
+                                 else body.score_threshold))
+            docs = [_document(hit.chunk, hit.score) for hit in result.chunks]
+        elif body.file_name or body.metadata:
+            files = ([body.file_name] if body.file_name
+                     else [f.file_name for f in await knowledge.store.list_files(name)])
+            docs = []
+            for file_name in files:
+                for chunk in await knowledge.store.list_chunks(name, file_name):
+                    if all(chunk.metadata.get(k) == v for k, v in body.metadata.items()):
+                        docs.append(_document(chunk, None))
+        else:
+            docs = []
+    except KnowledgeBaseNotFound:
+        docs = []  # Chatchat answers a missing KB with an empty list here
+    except EmbeddingError as exc:
+        return envelope(500, f"the embeddings endpoint failed: {exc}")
+    return Response(json.dumps(docs, ensure_ascii=False), media_type="application/json")
+
+
+async def _ingest_files(request: Request, kb: str, files: list[tuple[str, bytes]],
+                        split: SplitOptions, *, override: bool) -> dict[str, str]:
+    """Ingest each file; the failed ones with their reasons (Chatchat's ``failed_files``)."""
+    knowledge = _knowledge(request)
+    metrics = request.app.state.metrics
+    store_kind = knowledge.store.kind
+    existing = set() if override else {f.file_name for f in await knowledge.store.list_files(kb)}
+    failed: dict[str, str] = {}
+    for file_name, content in files:
+        outcome = "ok"
+        try:
+            if file_name in existing:
+                failed[file_name] = (f"文件 {file_name} 已存在。(a file of that name exists; send "
+                                     "override=true to replace it)")
+                outcome = "rejected"
+            else:
+                await knowledge.ingestor.ingest(kb, file_name, content, split)
+        except _FILE_REFUSED as exc:
+            failed[file_name] = str(exc)
+            outcome = "rejected"
+        except EmbeddingError as exc:
+            failed[file_name] = f"the embeddings endpoint failed, nothing was stored: {exc}"
+            outcome = "failed"
+        metrics.ingest_files_total.labels(store_kind, outcome).inc()
+    return failed
+
+
+def _split(request: Request, chunk_size: int | None, chunk_overlap: int | None
+           ) -> SplitOptions | Response:
+    try:
+        return _knowledge(request).split_options(chunk_size, chunk_overlap)
+    except ValueError as exc:
+        return envelope(422, str(exc))
+
+
+@router.post("/upload_docs", summary="Upload files into a knowledge base (Chatchat; multipart)")
+async def upload_docs(
+    request: Request,
+    files: Annotated[list[UploadFile], File(description="Files to add (txt, md, html, pdf, docx, csv)")],
+    knowledge_base_name: Annotated[str, Form(examples=["samples"])],
+    override: Annotated[bool, Form()] = False,
+    to_vector_store: Annotated[bool, Form()] = True,
+    chunk_size: Annotated[int | None, Form()] = None,
+    chunk_overlap: Annotated[int | None, Form()] = None,
+    zh_title_enhance: Annotated[bool, Form()] = False,
+    docs: Annotated[str, Form()] = "",
+    not_refresh_vs_cache: Annotated[bool, Form()] = False,
+) -> Response:
+    try:
+        kb = validate_kb_name(knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    knowledge = _knowledge(request)
+    if await knowledge.store.get_kb(kb) is None:
+        return _not_found(kb)
+    limit = knowledge.settings.max_files_per_upload
+    if len(files) > limit:
+        return envelope(422, f"{len(files)} files in one upload; at most {limit} "
+                             "(kb.max_files_per_upload): upload them in smaller groups")
+    if docs:
+        return envelope(422, "custom docs are not supported: upload the files themselves")
+    split = _split(request, chunk_size, chunk_overlap)
+    if isinstance(split, Response):
+        return split
+    named: list[tuple[str, bytes]] = []
+    failed: dict[str, str] = {}
+    for upload in files:
+        raw_name = upload.filename or ""
+        try:
+            named.append((validate_file_name(raw_name), await upload.read()))
+        except InvalidName as exc:
+            failed[raw_name] = str(exc)
+            request.app.state.metrics.ingest_files_total.labels(knowledge.store.kind,
+                                                                "rejected").inc()
+    if to_vector_store:
+        failed |= await _ingest_files(request, kb, named, split, override=override)
+    else:
+        failed |= {name: "to_vector_store=false is not supported: ChatFleet stores a file "
+                         "with its chunks, so it is searchable as soon as it is stored"
+                   for name, _ in named}
+    return envelope(200, "文件上传与向量化完成", {"failed_files": failed})
+
+
+class DeleteDocs(BaseModel):
+    knowledge_base_name: str = Field(examples=["samples"])
+    file_names: list[str] = Field(examples=[["file_name.md", "test.txt"]])
+    delete_content: bool = False
+    not_refresh_vs_cache: bool = False
+
+
+@router.post("/delete_docs", summary="Delete files from a knowledge base (Chatchat)")
+async def delete_docs(body: DeleteDocs, request: Request) -> Response:
+    try:
+        kb = validate_kb_name(body.knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    store = _knowledge(request).store
+    failed: dict[str, str] = {}
+    try:
+        for raw_name in body.file_names:
+            try:
+                name = validate_file_name(raw_name)
+            except InvalidName as exc:
+                failed[raw_name] = str(exc)
+                continue
+            if not await store.delete_file(kb, name, keep_content=not body.delete_content):
+                failed[raw_name] = f"未找到文件 {name}"
+    except KnowledgeBaseNotFound:
+        return _not_found(kb)
+    return envelope(200, "文件删除完成", {"failed_files": failed})
+
+
+class UpdateInfo(BaseModel):
+    knowledge_base_name: str = Field(examples=["samples"])
+    kb_info: str
+
+
+@router.post("/update_info", summary="Change a knowledge base's description (Chatchat)")
+async def update_info(body: UpdateInfo, request: Request) -> Response:
+    try:
+        kb = validate_kb_name(body.knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    try:
+        await _knowledge(request).store.update_kb_info(kb, body.kb_info)
+    except KnowledgeBaseNotFound:
+        return _not_found(kb)
+    return envelope(200, "知识库介绍修改完成", {"kb_info": body.kb_info})
+
+
+class UpdateDocs(BaseModel):
+    knowledge_base_name: str = Field(examples=["samples"])
+    file_names: list[str] = Field(examples=[["file_name.md", "test.txt"]])
+    chunk_size: int | None = None
+    chunk_overlap: int | None = None
+    zh_title_enhance: bool = False
+    override_custom_docs: bool = False
+    docs: str = ""
+    not_refresh_vs_cache: bool = False
+
+
+@router.post("/update_docs", summary="Re-split and re-embed stored files (Chatchat)")
+async def update_docs(body: UpdateDocs, request: Request) -> Response:
+    try:
+        kb = validate_kb_name(body.knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    if body.docs:
+        return envelope(422, "custom docs are not supported: upload the files themselves")
+    split = _split(request, body.chunk_size, body.chunk_overlap)
+    if isinstance(split, Response):
+        return split
+    store = _knowledge(request).store
+    if await store.get_kb(kb) is None:
+        return _not_found(kb)
+    files: list[tuple[str, bytes]] = []
+    failed: dict[str, str] = {}
+    for raw_name in body.file_names:
+        try:
+            name = validate_file_name(raw_name)
+        except InvalidName as exc:
+            failed[raw_name] = str(exc)
+            continue
+        content = await store.get_file(kb, name)
+        if content is None:
+            failed[raw_name] = f"未找到文件 {name} (no stored file of that name)"
+        else:
+            files.append((name, content))
+    failed |= await _ingest_files(request, kb, files, split, override=True)
+    return envelope(200, "更新文档完成", {"failed_files": failed})
+
+
+@router.get("/download_doc", summary="Download a stored file (Chatchat)")
+async def download_doc(request: Request, knowledge_base_name: str, file_name: str,
+                       preview: Annotated[bool, Query()] = False) -> Response:
+    try:
+        kb = validate_kb_name(knowledge_base_name)
+        name = validate_file_name(file_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    try:
+        content = await _knowledge(request).store.get_file(kb, name)
+    except KnowledgeBaseNotFound:
+        return _not_found(kb)
+    if content is None:
+        return envelope(500, f"{name} 读取文件失败 (no file '{name}' in '{kb}')")
+    disposition = "inline" if preview else "attachment"
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return Response(content, media_type=media_type, headers={
+        "Content-Disposition": f"{disposition}; filename*=utf-8''{quote(name)}"})
+
+
+class RecreateVectorStore(BaseModel):
+    knowledge_base_name: str = Field(examples=["samples"])
+    allow_empty_kb: bool = True
+    vs_type: str = ""
+    embed_model: str = ""
+    chunk_size: int | None = None
+    chunk_overlap: int | None = None
+    zh_title_enhance: bool = False
+    not_refresh_vs_cache: bool = False
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\r\n\r\n"
+
+
+@router.post("/recreate_vector_store", summary="Rebuild a knowledge base's chunks from its "
+             "stored files (Chatchat; SSE progress)")
+async def recreate_vector_store(body: RecreateVectorStore, request: Request) -> Response:
+    knowledge = _knowledge(request)
+    try:
+        kb = validate_kb_name(body.knowledge_base_name)
+    except InvalidName as exc:
+        return _bad_name(exc)
+    split = _split(request, body.chunk_size, body.chunk_overlap)
+    if isinstance(split, Response):
+        return split
+
+    async def progress() -> Any:
+        if await knowledge.store.get_kb(kb) is None:
+            if not body.allow_empty_kb:
+                yield _event({"code": 404, "msg": f"未找到知识库 ‘{kb}’"})
+                return
+            await knowledge.store.create_kb(kb, info="", embed_model=knowledge.embed_model)
+        try:
+            async for step in knowledge.recreate(kb, split):
+                if step.error is None:
+                    yield _event({"code": 200, "msg": f"({step.finished} / {step.total}): "
+                                  f"{step.file_name}", "total": step.total,
+                                  "finished": step.finished, "doc": step.file_name})
+                else:
+                    yield _event({"code": 500, "msg": f"添加文件‘{step.file_name}’到知识库‘{kb}’"
+                                  f"时出错：{step.error}。已跳过。"})
+        except EmbeddingError as exc:
+            yield _event({"code": 500, "msg": f"the embeddings endpoint failed: {exc}"})
+
+    return StreamingResponse(progress(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

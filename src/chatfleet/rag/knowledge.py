@@ -1,0 +1,106 @@
+"""The knowledge service: one object holding a process's store, embedder, retriever and ingestor.
+
+Built once from ``KnowledgeSettings`` by the app's lifespan and kept on ``app.state.knowledge``;
+the knowledge-base and chat routes only call it. It also rebuilds a KB's chunks from its stored
+files (``recreate``), which is how a KB moves to new split settings or a new embedding model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from chatfleet.rag.embeddings import Embedder, EmbeddingError
+from chatfleet.rag.ingest import Ingestor, SplitOptions
+from chatfleet.rag.retrieval import RetrievalMode, Retriever
+from chatfleet.rag.stores.base import FileRecord, KnowledgeStore
+from chatfleet.rag.stores.local import LocalStore
+from chatfleet.rag.stores.pgvector import PgVectorStore
+from chatfleet.settings import KnowledgeSettings, StoreKind
+
+__all__ = ["KnowledgeService", "RebuildProgress", "build_store"]
+
+
+def build_store(settings: KnowledgeSettings) -> KnowledgeStore:
+    if settings.store is StoreKind.PGVECTOR:
+        assert settings.pg_dsn is not None  # checked by KnowledgeSettings
+        return PgVectorStore(settings.pg_dsn.get_secret_value(), pool_size=settings.pg_pool_size)
+    return LocalStore(settings.data_dir)
+
+
+def build_embedder(settings: KnowledgeSettings) -> Embedder | None:
+    embeddings = settings.embeddings
+    if not embeddings.url:
+        return None
+    assert embeddings.model is not None  # checked by KnowledgeSettings
+    return Embedder(base_url=embeddings.url, model=embeddings.model,
+                    api_key=embeddings.api_key.get_secret_value() if embeddings.api_key else None,
+                    batch_size=embeddings.batch_size, max_concurrency=embeddings.max_concurrency,
+                    timeout_s=embeddings.timeout_s)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RebuildProgress:
+    """One file of a ``recreate``: done (``record``) or failed (``error``)."""
+
+    total: int
+    finished: int
+    file_name: str
+    record: FileRecord | None = None
+    error: str | None = None
+
+
+class KnowledgeService:
+    def __init__(self, settings: KnowledgeSettings, *, store: KnowledgeStore | None = None,
+                 on_retrieval: Callable[[RetrievalMode, float], None] | None = None,
+                 on_chunks: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.store = store if store is not None else build_store(settings)
+        self.embedder = build_embedder(settings)
+        self.retriever = Retriever(self.store, self.embedder, on_retrieval=on_retrieval)
+        self.ingestor = Ingestor(self.store, self.embedder, on_chunks=on_chunks)
+
+    @property
+    def mode(self) -> RetrievalMode:
+        return self.retriever.mode
+
+    @property
+    def embed_model(self) -> str:
+        """The embedding model new KBs are recorded with; "" without embeddings."""
+        return (self.settings.embeddings.model or "") if self.embedder is not None else ""
+
+    def split_options(self, chunk_size: int | None = None,
+                      chunk_overlap: int | None = None) -> SplitOptions:
+        """The request's split settings, the configured ones where it gives none. Raises ValueError."""
+        return SplitOptions(
+            chunk_size=self.settings.chunk_size if chunk_size is None else chunk_size,
+            chunk_overlap=self.settings.chunk_overlap if chunk_overlap is None else chunk_overlap)
+
+    async def start(self) -> None:
+        if self.embedder is not None:
+            await self.embedder.start()
+        await self.store.start()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+        if self.embedder is not None:
+            await self.embedder.aclose()
+
+    async def recreate(self, kb: str, split: SplitOptions) -> AsyncIterator[RebuildProgress]:
+        """Re-load, re-split and re-embed every stored file of ``kb``, one at a time. A file that
+        fails keeps its old chunks and is reported; the others go on."""
+        files = await self.store.list_files(kb)
+        for finished, file in enumerate(files, start=1):
+            content = await self.store.get_file(kb, file.file_name)
+            if content is None:
+                yield RebuildProgress(total=len(files), finished=finished, file_name=file.file_name,
+                                      error="its content was deleted; upload it again")
+                continue
+            try:
+                record = await self.ingestor.ingest(kb, file.file_name, content, split)
+            except (ValueError, EmbeddingError) as exc:
+                yield RebuildProgress(total=len(files), finished=finished,
+                                      file_name=file.file_name, error=str(exc))
+                continue
+            yield RebuildProgress(total=len(files), finished=finished, file_name=file.file_name,
+                                  record=record)

@@ -1,0 +1,89 @@
+"""Chatchat 0.3.1.3's answer shapes (its ``OpenAIChatOutput``), for its chat routes.
+
+A streamed answer is a series of ``chat.completion.chunk`` objects, each with a new id
+(``chat<uuid4>``), Chatchat's extra fields (status, message_type, message_id, is_ref) and
+``choices: [{"delta": {"content", "tool_calls"}, "role"}]``; no ``[DONE]`` at the end. A
+knowledge-base answer opens with a chunk of empty content carrying ``docs`` (the references);
+every chunk has ``status: null``, which is what its WebUI shows as the answer (agent statuses
+are shown only in its agent view). The non-streamed answer is one ``chat.completion`` object (Chatchat's kb_chat sent it JSON-encoded
+as a string; ChatFleet sends the object, on purpose).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from chatfleet.engines.base import Usage
+
+__all__ = ["ChatchatChunkFormatter", "chatchat_completion"]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+_MESSAGE_FIELDS = '"status":null,"message_type":1,"message_id":null,"is_ref":false'
+
+
+def chatchat_completion(*, model: str, content: str, finish_reason: str | None,
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole (non-streamed) answer as Chatchat's ``chat.completion`` object."""
+    return {"id": f"chat{uuid.uuid4()}", "object": "chat.completion", "model": model,
+            "created": int(time.time()), "status": None, "message_type": 1, "message_id": None,
+            "is_ref": False, **(extra or {}),
+            "choices": [{"message": {"role": "assistant", "content": content,
+                                     "finish_reason": finish_reason, "tool_calls": []}}]}
+
+
+class ChatchatChunkFormatter:
+    """Renders one streamed Chatchat answer (implements ``ChunkFormatter``).
+
+    ``docs``: the reference strings of a knowledge-base answer (sent on the first chunk), or None
+    for plain chat. ``extra`` fields go on the first chunk too (ChatFleet adds ``retrieval``:
+    its mode, time and hits).
+    """
+
+    __slots__ = ("_created", "_docs", "_extra", "_model")
+
+    def __init__(self, *, model: str, docs: list[str] | None,
+                 extra: dict[str, Any] | None = None) -> None:
+        self._model = _dumps(model)
+        self._created = int(time.time())
+        self._docs = docs
+        self._extra = extra or {}
+
+    def _chunk(self, content: str, more: str = "") -> str:
+        return (f'{{"id":"chat{uuid.uuid4()}","object":"chat.completion.chunk","model":'
+                f'{self._model},"created":{self._created},{_MESSAGE_FIELDS}{more},'
+                f'"choices":[{{"delta":{{"content":{_dumps(content)},"tool_calls":[]}},'
+                '"role":"assistant"}]}')
+
+    def first(self) -> str | None:
+        if self._docs is None and not self._extra:
+            return None
+        more = "".join(f",{_dumps(k)}:{_dumps(v)}" for k, v in self._extra.items())
+        if self._docs is not None:
+            more = f',"docs":{_dumps(self._docs)}{more}'
+        return self._chunk("", more)
+
+    def token(self, text: str) -> str:
+        return self._chunk(text)
+
+    def finish(self, finish_reason: str) -> None:
+        return None
+
+    def usage(self, usage: Usage | None) -> None:
+        return None
+
+    def done(self) -> None:
+        return None
+
+    def error(self, message: str, *, error_type: str, code: int,
+              retry_after_s: float | None = None) -> str:
+        """An error as a chunk whose content is the message (what its WebUI shows) with
+        Chatchat's ``error`` field beside it."""
+        more = f',"error":{_dumps(message)},"code":{code},"error_type":{_dumps(error_type)}'
+        if retry_after_s is not None:
+            more += f',"retry_after":{retry_after_s}'
+        return self._chunk(message, more)
