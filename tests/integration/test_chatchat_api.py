@@ -14,7 +14,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SIM_MODEL, Server, start_engine_sim, start_gateway, upstream_env
+from chatfleet.engines.hashed_embeddings import hashed_embedding
+from tests.conftest import (
+    SIM_MODEL,
+    Server,
+    start_engine_sim,
+    start_gateway,
+    upstream_env,
+)
 from tests.support.metrics import value
 
 EMBED_MODEL = "chatfleet-sim/hashed-embedding"
@@ -372,5 +379,16 @@ def test_without_an_embeddings_endpoint_retrieval_is_bm25_only_and_says_so(sim) 
             assert body["retrieval"]["mode"] == "lexical"
             assert body["docs"][0].startswith("出处 [1] [a.txt]")
             assert body["retrieval"]["chunks"][0]["score"] is None
+            refused = client.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "x"})
+            assert refused.status_code == 404
+            assert "CHATFLEET_KB__EMBEDDINGS__URL" in refused.json()["error"]["message"]
     finally:
         server.proc.terminate()
+
+
+def test_the_gateways_v1_embeddings_relays_to_the_configured_endpoint(gw) -> None:
+    with openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0) as client:
+        response = client.embeddings.create(model=EMBED_MODEL, input=["queue", "GPU"])
+        assert response.data[1].embedding == pytest.approx(hashed_embedding("GPU").tolist(), abs=1e-6)
+        with pytest.raises(openai.NotFoundError, match=EMBED_MODEL):
+            client.embeddings.create(model="text-embedding-3-small", input="x")

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings.
 
 Thin: validate, build a ``CompletionJob``, hand it to the ``CompletionService`` on ``app.state``,
 wrap the result. A client that disconnects while its request waits for a slot or for a non-streamed
@@ -18,18 +18,21 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 
-from chatfleet.api.errors import InvalidParameter, ModelNotFound
+from chatfleet.api.errors import InvalidParameter, ModelNotFound, error_response
 from chatfleet.api.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
 )
 from chatfleet.api.sse import comment_frame, data_frame, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
+from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import HEARTBEAT, CompletionJob, CompletionService
 from chatfleet.serving.openai_format import new_request_id
@@ -173,3 +176,20 @@ async def list_models(request: Request) -> ModelList:
     service = _service(request)
     return ModelList(data=[ModelCard(id=service.model, created=request.app.state.started_at,
                                      owned_by="chatfleet")])
+
+
+@router.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_ERRORS},
+             summary="Embeddings (OpenAI API), relayed to the configured kb.embeddings endpoint")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    embedder = request.app.state.knowledge.embedder
+    if embedder is None:
+        return error_response(404, "no embeddings endpoint is configured here: set "
+                                   "CHATFLEET_KB__EMBEDDINGS__URL and __MODEL", error_type="not_found")
+    if body.model != embedder.model:
+        raise ModelNotFound(body.model, embedder.model)
+    try:
+        answer = await embedder.relay(body.model_dump(exclude_none=True, exclude_unset=False))
+    except EmbeddingError as exc:
+        return error_response(502, str(exc), error_type="upstream_error")
+    return Response(answer.content, status_code=answer.status_code,
+                    media_type=answer.headers.get("content-type", "application/json"))

@@ -96,19 +96,26 @@ class Embedder:
             raise
         return np.concatenate(results)
 
-    async def _request(self, texts: list[str]) -> npt.NDArray[np.float32]:
+    async def relay(self, body: dict[str, Any]) -> httpx.Response:
+        """Send a client's OpenAI embeddings request as it is and return the endpoint's answer
+        (the gateway's own /v1/embeddings). Raises EmbeddingError when there is no answer."""
+        return await self._post(body)
+
+    async def _post(self, body: dict[str, Any]) -> httpx.Response:
         if self._client is None:
             raise RuntimeError("Embedder.start() was not called")
-        body = {"model": self.model, "input": texts, "encoding_format": "float"}
         try:
             async with asyncio.timeout(self.timeout_s):
-                response = await self._client.post(self.url, json=body)
+                return await self._client.post(self.url, json=body)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise EmbeddingError(f"embeddings endpoint {self.url} did not answer within "
                                  f"{self.timeout_s:g} s") from exc
         except httpx.TransportError as exc:
             raise EmbeddingError(f"embeddings endpoint {self.url} is unreachable: "
                                  f"{type(exc).__name__}: {exc}") from exc
+
+    async def _request(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        response = await self._post({"model": self.model, "input": texts, "encoding_format": "float"})
         if response.status_code != 200:
             excerpt = response.text[:_BODY_EXCERPT]
             raise EmbeddingError(f"embeddings endpoint {self.url} answered HTTP "
