@@ -61,3 +61,14 @@ def containers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def env(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def notes(values: dict[str, Any] | None = None, release: str = "chatfleet", namespace: str = "llm") -> str:
+    """NOTES.txt as `helm install` prints it: `helm template` never renders NOTES, a client-side
+    dry-run install does (helm 4; no cluster needed)."""
+    result = helm("install", release, str(CHART), "--namespace", namespace, "--dry-run=client",
+                  *set_args(values or {}))
+    assert result.returncode == 0, result.stderr
+    head, marker, text = result.stdout.partition("\nNOTES:\n")
+    assert marker, f"no NOTES section in:\n{head[-2000:]}"
+    return text

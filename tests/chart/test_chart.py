@@ -27,6 +27,28 @@ TOKEN_VALUE = {"engine.vllm.hfToken.value": "hf_dummy_for_tests"}
 INGRESS = {"ingress.enabled": True, "ingress.className": "nginx"}
 
 
+KB_CLAIM = {"knowledgeBase.local.persistence.enabled": True,
+            "knowledgeBase.local.persistence.storageClassName": "fast-ssd"}
+KB_EXISTING_CLAIM = {"knowledgeBase.local.persistence.enabled": True,
+                     "knowledgeBase.local.persistence.existingClaim": "kb-data"}
+KB_PGVECTOR = {"knowledgeBase.store": "pgvector", "knowledgeBase.pgvector.existingSecret": "chatfleet-pg"}
+KB_EMBEDDINGS = {"knowledgeBase.embeddings.url": "http://embeddings.llm.svc:8080/v1",
+                 "knowledgeBase.embeddings.model": "BAAI/bge-m3"}
+KB_EMBEDDINGS_KEY = {**KB_EMBEDDINGS, "knowledgeBase.embeddings.existingSecret": "embeddings-key"}
+
+
+def kb_variant(engine: str, existing: bool, ingress: bool) -> tuple[str, dict[str, Any]]:
+    """Knowledge bases: the defaults (local, emptyDir, BM25 only) on gpu with an existing claim;
+    else local on a chart-made claim, pgvector with embeddings and their key, or local on an
+    existing claim with keyless embeddings: every knowledge-base branch under every autoscaler."""
+    if existing:
+        return ("", {}) if engine == "gpu" else ("-kb-existingclaim-embeddings",
+                                                {**KB_EXISTING_CLAIM, **KB_EMBEDDINGS})
+    if ingress:
+        return "-kb-pgvector-embeddings", {**KB_PGVECTOR, **KB_EMBEDDINGS_KEY}
+    return "-kb-claim", KB_CLAIM
+
+
 OPERATOR = {"operator.enabled": True}
 OPERATOR_PEERING = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2}
 OPERATOR_NAMESPACES = {**OPERATOR_PEERING, "operator.watchNamespaces": ["llm", "team-b"]}
@@ -46,15 +68,18 @@ def operator_variant(mode: str, existing: bool, ingress: bool) -> tuple[str, dic
 
 def matrix() -> list[Any]:
     """engine gpu/sim x autoscaling hpa/keda/none x existing claim+secret or chart-made x ingress,
-    with the operator (operator_variant) on in the existing-claim half."""
+    with the operator (operator_variant) on in the existing-claim half and a knowledge-base store
+    (kb_variant) in 18 of the 24."""
     cases = []
     for engine, mode, existing, ingress in itertools.product(
             ("gpu", "sim"), ("hpa", "keda", "none"), (False, True), (False, True)):
         suffix, operator = operator_variant(mode, existing, ingress)
+        kb_suffix, kb = kb_variant(engine, existing, ingress)
         values: dict[str, Any] = {**(GPU if engine == "gpu" else SIM), "autoscaling.mode": mode,
                                   **(EXISTING if existing else TOKEN_VALUE), **(INGRESS if ingress else {}),
-                                  **operator}
-        case_id = f"{engine}-{mode}-{'existing' if existing else 'created'}-{'ingress' if ingress else 'noingress'}{suffix}"
+                                  **operator, **kb}
+        case_id = (f"{engine}-{mode}-{'existing' if existing else 'created'}-"
+                   f"{'ingress' if ingress else 'noingress'}{suffix}{kb_suffix}")
         cases.append(pytest.param(values, id=case_id))
     return cases
 

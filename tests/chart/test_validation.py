@@ -105,7 +105,12 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
     {"engine": {"kind": "sim"}, "autoscaling": {"mode": "keda"}, "operator": {"enabled": True}},
     {"operator": {"enabled": True, "replicas": 2, "peering": {"enabled": True},
                   "watchNamespaces": ["llm", "team-b"]}},
-], ids=["defaults", "sim-keda-operator", "operator-peering-namespaces"])
+    {"knowledgeBase": {"local": {"persistence": {"enabled": True}}}},
+    {"knowledgeBase": {"store": "pgvector", "pgvector": {"existingSecret": "chatfleet-pg"},
+                       "embeddings": {"url": "http://embeddings.llm.svc:8080/v1", "model": "BAAI/bge-m3",
+                                      "existingSecret": "embeddings-key"}}},
+], ids=["defaults", "sim-keda-operator", "operator-peering-namespaces", "kb-local-claim",
+        "kb-pgvector-embeddings"])
 def test_checkov_passes_with_only_written_waivers(values: dict[str, Any], tmp_path: Path) -> None:
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))

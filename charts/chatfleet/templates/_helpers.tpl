@@ -135,3 +135,32 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [events]
   verbs: [create]
 {{- end }}
+
+{{/* The knowledge-base claim: the one named, or the chart's own. */}}
+{{- define "chatfleet.kbClaim" -}}
+{{- default (printf "%s-kb" (include "chatfleet.fullname" .)) .Values.knowledgeBase.local.persistence.existingClaim }}
+{{- end }}
+
+{{/* Refuse knowledge-base values the gateway would refuse at start (KnowledgeSettings), with the
+fix, so a bad install fails here and not as a crash loop. The schema cannot say these. */}}
+{{- define "chatfleet.validateKnowledgeBase" -}}
+{{- $kb := .Values.knowledgeBase -}}
+{{- if and (eq $kb.store "pgvector") (not $kb.pgvector.existingSecret) }}
+{{- fail (printf "knowledgeBase.store is pgvector but knowledgeBase.pgvector.existingSecret is empty: create a Secret holding the DSN (kubectl create secret generic chatfleet-pg --from-literal=%s=postgresql://USER:PASSWORD@HOST:5432/DB) and set knowledgeBase.pgvector.existingSecret=chatfleet-pg" $kb.pgvector.secretKey) }}
+{{- end }}
+{{- if ge (int $kb.chunkOverlap) (int $kb.chunkSize) }}
+{{- fail (printf "knowledgeBase.chunkOverlap (%d) must be smaller than knowledgeBase.chunkSize (%d)" (int $kb.chunkOverlap) (int $kb.chunkSize)) }}
+{{- end }}
+{{- if and $kb.embeddings.url (not $kb.embeddings.model) }}
+{{- fail "knowledgeBase.embeddings.url is set but knowledgeBase.embeddings.model is empty: set it to the embedding model the endpoint serves" }}
+{{- end }}
+{{- end }}
+
+{{/* The most gateway pods that can run at once: replicaCount without an autoscaler, else maxReplicas. */}}
+{{- define "chatfleet.maxPods" -}}
+{{- if eq .Values.autoscaling.mode "none" }}
+{{- .Values.replicaCount | int }}
+{{- else }}
+{{- .Values.autoscaling.maxReplicas | int }}
+{{- end }}
+{{- end }}
