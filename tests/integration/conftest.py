@@ -6,11 +6,13 @@ them (and the ~40 s start and ~3 GB it costs).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.postgres import PostgresServer, running_postgres
 from tests.support.vllm_cpu import VLLMServer, ensure_vllm_env
 
 
@@ -36,3 +38,18 @@ def vllm_server(vllm_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     with VLLMServer(python, model_dir, max_num_seqs=4, log_path=log_path) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A started PostgreSQL with pgvector on 127.0.0.1, shared by the session; stopped at its end."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """The DSN of a new, empty database, dropped after the test (open connections and all)."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)

@@ -1,0 +1,445 @@
+"""The shared knowledge store: PostgreSQL with pgvector, one database for every gateway replica.
+
+Every replica reads and writes the same tables, so an upload through one replica is searchable
+through all of them as soon as its transaction commits; nothing is cached in the process except
+which HNSW indexes exist.
+
+Schema (created by ``start()`` when missing, under an advisory lock so that replicas starting
+together do not race; every statement is ``IF NOT EXISTS``):
+
+- ``chatfleet_kb``: one row per KB.
+- ``chatfleet_file``: one row per file, with its original bytes; deleted with its KB.
+- ``chatfleet_chunk``: one row per chunk, deleted with its file; ``tsv`` is generated from the
+  text (``to_tsvector('simple', text)``, GIN-indexed) and ``embedding`` is an untyped, nullable
+  ``vector``, so KBs with different embedding models (dimensions) share the table. One file's
+  chunks, and one KB's, all have the same dimension (``put_file`` checks it).
+- One HNSW index per embedding dimension D, made the first time a D-dimensional chunk is stored:
+  a partial expression index over ``embedding::vector(D)`` for the rows with that dimension.
+  Dense queries repeat that expression and predicate, which is what lets the planner use it.
+  For a KB it believes small, the planner reads the KB's rows by ``(kb, file_name)`` and sorts
+  them instead (exact, and cheap when the belief is right); the chunk table is re-analysed after
+  every 1,000 changed rows, not the default 10% of the table, so that a new large KB is soon
+  known as one.
+
+Searches:
+
+- Lexical: PostgreSQL full-text search with the ``simple`` configuration (no stemming, no stop
+  words), OR over the query's words, ranked by ``ts_rank_cd``. The query is split into words by
+  the same parser that built ``tsv`` (``to_tsvector('simple', query)``), not in Python, so that
+  both sides agree on tokens such as ``example.com``, ``3.14`` or ``state-of-the-art`` and on
+  lower-casing. ``ts_rank_cd`` has no notion of a word's rarity (no IDF), unlike BM25.
+- Dense: cosine distance (``<=>``) halved into [0, 1]. Connections run with
+  ``hnsw.iterative_scan = strict_order``: the index is shared by all KBs of a dimension, and
+  without iterative scans the filter on ``kb`` would be applied to the first ``hnsw.ef_search``
+  (40) candidates only, so a small KB next to a large one would get few or no hits. The scan
+  still stops after ``hnsw.max_scan_tuples`` (20,000) candidates.
+
+Text with NUL characters, which PostgreSQL cannot store (PDF loaders produce them), is stored
+without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import numpy as np
+from pgvector.asyncpg import register_vector
+
+from chatfleet.rag.stores.base import (
+    ChunkDraft,
+    FileRecord,
+    Hit,
+    KnowledgeBaseExists,
+    KnowledgeBaseNotFound,
+    KnowledgeBaseRecord,
+    StoredChunk,
+    Vector,
+)
+
+__all__ = ["PgVectorStore", "dense_search_sql", "hnsw_index_name"]
+
+log = logging.getLogger(__name__)
+
+_LOCK_NAMESPACE = 0x43464B42
+"""First key of ChatFleet's advisory locks ("CFKB"); the second is 0 for the schema, else the
+dimension whose HNSW index is being created."""
+_DEFAULT_EF_SEARCH = 40
+"""pgvector's default ``hnsw.ef_search``; a search for more hits raises it for its transaction."""
+_MAX_EF_SEARCH = 1000
+_INDEX_BUILD_MEMORY = "256MB"
+"""``maintenance_work_mem`` while an HNSW index is built: the 64 MB default does not hold the
+graph of 20k 1024-dimensional vectors, and a build that spills is several times slower."""
+
+_SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS chatfleet_kb (
+    name text PRIMARY KEY,
+    info text NOT NULL,
+    vector_store text NOT NULL,
+    embed_model text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS chatfleet_file (
+    kb text NOT NULL REFERENCES chatfleet_kb (name) ON DELETE CASCADE,
+    file_name text NOT NULL,
+    content bytea NOT NULL,
+    size bigint NOT NULL,
+    loader text NOT NULL,
+    splitter text NOT NULL,
+    version integer NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    modified_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kb, file_name));
+CREATE TABLE IF NOT EXISTS chatfleet_chunk (
+    id bigserial PRIMARY KEY,
+    kb text NOT NULL,
+    file_name text NOT NULL,
+    seq integer NOT NULL,
+    text text NOT NULL,
+    metadata jsonb NOT NULL,
+    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED,
+    embedding vector,
+    FOREIGN KEY (kb, file_name) REFERENCES chatfleet_file (kb, file_name) ON DELETE CASCADE)
+    WITH (autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000);
+CREATE INDEX IF NOT EXISTS chatfleet_chunk_tsv ON chatfleet_chunk USING gin (tsv);
+CREATE INDEX IF NOT EXISTS chatfleet_chunk_file ON chatfleet_chunk (kb, file_name, seq);
+"""
+
+_KB_COLUMNS = """k.name, k.info, k.vector_store, k.embed_model, k.created_at,
+    (SELECT count(*) FROM chatfleet_file f WHERE f.kb = k.name) AS file_count"""
+
+_FILE_COLUMNS = """f.file_name, f.size, f.loader, f.splitter, f.version, f.created_at,
+    f.modified_at,
+    (SELECT count(*) FROM chatfleet_chunk c
+     WHERE c.kb = f.kb AND c.file_name = f.file_name) AS chunk_count"""
+
+_UPSERT_FILE = """
+INSERT INTO chatfleet_file AS f (kb, file_name, content, size, loader, splitter, version)
+VALUES ($1, $2, $3, $4, $5, $6, 1)
+ON CONFLICT (kb, file_name) DO UPDATE SET
+    content = excluded.content, size = excluded.size, loader = excluded.loader,
+    splitter = excluded.splitter, version = f.version + 1, modified_at = now()
+RETURNING f.version, f.created_at, f.modified_at"""
+
+_CHUNK_COLUMNS = ("kb", "file_name", "seq", "text", "metadata", "embedding")
+
+# The query's lexemes, each quoted for tsquery input (quotes and backslashes doubled: a URL's
+# lexeme may hold either), joined with OR and cast, not parsed again, so they stay as they are.
+_LEXICAL = r"""
+WITH q AS (
+    SELECT string_agg('''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''', ' | ')
+           ::tsquery AS q
+    FROM unnest(to_tsvector('simple', $2)))
+SELECT c.id, c.file_name, c.seq, c.text, c.metadata, ts_rank_cd(c.tsv, q.q) AS score
+FROM chatfleet_chunk c CROSS JOIN q
+WHERE c.kb = $1 AND c.tsv @@ q.q
+ORDER BY score DESC, c.id
+LIMIT $3"""
+
+
+def dense_search_sql(dim: int) -> str:
+    """Nearest chunks of one KB to a ``dim``-dimensional $1; the expression and the predicate
+    are those of the partial index ``chatfleet_chunk_hnsw_<dim>``."""
+    return f"""
+SELECT id, file_name, seq, text, metadata, (embedding::vector({dim}) <=> $1) / 2 AS score
+FROM chatfleet_chunk
+WHERE kb = $2 AND vector_dims(embedding) = {dim}
+ORDER BY embedding::vector({dim}) <=> $1
+LIMIT $3"""
+
+
+def _distances_sql(dim: int) -> str:
+    return f"""
+SELECT id, (embedding::vector({dim}) <=> $1) / 2 AS score
+FROM chatfleet_chunk
+WHERE kb = $2 AND id = ANY($3::bigint[]) AND vector_dims(embedding) = {dim}"""
+
+
+def hnsw_index_name(dim: int) -> str:
+    return f"chatfleet_chunk_hnsw_{dim}"
+
+
+def _hnsw_index_sql(dim: int) -> str:
+    return (f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(dim)} ON chatfleet_chunk "
+            f"USING hnsw ((embedding::vector({dim})) vector_cosine_ops) "
+            f"WHERE vector_dims(embedding) = {dim}")
+
+
+def _kb_record(row: asyncpg.Record) -> KnowledgeBaseRecord:
+    return KnowledgeBaseRecord(name=row["name"], info=row["info"], vector_store=row["vector_store"],
+                               embed_model=row["embed_model"], file_count=row["file_count"],
+                               created_at=row["created_at"].timestamp())
+
+
+def _file_record(kb: str, row: asyncpg.Record) -> FileRecord:
+    return FileRecord(kb=kb, file_name=row["file_name"], size_bytes=row["size"],
+                      chunk_count=row["chunk_count"], loader=row["loader"],
+                      splitter=row["splitter"], version=row["version"],
+                      created_at=row["created_at"].timestamp(),
+                      modified_at=row["modified_at"].timestamp())
+
+
+def _stored_chunk(kb: str, row: asyncpg.Record) -> StoredChunk:
+    return StoredChunk(id=str(row["id"]), kb=kb, file_name=row["file_name"], seq=row["seq"],
+                       text=row["text"], metadata=row["metadata"])
+
+
+def _hit(kb: str, row: asyncpg.Record) -> Hit:
+    return Hit(chunk=_stored_chunk(kb, row), score=float(row["score"]))
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    """jsonb's binary wire format: a version byte (1), then the JSON text. Binary, because the
+    COPY that stores chunks is binary and needs a binary encoder for every column."""
+    return b"\x01" + json.dumps(value).encode()
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
+def _dimension(chunks: Sequence[ChunkDraft]) -> int | None:
+    """The one dimension of the chunks' embeddings; None when none has one."""
+    dims = {len(chunk.embedding) for chunk in chunks if chunk.embedding is not None}
+    if len(dims) > 1:
+        raise ValueError(f"chunks of one file have embeddings of different dimensions {sorted(dims)}")
+    return next(iter(dims), None)
+
+
+class PgVectorStore:
+    """A ``KnowledgeStore`` in PostgreSQL (with the pgvector extension) at ``dsn``.
+
+    ``pool_size`` connections at most are opened by one process. ``start()`` creates the
+    extension when it is missing, which needs a superuser; where the database's owner is not
+    one, have an administrator run ``CREATE EXTENSION vector`` once beforehand.
+    """
+
+    kind = "pgvector"
+
+    def __init__(self, dsn: str, *, pool_size: int = 10) -> None:
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._pool_or_none: asyncpg.Pool | None = None
+        self._vector_schema = "public"
+        self._indexed_dims: set[int] = set()
+
+    def __repr__(self) -> str:  # never shows the DSN: it holds the password
+        return f"PgVectorStore(pool_size={self._pool_size})"
+
+    @property
+    def _pool(self) -> asyncpg.Pool:
+        if self._pool_or_none is None:
+            raise RuntimeError("PgVectorStore.start() was not called")
+        return self._pool_or_none
+
+    async def start(self) -> None:
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL client_min_messages = warning")  # no "skipping"s
+                await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", _LOCK_NAMESPACE)
+                await conn.execute(_SCHEMA)
+            self._vector_schema = await conn.fetchval(
+                "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                "WHERE e.extname = 'vector'")
+        finally:
+            await conn.close()
+        self._pool_or_none = await asyncpg.create_pool(
+            self._dsn, min_size=1, max_size=self._pool_size, init=self._init_connection,
+            server_settings={"hnsw.iterative_scan": "strict_order"})
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        await register_vector(conn, schema=self._vector_schema)
+        await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=_jsonb_encode,
+                                  decoder=_jsonb_decode, format="binary")
+
+    async def aclose(self) -> None:
+        if self._pool_or_none is not None:
+            await self._pool_or_none.close()
+            self._pool_or_none = None
+
+    async def list_kbs(self) -> list[KnowledgeBaseRecord]:
+        rows = await self._pool.fetch(f"SELECT {_KB_COLUMNS} FROM chatfleet_kb k ORDER BY k.name")
+        return [_kb_record(row) for row in rows]
+
+    async def get_kb(self, kb: str) -> KnowledgeBaseRecord | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_KB_COLUMNS} FROM chatfleet_kb k WHERE k.name = $1", kb)
+        return None if row is None else _kb_record(row)
+
+    async def create_kb(self, kb: str, *, info: str, embed_model: str) -> KnowledgeBaseRecord:
+        row = await self._pool.fetchrow(
+            "INSERT INTO chatfleet_kb AS k (name, info, vector_store, embed_model) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING "
+            f"RETURNING {_KB_COLUMNS}", kb, info, self.kind, embed_model)
+        if row is None:
+            raise KnowledgeBaseExists(kb)
+        return _kb_record(row)
+
+    async def delete_kb(self, kb: str) -> None:
+        if await self._pool.fetchval(
+                "DELETE FROM chatfleet_kb WHERE name = $1 RETURNING true", kb) is None:
+            raise KnowledgeBaseNotFound(kb)
+
+    async def update_kb_info(self, kb: str, info: str) -> None:
+        if await self._pool.fetchval(
+                "UPDATE chatfleet_kb SET info = $2 WHERE name = $1 RETURNING true", kb, info) is None:
+            raise KnowledgeBaseNotFound(kb)
+
+    async def list_files(self, kb: str) -> list[FileRecord]:
+        rows = await self._pool.fetch(
+            f"SELECT {_FILE_COLUMNS} FROM chatfleet_kb k "
+            "LEFT JOIN chatfleet_file f ON f.kb = k.name WHERE k.name = $1 ORDER BY f.file_name", kb)
+        if not rows:
+            raise KnowledgeBaseNotFound(kb)
+        return [_file_record(kb, row) for row in rows if row["file_name"] is not None]
+
+    async def get_file(self, kb: str, file_name: str) -> bytes | None:
+        row = await self._pool.fetchrow(
+            "SELECT f.content FROM chatfleet_kb k LEFT JOIN chatfleet_file f "
+            "ON f.kb = k.name AND f.file_name = $2 WHERE k.name = $1", kb, file_name)
+        if row is None:
+            raise KnowledgeBaseNotFound(kb)
+        return row["content"]
+
+    async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
+                       *, loader: str, splitter: str) -> FileRecord:
+        """Replace the file's row (version + 1, first ``created_at`` kept) and all its chunks in
+        one transaction. Concurrent uploads to one KB take turns (they lock its row), so two
+        files with embeddings of different dimensions cannot both get in."""
+        dim = _dimension(chunks)
+        records = [(kb, file_name, seq, chunk.text.replace("\x00", ""), chunk.metadata,
+                    chunk.embedding) for seq, chunk in enumerate(chunks)]
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                if await conn.fetchval("SELECT true FROM chatfleet_kb WHERE name = $1 "
+                                       "FOR NO KEY UPDATE", kb) is None:
+                    raise KnowledgeBaseNotFound(kb)
+                if dim is not None:
+                    await self._check_kb_dimension(conn, kb, file_name, dim)
+                row = await conn.fetchrow(_UPSERT_FILE, kb, file_name, content, len(content),
+                                          loader, splitter)
+                await conn.execute("DELETE FROM chatfleet_chunk WHERE kb = $1 AND file_name = $2",
+                                   kb, file_name)
+                if records:
+                    await conn.copy_records_to_table("chatfleet_chunk", records=records,
+                                                     columns=_CHUNK_COLUMNS)
+            if dim is not None and dim not in self._indexed_dims:
+                try:
+                    await self._ensure_hnsw_index(conn, dim)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
+                    # The file is stored: put_file must not report a failure.
+                    log.warning("no HNSW index for dimension %d yet (dense searches scan until an "
+                                "upload creates it): %s: %s", dim, type(error).__name__, error)
+        return FileRecord(kb=kb, file_name=file_name, size_bytes=len(content),
+                          chunk_count=len(records), loader=loader, splitter=splitter,
+                          version=row["version"], created_at=row["created_at"].timestamp(),
+                          modified_at=row["modified_at"].timestamp())
+
+    @staticmethod
+    async def _check_kb_dimension(conn: asyncpg.Connection, kb: str, file_name: str,
+                                  dim: int) -> None:
+        """Raise ValueError when the KB's other files have embeddings of another dimension."""
+        other = await conn.fetchval(
+            "SELECT vector_dims(embedding) FROM chatfleet_chunk "
+            "WHERE kb = $1 AND file_name <> $2 AND embedding IS NOT NULL LIMIT 1", kb, file_name)
+        if other is not None and other != dim:
+            raise ValueError(f"embeddings of dimension {dim} cannot join knowledge base '{kb}', "
+                             f"whose vectors have dimension {other}: recreate its vector store")
+
+    async def _ensure_hnsw_index(self, conn: asyncpg.Connection, dim: int) -> None:
+        """Create the dimension's HNSW index unless it exists, after the chunks are in: one
+        build over them is faster than inserting them into an empty graph one by one.
+
+        Its own transaction, never the upload's: CREATE INDEX locks out writers to the table
+        until commit, and two uploads each holding row locks while waiting for that lock would
+        deadlock. The advisory lock makes two replicas creating it at once take turns (two
+        concurrent ``IF NOT EXISTS`` of one name can still fail on the catalog's unique key).
+        The ANALYZE after it gives the planner the table's statistics at once: until then it
+        guesses every KB small and sorts its chunks instead of using the new index."""
+        if await conn.fetchval("SELECT to_regclass($1)", hnsw_index_name(dim)) is None:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL client_min_messages = warning")
+                await conn.execute(f"SET LOCAL maintenance_work_mem = '{_INDEX_BUILD_MEMORY}'")
+                await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _LOCK_NAMESPACE, dim)
+                await conn.execute(_hnsw_index_sql(dim))
+            await conn.execute("ANALYZE chatfleet_chunk")
+        self._indexed_dims.add(dim)
+
+    async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
+        """With ``keep_content`` the file's row (with its bytes) stays and lists with 0 chunks;
+        without it the row goes too. True if the file was there."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._require_kb(conn, kb)
+            if keep_content:
+                existed = await conn.fetchval(
+                    "SELECT true FROM chatfleet_file WHERE kb = $1 AND file_name = $2 FOR UPDATE",
+                    kb, file_name)
+                await conn.execute("DELETE FROM chatfleet_chunk WHERE kb = $1 AND file_name = $2",
+                                   kb, file_name)
+            else:
+                existed = await conn.fetchval(
+                    "DELETE FROM chatfleet_file WHERE kb = $1 AND file_name = $2 RETURNING true",
+                    kb, file_name)
+        return existed is not None
+
+    async def list_chunks(self, kb: str, file_name: str) -> list[StoredChunk]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, file_name, seq, text, metadata FROM chatfleet_chunk "
+                "WHERE kb = $1 AND file_name = $2 ORDER BY seq", kb, file_name)
+            if not rows:
+                await self._require_kb(conn, kb)
+        return [_stored_chunk(kb, row) for row in rows]
+
+    async def lexical_search(self, kb: str, query: str, k: int) -> list[Hit]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_LEXICAL, kb, query, k)
+            if not rows:
+                await self._require_kb(conn, kb)
+        return [_hit(kb, row) for row in rows]
+
+    async def dense_search(self, kb: str, query: Vector, k: int) -> list[Hit]:
+        vector = np.asarray(query, dtype=np.float32)
+        dim = len(vector)
+        async with self._pool.acquire() as conn:
+            if k <= _DEFAULT_EF_SEARCH:
+                rows = await conn.fetch(dense_search_sql(dim), vector, kb, k)
+            else:  # the scan's candidate list must hold k for good recall
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL hnsw.ef_search = {min(k, _MAX_EF_SEARCH)}")
+                    rows = await conn.fetch(dense_search_sql(dim), vector, kb, k)
+            if not rows:
+                await self._require_kb(conn, kb, query_dim=dim)
+        return [_hit(kb, row) for row in rows]
+
+    async def distances(self, kb: str, query: Vector, chunk_ids: Sequence[str]) -> dict[str, float]:
+        vector = np.asarray(query, dtype=np.float32)
+        ids = [int(chunk_id) for chunk_id in chunk_ids]
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_distances_sql(len(vector)), vector, kb, ids)
+            if not rows:
+                await self._require_kb(conn, kb, query_dim=len(vector))
+        return {str(row["id"]): float(row["score"]) for row in rows}
+
+    @staticmethod
+    async def _require_kb(conn: asyncpg.Connection, kb: str, *, query_dim: int | None = None) -> None:
+        """Explain an empty answer: raise ``KnowledgeBaseNotFound`` when the KB does not exist,
+        and ValueError when ``query_dim`` is given and the KB's vectors have another dimension.
+        Run only then, so that a search that finds something costs one round trip."""
+        if query_dim is None:
+            if await conn.fetchval("SELECT true FROM chatfleet_kb WHERE name = $1", kb) is None:
+                raise KnowledgeBaseNotFound(kb)
+            return
+        row = await conn.fetchrow(
+            "SELECT (SELECT vector_dims(embedding) FROM chatfleet_chunk "
+            "        WHERE kb = $1 AND embedding IS NOT NULL LIMIT 1) AS dim "
+            "FROM chatfleet_kb WHERE name = $1", kb)
+        if row is None:
+            raise KnowledgeBaseNotFound(kb)
+        if row["dim"] is not None and row["dim"] != query_dim:
+            raise ValueError(f"query vector has dimension {query_dim}; knowledge base '{kb}' holds "
+                             f"vectors of dimension {row['dim']}")

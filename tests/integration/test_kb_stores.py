@@ -1,0 +1,470 @@
+"""The ``KnowledgeStore`` contract (``chatfleet/rag/stores/base.py``), checked on every store.
+
+Each test gets an empty, started store of each kind in ``STORES``: the pgvector store on a
+database of its own on the session's real PostgreSQL (``pg_dsn``). The tests at the end are
+pgvector's own: two replicas sharing one database, and the HNSW index the dense query must use.
+
+Vectors are small and hand-made (dimension 8) so that the expected order and distances can be
+read off the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+
+import asyncpg
+import numpy as np
+import pytest
+from pgvector.asyncpg import register_vector
+
+from chatfleet.rag.stores.base import (
+    ChunkDraft,
+    Hit,
+    KnowledgeBaseExists,
+    KnowledgeBaseNotFound,
+    KnowledgeStore,
+    StoredChunk,
+    Vector,
+)
+from chatfleet.rag.stores.pgvector import (
+    PgVectorStore,
+    dense_search_sql,
+    hnsw_index_name,
+)
+
+DIM = 8
+KB = "kb1"
+MISSING = "no_such_kb"
+
+StoreFactory = Callable[[pytest.FixtureRequest], KnowledgeStore]
+
+STORES: dict[str, StoreFactory] = {
+    "pgvector": lambda request: PgVectorStore(request.getfixturevalue("pg_dsn")),
+    # The local store joins with this entry (and an import of chatfleet.rag.stores.local):
+    # "local": lambda request: LocalStore(request.getfixturevalue("tmp_path") / "kb"),
+}
+
+
+@pytest.fixture(params=list(STORES))
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[KnowledgeStore]:
+    """A started, empty store; closed after the test."""
+    instance = STORES[request.param](request)
+    await instance.start()
+    yield instance
+    await instance.aclose()
+
+
+def unit(*components: float) -> Vector:
+    """The unit vector along ``components`` (padded with zeros to ``DIM``)."""
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[:len(components)] = components
+    return vector / np.linalg.norm(vector)
+
+
+def axis(i: int) -> Vector:
+    return unit(*([0.0] * i + [1.0]))
+
+
+def drafts(*texts: str, vectors: Sequence[Vector | None] | None = None) -> list[ChunkDraft]:
+    embeddings = vectors if vectors is not None else [None] * len(texts)
+    return [ChunkDraft(text=text, metadata={"source": "test", "n": n}, embedding=embedding)
+            for n, (text, embedding) in enumerate(zip(texts, embeddings, strict=True))]
+
+
+async def put(store: KnowledgeStore, file_name: str, chunks: Sequence[ChunkDraft],
+              *, kb: str = KB, content: bytes = b"content") -> None:
+    await store.put_file(kb, file_name, content, chunks, loader="TextLoader",
+                         splitter="RecursiveCharacterTextSplitter")
+
+
+def texts(results: Sequence[Hit | StoredChunk]) -> list[str]:
+    """The texts of search hits or of listed chunks, in order."""
+    return [r.chunk.text if isinstance(r, Hit) else r.text for r in results]
+
+
+# The KB -----------------------------------------------------------------------------------------
+
+async def test_a_created_kb_is_listed_and_got_with_its_fields(store: KnowledgeStore) -> None:
+    assert await store.list_kbs() == []
+    created = await store.create_kb(KB, info="manuals", embed_model="bge-m3")
+    assert (created.name, created.info, created.embed_model) == (KB, "manuals", "bge-m3")
+    assert (created.vector_store, created.file_count) == (store.kind, 0)
+    assert abs(created.created_at - time.time()) < 60
+    await store.create_kb("kb0", info="", embed_model="")
+    assert [kb.name for kb in await store.list_kbs()] == ["kb0", KB]
+    assert await store.get_kb(KB) == created
+    assert await store.get_kb(MISSING) is None
+
+
+async def test_creating_a_kb_that_exists_raises_knowledge_base_exists(store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="first", embed_model="")
+    with pytest.raises(KnowledgeBaseExists):
+        await store.create_kb(KB, info="second", embed_model="")
+    kb = await store.get_kb(KB)
+    assert kb is not None and kb.info == "first"
+
+
+async def test_a_deleted_kb_is_gone_and_deleting_it_again_raises_not_found(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("alpha"))
+    await store.delete_kb(KB)
+    assert await store.get_kb(KB) is None
+    assert await store.list_kbs() == []
+    with pytest.raises(KnowledgeBaseNotFound):
+        await store.delete_kb(KB)
+
+
+async def test_update_kb_info_changes_the_info_only(store: KnowledgeStore) -> None:
+    before = await store.create_kb(KB, info="old", embed_model="m")
+    await store.update_kb_info(KB, "new")
+    after = await store.get_kb(KB)
+    assert after is not None
+    assert (after.info, after.embed_model, after.created_at) == ("new", "m", before.created_at)
+
+
+CALLS_ON_A_MISSING_KB: dict[str, Callable[[KnowledgeStore], Awaitable[object]]] = {
+    "delete_kb": lambda s: s.delete_kb(MISSING),
+    "update_kb_info": lambda s: s.update_kb_info(MISSING, "info"),
+    "list_files": lambda s: s.list_files(MISSING),
+    "get_file": lambda s: s.get_file(MISSING, "a.txt"),
+    "put_file": lambda s: put(s, "a.txt", drafts("alpha", vectors=[axis(0)]), kb=MISSING),
+    "delete_file": lambda s: s.delete_file(MISSING, "a.txt"),
+    "delete_file keeping content": lambda s: s.delete_file(MISSING, "a.txt", keep_content=True),
+    "list_chunks": lambda s: s.list_chunks(MISSING, "a.txt"),
+    "lexical_search": lambda s: s.lexical_search(MISSING, "alpha", 3),
+    "dense_search": lambda s: s.dense_search(MISSING, axis(0), 3),
+    "distances": lambda s: s.distances(MISSING, axis(0), ["1"]),
+}
+
+
+@pytest.mark.parametrize("method", list(CALLS_ON_A_MISSING_KB))
+async def test_every_method_raises_not_found_for_a_missing_kb(store: KnowledgeStore,
+                                                              method: str) -> None:
+    await store.create_kb(KB, info="", embed_model="")  # another KB's data must not matter
+    await put(store, "a.txt", drafts("alpha", vectors=[axis(0)]))
+    with pytest.raises(KnowledgeBaseNotFound) as raised:
+        await CALLS_ON_A_MISSING_KB[method](store)
+    assert raised.value.kb == MISSING
+
+
+# Files ------------------------------------------------------------------------------------------
+
+async def test_put_file_then_list_files_shows_size_chunks_version_and_tools(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    record = await store.put_file(KB, "a.txt", b"12345", drafts("one", "two", "three"),
+                                  loader="TextLoader", splitter="RecursiveCharacterTextSplitter")
+    assert (record.kb, record.file_name, record.size_bytes) == (KB, "a.txt", 5)
+    assert (record.chunk_count, record.version) == (3, 1)
+    assert (record.loader, record.splitter) == ("TextLoader", "RecursiveCharacterTextSplitter")
+    assert record.created_at == record.modified_at
+    await put(store, "b.txt", drafts("four"))
+    assert [(f.file_name, f.chunk_count) for f in await store.list_files(KB)] == [("a.txt", 3),
+                                                                                  ("b.txt", 1)]
+    assert (await store.list_files(KB))[0] == record
+    kb = await store.get_kb(KB)
+    assert kb is not None and kb.file_count == 2
+
+
+async def test_replacing_a_file_bumps_its_version_and_searches_see_only_the_new_chunks(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    first = await store.put_file(KB, "a.txt", b"old", drafts("alpha old", "beta old",
+                                                             vectors=[axis(0), axis(1)]),
+                                 loader="TextLoader", splitter="S1")
+    second = await store.put_file(KB, "a.txt", b"newer", drafts("alpha new",
+                                                                vectors=[axis(2)]),
+                                  loader="PyPDFLoader", splitter="S2")
+    assert (second.version, second.chunk_count, second.size_bytes) == (2, 1, 5)
+    assert (second.loader, second.splitter) == ("PyPDFLoader", "S2")
+    assert second.created_at == first.created_at
+    assert second.modified_at >= first.modified_at
+    assert await store.list_files(KB) == [second]
+    assert await store.get_file(KB, "a.txt") == b"newer"
+    assert texts(await store.list_chunks(KB, "a.txt")) == ["alpha new"]
+    assert texts(await store.lexical_search(KB, "alpha beta old", 10)) == ["alpha new"]
+    assert texts(await store.dense_search(KB, axis(0), 10)) == ["alpha new"]
+
+
+async def test_get_file_returns_the_exact_bytes_and_none_for_an_unknown_file(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    content = bytes(range(256)) * 4
+    await put(store, "blob.bin", drafts("x"), content=content)
+    assert await store.get_file(KB, "blob.bin") == content
+    assert await store.get_file(KB, "other.bin") is None
+
+
+async def test_delete_file_removes_its_bytes_row_and_chunks(store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("alpha", vectors=[axis(0)]))
+    await put(store, "b.txt", drafts("beta", vectors=[axis(1)]))
+    assert await store.delete_file(KB, "a.txt") is True
+    assert [f.file_name for f in await store.list_files(KB)] == ["b.txt"]
+    assert await store.get_file(KB, "a.txt") is None
+    assert await store.list_chunks(KB, "a.txt") == []
+    assert await store.lexical_search(KB, "alpha", 5) == []
+    assert texts(await store.dense_search(KB, axis(0), 5)) == ["beta"]
+    assert await store.delete_file(KB, "a.txt") is False
+
+
+async def test_delete_file_keeping_content_keeps_the_bytes_and_drops_the_chunks(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("alpha", vectors=[axis(0)]), content=b"original")
+    assert await store.delete_file(KB, "a.txt", keep_content=True) is True
+    assert await store.get_file(KB, "a.txt") == b"original"
+    assert [(f.file_name, f.chunk_count) for f in await store.list_files(KB)] == [("a.txt", 0)]
+    assert await store.list_chunks(KB, "a.txt") == []
+    assert await store.lexical_search(KB, "alpha", 5) == []
+    assert await store.dense_search(KB, axis(0), 5) == []
+    assert await store.delete_file(KB, "b.txt", keep_content=True) is False
+
+
+async def test_list_chunks_returns_a_files_chunks_in_order_with_their_metadata(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    words = [f"chunk{n}" for n in range(12)]
+    await put(store, "a.txt", drafts(*words))
+    await put(store, "b.txt", drafts("other"))
+    chunks = await store.list_chunks(KB, "a.txt")
+    assert texts(chunks) == words
+    assert [c.seq for c in chunks] == list(range(12))
+    assert [c.metadata for c in chunks] == [{"source": "test", "n": n} for n in range(12)]
+    assert {(c.kb, c.file_name) for c in chunks} == {(KB, "a.txt")}
+    assert len({c.id for c in chunks}) == 12
+    assert await store.list_chunks(KB, "missing.txt") == []
+
+
+# Lexical search ---------------------------------------------------------------------------------
+
+async def test_lexical_search_ranks_the_chunk_with_the_rare_query_word_first(
+        store: KnowledgeStore) -> None:
+    """Each chunk has "the" once, so the zebra chunk leads on BM25 (the rare word weighs most)
+    and on PostgreSQL's ts_rank_cd alike (it matches two query words; ts_rank_cd has no IDF, so a
+    chunk repeating "the" could beat it there)."""
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("a cat sat on the mat", "the dog ate a bone",
+                                     "a zebra ran across the plain", "the bird sang at dawn"))
+    hits = await store.lexical_search(KB, "The ZEBRA", 3)
+    assert texts(hits)[:1] == ["a zebra ran across the plain"]
+    assert hits[0].score > 0
+    assert hits[0].chunk.metadata == {"source": "test", "n": 2}
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert hits[1:] == [] or hits[0].score > hits[1].score
+
+
+async def test_lexical_search_returns_nothing_for_words_in_no_chunk(store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("the cat sat on the mat", "the dog ate a bone"))
+    assert await store.lexical_search(KB, "aardvark", 5) == []
+    assert await store.lexical_search(KB, "", 5) == []
+
+
+async def test_lexical_search_reads_query_text_as_words_never_as_syntax(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("it's a zebra", "an unrelated line"))
+    for query in ("zebra'); DROP TABLE x; --", "zebra & !(a | b) <-> :*", "zebra \\ ' \"",
+                  "''' zebra"):
+        assert texts(await store.lexical_search(KB, query, 5))[:1] == ["it's a zebra"], query
+    assert await store.lexical_search(KB, "!&|()'\\:*", 5) == []
+
+
+# Dense search and distances ---------------------------------------------------------------------
+
+async def test_dense_search_returns_the_nearest_by_cosine_scored_by_halved_distance(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    vectors = [axis(1), unit(1, 1), unit(-1), axis(0)]
+    await put(store, "a.txt", drafts("orthogonal", "diagonal", "opposite", "same",
+                                     vectors=vectors))
+    hits = await store.dense_search(KB, axis(0), 3)
+    assert texts(hits) == ["same", "diagonal", "orthogonal"]
+    assert [h.score for h in hits] == pytest.approx([0.0, (1 - np.sqrt(0.5)) / 2, 0.5], abs=1e-5)
+    everything = await store.dense_search(KB, axis(0), 10)
+    assert texts(everything)[-1] == "opposite"
+    assert everything[-1].score == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_dense_search_leaves_out_chunks_without_an_embedding(store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    await put(store, "a.txt", drafts("embedded", "bare", "also embedded",
+                                     vectors=[axis(0), None, axis(1)]))
+    assert texts(await store.dense_search(KB, axis(0), 10)) == ["embedded", "also embedded"]
+    assert texts(await store.lexical_search(KB, "bare", 10)) == ["bare"]
+
+
+async def test_dense_search_with_a_query_of_another_dimension_raises_value_error(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    await put(store, "a.txt", drafts("embedded", vectors=[axis(0)]))
+    with pytest.raises(ValueError, match="dimension"):
+        await store.dense_search(KB, np.ones(DIM * 2, dtype=np.float32) / 4, 3)
+
+
+async def test_distances_match_numpy_for_the_chunks_that_have_an_embedding(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    rng = np.random.default_rng(7)
+    vectors = [unit(*rng.standard_normal(DIM)) for _ in range(9)]
+    await put(store, "a.txt", drafts(*(f"c{n}" for n in range(10)), vectors=[*vectors, None]))
+    chunks = await store.list_chunks(KB, "a.txt")
+    query = unit(*rng.standard_normal(DIM))
+    asked = [chunks[n].id for n in (0, 3, 8, 9)]
+    distances = await store.distances(KB, query, asked)
+    expected = {chunks[n].id: (1 - float(np.dot(vectors[n], query))) / 2 for n in (0, 3, 8)}
+    assert distances == pytest.approx(expected, abs=1e-5)
+
+
+# Isolation and failures -------------------------------------------------------------------------
+
+async def test_a_kb_recreated_under_the_same_name_does_not_see_the_old_chunks(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    await put(store, "a.txt", drafts("alpha", vectors=[axis(0)]))
+    await store.delete_kb(KB)
+    await store.create_kb(KB, info="", embed_model="m")
+    assert await store.list_files(KB) == []
+    assert await store.lexical_search(KB, "alpha", 5) == []
+    assert await store.dense_search(KB, axis(0), 5) == []
+    assert await store.get_file(KB, "a.txt") is None
+
+
+async def test_two_kbs_do_not_see_each_others_chunks(store: KnowledgeStore) -> None:
+    for kb, word, vector in (("kb_a", "alpha", axis(0)), ("kb_b", "beta", axis(1))):
+        await store.create_kb(kb, info="", embed_model="m")
+        await put(store, "same.txt", drafts(f"{word} shared", vectors=[vector]), kb=kb)
+    for kb, word in (("kb_a", "alpha"), ("kb_b", "beta")):
+        assert texts(await store.lexical_search(kb, "alpha beta shared", 5)) == [f"{word} shared"]
+        assert texts(await store.dense_search(kb, axis(0), 5)) == [f"{word} shared"]
+        assert [c.kb for c in await store.list_chunks(kb, "same.txt")] == [kb]
+
+
+async def test_a_put_file_with_mixed_dimensions_fails_and_leaves_the_old_file_intact(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    await put(store, "a.txt", drafts("alpha", vectors=[axis(0)]), content=b"v1")
+    mixed = drafts("new one", "new two", vectors=[axis(0), np.ones(DIM + 1, dtype=np.float32)])
+    with pytest.raises(ValueError, match="dimension"):
+        await put(store, "a.txt", mixed, content=b"v2")
+    await assert_only_alpha_v1(store)
+
+
+async def test_a_put_file_failing_midway_leaves_the_old_file_intact(store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    await put(store, "a.txt", drafts("alpha", vectors=[axis(0)]), content=b"v1")
+    chunks = drafts(*(f"new {n}" for n in range(100)), vectors=[axis(1)] * 100)
+    chunks[60] = ChunkDraft(text="unserialisable", metadata={"bad": object()}, embedding=axis(1))
+    with pytest.raises(TypeError, match="JSON serializable"):
+        await put(store, "a.txt", chunks, content=b"v2")
+    await assert_only_alpha_v1(store)
+
+
+async def test_a_file_whose_dimension_differs_from_the_kbs_vectors_is_refused(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    await put(store, "a.txt", drafts("alpha", vectors=[axis(0)]), content=b"v1")
+    with pytest.raises(ValueError, match="dimension"):
+        await put(store, "b.txt", drafts("wide", vectors=[np.ones(16, dtype=np.float32) / 4]))
+    await assert_only_alpha_v1(store)
+
+
+async def assert_only_alpha_v1(store: KnowledgeStore) -> None:
+    """The KB holds exactly what the tests above put first: a.txt, version 1, one chunk."""
+    assert [(f.file_name, f.version, f.chunk_count) for f in await store.list_files(KB)] == [
+        ("a.txt", 1, 1)]
+    assert await store.get_file(KB, "a.txt") == b"v1"
+    assert texts(await store.list_chunks(KB, "a.txt")) == ["alpha"]
+    assert texts(await store.dense_search(KB, axis(0), 5)) == ["alpha"]
+    assert await store.lexical_search(KB, "new", 5) == []
+
+
+async def test_searches_during_a_put_file_all_succeed_and_see_one_whole_version(
+        store: KnowledgeStore) -> None:
+    """20 searches run while a 2000-chunk replacement is stored; put_file is atomic, so each
+    sees every chunk of either the old file or the new one, never a mix."""
+    await store.create_kb(KB, info="", embed_model="m")
+    n = 2000
+    await put(store, "a.txt", drafts(*(f"alpha old {i}" for i in range(n)), vectors=[axis(0)] * n))
+    replacement = drafts(*(f"alpha new {i}" for i in range(n)), vectors=[unit(1, 1)] * n)
+
+    async def search(i: int) -> set[str]:
+        hits = await (store.lexical_search(KB, "alpha", 50) if i % 2 else
+                      store.dense_search(KB, axis(0), 50))
+        assert len(hits) == 50
+        return {hit.chunk.text.split()[1] for hit in hits}
+
+    results = await asyncio.gather(put(store, "a.txt", replacement),
+                                   *(search(i) for i in range(20)))
+    assert all(versions in ({"old"}, {"new"}) for versions in results[1:])
+    assert [(f.version, f.chunk_count) for f in await store.list_files(KB)] == [(2, n)]
+
+
+async def test_a_20k_chunk_file_is_stored_and_searchable(store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    n = 20_000
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    await put(store, "big.txt", drafts(*(f"line {i} word{i}" for i in range(n)), vectors=list(vectors)))
+    assert [(f.file_name, f.chunk_count) for f in await store.list_files(KB)] == [("big.txt", n)]
+    assert texts(await store.lexical_search(KB, "word12345", 3)) == ["line 12345 word12345"]
+    assert texts(await store.dense_search(KB, vectors[777], 1)) == ["line 777 word777"]
+
+
+# pgvector's own ---------------------------------------------------------------------------------
+
+async def started_pgvector(stack: AsyncExitStack, dsn: str, count: int) -> list[PgVectorStore]:
+    """``count`` PgVectorStores on one database, started at once (as replicas starting
+    together would be), closed with ``stack``."""
+    stores = [PgVectorStore(dsn, pool_size=4) for _ in range(count)]
+    for instance in stores:
+        stack.push_async_callback(instance.aclose)
+    await asyncio.gather(*(instance.start() for instance in stores))
+    return stores
+
+
+async def test_pgvector_replicas_starting_together_on_an_empty_database_all_start(
+        pg_dsn: str) -> None:
+    async with AsyncExitStack() as stack:
+        stores = await started_pgvector(stack, pg_dsn, 4)
+        await stores[0].create_kb(KB, info="", embed_model="")
+        assert [[kb.name for kb in await s.list_kbs()] for s in stores] == [[KB]] * 4
+
+
+async def test_pgvector_replicas_see_each_others_uploads_at_once(pg_dsn: str) -> None:
+    async with AsyncExitStack() as stack:
+        writer, reader = await started_pgvector(stack, pg_dsn, 2)
+        await writer.create_kb(KB, info="", embed_model="m")
+        await put(writer, "a.txt", drafts("alpha", "zebra", vectors=[axis(0), axis(1)]))
+        assert texts(await reader.lexical_search(KB, "zebra", 5)) == ["zebra"]
+        assert texts(await reader.dense_search(KB, axis(0), 1)) == ["alpha"]
+        await put(reader, "a.txt", drafts("zebra again", vectors=[axis(0)]))
+        assert texts(await writer.dense_search(KB, axis(1), 5)) == ["zebra again"]
+        assert [f.version for f in await writer.list_files(KB)] == [2]
+
+
+async def test_pgvector_dense_search_uses_the_hnsw_index_of_its_dimension(pg_dsn: str) -> None:
+    dim = 16
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((2000, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    async with AsyncExitStack() as stack:
+        (store,) = await started_pgvector(stack, pg_dsn, 1)
+        for kb in ("kb_a", "kb_b"):
+            await store.create_kb(kb, info="", embed_model="m")
+            await put(store, "a.txt", drafts(*(f"c{i}" for i in range(len(vectors))),
+                                             vectors=list(vectors)), kb=kb)
+        conn = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(conn.close)
+        await register_vector(conn)
+        plan = "\n".join(row[0] for row in await conn.fetch(
+            "EXPLAIN " + dense_search_sql(dim), vectors[0], "kb_a", 5))
+        assert hnsw_index_name(dim) in plan, plan
+        hits = await store.dense_search("kb_b", vectors[0], 5)
+        assert texts(hits)[0] == "c0" and {h.chunk.kb for h in hits} == {"kb_b"}
