@@ -29,6 +29,7 @@ from chatfleet.rag.stores.base import (
     StoredChunk,
     Vector,
 )
+from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import (
     PgVectorStore,
     dense_search_sql,
@@ -43,8 +44,7 @@ StoreFactory = Callable[[pytest.FixtureRequest], KnowledgeStore]
 
 STORES: dict[str, StoreFactory] = {
     "pgvector": lambda request: PgVectorStore(request.getfixturevalue("pg_dsn")),
-    # The local store joins with this entry (and an import of chatfleet.rag.stores.local):
-    # "local": lambda request: LocalStore(request.getfixturevalue("tmp_path") / "kb"),
+    "local": lambda request: LocalStore(request.getfixturevalue("tmp_path") / "kb"),
 }
 
 
@@ -468,3 +468,14 @@ async def test_pgvector_dense_search_uses_the_hnsw_index_of_its_dimension(pg_dsn
         assert hnsw_index_name(dim) in plan, plan
         hits = await store.dense_search("kb_b", vectors[0], 5)
         assert texts(hits)[0] == "c0" and {h.chunk.kb for h in hits} == {"kb_b"}
+
+
+async def test_a_chinese_question_finds_the_chunk_that_shares_its_words(store) -> None:
+    """Chinese has no spaces: both stores index characters and bigrams, so '检索' matches a chunk
+    that writes it inside a longer run."""
+    await store.create_kb(KB, info="", embed_model="")
+    await store.put_file(KB, "zh.txt", b"zh", [ChunkDraft(text="中文检索很好"),
+                                                ChunkDraft(text="向量数据库")],
+                         loader="TextLoader", splitter="RecursiveCharacterTextSplitter")
+    hits = await store.lexical_search(KB, "如何检索", 5)
+    assert [hit.chunk.text for hit in hits] == ["中文检索很好"]

@@ -9,8 +9,9 @@ together do not race; every statement is ``IF NOT EXISTS``):
 
 - ``chatfleet_kb``: one row per KB.
 - ``chatfleet_file``: one row per file, with its original bytes; deleted with its KB.
-- ``chatfleet_chunk``: one row per chunk, deleted with its file; ``tsv`` is generated from the
-  text (``to_tsvector('simple', text)``, GIN-indexed) and ``embedding`` is an untyped, nullable
+- ``chatfleet_chunk``: one row per chunk, deleted with its file; ``lexemes`` holds the text's
+  tokens as ``rag/lexical.py`` makes them, ``tsv`` is generated from those
+  (``to_tsvector('simple', lexemes)``, GIN-indexed) and ``embedding`` is an untyped, nullable
   ``vector``, so KBs with different embedding models (dimensions) share the table. One file's
   chunks, and one KB's, all have the same dimension (``put_file`` checks it).
 - One HNSW index per embedding dimension D, made the first time a D-dimensional chunk is stored:
@@ -23,11 +24,12 @@ together do not race; every statement is ``IF NOT EXISTS``):
 
 Searches:
 
-- Lexical: PostgreSQL full-text search with the ``simple`` configuration (no stemming, no stop
-  words), OR over the query's words, ranked by ``ts_rank_cd``. The query is split into words by
-  the same parser that built ``tsv`` (``to_tsvector('simple', query)``), not in Python, so that
-  both sides agree on tokens such as ``example.com``, ``3.14`` or ``state-of-the-art`` and on
-  lower-casing. ``ts_rank_cd`` has no notion of a word's rarity (no IDF), unlike BM25.
+- Lexical: PostgreSQL full-text search, OR over the query's tokens, ranked by ``ts_rank_cd``.
+  Chunks and queries are tokenized by ``rag/lexical.tokenize``, as in the local store (English
+  stopwords dropped; a run of Chinese characters gives its characters and bigrams, which
+  PostgreSQL's parser would keep as one unsearchable word), then given to the ``simple``
+  configuration, so both sides agree. ``ts_rank_cd`` has no notion of a word's rarity (no IDF),
+  unlike BM25.
 - Dense: cosine distance (``<=>``) halved into [0, 1]. Connections run with
   ``hnsw.iterative_scan = strict_order``: the index is shared by all KBs of a dimension, and
   without iterative scans the filter on ``kb`` would be applied to the first ``hnsw.ef_search``
@@ -40,6 +42,7 @@ without them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -49,6 +52,7 @@ import asyncpg
 import numpy as np
 from pgvector.asyncpg import register_vector
 
+from chatfleet.rag.lexical import tokenize
 from chatfleet.rag.stores.base import (
     ChunkDraft,
     FileRecord,
@@ -100,7 +104,8 @@ CREATE TABLE IF NOT EXISTS chatfleet_chunk (
     seq integer NOT NULL,
     text text NOT NULL,
     metadata jsonb NOT NULL,
-    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED,
+    lexemes text NOT NULL,
+    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', lexemes)) STORED,
     embedding vector,
     FOREIGN KEY (kb, file_name) REFERENCES chatfleet_file (kb, file_name) ON DELETE CASCADE)
     WITH (autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000);
@@ -124,7 +129,7 @@ ON CONFLICT (kb, file_name) DO UPDATE SET
     splitter = excluded.splitter, version = f.version + 1, modified_at = now()
 RETURNING f.version, f.created_at, f.modified_at"""
 
-_CHUNK_COLUMNS = ("kb", "file_name", "seq", "text", "metadata", "embedding")
+_CHUNK_COLUMNS = ("kb", "file_name", "seq", "text", "metadata", "lexemes", "embedding")
 
 # The query's lexemes, each quoted for tsquery input (quotes and backslashes doubled: a URL's
 # lexeme may hold either), joined with OR and cast, not parsed again, so they stay as they are.
@@ -199,6 +204,16 @@ def _jsonb_encode(value: Any) -> bytes:
 
 def _jsonb_decode(data: bytes) -> Any:
     return json.loads(data[1:])
+
+
+def _lexemes(text: str) -> str:
+    return " ".join(tokenize(text))
+
+
+def _chunk_records(kb: str, file_name: str, chunks: Sequence[ChunkDraft]) -> list[tuple[Any, ...]]:
+    """COPY rows for a file's chunks (tokenizing is CPU work: callers run this in a thread)."""
+    return [(kb, file_name, seq, chunk.text.replace("\x00", ""), chunk.metadata,
+             _lexemes(chunk.text), chunk.embedding) for seq, chunk in enumerate(chunks)]
 
 
 def _dimension(chunks: Sequence[ChunkDraft]) -> int | None:
@@ -311,8 +326,7 @@ class PgVectorStore:
         one transaction. Concurrent uploads to one KB take turns (they lock its row), so two
         files with embeddings of different dimensions cannot both get in."""
         dim = _dimension(chunks)
-        records = [(kb, file_name, seq, chunk.text.replace("\x00", ""), chunk.metadata,
-                    chunk.embedding) for seq, chunk in enumerate(chunks)]
+        records = await asyncio.to_thread(_chunk_records, kb, file_name, chunks)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 if await conn.fetchval("SELECT true FROM chatfleet_kb WHERE name = $1 "
@@ -397,7 +411,8 @@ class PgVectorStore:
 
     async def lexical_search(self, kb: str, query: str, k: int) -> list[Hit]:
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_LEXICAL, kb, query, k)
+            lexemes = _lexemes(query)
+            rows = await conn.fetch(_LEXICAL, kb, lexemes, k) if lexemes else []
             if not rows:
                 await self._require_kb(conn, kb)
         return [_hit(kb, row) for row in rows]
