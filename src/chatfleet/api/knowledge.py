@@ -147,7 +147,7 @@ def _document(chunk: Any, score: float | None) -> dict[str, Any]:
     """A chunk as Chatchat's DocumentWithVSId."""
     metadata = {**chunk.metadata, "id": chunk.id, "source": chunk.file_name}
     return {"page_content": chunk.text, "metadata": metadata, "type": "Document", "id": chunk.id,
-            "score": 0.0 if score is None else score}
+            "score": score}
 
 
 @router.post("/search_docs", summary="Search a knowledge base (Chatchat; a bare list of documents)")
