@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import tempfile
 import zipfile
 from pathlib import Path
@@ -253,3 +254,14 @@ def test_the_temporary_copy_is_removed_after_success_and_after_failure(
     with pytest.raises(UnreadableDocument):
         load_document("bad.pdf", b"not a pdf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [
+    UnsupportedFileType("a.exe", ".exe"),
+    UnreadableDocument("a.pdf", "not a PDF"),
+    EmptyDocument("a.txt"),
+])
+def test_loader_errors_survive_the_trip_back_from_the_ingest_worker_process(error) -> None:
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)

@@ -62,7 +62,9 @@ class Embedder:
     async def start(self) -> None:
         # A plain pool: a few requests in flight, not the hundreds http_pools.ShardedTransport is for.
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), headers=headers)
+        # In a thread: building the client loads the CA bundle into an SSL context (~100 ms).
+        self._client = await asyncio.to_thread(
+            httpx.AsyncClient, timeout=httpx.Timeout(self.timeout_s), headers=headers)
 
     async def aclose(self) -> None:
         if self._client is not None:

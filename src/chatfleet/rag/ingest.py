@@ -1,20 +1,35 @@
 """Ingestion: bytes of an uploaded file in, a stored file with its chunks (and embeddings) out.
 
-Load (langchain loader) and split (langchain splitter) run in worker threads, embeddings are
+Load (langchain loader) and split (langchain splitter) run in a worker *process*, embeddings are
 requested in concurrent batches, and the store writes the file and its chunks in one transaction.
 Any failure before that write leaves the knowledge base unchanged. Called by the upload,
 update and recreate routes.
+
+Why a process and not a thread: parsing and splitting a large file is seconds of Python that
+holds the GIL, and a thread doing it stalled the gateway's event loop for 70-125 ms at a time
+(asyncio debug mode, tests/integration/test_event_loop.py), which every stream's tokens wait
+behind. The pool is started on first use (the worker imports langchain: about a second, and
+100-150 MB), with ``workers`` processes (``kb.ingest_workers``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 from chatfleet.rag.embeddings import Embedder
-from chatfleet.rag.loaders import EmptyDocument, check_extension, load_document
-from chatfleet.rag.splitting import split_documents
+from chatfleet.rag.loaders import (
+    EmptyDocument,
+    LoadedDocument,
+    UnreadableDocument,
+    check_extension,
+    load_document,
+)
+from chatfleet.rag.splitting import SplitResult, split_documents
 from chatfleet.rag.stores.base import ChunkDraft, FileRecord, KnowledgeStore
 
 __all__ = ["Ingestor", "SplitOptions"]
@@ -33,12 +48,42 @@ class SplitOptions:
                              f"smaller than chunk_size ({self.chunk_size})")
 
 
+def _load_and_split(file_name: str, content: bytes, split: SplitOptions) -> tuple[LoadedDocument,
+                                                                                  SplitResult]:
+    """Runs in the worker process."""
+    loaded = load_document(file_name, content)
+    return loaded, split_documents(loaded.documents, chunk_size=split.chunk_size,
+                                   chunk_overlap=split.chunk_overlap, file_name=file_name)
+
+
 class Ingestor:
-    def __init__(self, store: KnowledgeStore, embedder: Embedder | None, *,
+    def __init__(self, store: KnowledgeStore, embedder: Embedder | None, *, workers: int = 1,
                  on_chunks: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.embedder = embedder
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
         self._on_chunks = on_chunks
+
+    def close(self) -> None:
+        """Stop the worker processes (waits for none: a stopping gateway has drained)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _in_worker(self, file_name: str, content: bytes,
+                         split: SplitOptions) -> tuple[LoadedDocument, SplitResult]:
+        if self._pool is None:
+            # spawn, not fork: the gateway has threads (fork would copy their locks held).
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=get_context("spawn"))
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, _load_and_split, file_name, content,
+                                              split)
+        except BrokenProcessPool:
+            self.close()  # the next upload starts a new worker
+            raise UnreadableDocument(file_name, "the worker process reading it died (out of "
+                                                "memory?)") from None
 
     async def ingest(self, kb: str, file_name: str, content: bytes,
                      split: SplitOptions) -> FileRecord:
@@ -48,10 +93,7 @@ class Ingestor:
         check_extension(file_name)
         if not content:
             raise EmptyDocument(file_name)
-        loaded = await asyncio.to_thread(load_document, file_name, content)
-        result = await asyncio.to_thread(split_documents, loaded.documents,
-                                         chunk_size=split.chunk_size,
-                                         chunk_overlap=split.chunk_overlap, file_name=file_name)
+        loaded, result = await self._in_worker(file_name, content, split)
         if not result.chunks:
             raise EmptyDocument(file_name)
         texts = [chunk.page_content for chunk in result.chunks]

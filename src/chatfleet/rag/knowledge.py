@@ -58,7 +58,8 @@ class KnowledgeService:
         self.store = store if store is not None else build_store(settings)
         self.embedder = build_embedder(settings)
         self.retriever = Retriever(self.store, self.embedder, on_retrieval=on_retrieval)
-        self.ingestor = Ingestor(self.store, self.embedder, on_chunks=on_chunks)
+        self.ingestor = Ingestor(self.store, self.embedder, workers=settings.ingest_workers,
+                                 on_chunks=on_chunks)
 
     @property
     def mode(self) -> RetrievalMode:
@@ -82,6 +83,7 @@ class KnowledgeService:
         await self.store.start()
 
     async def aclose(self) -> None:
+        self.ingestor.close()
         await self.store.aclose()
         if self.embedder is not None:
             await self.embedder.aclose()

@@ -56,6 +56,9 @@ class UnsupportedFileType(ValueError):
         self.file_name = file_name
         self.extension = extension
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # raised in the ingest worker process
+        return type(self), (self.file_name, self.extension)
+
 
 class UnreadableDocument(ValueError):
     """The parser failed: a corrupt PDF, a .docx that is not a zip, an undetectable encoding."""
@@ -66,6 +69,9 @@ class UnreadableDocument(ValueError):
         self.file_name = file_name
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.file_name, self.reason)
+
 
 class EmptyDocument(ValueError):
     """The file parsed but holds no text, e.g. a scanned PDF (no OCR here) or a blank page."""
@@ -74,6 +80,9 @@ class EmptyDocument(ValueError):
         super().__init__(f"'{file_name}' contains no text to index (a scanned PDF or image-only "
                          "document has none here: export it with its text layer)")
         self.file_name = file_name
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (self.file_name,)
 
 
 @dataclass(frozen=True)
