@@ -227,6 +227,33 @@ def latency(dashboard: Dashboard) -> Dashboard:
     )
 
 
+def knowledge(dashboard: Dashboard) -> Dashboard:
+    def phase_mean(phase: str) -> prometheus.Dataquery:
+        series = f'chatfleet_knowledge_chat_ttft_seconds_{{}}{{{{{SEL}, phase="{phase}"}}}}'
+        return query(f"sum(rate({series.format('sum')}{RATE})) / "
+                     f"sum(rate({series.format('count')}{RATE}))", phase)
+
+    return (
+        dashboard.with_row(Row("Knowledge bases"))
+        .with_panel(graph("Retrieval latency", "Question to fused chunks (the query's embedding, "
+                          "BM25 and dense search), by store; the benchmark's target for p95 is "
+                          "50 ms.", "s", quantiles("chatfleet_retrieval_seconds", "store"),
+                          line_at=0.05))
+        .with_panel(graph("Knowledge-base chat TTFT, by phase", "Mean time to first token of "
+                          "kb_chat answers, split: retrieval, the admission queue, the engine. "
+                          "The largest phase says what to scale: the embeddings or database "
+                          "(retrieval), replicas (queue) or the engine.", "s",
+                          [phase_mean(p) for p in ("retrieval", "queue", "engine")]))
+        .with_panel(graph("Ingestion", "Chunks stored per second, and files refused (bad type, "
+                          "empty, unreadable, a path in the name) or failed (embeddings or store "
+                          "down) per second.", "short", [
+                              query(f"sum(rate(chatfleet_ingest_chunks_total{{{SEL}}}{RATE}))",
+                                    "chunks/s"),
+                              query(f"sum by (outcome) (rate(chatfleet_ingest_files_total"
+                                    f'{{{SEL}, outcome!="ok"}}{RATE}))', "files {{outcome}}/s")]))
+    )
+
+
 def scaling(dashboard: Dashboard) -> Dashboard:
     deployment = NS + ', deployment="$job"'
     return (
@@ -302,10 +329,11 @@ def chatfleet() -> dict[str, object]:
     """The ChatFleet dashboard: one deployment's traffic, queue, latency, scaling and hardware."""
     dashboard = (Dashboard("ChatFleet").uid("chatfleet").tags(["chatfleet", "llm"])
                  .description("One ChatFleet deployment: demand, the admission queue, latency "
-                              "against the TTFT SLO, autoscaling, the engines, GPUs and "
-                              "containers.")
+                              "against the TTFT SLO, knowledge-base retrieval and ingestion, "
+                              "autoscaling, the engines, GPUs and containers.")
                  .refresh("30s").time("now-3h", "now"))
-    for section in (variables, overview, traffic, queue, latency, scaling, engine, resources):
+    for section in (variables, overview, traffic, queue, latency, knowledge, scaling, engine,
+                    resources):
         dashboard = section(dashboard)
     model = dashboard.build()
     for panel_id, panel in enumerate(model.panels or [], start=1):
