@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 from urllib.parse import urlencode
 
@@ -28,19 +27,20 @@ from chatfleet.api.chatchat_schemas import (
     KbChatRequest,
 )
 from chatfleet.api.openai import ClientDisconnected, cancel_on_disconnect
-from chatfleet.api.sse import comment_frame, sse_response
+from chatfleet.api.sse import crlf_data_frame, relay_frames, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.rag.knowledge import KnowledgeService
-from chatfleet.rag.names import InvalidName, validate_kb_name
+from chatfleet.rag.names import validate_kb_name
 from chatfleet.rag.prompts import RAG_TEMPLATES, render_rag_prompt
 from chatfleet.rag.retrieval import RetrievalResult
+from chatfleet.rag.stores.base import KnowledgeBaseNotFound
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.chatchat_format import (
     ChatchatChunkFormatter,
     chatchat_completion,
 )
-from chatfleet.serving.completions import HEARTBEAT, CompletionJob, CompletionService
+from chatfleet.serving.completions import CompletionJob, CompletionService
 from chatfleet.serving.openai_format import new_request_id
 
 __all__ = ["router"]
@@ -50,25 +50,6 @@ router = APIRouter(tags=["chatchat"])
 _CLIENT_CLOSED = 499
 _NO_DOCS = "<span style='color:red'>未找到相关文档,该回答为大模型自身能力解答！</span>"
 """Chatchat's reference line when retrieval found nothing (the model answers on its own)."""
-
-
-def _frame(payload: str) -> bytes:
-    """Chatchat's SSE framing (sse-starlette 1.8): CRLF line ends."""
-    return b"data: " + payload.encode() + b"\r\n\r\n"
-
-
-_HEARTBEAT_FRAME = comment_frame("queued: waiting for an engine slot")
-
-
-async def _frames(first: str | object, rest: AsyncIterator[str | object]) -> AsyncIterator[bytes]:
-    async with aclosing(rest):
-        item = first
-        while True:
-            yield _HEARTBEAT_FRAME if item is HEARTBEAT else _frame(item)  # type: ignore[arg-type]
-            try:
-                item = await anext(rest)
-            except StopAsyncIteration:
-                return
 
 
 def _service(request: Request) -> CompletionService:
@@ -104,7 +85,7 @@ async def _answer(request: Request, *, route: str, messages: tuple[ChatMessage, 
     try:
         if stream:
             first, rest = await cancel_on_disconnect(request, service.open_stream(job))
-            return sse_response(_frames(first, rest), headers)
+            return sse_response(relay_frames(first, rest, crlf_data_frame), headers)
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)
@@ -151,10 +132,7 @@ async def _kb_answer(request: Request, *, route: str, mode: str, kb_name: str, q
     if mode != "local_kb":
         return envelope(404, f"mode '{mode}' is not served by ChatFleet: only 'local_kb' "
                              "(temporary-file and search-engine chat are not)")
-    try:
-        kb = validate_kb_name(kb_name)
-    except InvalidName as exc:
-        return envelope(403, str(exc))
+    kb = validate_kb_name(kb_name)
     if (error := _model_error(request, model)) is not None:
         return error
     if options.prompt_name not in RAG_TEMPLATES:
@@ -162,7 +140,7 @@ async def _kb_answer(request: Request, *, route: str, mode: str, kb_name: str, q
                              f"use one of {', '.join(sorted(RAG_TEMPLATES))}")
     knowledge = _knowledge(request)
     if await knowledge.store.get_kb(kb) is None:
-        return envelope(404, f"未找到知识库 {kb} (knowledge base '{kb}' does not exist)")
+        raise KnowledgeBaseNotFound(kb)
     try:
         result = await knowledge.retriever.retrieve(
             kb, query, top_k=options.top_k or knowledge.settings.top_k,
@@ -182,7 +160,7 @@ async def _kb_answer(request: Request, *, route: str, mode: str, kb_name: str, q
             payload = json.dumps(answer, ensure_ascii=False)
 
             async def one_event() -> AsyncIterator[bytes]:
-                yield _frame(payload)
+                yield crlf_data_frame(payload)
             return sse_response(one_event())
         return JSONResponse(answer)
     prompt = render_rag_prompt(options.prompt_name, question=query,

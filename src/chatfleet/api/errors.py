@@ -1,4 +1,4 @@
-"""The one mapping from failures to HTTP answers in OpenAI's error envelope.
+"""The one mapping from failures to HTTP answers: OpenAI's error envelope, or Chatchat's on its routes.
 
 Every error a client sees is ``{"error": {"message", "type", "param", "code"}}`` with a message that
 says what was wrong and how to fix it. Overload answers 429 (or 503 while draining) with Retry-After.
@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatfleet.api.chatchat_envelope import envelope, is_chatchat_path
 from chatfleet.engines.base import EngineError
+from chatfleet.rag.names import InvalidName
+from chatfleet.rag.stores.base import KnowledgeBaseNotFound
 from chatfleet.serving.admission import AdmissionRejected
 from chatfleet.serving.completions import ROUTES
 from chatfleet.serving.openai_format import error_body
@@ -82,6 +84,11 @@ def _count_invalid(request: Request) -> None:
         service.record_invalid(route.path)
 
 
+def _empty_data(request: Request) -> list[object] | None:
+    """Chatchat's ``data`` on an error: [] where the route answers a list, else null."""
+    return [] if request.url.path == "/knowledge_base/list_files" else None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -111,6 +118,15 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
         return error_response(exc.status, exc.message, error_type=exc.error_type, headers=headers,
                               path=request.url.path)
+
+    @app.exception_handler(InvalidName)
+    async def _bad_kb_name(request: Request, exc: InvalidName) -> JSONResponse:
+        return envelope(403, str(exc), _empty_data(request))
+
+    @app.exception_handler(KnowledgeBaseNotFound)
+    async def _no_kb(request: Request, exc: KnowledgeBaseNotFound) -> JSONResponse:
+        return envelope(404, f"未找到知识库 {exc.kb} (knowledge base '{exc.kb}' does not exist; "
+                             "see /knowledge_base/list_knowledge_bases)", _empty_data(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

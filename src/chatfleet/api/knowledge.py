@@ -2,8 +2,10 @@
 
 Same paths, fields, defaults and ``{code, msg, data}`` envelopes as Chatchat, so its WebUI and
 scripts work; the work goes to the ``KnowledgeService`` on ``app.state.knowledge``. Names are
-validated before anything is read or stored (``rag/names.py``); a refused name or file is reported
-per file in ``failed_files`` with the reason, and leaves the knowledge base unchanged.
+validated before anything is read or stored (``rag/names.py``); a refused file name is reported
+per file in ``failed_files`` with the reason, and leaves the knowledge base unchanged. A refused
+KB name (``InvalidName``) and a missing KB (``KnowledgeBaseNotFound``) propagate to the app's
+handlers (``api/errors.py``), which answer Chatchat's 403 and 404 envelopes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from chatfleet.api.chatchat_envelope import envelope
+from chatfleet.api.sse import crlf_data_frame
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.rag.ingest import SplitOptions
 from chatfleet.rag.knowledge import KnowledgeService
@@ -45,15 +48,6 @@ _FILE_REFUSED = (InvalidName, UnsupportedFileType, EmptyDocument, UnreadableDocu
 
 def _knowledge(request: Request) -> KnowledgeService:
     return request.app.state.knowledge
-
-
-def _not_found(kb: str) -> Response:
-    return envelope(404, f"未找到知识库 {kb} (knowledge base '{kb}' does not exist; "
-                         "see /knowledge_base/list_knowledge_bases)")
-
-
-def _bad_name(exc: InvalidName) -> Response:
-    return envelope(403, str(exc))
 
 
 def file_record(record: FileRecord, index: int = 0) -> dict[str, Any]:
@@ -90,10 +84,7 @@ class CreateKnowledgeBase(BaseModel):
 async def create_knowledge_base(body: CreateKnowledgeBase, request: Request) -> Response:
     if not body.knowledge_base_name.strip():
         return envelope(404, "知识库名称不能为空，请重新填写知识库名称 (knowledge_base_name is empty)")
-    try:
-        name = validate_kb_name(body.knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
+    name = validate_kb_name(body.knowledge_base_name)
     knowledge = _knowledge(request)
     try:
         await knowledge.store.create_kb(name, info=body.kb_info, embed_model=knowledge.embed_model)
@@ -107,27 +98,15 @@ async def create_knowledge_base(body: CreateKnowledgeBase, request: Request) -> 
 async def delete_knowledge_base(request: Request,
                                 knowledge_base_name: Annotated[str, Body(examples=["samples"])]
                                 ) -> Response:
-    try:
-        name = validate_kb_name(knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
-    try:
-        await _knowledge(request).store.delete_kb(name)
-    except KnowledgeBaseNotFound:
-        return _not_found(name)
+    name = validate_kb_name(knowledge_base_name)
+    await _knowledge(request).store.delete_kb(name)
     return envelope(200, f"成功删除知识库 {name}")
 
 
 @router.get("/list_files", summary="List a knowledge base's files (Chatchat)")
 async def list_files(request: Request, knowledge_base_name: str) -> Response:
-    try:
-        name = validate_kb_name(knowledge_base_name)
-    except InvalidName as exc:
-        return envelope(403, str(exc), [])
-    try:
-        files = await _knowledge(request).store.list_files(name)
-    except KnowledgeBaseNotFound:
-        return envelope(404, f"未找到知识库 {name}", [])
+    name = validate_kb_name(knowledge_base_name)
+    files = await _knowledge(request).store.list_files(name)
     return envelope(200, "success", [file_record(f, i) for i, f in enumerate(files)])
 
 
@@ -153,10 +132,7 @@ def _document(chunk: Any, score: float | None) -> dict[str, Any]:
 @router.post("/search_docs", summary="Search a knowledge base (Chatchat; a bare list of documents)")
 async def search_docs(body: SearchDocs, request: Request) -> Response:
     knowledge = _knowledge(request)
-    try:
-        name = validate_kb_name(body.knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
+    name = validate_kb_name(body.knowledge_base_name)
     try:
         if body.query:
             result = await knowledge.retriever.retrieve(
@@ -229,13 +205,10 @@ async def upload_docs(
     docs: Annotated[str, Form()] = "",
     not_refresh_vs_cache: Annotated[bool, Form()] = False,
 ) -> Response:
-    try:
-        kb = validate_kb_name(knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
+    kb = validate_kb_name(knowledge_base_name)
     knowledge = _knowledge(request)
     if await knowledge.store.get_kb(kb) is None:
-        return _not_found(kb)
+        raise KnowledgeBaseNotFound(kb)
     limit = knowledge.settings.max_files_per_upload
     if len(files) > limit:
         return envelope(422, f"{len(files)} files in one upload; at most {limit} "
@@ -273,23 +246,17 @@ class DeleteDocs(BaseModel):
 
 @router.post("/delete_docs", summary="Delete files from a knowledge base (Chatchat)")
 async def delete_docs(body: DeleteDocs, request: Request) -> Response:
-    try:
-        kb = validate_kb_name(body.knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
+    kb = validate_kb_name(body.knowledge_base_name)
     store = _knowledge(request).store
     failed: dict[str, str] = {}
-    try:
-        for raw_name in body.file_names:
-            try:
-                name = validate_file_name(raw_name)
-            except InvalidName as exc:
-                failed[raw_name] = str(exc)
-                continue
-            if not await store.delete_file(kb, name, keep_content=not body.delete_content):
-                failed[raw_name] = f"未找到文件 {name}"
-    except KnowledgeBaseNotFound:
-        return _not_found(kb)
+    for raw_name in body.file_names:
+        try:
+            name = validate_file_name(raw_name)
+        except InvalidName as exc:
+            failed[raw_name] = str(exc)
+            continue
+        if not await store.delete_file(kb, name, keep_content=not body.delete_content):
+            failed[raw_name] = f"未找到文件 {name}"
     return envelope(200, "文件删除完成", {"failed_files": failed})
 
 
@@ -300,14 +267,8 @@ class UpdateInfo(BaseModel):
 
 @router.post("/update_info", summary="Change a knowledge base's description (Chatchat)")
 async def update_info(body: UpdateInfo, request: Request) -> Response:
-    try:
-        kb = validate_kb_name(body.knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
-    try:
-        await _knowledge(request).store.update_kb_info(kb, body.kb_info)
-    except KnowledgeBaseNotFound:
-        return _not_found(kb)
+    kb = validate_kb_name(body.knowledge_base_name)
+    await _knowledge(request).store.update_kb_info(kb, body.kb_info)
     return envelope(200, "知识库介绍修改完成", {"kb_info": body.kb_info})
 
 
@@ -324,10 +285,7 @@ class UpdateDocs(BaseModel):
 
 @router.post("/update_docs", summary="Re-split and re-embed stored files (Chatchat)")
 async def update_docs(body: UpdateDocs, request: Request) -> Response:
-    try:
-        kb = validate_kb_name(body.knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
+    kb = validate_kb_name(body.knowledge_base_name)
     if body.docs:
         return envelope(422, "custom docs are not supported: upload the files themselves")
     split = _split(request, body.chunk_size, body.chunk_overlap)
@@ -335,7 +293,7 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
         return split
     store = _knowledge(request).store
     if await store.get_kb(kb) is None:
-        return _not_found(kb)
+        raise KnowledgeBaseNotFound(kb)
     files: list[tuple[str, bytes]] = []
     failed: dict[str, str] = {}
     for raw_name in body.file_names:
@@ -356,15 +314,9 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
 @router.get("/download_doc", summary="Download a stored file (Chatchat)")
 async def download_doc(request: Request, knowledge_base_name: str, file_name: str,
                        preview: Annotated[bool, Query()] = False) -> Response:
-    try:
-        kb = validate_kb_name(knowledge_base_name)
-        name = validate_file_name(file_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
-    try:
-        content = await _knowledge(request).store.get_file(kb, name)
-    except KnowledgeBaseNotFound:
-        return _not_found(kb)
+    kb = validate_kb_name(knowledge_base_name)
+    name = validate_file_name(file_name)
+    content = await _knowledge(request).store.get_file(kb, name)
     if content is None:
         return envelope(500, f"{name} 读取文件失败 (no file '{name}' in '{kb}')")
     disposition = "inline" if preview else "attachment"
@@ -385,17 +337,14 @@ class RecreateVectorStore(BaseModel):
 
 
 def _event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\r\n\r\n"
+    return crlf_data_frame(json.dumps(payload, ensure_ascii=False))
 
 
 @router.post("/recreate_vector_store", summary="Rebuild a knowledge base's chunks from its "
              "stored files (Chatchat; SSE progress)")
 async def recreate_vector_store(body: RecreateVectorStore, request: Request) -> Response:
     knowledge = _knowledge(request)
-    try:
-        kb = validate_kb_name(body.knowledge_base_name)
-    except InvalidName as exc:
-        return _bad_name(exc)
+    kb = validate_kb_name(body.knowledge_base_name)
     split = _split(request, body.chunk_size, body.chunk_overlap)
     if isinstance(split, Response):
         return split

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Request, Response
@@ -30,11 +29,11 @@ from chatfleet.api.schemas import (
     ModelCard,
     ModelList,
 )
-from chatfleet.api.sse import comment_frame, data_frame, sse_response
+from chatfleet.api.sse import relay_frames, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.serving.admission import Priority
-from chatfleet.serving.completions import HEARTBEAT, CompletionJob, CompletionService
+from chatfleet.serving.completions import CompletionJob, CompletionService
 from chatfleet.serving.openai_format import new_request_id
 
 __all__ = ["router"]
@@ -111,20 +110,6 @@ def _check(request: Request, body: ChatCompletionRequest | CompletionRequest) ->
         log.info("ignored unknown request fields: %s", ", ".join(ignored))
 
 
-_HEARTBEAT_FRAME = comment_frame("queued: waiting for an engine slot")
-
-
-async def _sse(first: str | object, rest: AsyncIterator[str | object]) -> AsyncIterator[bytes]:
-    async with aclosing(rest):
-        item = first
-        while True:
-            yield _HEARTBEAT_FRAME if item is HEARTBEAT else data_frame(item)  # type: ignore[arg-type]
-            try:
-                item = await anext(rest)
-            except StopAsyncIteration:
-                return
-
-
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, route: str,
                  priority_header: str | None, arrived_at: float) -> Response:
     """Check the request, build its job, and answer it streamed or whole."""
@@ -143,7 +128,7 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     try:
         if body.stream:
             first, rest = await cancel_on_disconnect(request, service.open_stream(job))
-            return sse_response(_sse(first, rest), headers)
+            return sse_response(relay_frames(first, rest), headers)
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)

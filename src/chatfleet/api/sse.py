@@ -10,11 +10,15 @@ needed: queued streams get heartbeats from admission and running ones get tokens
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 
 from starlette.responses import StreamingResponse
 
-__all__ = ["SSE_HEADERS", "comment_frame", "data_frame", "sse_response"]
+from chatfleet.serving.completions import HEARTBEAT
+
+__all__ = ["SSE_HEADERS", "comment_frame", "crlf_data_frame", "data_frame", "relay_frames",
+           "sse_response"]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 """No caching, and no buffering in nginx-style proxies: each event must reach the client now."""
@@ -25,6 +29,11 @@ def data_frame(payload: str) -> bytes:
     return b"data: " + payload.encode() + b"\n\n"
 
 
+def crlf_data_frame(payload: str) -> bytes:
+    """Chatchat's framing (sse-starlette 1.8 ends lines with CRLF); its clients split on it."""
+    return b"data: " + payload.encode() + b"\r\n\r\n"
+
+
 def comment_frame(text: str) -> bytes:
     """An SSE comment: clients ignore it, proxies and idle timeouts see traffic."""
     return b": " + text.encode() + b"\n\n"
@@ -33,3 +42,21 @@ def comment_frame(text: str) -> bytes:
 def sse_response(frames: AsyncIterable[bytes], headers: Mapping[str, str] | None = None) -> StreamingResponse:
     return StreamingResponse(frames, media_type="text/event-stream",
                              headers={**SSE_HEADERS, **(headers or {})})
+
+
+_HEARTBEAT_FRAME = comment_frame("queued: waiting for an engine slot")
+
+
+async def relay_frames(first: str | object, rest: AsyncIterator[str | object],
+                       frame: Callable[[str], bytes] = data_frame) -> AsyncIterator[bytes]:
+    """The frames of a completion stream (``CompletionService.open_stream``'s first payload and
+    the rest): each payload framed by ``frame``, a queued stream's heartbeats as comments. Closes
+    ``rest`` on any exit, which frees the request's slot."""
+    async with aclosing(rest):
+        item = first
+        while True:
+            yield _HEARTBEAT_FRAME if item is HEARTBEAT else frame(item)  # type: ignore[arg-type]
+            try:
+                item = await anext(rest)
+            except StopAsyncIteration:
+                return
