@@ -10,6 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from chatfleet.rag.cli import kb_app
 from chatfleet.settings import Settings, masked_dump
 from chatfleet.sim.cli import simulate_command
 
@@ -132,6 +133,7 @@ def operator(
 
 
 app.command("simulate")(simulate_command)
+app.add_typer(kb_app, name="kb", help="Manage a running gateway's knowledge bases.")
 
 
 def _mount_bench() -> None:

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from chatfleet.cli import app
 from chatfleet.engines.hashed_embeddings import hashed_embedding
 from tests.conftest import (
     SIM_MODEL,
@@ -392,3 +394,27 @@ def test_the_gateways_v1_embeddings_relays_to_the_configured_endpoint(gw) -> Non
         assert response.data[1].embedding == pytest.approx(hashed_embedding("GPU").tolist(), abs=1e-6)
         with pytest.raises(openai.NotFoundError, match=EMBED_MODEL):
             client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_the_kb_command_creates_uploads_lists_searches_and_deletes(gw, tmp_path) -> None:
+    runner = CliRunner()
+    good = tmp_path / "notes.md"
+    good.write_text("# Scaling\n\nThe HPA scales on chatfleet_queue_depth.")
+    bad = tmp_path / "tool.exe"
+    bad.write_bytes(b"MZ")
+
+    def kb(*args: str) -> object:
+        return runner.invoke(app, ["kb", *args, "--url", gw.url])
+
+    assert kb("create", "cli").exit_code == 0
+    result = kb("upload", "cli", str(good), str(bad))
+    assert result.exit_code == 1, "a refused file fails the command"
+    assert "notes.md: stored" in result.output
+    assert "not supported" in result.output
+    assert "notes.md" in kb("files", "cli").output
+    result = kb("search", "cli", "what does the HPA scale on")
+    assert result.exit_code == 0 and "chatfleet_queue_depth" in result.output
+    assert "cli" in kb("list").output
+    assert kb("delete", "cli").exit_code == 0
+    result = kb("files", "cli")
+    assert result.exit_code == 1 and "未找到知识库 cli" in result.output
