@@ -470,6 +470,33 @@ async def test_pgvector_dense_search_uses_the_hnsw_index_of_its_dimension(pg_dsn
         assert texts(hits)[0] == "c0" and {h.chunk.kb for h in hits} == {"kb_b"}
 
 
+async def test_pgvector_plans_a_new_large_kb_with_its_indexes_right_after_the_upload(
+        pg_dsn: str) -> None:
+    """The first KB's upload builds the index; a second KB's large upload must not leave the
+    planner believing that KB holds one row until autovacuum's next round (a minute away)."""
+    dim = 16
+    vectors = np.random.default_rng(9).standard_normal((1500, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    async with AsyncExitStack() as stack:
+        (store,) = await started_pgvector(stack, pg_dsn, 1)
+        for kb in ("first", "second"):
+            await store.create_kb(kb, info="", embed_model="m")
+            await put(store, "a.txt", drafts(*(f"c{i}" for i in range(len(vectors))),
+                                             vectors=list(vectors)), kb=kb)
+        conn = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(conn.close)
+        await register_vector(conn)
+
+        async def plan() -> str:
+            rows = await conn.fetch("EXPLAIN " + dense_search_sql(dim), vectors[0], "second", 5)
+            return "\n".join(row[0] for row in rows)
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while hnsw_index_name(dim) not in (latest := await plan()):
+            assert asyncio.get_running_loop().time() < deadline, latest
+            await asyncio.sleep(0.1)
+
+
 async def test_a_chinese_question_finds_the_chunk_that_shares_its_words(store) -> None:
     """Chinese has no spaces: both stores index characters and bigrams, so '检索' matches a chunk
     that writes it inside a longer run."""

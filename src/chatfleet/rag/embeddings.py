@@ -20,7 +20,12 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
+from chatfleet.http_pools import ShardedTransport
+
 __all__ = ["Embedder", "EmbeddingError"]
+
+QUERY_CONNECTIONS = 64
+"""Connections to the embeddings endpoint, at most (queries and ingestion batches together)."""
 
 _BODY_EXCERPT = 256
 """Characters of an error answer's body kept in the EmbeddingError."""
@@ -60,11 +65,15 @@ class Embedder:
                 f"api_key={'***' if self._api_key else None})")
 
     async def start(self) -> None:
-        # A plain pool: a few requests in flight, not the hundreds http_pools.ShardedTransport is for.
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        # In a thread: building the client loads the CA bundle into an SSL context (~100 ms).
-        self._client = await asyncio.to_thread(
-            httpx.AsyncClient, timeout=httpx.Timeout(self.timeout_s), headers=headers)
+        # Every knowledge-base question embeds its query: under load, dozens of requests are in
+        # flight, and one httpcore pool's bookkeeping grows with the square of its size (a third
+        # of the gateway's CPU per search in a profile), so connections are split into small
+        # pools as for the engine. Built in a thread: the TLS context loads the CA bundle (~100 ms).
+        transport = await asyncio.to_thread(ShardedTransport, connections=QUERY_CONNECTIONS,
+                                            per_pool=8)
+        self._client = httpx.AsyncClient(transport=transport, headers=headers,
+                                         timeout=httpx.Timeout(self.timeout_s))
 
     async def aclose(self) -> None:
         if self._client is not None:

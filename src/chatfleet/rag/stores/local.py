@@ -8,9 +8,12 @@ chunks): a ``Bm25Index`` and, once a KB has embeddings, a FAISS inner-product in
 vectors (``IndexIDMap2(IndexFlatIP)``: exact search, and vectors can be read back for
 ``distances``). Both are updated in place on every upload or delete, never rebuilt per query.
 
-All SQLite, FAISS and BM25 work runs in worker threads; one lock serialises it, because neither
-the indexes nor the connection may be used from two threads at once. A search holds it for a
-millisecond or two.
+All SQLite, FAISS and BM25 work runs in worker threads under one read-write lock: searches
+(which read only the in-memory indexes) share it, everything that touches SQLite or changes an
+index holds it alone. A plain lock made concurrent searches queue behind each other while each
+waited for the GIL (held 90% of the time at 32 concurrent searches, docs/benchmarks.md).
+FAISS runs one OpenMP thread: its searches are 20k-row scans, concurrency comes from requests,
+and with two threads on two busy cores a scan took twice as long (p95 28 ms against 1 ms).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +66,46 @@ CREATE INDEX IF NOT EXISTS chunk_by_file ON chunk (kb, file_name, seq);
 """
 
 
+class _ReadWriteLock:
+    """Many readers or one writer. A waiting writer holds off new readers, so a stream of
+    searches cannot starve an upload."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._changed:
+            while self._writing or self._writers_waiting:
+                self._changed.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._readers -= 1
+                if not self._readers:
+                    self._changed.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._changed:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._changed.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
 @dataclass
 class _KbIndex:
     """One KB's in-memory search state."""
@@ -101,12 +145,20 @@ class LocalStore:
         self._path = data_dir / "kb.sqlite3"
         self._data_dir = data_dir
         self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = _ReadWriteLock()
         self._indexes: dict[str, _KbIndex] = {}
 
     async def _run(self, work: Callable[[], T]) -> T:
+        """``work`` in a worker thread, alone (it may touch SQLite or change an index)."""
         def locked() -> T:
-            with self._lock:
+            with self._lock.writing():
+                return work()
+        return await asyncio.to_thread(locked)
+
+    async def _search(self, work: Callable[[], T]) -> T:
+        """``work`` in a worker thread, beside other searches (it only reads the indexes)."""
+        def locked() -> T:
+            with self._lock.reading():
                 return work()
         return await asyncio.to_thread(locked)
 
@@ -117,6 +169,8 @@ class LocalStore:
         return self._db
 
     async def start(self) -> None:
+        faiss.omp_set_num_threads(1)
+
         def open_and_load() -> None:
             self._data_dir.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
@@ -301,7 +355,7 @@ class LocalStore:
             index = self._index(kb)
             return sorted((c for c in index.chunks.values() if c.file_name == file_name),
                           key=lambda c: c.seq)
-        return await self._run(work)
+        return await self._search(work)
 
     async def lexical_search(self, kb: str, query: str, k: int) -> list[Hit]:
         tokens = tokenize(query)
@@ -310,7 +364,7 @@ class LocalStore:
             index = self._index(kb)
             return [Hit(chunk=index.chunks[row_id], score=score)
                     for row_id, score in index.bm25.search(tokens, k)]
-        return await self._run(work)
+        return await self._search(work)
 
     async def dense_search(self, kb: str, query: Vector, k: int) -> list[Hit]:
         vector = np.asarray(query, dtype=np.float32).reshape(1, -1)
@@ -323,7 +377,7 @@ class LocalStore:
             similarities, ids = index.vectors.search(vector, min(k, index.vectors.ntotal))
             return [Hit(chunk=index.chunks[int(row_id)], score=(1.0 - float(sim)) / 2.0)
                     for sim, row_id in zip(similarities[0], ids[0], strict=True) if row_id >= 0]
-        return await self._run(work)
+        return await self._search(work)
 
     @staticmethod
     def _check_dim(kb: str, index: _KbIndex, dim: int) -> None:
@@ -347,4 +401,4 @@ class LocalStore:
                     continue
                 out[chunk_id] = (1.0 - float(np.dot(stored, vector))) / 2.0
             return out
-        return await self._run(work)
+        return await self._search(work)
