@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -53,6 +54,14 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+GIL_SWITCH_INTERVAL_S = 0.001
+"""How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
+Knowledge-base work runs in threads (the local store's tokenizing, BM25, FAISS, SQLite); with
+several of them busy, the event loop's thread waited many 5 ms turns for the GIL, and a callback
+that needed 1 ms took 166 ms (tests/integration/test_event_loop.py). 1 ms turns bound that wait
+for a small cost in switches."""
+
+
 def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeout_s: float,
               keep_alive_s: float, slow_callback_s: float | None = None) -> None:
     """Serve ``app`` until SIGTERM has drained it (or SIGINT). One worker, one event loop.
@@ -61,6 +70,7 @@ def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeo
     slow callbacks): every callback that holds the loop longer is logged, to find blocking calls.
     """
     debug = slow_callback_s is not None
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=keep_alive_s,
                             loop="asyncio" if debug else "auto")

@@ -145,6 +145,9 @@ class KnowledgeSettings(BaseModel):
     """Largest upload_docs / update_docs request body; larger gets a clear error, nothing stored."""
     max_files_per_upload: int = Field(100, ge=1)
     """Most files in one upload_docs request."""
+    max_queued_uploads: int = Field(16, ge=0, le=10_000)
+    """Upload, update and rebuild requests that may wait for an ingestion slot (two run per
+    ingest worker); one more gets 429 with Retry-After."""
     ingest_workers: int = Field(1, ge=1, le=64)
     """Processes that load and split uploaded files, started on the first upload (each imports
     the document loaders: about 100-150 MB). Uploads beyond this many at once wait their turn."""

@@ -7,6 +7,7 @@ plain httpx (what Chatchat's WebUI uses) and the openai SDK with the WebUI's bas
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -418,3 +419,35 @@ def test_the_kb_command_creates_uploads_lists_searches_and_deletes(gw, tmp_path)
     assert kb("delete", "cli").exit_code == 0
     result = kb("files", "cli")
     assert result.exit_code == 1 and "未找到知识库 cli" in result.output
+
+
+async def test_a_burst_of_uploads_past_the_bound_gets_429_and_the_rest_are_all_stored(sim) -> None:
+    """One ingest worker (two running) and one waiting: of eight uploads sent at once, those
+    beyond are refused with 429 and Retry-After before anything is stored, and every accepted
+    file is in the KB afterwards."""
+    server = start_gateway({**_hybrid_env(sim), "CHATFLEET_KB__INGEST_WORKERS": "1",
+                            "CHATFLEET_KB__MAX_QUEUED_UPLOADS": "1"})
+    words = ["gateway", "queue", "replica", "engine", "token", "latency", "vector", "index", "chunk", "drain"]
+    text = "\n\n".join(" ".join(words[(i + j) % 10] for j in range(100)) for i in range(2500))
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            await client.post("/knowledge_base/create_knowledge_base",
+                              json={"knowledge_base_name": "burst"})
+
+            async def upload(i: int) -> httpx.Response:
+                return await client.post("/knowledge_base/upload_docs",
+                                         data={"knowledge_base_name": "burst"},
+                                         files=[("files", (f"f{i}.txt", text.encode()))])
+
+            responses = await asyncio.gather(*(upload(i) for i in range(8)))
+            refused = [r for r in responses if r.status_code == 429]
+            accepted = [i for i, r in enumerate(responses) if r.status_code == 200]
+            assert refused and len(accepted) >= 3
+            assert all(r.headers["retry-after"] == "5" and r.json()["code"] == 429
+                       and "kb.max_queued_uploads" in r.json()["msg"] for r in refused)
+            assert all(responses[i].json()["data"]["failed_files"] == {} for i in accepted)
+            files = (await client.get("/knowledge_base/list_files",
+                                      params={"knowledge_base_name": "burst"})).json()["data"]
+            assert sorted(f["file_name"] for f in files) == sorted(f"f{i}.txt" for i in accepted)
+    finally:
+        server.proc.terminate()

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatfleet.api.chatchat_envelope import envelope, is_chatchat_path
 from chatfleet.engines.base import EngineError
+from chatfleet.rag.ingest import IngestBusy
 from chatfleet.rag.names import InvalidName
 from chatfleet.rag.stores.base import KnowledgeBaseNotFound
 from chatfleet.serving.admission import AdmissionRejected
@@ -127,6 +128,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _no_kb(request: Request, exc: KnowledgeBaseNotFound) -> JSONResponse:
         return envelope(404, f"未找到知识库 {exc.kb} (knowledge base '{exc.kb}' does not exist; "
                              "see /knowledge_base/list_knowledge_bases)", _empty_data(request))
+
+    @app.exception_handler(IngestBusy)
+    async def _ingest_busy(request: Request, exc: IngestBusy) -> JSONResponse:
+        return envelope(429, str(exc), http_status=429,
+                        headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

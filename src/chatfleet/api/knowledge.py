@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from chatfleet.api.chatchat_envelope import envelope
 from chatfleet.api.sse import crlf_data_frame
 from chatfleet.rag.embeddings import EmbeddingError
-from chatfleet.rag.ingest import SplitOptions
+from chatfleet.rag.ingest import IngestBusy, SplitOptions
 from chatfleet.rag.knowledge import KnowledgeService
 from chatfleet.rag.loaders import EmptyDocument, UnreadableDocument, UnsupportedFileType
 from chatfleet.rag.names import InvalidName, validate_file_name, validate_kb_name
@@ -229,7 +229,8 @@ async def upload_docs(
             request.app.state.metrics.ingest_files_total.labels(knowledge.store.kind,
                                                                 "rejected").inc()
     if to_vector_store:
-        failed |= await _ingest_files(request, kb, named, split, override=override)
+        async with knowledge.ingestor.slot():
+            failed |= await _ingest_files(request, kb, named, split, override=override)
     else:
         failed |= {name: "to_vector_store=false is not supported: ChatFleet stores a file "
                          "with its chunks, so it is searchable as soon as it is stored"
@@ -307,7 +308,8 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
             failed[raw_name] = f"未找到文件 {name} (no stored file of that name)"
         else:
             files.append((name, content))
-    failed |= await _ingest_files(request, kb, files, split, override=True)
+    async with _knowledge(request).ingestor.slot():
+        failed |= await _ingest_files(request, kb, files, split, override=True)
     return envelope(200, "更新文档完成", {"failed_files": failed})
 
 
@@ -356,14 +358,17 @@ async def recreate_vector_store(body: RecreateVectorStore, request: Request) -> 
                 return
             await knowledge.store.create_kb(kb, info="", embed_model=knowledge.embed_model)
         try:
-            async for step in knowledge.recreate(kb, split):
-                if step.error is None:
-                    yield _event({"code": 200, "msg": f"({step.finished} / {step.total}): "
-                                  f"{step.file_name}", "total": step.total,
-                                  "finished": step.finished, "doc": step.file_name})
-                else:
-                    yield _event({"code": 500, "msg": f"添加文件‘{step.file_name}’到知识库‘{kb}’"
-                                  f"时出错：{step.error}。已跳过。"})
+            async with knowledge.ingestor.slot():
+                async for step in knowledge.recreate(kb, split):
+                    if step.error is None:
+                        yield _event({"code": 200, "msg": f"({step.finished} / {step.total}): "
+                                      f"{step.file_name}", "total": step.total,
+                                      "finished": step.finished, "doc": step.file_name})
+                    else:
+                        yield _event({"code": 500, "msg": f"添加文件‘{step.file_name}’到知识库"
+                                      f"‘{kb}’时出错：{step.error}。已跳过。"})
+        except IngestBusy as exc:
+            yield _event({"code": 429, "msg": str(exc)})
         except EmbeddingError as exc:
             yield _event({"code": 500, "msg": f"the embeddings endpoint failed: {exc}"})
 

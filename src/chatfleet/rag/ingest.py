@@ -15,9 +15,10 @@ behind. The pool is started on first use (the worker imports langchain: about a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 
@@ -32,7 +33,18 @@ from chatfleet.rag.loaders import (
 from chatfleet.rag.splitting import SplitResult, split_documents
 from chatfleet.rag.stores.base import ChunkDraft, FileRecord, KnowledgeStore
 
-__all__ = ["Ingestor", "SplitOptions"]
+__all__ = ["IngestBusy", "Ingestor", "SplitOptions"]
+
+
+class IngestBusy(Exception):
+    """All ingestion slots are taken and as many requests wait as may: come back later."""
+
+    retry_after_s = 5
+
+    def __init__(self, running: int, waiting: int) -> None:
+        super().__init__(f"{running} ingestions are running and {waiting} are waiting, the most "
+                         f"this replica takes (kb.max_queued_uploads); retry in "
+                         f"{self.retry_after_s} s")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,13 +69,38 @@ def _load_and_split(file_name: str, content: bytes, split: SplitOptions) -> tupl
 
 
 class Ingestor:
+    """Ingests files. Requests that ingest take a slot first (``slot()``): two per worker process
+    run at once (one splitting while the other's chunks are embedded and stored), up to
+    ``max_waiting`` more wait, and beyond that ``IngestBusy``: uploads are bounded like chat
+    requests, so a burst of them cannot pile up files in memory and on disk without limit."""
+
     def __init__(self, store: KnowledgeStore, embedder: Embedder | None, *, workers: int = 1,
-                 on_chunks: Callable[[int], None] | None = None) -> None:
+                 max_waiting: int = 16, on_chunks: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.embedder = embedder
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
         self._on_chunks = on_chunks
+        self._running = 2 * workers
+        self._slots = asyncio.Semaphore(self._running)
+        self._waiting = 0
+        self._max_waiting = max_waiting
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold an ingestion slot for one request's files. Raises ``IngestBusy`` at once when
+        all are taken and ``max_waiting`` requests already wait."""
+        if self._slots.locked() and self._waiting >= self._max_waiting:
+            raise IngestBusy(self._running, self._waiting)
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def close(self) -> None:
         """Stop the worker processes (waits for none: a stopping gateway has drained)."""

@@ -59,7 +59,7 @@ class KnowledgeService:
         self.embedder = build_embedder(settings)
         self.retriever = Retriever(self.store, self.embedder, on_retrieval=on_retrieval)
         self.ingestor = Ingestor(self.store, self.embedder, workers=settings.ingest_workers,
-                                 on_chunks=on_chunks)
+                                 max_waiting=settings.max_queued_uploads, on_chunks=on_chunks)
 
     @property
     def mode(self) -> RetrievalMode:

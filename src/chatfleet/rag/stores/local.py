@@ -8,10 +8,16 @@ chunks): a ``Bm25Index`` and, once a KB has embeddings, a FAISS inner-product in
 vectors (``IndexIDMap2(IndexFlatIP)``: exact search, and vectors can be read back for
 ``distances``). Both are updated in place on every upload or delete, never rebuilt per query.
 
-All SQLite, FAISS and BM25 work runs in worker threads under one read-write lock: searches
-(which read only the in-memory indexes) share it, everything that touches SQLite or changes an
-index holds it alone. A plain lock made concurrent searches queue behind each other while each
-waited for the GIL (held 90% of the time at 32 concurrent searches, docs/benchmarks.md).
+All SQLite, FAISS and BM25 work runs in worker threads, and three locks keep it apart:
+
+- writers (uploads, deletes, KB changes) take turns on the write connection (``_write_lock``);
+  a file's chunks are tokenized and written to SQLite without stopping anything else;
+- searches share the in-memory indexes (a read-write lock), and a writer holds them alone only
+  for the moment it swaps a file's chunks in (a plain lock made concurrent searches queue behind
+  each other while each waited for the GIL: held 90% of the time at 32 concurrent searches,
+  docs/benchmarks.md; and an upload held it for the whole SQLite write);
+- listings and downloads read through a second connection (``_read_lock``), which WAL mode lets
+  read the last commit while a writer is in its transaction.
 FAISS runs one OpenMP thread: its searches are 20k-row scans, concurrency comes from requests,
 and with two threads on two busy cores a scan took twice as long (p95 28 ms against 1 ms).
 """
@@ -106,6 +112,16 @@ class _ReadWriteLock:
                 self._changed.notify_all()
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A stored chunk with what the indexes need, prepared before they are locked."""
+
+    row_id: int
+    chunk: StoredChunk
+    tokens: list[str]
+    vector: Vector | None
+
+
 @dataclass
 class _KbIndex:
     """One KB's in-memory search state."""
@@ -116,15 +132,18 @@ class _KbIndex:
     chunks: dict[int, StoredChunk] = field(default_factory=dict)
     tokens: dict[int, list[str]] = field(default_factory=dict)
 
-    def add(self, row_id: int, chunk: StoredChunk, embedding: Vector | None) -> None:
-        tokens = tokenize(chunk.text)
-        self.bm25.add(row_id, tokens)
-        self.tokens[row_id] = tokens
-        self.chunks[row_id] = chunk
-        if embedding is not None:
+    def add(self, rows: Sequence[_Row]) -> None:
+        with_vectors = [row for row in rows if row.vector is not None]
+        for row in rows:
+            self.bm25.add(row.row_id, row.tokens)
+            self.tokens[row.row_id] = row.tokens
+            self.chunks[row.row_id] = row.chunk
+        if with_vectors:
             if self.vectors is None:
-                self.vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(len(embedding)))
-            self.vectors.add_with_ids(embedding.reshape(1, -1), np.array([row_id], dtype=np.int64))
+                self.vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(len(with_vectors[0].vector)))
+            self.vectors.add_with_ids(
+                np.stack([row.vector for row in with_vectors]),
+                np.array([row.row_id for row in with_vectors], dtype=np.int64))
 
     def remove(self, row_ids: Sequence[int]) -> None:
         for row_id in row_ids:
@@ -145,25 +164,39 @@ class LocalStore:
         self._path = data_dir / "kb.sqlite3"
         self._data_dir = data_dir
         self._db: sqlite3.Connection | None = None
-        self._lock = _ReadWriteLock()
+        self._reader: sqlite3.Connection | None = None
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._indexes_lock = _ReadWriteLock()
         self._indexes: dict[str, _KbIndex] = {}
 
-    async def _run(self, work: Callable[[], T]) -> T:
-        """``work`` in a worker thread, alone (it may touch SQLite or change an index)."""
+    async def _write(self, work: Callable[[], T]) -> T:
+        """``work`` in a worker thread, after the writers before it; it may use ``db`` and change
+        indexes, but only inside ``self._indexes_lock.writing()``."""
         def locked() -> T:
-            with self._lock.writing():
+            with self._write_lock:
                 return work()
+        return await asyncio.to_thread(locked)
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` in a worker thread on the read connection (the last committed state)."""
+        def locked() -> T:
+            with self._read_lock:
+                if self._reader is None:
+                    raise RuntimeError("LocalStore.start() was not called")
+                return work(self._reader)
         return await asyncio.to_thread(locked)
 
     async def _search(self, work: Callable[[], T]) -> T:
         """``work`` in a worker thread, beside other searches (it only reads the indexes)."""
         def locked() -> T:
-            with self._lock.reading():
+            with self._indexes_lock.reading():
                 return work()
         return await asyncio.to_thread(locked)
 
     @property
     def db(self) -> sqlite3.Connection:
+        """The write connection (only inside ``_write``)."""
         if self._db is None:
             raise RuntimeError("LocalStore.start() was not called")
         return self._db
@@ -176,27 +209,31 @@ class LocalStore:
             db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             db.executescript(_SCHEMA)
             self._db = db
+            self._reader = sqlite3.connect(self._path, check_same_thread=False,
+                                           isolation_level=None)
             for (name,) in db.execute("SELECT name FROM kb").fetchall():
                 self._indexes[name] = self._load_kb(name)
-        await self._run(open_and_load)
+        await self._write(open_and_load)
 
     def _load_kb(self, kb: str) -> _KbIndex:
         index = _KbIndex()
         rows = self.db.execute(
             "SELECT id, file_name, seq, text, metadata, embedding FROM chunk WHERE kb = ? "
             "ORDER BY id", (kb,))
-        for row_id, file_name, seq, text, metadata, embedding in rows:
-            vector = None if embedding is None else np.frombuffer(embedding, dtype=np.float32)
-            index.add(row_id, StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
-                                          text=text, metadata=json.loads(metadata)), vector)
+        index.add([_Row(row_id=row_id, tokens=tokenize(text),
+                        chunk=StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
+                                          text=text, metadata=json.loads(metadata)),
+                        vector=None if embedding is None else np.frombuffer(embedding, np.float32))
+                   for row_id, file_name, seq, text, metadata, embedding in rows])
         return index
 
     async def aclose(self) -> None:
         def close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-        await self._run(close)
+            for connection in (self._db, self._reader):
+                if connection is not None:
+                    connection.close()
+            self._db = self._reader = None
+        await self._write(close)
 
     def _index(self, kb: str) -> _KbIndex:
         index = self._indexes.get(kb)
@@ -204,8 +241,8 @@ class LocalStore:
             raise KnowledgeBaseNotFound(kb)
         return index
 
-    def _kb_record(self, kb: str) -> KnowledgeBaseRecord | None:
-        row = self.db.execute(
+    def _kb_record(self, db: sqlite3.Connection, kb: str) -> KnowledgeBaseRecord | None:
+        row = db.execute(
             "SELECT name, info, embed_model, created_at, "
             "(SELECT count(*) FROM file WHERE file.kb = kb.name) FROM kb WHERE name = ?",
             (kb,)).fetchone()
@@ -217,13 +254,13 @@ class LocalStore:
                                    created_at=created_at)
 
     async def list_kbs(self) -> list[KnowledgeBaseRecord]:
-        def work() -> list[KnowledgeBaseRecord]:
-            names = [name for (name,) in self.db.execute("SELECT name FROM kb ORDER BY name")]
-            return [record for name in names if (record := self._kb_record(name)) is not None]
-        return await self._run(work)
+        def work(db: sqlite3.Connection) -> list[KnowledgeBaseRecord]:
+            names = [name for (name,) in db.execute("SELECT name FROM kb ORDER BY name")]
+            return [record for name in names if (record := self._kb_record(db, name)) is not None]
+        return await self._read(work)
 
     async def get_kb(self, kb: str) -> KnowledgeBaseRecord | None:
-        return await self._run(lambda: self._kb_record(kb))
+        return await self._read(lambda db: self._kb_record(db, kb))
 
     async def create_kb(self, kb: str, *, info: str, embed_model: str) -> KnowledgeBaseRecord:
         def work() -> KnowledgeBaseRecord:
@@ -232,11 +269,12 @@ class LocalStore:
                                 (kb, info, embed_model, time.time()))
             except sqlite3.IntegrityError:
                 raise KnowledgeBaseExists(kb) from None
-            self._indexes[kb] = _KbIndex()
-            record = self._kb_record(kb)
+            with self._indexes_lock.writing():
+                self._indexes[kb] = _KbIndex()
+            record = self._kb_record(self.db, kb)
             assert record is not None
             return record
-        return await self._run(work)
+        return await self._write(work)
 
     async def delete_kb(self, kb: str) -> None:
         def work() -> None:
@@ -244,16 +282,19 @@ class LocalStore:
             with self.db:
                 self.db.execute("BEGIN")
                 self.db.execute("DELETE FROM kb WHERE name = ?", (kb,))
-            del self._indexes[kb]
-        await self._run(work)
+            with self._indexes_lock.writing():
+                del self._indexes[kb]
+        await self._write(work)
 
     async def update_kb_info(self, kb: str, info: str) -> None:
         def work() -> None:
             self._index(kb)
             self.db.execute("UPDATE kb SET info = ? WHERE name = ?", (info, kb))
-        await self._run(work)
+        await self._write(work)
 
-    def _file_records(self, kb: str, file_name: str | None = None) -> list[FileRecord]:
+    @staticmethod
+    def _file_records(db: sqlite3.Connection, kb: str,
+                      file_name: str | None = None) -> list[FileRecord]:
         query = ("SELECT f.file_name, f.size, f.loader, f.splitter, f.version, f.created_at, "
                  "f.modified_at, (SELECT count(*) FROM chunk c WHERE c.kb = f.kb AND "
                  "c.file_name = f.file_name) FROM file f WHERE f.kb = ?")
@@ -261,25 +302,25 @@ class LocalStore:
         if file_name is not None:
             query += " AND f.file_name = ?"
             params = (kb, file_name)
-        rows = self.db.execute(query + " ORDER BY f.file_name", params).fetchall()
+        rows = db.execute(query + " ORDER BY f.file_name", params).fetchall()
         return [FileRecord(kb=kb, file_name=name, size_bytes=size, chunk_count=chunks,
                            loader=loader, splitter=splitter, version=version,
                            created_at=created, modified_at=modified)
                 for name, size, loader, splitter, version, created, modified, chunks in rows]
 
     async def list_files(self, kb: str) -> list[FileRecord]:
-        def work() -> list[FileRecord]:
+        def work(db: sqlite3.Connection) -> list[FileRecord]:
             self._index(kb)
-            return self._file_records(kb)
-        return await self._run(work)
+            return self._file_records(db, kb)
+        return await self._read(work)
 
     async def get_file(self, kb: str, file_name: str) -> bytes | None:
-        def work() -> bytes | None:
+        def work(db: sqlite3.Connection) -> bytes | None:
             self._index(kb)
-            row = self.db.execute("SELECT content FROM file WHERE kb = ? AND file_name = ?",
-                                  (kb, file_name)).fetchone()
+            row = db.execute("SELECT content FROM file WHERE kb = ? AND file_name = ?",
+                             (kb, file_name)).fetchone()
             return None if row is None else row[0]
-        return await self._run(work)
+        return await self._read(work)
 
     def _chunk_ids(self, kb: str, file_name: str) -> list[int]:
         return [row_id for (row_id,) in self.db.execute(
@@ -297,8 +338,9 @@ class LocalStore:
                 raise ValueError(
                     f"embeddings of dimension {dims.pop()} cannot join knowledge base '{kb}', "
                     f"whose vectors have dimension {index.vectors.d}: recreate its vector store")
+            tokens = [tokenize(draft.text) for draft in chunks]
             now = time.time()
-            rows: list[tuple[int, StoredChunk, Vector | None]] = []
+            rows: list[_Row] = []
             with self.db:
                 self.db.execute("BEGIN")
                 old_ids = self._chunk_ids(kb, file_name)
@@ -317,18 +359,18 @@ class LocalStore:
                          _vector_bytes(draft.embedding)))
                     row_id = cursor.lastrowid
                     assert row_id is not None
-                    stored = StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
-                                         text=draft.text, metadata=dict(draft.metadata))
-                    vector = (None if draft.embedding is None
-                              else np.asarray(draft.embedding, dtype=np.float32))
-                    rows.append((row_id, stored, vector))
-            # Committed: now the in-memory indexes follow (under the same lock, so no search sees
-            # a half-updated file).
-            index.remove(old_ids)
-            for row_id, stored, vector in rows:
-                index.add(row_id, stored, vector)
-            return self._file_records(kb, file_name)[0]
-        return await self._run(work)
+                    rows.append(_Row(
+                        row_id=row_id, tokens=tokens[seq],
+                        chunk=StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
+                                          text=draft.text, metadata=dict(draft.metadata)),
+                        vector=(None if draft.embedding is None
+                                else np.asarray(draft.embedding, dtype=np.float32))))
+            # Committed: the indexes follow, in one step no search sees half of.
+            with self._indexes_lock.writing():
+                index.remove(old_ids)
+                index.add(rows)
+            return self._file_records(self.db, kb, file_name)[0]
+        return await self._write(work)
 
     async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
         def work() -> bool:
@@ -346,9 +388,10 @@ class LocalStore:
                     existed = self.db.execute(
                         "DELETE FROM file WHERE kb = ? AND file_name = ?",
                         (kb, file_name)).rowcount > 0
-            index.remove(old_ids)
+            with self._indexes_lock.writing():
+                index.remove(old_ids)
             return existed
-        return await self._run(work)
+        return await self._write(work)
 
     async def list_chunks(self, kb: str, file_name: str) -> list[StoredChunk]:
         def work() -> list[StoredChunk]:
