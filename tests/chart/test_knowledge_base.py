@@ -62,7 +62,8 @@ def test_local_store_by_default_writes_to_an_emptydir_at_its_data_dir() -> None:
         "CHATFLEET_KB__STORE": "local", "CHATFLEET_KB__DATA_DIR": DATA_DIR,
         "CHATFLEET_KB__CHUNK_SIZE": "750", "CHATFLEET_KB__CHUNK_OVERLAP": "150",
         "CHATFLEET_KB__TOP_K": "3", "CHATFLEET_KB__SCORE_THRESHOLD": "2",
-        "CHATFLEET_KB__MAX_UPLOAD_BYTES": "67108864", "CHATFLEET_KB__INGEST_WORKERS": "1"}, (
+        "CHATFLEET_KB__MAX_UPLOAD_BYTES": "67108864", "CHATFLEET_KB__INGEST_WORKERS": "1",
+        "CHATFLEET_KB__MAX_QUEUED_UPLOADS": "16"}, (
         "no embeddings env: BM25-only retrieval")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
