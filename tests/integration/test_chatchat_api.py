@@ -242,12 +242,18 @@ def test_plain_chat_streams_chatchat_chunks_and_answers_whole(api) -> None:
             "messages": [{"role": "user", "content": "hello"}], "stream": True,
             "max_tokens": 5}) as response:
         events = _events(response)
-    assert len(events) == 5
-    assert all(e["object"] == "chat.completion.chunk" and e["status"] is None for e in events)
+    # Chatchat relays the upstream's OpenAI chunks with message_id and status added.
+    assert all(e["object"] == "chat.completion.chunk" and e["status"] is None
+               and e["message_id"] is None and e["choices"][0]["index"] == 0 for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
     body = api.post("/chat/chat/completions", json={
         "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}).json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["content"]
+    assert body["status"] is None and body["message_id"] is None
+    assert body["usage"]["completion_tokens"] == 3
     body = api.post("/chat/chat/completions", json={
         "messages": [{"role": "user", "content": "hello"}], "model": "gpt-4"}).json()
     assert body["code"] == 404 and SIM_MODEL in body["msg"]

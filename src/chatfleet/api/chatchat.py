@@ -38,10 +38,12 @@ from chatfleet.rag.stores.base import KnowledgeBaseNotFound
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.chatchat_format import (
     ChatchatChunkFormatter,
+    ChatchatRelayFormatter,
     chatchat_completion,
+    chatchat_relay_completion,
 )
 from chatfleet.serving.completions import CompletionJob, CompletionService
-from chatfleet.serving.openai_format import new_request_id
+from chatfleet.serving.openai_format import ChunkFormatter, new_request_id
 
 __all__ = ["router"]
 
@@ -73,12 +75,16 @@ async def _answer(request: Request, *, route: str, messages: tuple[ChatMessage, 
                   arrived_at: float, docs: list[str] | None = None,
                   extra: dict[str, Any] | None = None,
                   retrieved_at: float | None = None) -> Response:
-    """Queue the generation and answer in Chatchat's shapes, streamed or whole."""
+    """Queue the generation and answer in Chatchat's shapes, streamed or whole: a knowledge-base
+    answer (``docs`` given) as its OpenAIChatOutput objects, plain chat as the upstream's OpenAI
+    objects with Chatchat's two added fields (what its chat route relays)."""
     service = _service(request)
     generation = GenerationRequest(request_id=new_request_id(chat=True), model=service.model,
                                    messages=messages, prompt=None, max_tokens=max_tokens or None,
                                    sampling=sampling)
-    formatter = ChatchatChunkFormatter(model=service.model, docs=docs, extra=extra)
+    formatter: ChunkFormatter = (
+        ChatchatRelayFormatter(request_id=generation.request_id, model=service.model)
+        if docs is None else ChatchatChunkFormatter(model=service.model, docs=docs, extra=extra))
     job = CompletionJob(request=generation, route=route, priority=Priority.INTERACTIVE,
                         arrived_at=arrived_at, retrieved_at=retrieved_at, formatter=formatter)
     headers = {"X-Request-Id": generation.request_id}
@@ -89,11 +95,13 @@ async def _answer(request: Request, *, route: str, messages: tuple[ChatMessage, 
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)
+    if docs is None:
+        return JSONResponse(chatchat_relay_completion(answer), headers=headers)
     choice = answer["choices"][0]
-    more = {"docs": docs, **(extra or {})} if docs is not None else extra
     return JSONResponse(chatchat_completion(model=service.model,
                                             content=choice["message"]["content"],
-                                            finish_reason=choice["finish_reason"], extra=more),
+                                            finish_reason=choice["finish_reason"],
+                                            extra={"docs": docs, **(extra or {})}),
                         headers=headers)
 
 

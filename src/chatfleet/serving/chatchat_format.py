@@ -1,12 +1,14 @@
-"""Chatchat 0.3.1.3's answer shapes (its ``OpenAIChatOutput``), for its chat routes.
+"""Chatchat 0.3.1.3's answer shapes, for its chat routes.
 
-A streamed answer is a series of ``chat.completion.chunk`` objects, each with a new id
-(``chat<uuid4>``), Chatchat's extra fields (status, message_type, message_id, is_ref) and
-``choices: [{"delta": {"content", "tool_calls"}, "role"}]``; no ``[DONE]`` at the end. A
-knowledge-base answer opens with a chunk of empty content carrying ``docs`` (the references);
-every chunk has ``status: null``, which is what its WebUI shows as the answer (agent statuses
-are shown only in its agent view). The non-streamed answer is one ``chat.completion`` object (Chatchat's kb_chat sent it JSON-encoded
-as a string; ChatFleet sends the object, on purpose).
+Knowledge-base chat (its ``OpenAIChatOutput``): a series of ``chat.completion.chunk`` objects,
+each with a new id (``chat<uuid4>``), Chatchat's extra fields (status, message_type, message_id,
+is_ref) and ``choices: [{"delta": {"content", "tool_calls"}, "role"}]``, opening with a chunk of
+empty content carrying ``docs`` (the references); no ``[DONE]``. Every chunk has ``status:
+null``, which is what its WebUI shows as the answer. Whole, one ``chat.completion`` object
+(Chatchat's kb_chat sent it JSON-encoded as a string; ChatFleet sends the object, on purpose).
+
+Plain chat (/chat/chat/completions): Chatchat relays the upstream's OpenAI objects with
+``message_id`` and ``status`` added (checked against a running Chatchat 0.3.1.3), no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import uuid
 from typing import Any
 
 from chatfleet.engines.base import Usage
+from chatfleet.serving.openai_format import StreamFormatter
 
-__all__ = ["ChatchatChunkFormatter", "chatchat_completion"]
+_RELAY_FIELDS = {"message_id": None, "status": None}
+"""What Chatchat's plain chat adds to the upstream's OpenAI objects (chat_routes.py)."""
+
+__all__ = ["ChatchatChunkFormatter", "ChatchatRelayFormatter", "chatchat_completion",
+           "chatchat_relay_completion"]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -87,3 +94,22 @@ class ChatchatChunkFormatter:
         if retry_after_s is not None:
             more += f',"retry_after":{retry_after_s}'
         return self._chunk(message, more)
+
+
+class ChatchatRelayFormatter(StreamFormatter):
+    """Chatchat's plain chat (/chat/chat/completions): it relays the upstream's OpenAI chunks with
+    ``message_id`` and ``status`` (both null) added, in its SSE framing, without ``[DONE]``."""
+
+    __slots__ = ()
+
+    def __init__(self, *, request_id: str, model: str) -> None:
+        super().__init__(request_id=request_id, model=model, chat=True, include_usage=False)
+        self._tail = ',"message_id":null,"status":null' + self._tail
+
+    def done(self) -> None:
+        return None
+
+
+def chatchat_relay_completion(openai_answer: dict[str, Any]) -> dict[str, Any]:
+    """Chatchat's plain chat answered whole: the upstream's ``chat.completion`` plus its fields."""
+    return {**openai_answer, **_RELAY_FIELDS}
