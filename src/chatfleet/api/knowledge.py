@@ -245,17 +245,25 @@ class DeleteDocs(BaseModel):
     not_refresh_vs_cache: bool = False
 
 
+def _file_names(raw_names: list[str]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The valid names as (as sent, validated) pairs, and the refused ones with their reasons
+    (Chatchat's ``failed_files``)."""
+    valid: list[tuple[str, str]] = []
+    refused: dict[str, str] = {}
+    for raw_name in raw_names:
+        try:
+            valid.append((raw_name, validate_file_name(raw_name)))
+        except InvalidName as exc:
+            refused[raw_name] = str(exc)
+    return valid, refused
+
+
 @router.post("/delete_docs", summary="Delete files from a knowledge base (Chatchat)")
 async def delete_docs(body: DeleteDocs, request: Request) -> Response:
     kb = validate_kb_name(body.knowledge_base_name)
     store = _knowledge(request).store
-    failed: dict[str, str] = {}
-    for raw_name in body.file_names:
-        try:
-            name = validate_file_name(raw_name)
-        except InvalidName as exc:
-            failed[raw_name] = str(exc)
-            continue
+    names, failed = _file_names(body.file_names)
+    for raw_name, name in names:
         if not await store.delete_file(kb, name, keep_content=not body.delete_content):
             failed[raw_name] = f"未找到文件 {name}"
     return envelope(200, "文件删除完成", {"failed_files": failed})
@@ -296,13 +304,8 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
     if await store.get_kb(kb) is None:
         raise KnowledgeBaseNotFound(kb)
     files: list[tuple[str, bytes]] = []
-    failed: dict[str, str] = {}
-    for raw_name in body.file_names:
-        try:
-            name = validate_file_name(raw_name)
-        except InvalidName as exc:
-            failed[raw_name] = str(exc)
-            continue
+    names, failed = _file_names(body.file_names)
+    for raw_name, name in names:
         content = await store.get_file(kb, name)
         if content is None:
             failed[raw_name] = f"未找到文件 {name} (no stored file of that name)"
