@@ -44,16 +44,15 @@ def chatchat_completion(*, model: str, content: str, finish_reason: str | None,
 
 
 class ChatchatChunkFormatter:
-    """Renders one streamed Chatchat answer (implements ``ChunkFormatter``).
+    """Renders one streamed Chatchat knowledge-base answer (implements ``ChunkFormatter``).
 
-    ``docs``: the reference strings of a knowledge-base answer (sent on the first chunk), or None
-    for plain chat. ``extra`` fields go on the first chunk too (ChatFleet adds ``retrieval``:
-    its mode, time and hits).
+    ``docs``: the reference strings, sent on the first chunk. ``extra`` fields go on the first
+    chunk too (ChatFleet adds ``retrieval``: its mode, time and hits).
     """
 
     __slots__ = ("_created", "_docs", "_extra", "_model")
 
-    def __init__(self, *, model: str, docs: list[str] | None,
+    def __init__(self, *, model: str, docs: list[str],
                  extra: dict[str, Any] | None = None) -> None:
         self._model = _dumps(model)
         self._created = int(time.time())
@@ -66,13 +65,9 @@ class ChatchatChunkFormatter:
                 f'"choices":[{{"delta":{{"content":{_dumps(content)},"tool_calls":[]}},'
                 '"role":"assistant"}]}')
 
-    def first(self) -> str | None:
-        if self._docs is None and not self._extra:
-            return None
+    def first(self) -> str:
         more = "".join(f",{_dumps(k)}:{_dumps(v)}" for k, v in self._extra.items())
-        if self._docs is not None:
-            more = f',"docs":{_dumps(self._docs)}{more}'
-        return self._chunk("", more)
+        return self._chunk("", f',"docs":{_dumps(self._docs)}{more}')
 
     def token(self, text: str) -> str:
         return self._chunk(text)
