@@ -31,7 +31,8 @@ from chatfleet.engines.engine_model import load_profile
 from tests.conftest import Server, start_engine_sim, start_gateway, upstream_env
 
 MODEL = "chatfleet-sim/tiny-cpu"
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "azure2023_conv.csv"
+TRACE = Path(__file__).resolve().parents[1] / "fixtures" / "azure2023_conv_head200.csv"
+"""The first 200 rows of the shared conversation trace (tests/fixtures/README.md)."""
 
 
 @pytest.fixture(scope="module")
