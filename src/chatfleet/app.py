@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from chatfleet import __version__
 from chatfleet.api import chatchat, health, knowledge, openai
+from chatfleet.api.auth import ApiKeyAuth
 from chatfleet.api.errors import install_error_handlers
 from chatfleet.api.knowledge import UPLOAD_PATHS
 from chatfleet.api.middleware import AdmissionGate, BodySizeLimit
@@ -29,7 +30,7 @@ from chatfleet.serving.admission import AdmissionController, Priority
 from chatfleet.serving.completions import CompletionService
 from chatfleet.serving.lifecycle import Lifecycle
 from chatfleet.settings import EngineKind, Settings
-from chatfleet.telemetry.metrics import GatewayMetrics
+from chatfleet.telemetry.metrics import AuthRejection, GatewayMetrics
 
 __all__ = ["build_engine", "create_app"]
 
@@ -122,5 +123,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes,
                        upload_paths=UPLOAD_PATHS, max_upload_bytes=settings.kb.max_upload_bytes)
-    app.add_middleware(AdmissionGate)  # outermost of ours: a certain 429 costs the least
+    app.add_middleware(AdmissionGate)  # a certain 429 costs the least
+    if settings.api_keys:  # outermost of ours: no key, no other work (nor a queue-state hint)
+        rejections = {reason: metrics.auth_rejections_total.labels(reason=reason.value)
+                      for reason in AuthRejection}
+        app.add_middleware(ApiKeyAuth, keys=settings.api_keys,
+                           rate_limit_rps=settings.auth.rate_limit_rps,
+                           rate_limit_burst=settings.auth.rate_limit_burst,
+                           on_reject=lambda reason: rejections[reason].inc())
     return app

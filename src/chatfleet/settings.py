@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
     "AdmissionSettings",
+    "AuthSettings",
     "EmbeddingsSettings",
     "EngineKind",
     "EngineSettings",
@@ -82,6 +83,14 @@ class ServerSettings(BaseModel):
     keep_alive_s: float = Field(75.0, gt=0)
     """Idle keep-alive of client connections. Keep it above the load balancer's idle timeout
     (60 s on common cloud LBs), or the proxy may reuse a connection the gateway is closing."""
+    send_timeout_s: float = Field(30.0, gt=0)
+    """A streamed answer whose client has read nothing for this long (its connection's buffers
+    full) is ended: the connection is closed, the engine request aborted and the slot freed."""
+    send_buffer_bytes: int | None = Field(None, ge=4096)
+    """Kernel send buffer of each client connection (SO_SNDBUF). Unset: the kernel's autotuning
+    (up to net.ipv4.tcp_wmem's maximum, 4 MiB by default), so a client that reads nothing pins up
+    to that much memory, and ``send_timeout_s`` starts only once it is full. Token streams need
+    little: 256 KiB bounds both."""
     log_level: str = "info"
     slow_callback_s: float | None = Field(None, gt=0)
     """Turn on asyncio debug mode and log every event-loop callback slower than this (diagnostics)."""
@@ -94,6 +103,21 @@ class LimitsSettings(BaseModel):
     """Largest ``max_tokens`` a request may ask for."""
     max_messages: int = Field(512, ge=1)
     """Most messages in one chat request."""
+
+
+class AuthSettings(BaseModel):
+    """The per-key request-rate limit of API-key authentication (the keys are ``api_keys``).
+
+    The limit is a token bucket per key **in each gateway process**: with N pods behind a
+    Service, one key may send up to N times the rate to the fleet."""
+
+    rate_limit_rps: float = Field(0.0, ge=0)
+    """Requests per second one API key may send, sustained (every route but the probes, /metrics
+    and the API docs counts). 0 (the default): no limit. Needs ``api_keys``."""
+    rate_limit_burst: int = Field(20, ge=1, le=1_000_000)
+    """Requests one API key may send at once above the rate: the bucket's size; a key that has
+    been idle starts with this many. Past it the key gets 429 with Retry-After. Used only when
+    ``rate_limit_rps`` is above 0."""
 
 
 class StoreKind(StrEnum):
@@ -170,15 +194,53 @@ class KnowledgeSettings(BaseModel):
 
 
 class Settings(BaseSettings):
+    # hide_input_in_errors: a refused configuration names the field and the rule, never the raw
+    # input, which holds api_keys, engine.api_key and kb.pg_dsn in clear (a Settings-level
+    # check's input is the whole environment).
     model_config = SettingsConfigDict(
-        env_prefix="CHATFLEET_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="CHATFLEET_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+        hide_input_in_errors=True,
     )
 
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    """API keys clients must send as ``Authorization: Bearer <key>`` on every route but /livez,
+    /readyz, /metrics(/engine) and the API docs. ``CHATFLEET_API_KEYS`` is a comma-separated list
+    (spaces around keys and empty items are dropped); list two to rotate one. Empty (the default):
+    no authentication. Never logged, never in /metrics or in error messages."""
+    auth: AuthSettings = AuthSettings()
     engine: EngineSettings = EngineSettings()
     admission: AdmissionSettings = AdmissionSettings()
     server: ServerSettings = ServerSettings()
     limits: LimitsSettings = LimitsSettings()
     kb: KnowledgeSettings = KnowledgeSettings()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: Any) -> Any:
+        """A comma-separated string (the environment) or a list; blanks dropped, repeats once."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return items  # the field's own validation refuses it (the input is hidden)
+        keys: list[Any] = []
+        seen: set[str] = set()
+        for item in items:
+            text = item.get_secret_value() if isinstance(item, SecretStr) else item
+            if isinstance(text, str):
+                text = text.strip()
+                if not text or text in seen:
+                    continue
+                seen.add(text)
+            keys.append(text)
+        return keys
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        if self.auth.rate_limit_rps > 0 and not self.api_keys:
+            raise ValueError(
+                "auth.rate_limit_rps is set but api_keys is empty: the limit counts requests per "
+                "API key; set CHATFLEET_API_KEYS to a comma-separated list of keys, or "
+                "CHATFLEET_AUTH__RATE_LIMIT_RPS=0")
+        return self
 
     @model_validator(mode="after")
     def _check_engine(self) -> Settings:

@@ -12,7 +12,8 @@ Two families live here:
   floor it decided, its inputs), on the operator's own port.
 
 Each class owns a private ``CollectorRegistry`` so several apps can live in one process (tests).
-Labels are closed sets: model (one per process), route (the endpoint template), priority, outcome.
+Labels are closed sets: model (one per process), route (the endpoint template), priority, outcome,
+reason (of an authentication refusal; never the key).
 docs/metrics.md documents every name; tests check that /metrics matches that page.
 """
 
@@ -32,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "AuthRejection",
     "EngineSimMetrics",
     "GatewayMetrics",
     "OperatorMetrics",
@@ -76,9 +78,21 @@ class Outcome(StrEnum):
     DRAINING = "draining"
     """503: arrived while the pod was draining."""
     CLIENT_DISCONNECTED = "client_disconnected"
-    """The client went away (while queued or mid-answer); the engine request was aborted."""
+    """The client went away (while queued or mid-answer), or read nothing for server.send_timeout_s
+    and was cut off; the engine request was aborted."""
     ENGINE_ERROR = "engine_error"
     """The engine refused or failed the request."""
+
+
+class AuthRejection(StrEnum):
+    """Why API-key authentication refused a request (``reason`` of chatfleet_auth_rejections_total)."""
+
+    MISSING = "missing"
+    """401: no ``Authorization: Bearer <key>`` header (none, another scheme, or an empty key)."""
+    INVALID = "invalid"
+    """401: a key was sent but it is none of the configured ones."""
+    RATE_LIMITED = "rate_limited"
+    """429: a valid key over its per-key request rate (auth.rate_limit_rps)."""
 
 
 class GatewayMetrics:
@@ -157,6 +171,11 @@ class GatewayMetrics:
             "chunks retrieved), queue (to an engine slot), engine (to the first token). The phases "
             "of one request add up to its TTFT.",
             ["model", "phase"], buckets=TTFT_BUCKETS, registry=r)
+        self.auth_rejections_total = Counter(
+            "chatfleet_auth_rejections",
+            "Requests refused by API-key authentication before any other work, by reason "
+            "(missing, invalid: 401; rate_limited: 429). Never labelled by key.",
+            ["reason"], registry=r)
         self.build_info = Gauge(
             "chatfleet_build_info",
             "Always 1; labels say the ChatFleet version, engine kind and served model.",
@@ -172,6 +191,8 @@ class GatewayMetrics:
         self.itl_seconds.labels(model=model)
         for phase in ("retrieval", "queue", "engine"):
             self.knowledge_chat_ttft_seconds.labels(model=model, phase=phase)
+        for reason in AuthRejection:
+            self.auth_rejections_total.labels(reason=reason.value)
 
 
 class EngineSimMetrics:
