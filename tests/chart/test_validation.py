@@ -109,8 +109,9 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
     {"knowledgeBase": {"store": "pgvector", "pgvector": {"existingSecret": "chatfleet-pg"},
                        "embeddings": {"url": "http://embeddings.llm.svc:8080/v1", "model": "BAAI/bge-m3",
                                       "existingSecret": "embeddings-key"}}},
+    {"auth": {"existingSecret": "chatfleet-api-keys", "rateLimit": {"requestsPerSecond": 5}}},
 ], ids=["defaults", "sim-keda-operator", "operator-peering-namespaces", "kb-local-claim",
-        "kb-pgvector-embeddings"])
+        "kb-pgvector-embeddings", "auth-rate-limit"])
 def test_checkov_passes_with_only_written_waivers(values: dict[str, Any], tmp_path: Path) -> None:
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))

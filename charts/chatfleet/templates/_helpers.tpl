@@ -156,6 +156,14 @@ fix, so a bad install fails here and not as a crash loop. The schema cannot say 
 {{- end }}
 {{- end }}
 
+{{/* Refuse auth values the gateway would refuse at start (Settings), with the fix. */}}
+{{- define "chatfleet.validateAuth" -}}
+{{- $auth := .Values.auth -}}
+{{- if and (gt (float64 $auth.rateLimit.requestsPerSecond) 0.0) (not $auth.existingSecret) }}
+{{- fail (printf "auth.rateLimit.requestsPerSecond is set but auth.existingSecret is empty: the limit counts requests per API key; create a Secret holding the keys (kubectl create secret generic chatfleet-api-keys --from-literal=%s=KEY1,KEY2) and set auth.existingSecret=chatfleet-api-keys, or set auth.rateLimit.requestsPerSecond=0" $auth.secretKey) }}
+{{- end }}
+{{- end }}
+
 {{/* The most gateway pods that can run at once: replicaCount without an autoscaler, else maxReplicas. */}}
 {{- define "chatfleet.maxPods" -}}
 {{- if eq .Values.autoscaling.mode "none" }}
