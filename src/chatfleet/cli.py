@@ -60,7 +60,8 @@ def serve(
         settings.served_model, settings.admission.engine_slots, settings.admission.max_queue)
     serve_app(create_app(settings), host=settings.server.host, port=settings.server.port,
               log_level=settings.server.log_level, drain_timeout_s=settings.server.drain_timeout_s,
-              keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s)
+              keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s,
+              send_buffer_bytes=settings.server.send_buffer_bytes)
 
 
 @app.command("engine-sim")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -62,8 +63,19 @@ that needed 1 ms took 166 ms (tests/integration/test_event_loop.py). 1 ms turns 
 for a small cost in switches."""
 
 
+def listening_socket(host: str, port: int, send_buffer_bytes: int | None) -> socket.socket:
+    """The listening socket; accepted connections inherit its ``SO_SNDBUF`` (Linux), so
+    ``send_buffer_bytes`` bounds the kernel memory each client connection can fill."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    if send_buffer_bytes is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    return sock
+
+
 def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeout_s: float,
-              keep_alive_s: float, slow_callback_s: float | None = None) -> None:
+              keep_alive_s: float, slow_callback_s: float | None = None,
+              send_buffer_bytes: int | None = None) -> None:
     """Serve ``app`` until SIGTERM has drained it (or SIGINT). One worker, one event loop.
 
     ``slow_callback_s`` turns on asyncio's debug mode on the stdlib loop (uvloop does not report
@@ -78,4 +90,4 @@ def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeo
     with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:
         if slow_callback_s is not None:
             runner.get_loop().slow_callback_duration = slow_callback_s
-        runner.run(server.serve())
+        runner.run(server.serve(sockets=[listening_socket(host, port, send_buffer_bytes)]))

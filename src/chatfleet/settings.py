@@ -83,6 +83,14 @@ class ServerSettings(BaseModel):
     keep_alive_s: float = Field(75.0, gt=0)
     """Idle keep-alive of client connections. Keep it above the load balancer's idle timeout
     (60 s on common cloud LBs), or the proxy may reuse a connection the gateway is closing."""
+    send_timeout_s: float = Field(30.0, gt=0)
+    """A streamed answer whose client has read nothing for this long (its connection's buffers
+    full) is ended: the connection is closed, the engine request aborted and the slot freed."""
+    send_buffer_bytes: int | None = Field(None, ge=4096)
+    """Kernel send buffer of each client connection (SO_SNDBUF). Unset: the kernel's autotuning
+    (up to net.ipv4.tcp_wmem's maximum, 4 MiB by default), so a client that reads nothing pins up
+    to that much memory, and ``send_timeout_s`` starts only once it is full. Token streams need
+    little: 256 KiB bounds both."""
     log_level: str = "info"
     slow_callback_s: float | None = Field(None, gt=0)
     """Turn on asyncio debug mode and log every event-loop callback slower than this (diagnostics)."""

@@ -10,6 +10,7 @@ import gc
 import json
 import random
 import signal
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ import pytest
 from tests.conftest import SIM_MODEL, Server, chat, poll_until, upstream_env
 from tests.support.metrics import value
 from tests.support.procs import wait_until
+
+TOKEN = b'"content":" '
+"""How each streamed token's chunk starts (engine-sim's token text begins with a space)."""
 
 CLIENTS = 240
 RAMP_S = 1.0
@@ -221,3 +225,52 @@ async def test_sigterm_during_twenty_streams_drains_them_all_and_exits_zero(engi
 async def _running(gw: Server, n: int) -> bool:
     async with httpx.AsyncClient(timeout=2) as c:
         return value((await c.get(gw.url + "/metrics")).text, "chatfleet_requests_running") == n
+
+
+async def test_a_client_that_reads_nothing_loses_its_slot_after_the_send_timeout(engine_sim, gateway) -> None:
+    """A streaming client that never reads (slowloris-style, its receive buffer 4 KiB) fills the
+    connection's buffers (a 64 KiB send buffer, ``server.send_buffer_bytes``) within a few hundred
+    tokens of a 4,000-token answer. From then on the gateway relays nothing (its token count stops);
+    ``server.send_timeout_s`` (2 s here) later it closes the connection, aborts the engine request
+    and gives its only slot to the request queued behind it."""
+    sim: Server = engine_sim(max_num_seqs=64)
+    gw: Server = gateway(upstream_env(sim, admission__engine_slots=1, server__send_timeout_s=2,
+                                      server__send_buffer_bytes=65536))
+    body = json.dumps(chat(4000, stream=True)).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    samples: list[tuple[float, float, float]] = []  # (time, tokens relayed, disconnected outcomes)
+    try:
+        sock.sendall(request)
+        await gw.wait_for("chatfleet_requests_running", 1)
+        async with httpx.AsyncClient(timeout=30) as client:
+            queued = asyncio.create_task(client.post(gw.v1 + "/chat/completions", json=chat(5)))
+            while not samples or samples[-1][2] == 0:
+                text = (await client.get(gw.url + "/metrics")).text
+                samples.append((time.perf_counter(), value(text, "chatfleet_itl_seconds_count"),
+                                value(text, "chatfleet_requests_total", outcome="client_disconnected")))
+                assert samples[-1][0] - samples[0][0] < 30, "the stalled stream kept its slot"
+                await asyncio.sleep(0.05)
+            answered = await queued
+        sock.settimeout(5)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    finally:
+        sock.close()
+    freed_at = samples[-1][0]
+    relayed_before_free = samples[-2][1]
+    stalled_at = next(t for t, tokens, _ in samples if tokens == relayed_before_free)
+    held = freed_at - stalled_at
+    print(f"slow reader: relayed {received.count(TOKEN)} tokens ({len(received) // 1024} KiB), "
+          f"then nothing; slot freed {held:.2f} s after the last token (send timeout 2 s)")
+    assert 2 - 0.1 <= held <= 2 + 0.6, f"slot freed {held:.2f} s after the stream stalled"
+    assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 5
+    assert b"data: [DONE]" not in received  # the stalled stream was cut, not completed
+    metrics = gw.metrics()
+    assert value(metrics, "chatfleet_requests_total", outcome="client_disconnected") == 1
+    assert value(metrics, "chatfleet_requests_total", outcome="ok") == 1
+    assert value(sim.metrics(), "vllm:request_success_total", finished_reason="abort") == 1

@@ -91,7 +91,8 @@ async def _answer(request: Request, *, route: str, messages: tuple[ChatMessage, 
     try:
         if stream:
             first, rest = await cancel_on_disconnect(request, service.open_stream(job))
-            return sse_response(relay_frames(first, rest, crlf_data_frame), headers)
+            return sse_response(relay_frames(first, rest, crlf_data_frame), headers,
+                                send_timeout_s=request.app.state.settings.server.send_timeout_s)
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)

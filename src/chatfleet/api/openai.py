@@ -128,7 +128,8 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     try:
         if body.stream:
             first, rest = await cancel_on_disconnect(request, service.open_stream(job))
-            return sse_response(relay_frames(first, rest), headers)
+            return sse_response(relay_frames(first, rest), headers,
+                                send_timeout_s=request.app.state.settings.server.send_timeout_s)
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)

@@ -78,7 +78,8 @@ class Outcome(StrEnum):
     DRAINING = "draining"
     """503: arrived while the pod was draining."""
     CLIENT_DISCONNECTED = "client_disconnected"
-    """The client went away (while queued or mid-answer); the engine request was aborted."""
+    """The client went away (while queued or mid-answer), or read nothing for server.send_timeout_s
+    and was cut off; the engine request was aborted."""
     ENGINE_ERROR = "engine_error"
     """The engine refused or failed the request."""
 
