@@ -67,8 +67,9 @@ class Server:
 
 
 def start_engine_sim(*, profile: str = "tiny-cpu", max_num_seqs: int | None = None,
-                     seed: int = 0) -> Server:
-    port = free_port()
+                     seed: int = 0, port: int | None = None) -> Server:
+    """``port``: a given one, e.g. to restart an engine where a gateway expects it."""
+    port = port or free_port()
     args = [sys.executable, "-m", "chatfleet", "engine-sim", "--host", "127.0.0.1", "--port",
             str(port), "--profile", profile, "--seed", str(seed), "--log-level", "warning"]
     if max_num_seqs is not None:

@@ -27,6 +27,7 @@ from tests.support.procs import wait_until
 TOKEN = b'"content":" '
 """How each streamed token's chunk starts (engine-sim's token text begins with a space)."""
 
+LOAD_S = 60
 CLIENTS = 240
 RAMP_S = 1.0
 """Overload clients start over the first second, as load tests ramp: 240 requests on 240 fresh
@@ -41,10 +42,11 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-async def test_ten_times_overload_for_thirty_seconds(engine_sim, gateway) -> None:
-    """240 clients against a bound of 24 (8 slots + 16 queued): every request completes or gets
-    429 + Retry-After within 50 ms (p99; the client shares 2 cores with both servers), nothing
-    accepted is lost, memory stays flat, and the first request after the storm is served normally.
+async def test_ten_times_overload_for_sixty_seconds(engine_sim, gateway) -> None:
+    """240 clients against a bound of 24 (8 slots + 16 queued) for 60 s: every request completes or
+    gets 429 + Retry-After within 50 ms (p99; the client shares 2 cores with both servers), nothing
+    accepted is lost, the gateway's memory stays flat, and within 5 s of the load stopping a request
+    is served at normal latency (1.5x the latency before the storm, plus 20 ms).
     Rejected clients come back after a jittered fraction of Retry-After, as SDK retry loops do.
     The load comes from aiohttp: httpx spends several ms of CPU per request at this concurrency
     and would starve the servers it is measuring."""
@@ -65,7 +67,7 @@ async def test_ten_times_overload_for_thirty_seconds(engine_sim, gateway) -> Non
                 return r.status, time.perf_counter() - t0, body, r.headers.get("Retry-After", "")
 
         normal = statistics.median([(await timed(False))[1] for _ in range(5)])
-        stop_at = time.monotonic() + 30
+        stop_at = time.monotonic() + LOAD_S
 
         async def hammer(i: int) -> None:
             nonlocal ok, rejected
@@ -99,21 +101,29 @@ async def test_ten_times_overload_for_thirty_seconds(engine_sim, gateway) -> Non
             await asyncio.gather(watch_memory(), *(hammer(i) for i in range(CLIENTS)))
         finally:
             gc.enable()
-        after_status, recovered, _, _ = await timed(False)
+        probes = 0
+        while True:
+            status, latency, _, _ = await timed(False)
+            probes += 1
+            assert status == 200, status
+            if latency <= normal * 1.5 + 0.020:
+                break
+        recovered_after = time.monotonic() - stop_at
 
     assert not lost, lost[:5]
-    assert ok > 300 and rejected > 1000, (ok, rejected)
+    assert ok > 600 and rejected > 2000, (ok, rejected)
     p50, p99 = statistics.median(reject_latency), statistics.quantiles(reject_latency, n=100)[98]
     figures = (f"{ok} ok, {rejected} rejected, 429 p50 {p50 * 1000:.1f} ms p99 {p99 * 1000:.1f} ms "
-               f"max {max(reject_latency) * 1000:.0f} ms, RSS {min(rss):.0f}-{max(rss):.0f} MiB, first "
-               f"after {recovered * 1000:.0f} ms (normal {normal * 1000:.0f} ms)")
+               f"max {max(reject_latency) * 1000:.0f} ms, RSS {min(rss):.0f}-{max(rss):.0f} MiB, normal "
+               f"latency ({latency * 1000:.0f} ms, before {normal * 1000:.0f} ms) {recovered_after:.2f} s "
+               f"after the load stopped")
     print("overload:", figures)
     # Measured on 2 shared cores: p99 8-10 ms, max 15-27 ms.
     assert p99 <= 0.050, f"429 p99 over 50 ms: {figures}"
     assert max(rss[5:]) - min(rss[5:]) < 25, f"gateway RSS moved: {figures}"
-    assert after_status == 200 and recovered < normal * 3 + 0.05, figures
+    assert recovered_after <= 5.0, figures
     metrics = gw.metrics()
-    assert value(metrics, "chatfleet_requests_total", outcome="ok") == ok + 6
+    assert value(metrics, "chatfleet_requests_total", outcome="ok") == ok + 5 + probes
     assert value(metrics, "chatfleet_requests_total", outcome="queue_full") == rejected
     assert value(metrics, "chatfleet_requests_total", outcome="engine_error") == 0
 
@@ -164,9 +174,15 @@ async def test_client_disconnect_while_queued_leaves_the_queue(engine_sim, gatew
     assert value(gw.metrics(), "chatfleet_requests_total", outcome="client_disconnected") == 2
 
 
-async def test_an_upstream_killed_mid_stream_gives_a_clean_error_event(engine_sim, gateway) -> None:
+async def test_an_engine_killed_mid_stream_then_restarted(engine_sim, gateway) -> None:
+    """The engine dies 10 tokens into a stream: the client gets a clean error event (the openai SDK
+    raises APIError naming the engine), /readyz turns 503 within one readiness probe period
+    (``engine.health_interval_s``, 0.5 s here), new requests get 503 + Retry-After; the engine
+    comes back on its port and the same gateway process is ready and serving again within one
+    more period, without a restart."""
+    probe_period = 0.5
     sim: Server = engine_sim(max_num_seqs=64)
-    gw: Server = gateway(upstream_env(sim, engine__health_interval_s=0.5))
+    gw: Server = gateway(upstream_env(sim, engine__health_interval_s=probe_period))
     client = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0, timeout=30)
     stream = await client.chat.completions.create(
         model=SIM_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2000, stream=True,
@@ -179,46 +195,75 @@ async def test_an_upstream_killed_mid_stream_gives_a_clean_error_event(engine_si
             if received == 10:
                 sim.proc.popen.kill()
                 t_kill = time.perf_counter()
-    assert t_kill is not None and time.perf_counter() - t_kill < 5
+    assert t_kill is not None
+    error_after = time.perf_counter() - t_kill
     assert "engine" in str(info.value.message)
-    await poll_until(lambda: _not_ready(gw), timeout=3, interval=0.1)
-    async with httpx.AsyncClient(timeout=10) as client:
-        r = await client.post(gw.v1 + "/chat/completions", json=chat(5))
-    assert r.status_code == 503 and "Retry-After" in r.headers
-    assert "not reachable" in r.json()["error"]["message"]
+    unready_after = time.perf_counter() - t_kill + await poll_until(lambda: _ready_is(gw, 503), timeout=3,
+                                                                    interval=0.02)
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(gw.v1 + "/chat/completions", json=chat(5))
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert "not reachable" in r.json()["error"]["message"]
+
+        t_restart = time.perf_counter()
+        engine_sim(max_num_seqs=64, port=sim.port)
+        engine_up = time.perf_counter() - t_restart
+        ready_after = await poll_until(lambda: _ready_is(gw, 200), timeout=3, interval=0.02)
+        served = await http.post(gw.v1 + "/chat/completions", json=chat(5))
+    print(f"engine kill: error event after {error_after * 1000:.0f} ms, /readyz 503 after "
+          f"{unready_after * 1000:.0f} ms; restarted engine up in {engine_up:.1f} s, gateway ready "
+          f"{ready_after * 1000:.0f} ms later (probe period {probe_period * 1000:.0f} ms)")
+    assert error_after < 1.0
+    assert unready_after <= probe_period + 0.2
+    assert ready_after <= probe_period + 0.2
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 5
+    assert gw.proc.returncode is None  # the same gateway process throughout
 
 
-async def _not_ready(gw: Server) -> bool:
+async def _ready_is(gw: Server, status: int) -> bool:
     async with httpx.AsyncClient(timeout=2) as c:
-        return (await c.get(gw.url + "/readyz")).status_code == 503
+        return (await c.get(gw.url + "/readyz")).status_code == status
 
 
-async def test_sigterm_during_twenty_streams_drains_them_all_and_exits_zero(engine_sim, gateway) -> None:
+async def test_sigterm_under_load_finishes_every_running_and_queued_request(engine_sim, gateway) -> None:
+    """The scale-down path: SIGTERM while 16 streams run and 8 more requests (4 streamed, 4 whole)
+    wait in the queue. /readyz turns 503 and new arrivals get 503 + Retry-After at once, every one
+    of the 24 accepted requests is answered completely ([DONE] after 300 tokens), and the process
+    exits 0."""
     sim: Server = engine_sim(max_num_seqs=64)
-    gw: Server = gateway(upstream_env(sim, admission__engine_slots=32, server__drain_timeout_s=60))
-    results: list[tuple[int, str]] = []
+    gw: Server = gateway(upstream_env(sim, admission__engine_slots=16, server__drain_timeout_s=60))
+    streamed: list[tuple[int, str]] = []
+    whole: list[int] = []
 
     async with httpx.AsyncClient(timeout=60) as client:
         async def stream_one() -> None:
             async with client.stream("POST", gw.v1 + "/chat/completions",
                                      json=chat(300, stream=True)) as r:
                 lines = [ln async for ln in r.aiter_lines() if ln.startswith("data: ")]
-                tokens = sum('"content":" ' in ln for ln in lines)
-                results.append((tokens, lines[-1]))
+                streamed.append((sum('"content":" ' in ln for ln in lines), lines[-1]))
 
-        streams = [asyncio.create_task(stream_one()) for _ in range(20)]
-        await poll_until(lambda: _running(gw, 20), timeout=5, interval=0.05)
+        async def whole_one() -> None:
+            r = await client.post(gw.v1 + "/chat/completions", json=chat(300))
+            whole.append(r.json()["usage"]["completion_tokens"] if r.status_code == 200 else r.status_code)
+
+        tasks = [asyncio.create_task(stream_one()) for _ in range(20)]
+        await poll_until(lambda: _running(gw, 16), timeout=5, interval=0.05)
+        tasks += [asyncio.create_task(whole_one()) for _ in range(4)]
+        await gw.wait_for("chatfleet_queue_depth", 8, priority="interactive")
         gw.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.05)
         ready = await client.get(gw.url + "/readyz")
         late = await client.post(gw.v1 + "/chat/completions", json=chat(5))
-        await asyncio.gather(*streams)
+        await asyncio.gather(*tasks)
 
+    wait_until(lambda: gw.proc.returncode is not None, timeout=15, message="gateway exit")
+    print(f"SIGTERM under load: {len(streamed)} streams and {len(whole)} whole answers finished "
+          f"while draining; exit code {gw.proc.returncode}")
     assert ready.status_code == 503 and "draining" in ready.json()["reason"]
     assert late.status_code == 503 and int(late.headers["Retry-After"]) >= 1
     assert late.json()["error"]["type"] == "draining"
-    assert results == [(300, "data: [DONE]")] * 20
-    wait_until(lambda: gw.proc.returncode is not None, timeout=15, message="gateway exit")
+    assert streamed == [(300, "data: [DONE]")] * 20
+    assert whole == [300] * 4
     assert gw.proc.returncode == 0, gw.proc.log_tail()
 
 
