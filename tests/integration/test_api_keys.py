@@ -11,7 +11,9 @@ import secrets
 import httpx
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from chatfleet.cli import app
 from tests.conftest import SIM_MODEL, Server, chat, upstream_env
 from tests.support.metrics import value
 
@@ -149,3 +151,17 @@ async def test_a_key_over_its_rate_gets_429_while_another_key_is_served(engine_s
     assert rejections(gw, "missing") == rejections(gw, "invalid") == 0
     metrics = gw.metrics()
     assert key_a not in metrics and key_b not in metrics
+
+
+def test_the_kb_command_sends_its_api_key(engine_sim, gateway) -> None:
+    """``chatfleet kb`` against a gateway with keys: refused (exit 1, the gateway's message)
+    without one, served with ``--api-key`` or CHATFLEET_API_KEY."""
+    key = new_key()
+    gw: Server = gateway({**upstream_env(engine_sim()), "CHATFLEET_API_KEYS": key})
+    runner = CliRunner()
+    refused = runner.invoke(app, ["kb", "list", "--url", gw.url])
+    assert refused.exit_code == 1 and "Authorization: Bearer" in refused.output
+    assert runner.invoke(app, ["kb", "--api-key", key, "create", "keyed", "--url", gw.url]).exit_code == 0
+    listed = runner.invoke(app, ["kb", "list", "--url", gw.url], env={"CHATFLEET_API_KEY": key})
+    assert listed.exit_code == 0 and "keyed" in listed.output
+    assert key not in listed.output + gw.proc.log_text()

@@ -26,12 +26,24 @@ errors = Console(stderr=True)
 Url = Annotated[str, typer.Option("--url", envvar="CHATFLEET_URL",
                                   help="The gateway's base URL.")]
 DEFAULT_URL = "http://127.0.0.1:8000"
+_headers: dict[str, str] = {}
+"""Sent with every call: the API key, when the gateway needs one (set by ``use_api_key``)."""
+
+
+@kb_app.callback()
+def use_api_key(api_key: Annotated[str | None, typer.Option(
+        envvar="CHATFLEET_API_KEY", show_default=False,
+        help="API key, when the gateway has keys turned on (sent as Authorization: Bearer).")] = None,
+) -> None:
+    _headers.pop("Authorization", None)
+    if api_key:
+        _headers["Authorization"] = f"Bearer {api_key}"
 
 
 def _call(url: str, method: str, path: str, **kwargs: Any) -> Any:
     """The route's answer; exits 1 with the gateway's message on an error."""
     try:
-        with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=600)) as client:
+        with httpx.Client(base_url=url, headers=_headers, timeout=httpx.Timeout(30, read=600)) as client:
             response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         errors.print(f"[red]cannot reach {url}: {exc}[/red]")
