@@ -253,8 +253,11 @@ def plot(path: Path, results: list[Level]) -> None:
                                  "o-", label=system)
         axes[0][column].set(title=f"{comp}: {route}", ylabel="answers/s")
         axes[1][column].set(ylabel="TTFT p95 (ms)", yscale="log")
+        levels = sorted({r.users for r in chosen})
         for ax in (axes[0][column], axes[1][column]):
             ax.set(xscale="log", xlabel="concurrent users")
+            ax.set_xticks(levels, [str(users) for users in levels])
+            ax.minorticks_off()
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
     figure.suptitle("ChatFleet vs Chatchat 0.3.1.3 on one engine-sim; ChatFleet vs its engines alone")
