@@ -21,6 +21,7 @@ from chatfleet.api.auth import ApiKeyAuth
 from chatfleet.api.errors import install_error_handlers
 from chatfleet.api.knowledge import UPLOAD_PATHS
 from chatfleet.api.middleware import AdmissionGate, BodySizeLimit
+from chatfleet.api.responses import install_openapi
 from chatfleet.engines.base import Engine
 from chatfleet.engines.engine_model import load_profile
 from chatfleet.engines.openai_compat import OpenAICompatEngine
@@ -121,6 +122,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.include_router(knowledge.router)
     app.include_router(health.router)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes,
                        upload_paths=UPLOAD_PATHS, max_upload_bytes=settings.kb.max_upload_bytes)
     app.add_middleware(AdmissionGate)  # a certain 429 costs the least

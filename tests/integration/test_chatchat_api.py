@@ -178,6 +178,30 @@ def test_a_malformed_body_is_a_422_envelope_that_names_the_field(api) -> None:
     assert "top_k" in response.json()["msg"]
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/chat/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ("/chat/kb_chat", {"query": "x", "kb_name": KB}),
+    (f"/knowledge_base/local_kb/{KB}/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}]}),
+], ids=["chat", "kb_chat", "kb_openai"])
+def test_chat_routes_refuse_max_tokens_over_the_deployment_limit_with_a_422_envelope(
+        api, kb, path, body) -> None:
+    response = api.post(path, json={**body, "max_tokens": 8193, "stream": False})
+    assert response.status_code == 422
+    assert response.json() == {"code": 422, "data": None, "msg": (
+        "max_tokens is 8193; this deployment allows at most 8192 (limits.max_tokens): ask for "
+        "fewer output tokens")}
+
+
+def test_a_body_that_is_not_utf8_is_a_400_envelope_that_says_so(api) -> None:
+    response = api.post("/chat/kb_chat", content=b'{"query": "\xc3\x28"}',
+                        headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"code": 400, "data": None, "msg": (
+        "the request body is not valid JSON: it is not UTF-8 (invalid continuation byte at "
+        "byte 11); send UTF-8")}
+
+
 def test_kb_chat_streams_docs_first_then_tokens_with_a_new_id_per_chunk(api, kb) -> None:
     with api.stream("POST", "/chat/kb_chat", json={
             "query": "what happens on SIGTERM", "kb_name": kb, "top_k": 2, "max_tokens": 8}) as response:

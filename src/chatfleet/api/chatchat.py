@@ -23,10 +23,21 @@ from fastapi.responses import JSONResponse
 from chatfleet.api.chatchat_envelope import envelope
 from chatfleet.api.chatchat_schemas import (
     ChatchatChatRequest,
+    ChatchatEnvelope,
+    ChatchatRelayChunk,
+    ChatchatRelayCompletion,
+    KbChatChunk,
+    KbChatCompletion,
     KbChatOptions,
     KbChatRequest,
 )
-from chatfleet.api.openai import ClientDisconnected, cancel_on_disconnect
+from chatfleet.api.openai import (
+    ClientDisconnected,
+    cancel_on_disconnect,
+    check_max_tokens,
+)
+from chatfleet.api.responses import chatchat_errors, json_content, sse_content
+from chatfleet.api.schemas import ErrorResponse
 from chatfleet.api.sse import crlf_data_frame, relay_frames, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.rag.embeddings import EmbeddingError
@@ -50,6 +61,19 @@ __all__ = ["router"]
 router = APIRouter(tags=["chatchat"])
 
 _CLIENT_CLOSED = 499
+_ERRORS = chatchat_errors(400, 413, 422, 429, 502, 503, _400=(
+    "The body could not be read (JSON that is not UTF-8), or the engine refused the prompt "
+    "before the stream started"))
+_CHAT_ANSWER = {"description": "The answer (an event stream unless stream is false), or one of "
+                               "Chatchat's own refusals as an envelope with its code",
+                "content": {**json_content(ChatchatRelayCompletion, ChatchatEnvelope),
+                            **sse_content(ChatchatRelayChunk, ErrorResponse)}}
+_KB_ANSWER = {"description": "The answer with its references (an event stream unless stream is "
+                             "false; with return_direct, one event holding the whole answer, as "
+                             "Chatchat sends it), or one of Chatchat's own refusals (unknown mode, "
+                             "model or prompt; missing knowledge base) as an envelope with its code",
+              "content": {**json_content(KbChatCompletion, ChatchatEnvelope),
+                          **sse_content(KbChatChunk, KbChatCompletion)}}
 _NO_DOCS = "<span style='color:red'>未找到相关文档,该回答为大模型自身能力解答！</span>"
 """Chatchat's reference line when retrieval found nothing (the model answers on its own)."""
 
@@ -106,7 +130,8 @@ async def _answer(request: Request, *, route: str, messages: tuple[ChatMessage, 
                         headers=headers)
 
 
-@router.post("/chat/chat/completions", summary="Chat (Chatchat's OpenAI-style chat route)")
+@router.post("/chat/chat/completions", summary="Chat (Chatchat's OpenAI-style chat route)",
+             responses={200: _CHAT_ANSWER, **_ERRORS})
 async def chat_completions(body: ChatchatChatRequest, request: Request) -> Response:
     arrived_at = time.perf_counter()
     if body.tools or body.tool_choice:
@@ -114,6 +139,7 @@ async def chat_completions(body: ChatchatChatRequest, request: Request) -> Respo
                              "'tools' and 'tool_choice'")
     if (error := _model_error(request, body.model)) is not None:
         return error
+    check_max_tokens(request, body.max_tokens)
     messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
     return await _answer(request, route="/chat/chat/completions", messages=messages,
                          stream=bool(body.stream), max_tokens=body.max_tokens,
@@ -144,6 +170,7 @@ async def _kb_answer(request: Request, *, route: str, mode: str, kb_name: str, q
     kb = validate_kb_name(kb_name)
     if (error := _model_error(request, model)) is not None:
         return error
+    check_max_tokens(request, max_tokens)
     if options.prompt_name not in RAG_TEMPLATES:
         return envelope(404, f"prompt_name '{options.prompt_name}' is not a RAG prompt template; "
                              f"use one of {', '.join(sorted(RAG_TEMPLATES))}")
@@ -180,7 +207,8 @@ async def _kb_answer(request: Request, *, route: str, mode: str, kb_name: str, q
                          docs=docs or [_NO_DOCS], extra=extra, retrieved_at=retrieved_at)
 
 
-@router.post("/chat/kb_chat", summary="Knowledge-base chat (Chatchat)")
+@router.post("/chat/kb_chat", summary="Knowledge-base chat (Chatchat)",
+             responses={200: _KB_ANSWER, **_ERRORS})
 async def kb_chat(body: KbChatRequest, request: Request) -> Response:
     arrived_at = time.perf_counter()
     history = tuple(ChatMessage(m.role, m.content) for m in body.history)
@@ -192,7 +220,8 @@ async def kb_chat(body: KbChatRequest, request: Request) -> Response:
 
 @router.post("/knowledge_base/{mode}/{param}/chat/completions",
              summary="Knowledge-base chat, OpenAI-style (Chatchat; the openai SDK with "
-                     "base_url={api}/knowledge_base/local_kb/{kb} calls this)")
+                     "base_url={api}/knowledge_base/local_kb/{kb} calls this)",
+             responses={200: _KB_ANSWER, **_ERRORS})
 async def kb_chat_completions(mode: str, param: str, body: ChatchatChatRequest,
                               request: Request) -> Response:
     arrived_at = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Wire models of Chatchat 0.3.1.3's chat routes (docs/api.md): its field names and defaults.
+"""Wire models of Chatchat 0.3.1.3's routes (docs/api.md): its field names and defaults, and the
+shapes its answers take (documentation for /openapi.json; the routes build the JSON themselves).
 
 Chatchat's defaults come from its settings: temperature 0.7, top_k 3 chunks
 (VECTOR_SEARCH_TOP_K), score_threshold 2.0 (SCORE_THRESHOLD), prompt_name "default", kb_chat
@@ -12,9 +13,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatfleet.api.schemas import ChatMessageIn
+from chatfleet.api.schemas import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatMessageIn,
+)
 
-__all__ = ["ChatchatChatRequest", "HistoryMessage", "KbChatOptions", "KbChatRequest"]
+__all__ = ["ChatchatChatRequest", "ChatchatEnvelope", "ChatchatRelayChunk",
+           "ChatchatRelayCompletion", "HistoryMessage", "KbChatChunk", "KbChatCompletion",
+           "KbChatOptions", "KbChatRequest", "KbDocument", "KbProgressEvent"]
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 
@@ -69,3 +76,118 @@ class ChatchatChatRequest(KbChatOptions):
     def sampling(self) -> dict[str, Any]:
         names = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+# -- answers (documentation of what the routes return) -----------------------------------------
+
+
+class ChatchatEnvelope(BaseModel):
+    """Chatchat's ``BaseResponse``: the outcome is ``code`` (200 success; 403, 404, 422, 500 ...),
+    whatever the HTTP status."""
+
+    code: int
+    msg: str
+    data: Any = None
+
+
+class ChatchatRelayCompletion(ChatCompletionResponse):
+    """/chat/chat/completions answered whole: the OpenAI object with Chatchat's two fields."""
+
+    message_id: str | None = None
+    status: int | None = None
+
+
+class ChatchatRelayChunk(ChatCompletionChunk):
+    """One event of /chat/chat/completions streamed: the OpenAI chunk with Chatchat's two fields."""
+
+    message_id: str | None = None
+    status: int | None = None
+
+
+class RetrievedChunk(BaseModel):
+    file_name: str
+    chunk: int
+    score: float | None
+
+
+class RetrievalInfo(BaseModel):
+    """ChatFleet's addition to a knowledge-base answer: how it retrieved."""
+
+    mode: str
+    seconds: float
+    chunks: list[RetrievedChunk]
+
+
+class KbAnswerFields(BaseModel):
+    id: str
+    model: str | None
+    created: int
+    status: int | None = None
+    message_type: int
+    message_id: str | None = None
+    is_ref: bool
+
+
+class KbMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    finish_reason: str | None
+    tool_calls: list[Any]
+
+
+class KbChoice(BaseModel):
+    message: KbMessage
+
+
+class KbChatCompletion(KbAnswerFields):
+    """A knowledge-base answer whole (Chatchat's ``OpenAIChatOutput``)."""
+
+    object: Literal["chat.completion"]
+    docs: list[str] = Field(description="The references, as Chatchat formats them")
+    retrieval: RetrievalInfo | None = None
+    choices: list[KbChoice]
+
+
+class KbDelta(BaseModel):
+    content: str
+    tool_calls: list[Any]
+
+
+class KbChunkChoice(BaseModel):
+    delta: KbDelta
+    role: Literal["assistant"]
+
+
+class KbChatChunk(KbAnswerFields):
+    """One event of a streamed knowledge-base answer: the first carries ``docs`` (and
+    ``retrieval``); an error is a chunk whose content is the message, with ``error`` beside it."""
+
+    object: Literal["chat.completion.chunk"]
+    docs: list[str] | None = None
+    retrieval: RetrievalInfo | None = None
+    choices: list[KbChunkChoice]
+    error: str | None = None
+    code: int | None = None
+    error_type: str | None = None
+    retry_after: int | None = None
+
+
+class KbDocument(BaseModel):
+    """A chunk as /knowledge_base/search_docs answers it (Chatchat's ``DocumentWithVSId``)."""
+
+    page_content: str
+    metadata: dict[str, Any]
+    type: Literal["Document"]
+    id: str
+    score: float | None = Field(description="Null when the chunk was listed, not searched")
+
+
+class KbProgressEvent(BaseModel):
+    """One event of /knowledge_base/recreate_vector_store: a file done (code 200, with ``total``,
+    ``finished``, ``doc``) or failed (500), a missing knowledge base (404) or a busy replica (429)."""
+
+    code: int
+    msg: str
+    total: int | None = None
+    finished: int | None = None
+    doc: str | None = None

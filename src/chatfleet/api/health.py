@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from typing import Literal
 
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
+
+from chatfleet.api.responses import json_content
+from chatfleet.api.schemas import ErrorResponse
 from chatfleet.engines.base import Engine, EngineUnavailable
 from chatfleet.serving.openai_format import error_body
 from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, render
@@ -14,12 +19,24 @@ __all__ = ["router"]
 router = APIRouter(tags=["health"])
 
 
+class Ready(BaseModel):
+    status: Literal["ready"]
+    model: str
+
+
+class NotReady(BaseModel):
+    status: Literal["not_ready"]
+    reason: str
+
+
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")
 async def livez() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/readyz", summary="Readiness: the engine lists the model and the replica is not draining")
+@router.get("/readyz", summary="Readiness: the engine lists the model and the replica is not draining",
+            responses={200: {"model": Ready},
+                       503: {"model": NotReady, "description": "Not ready, or draining"}})
 async def readyz(request: Request) -> JSONResponse:
     lifecycle = request.app.state.lifecycle
     if lifecycle.ready:
@@ -28,12 +45,18 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition)")
+@router.get("/metrics", summary="Prometheus metrics (text exposition)",
+            response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(render(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/metrics/engine", summary="The engine's own Prometheus metrics (vLLM's names), relayed")
+@router.get("/metrics/engine", summary="The engine's own Prometheus metrics (vLLM's names), relayed",
+            response_class=PlainTextResponse, responses={
+                404: {"content": json_content(ErrorResponse),
+                      "description": "The engine exports no metrics"},
+                503: {"content": json_content(ErrorResponse),
+                      "description": "The engine is unavailable"}})
 async def engine_metrics(request: Request) -> Response:
     """Lets Prometheus scrape the engine through the gateway's port: in the chart's pod the engine
     port is closed to the network, and vLLM serves its API and its metrics on one port."""

@@ -20,9 +20,16 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Body, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from chatfleet.api.chatchat_envelope import envelope
+from chatfleet.api.chatchat_schemas import ChatchatEnvelope, KbDocument, KbProgressEvent
+from chatfleet.api.responses import (
+    chatchat_errors,
+    json_content,
+    json_schema,
+    sse_content,
+)
 from chatfleet.api.sse import crlf_data_frame
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.rag.ingest import IngestBusy, SplitOptions
@@ -44,6 +51,13 @@ UPLOAD_PATHS = ("/knowledge_base/upload_docs",)
 """Routes whose bodies carry files: their limit is kb.max_upload_bytes, not limits.max_body_bytes."""
 
 _FILE_REFUSED = (InvalidName, UnsupportedFileType, EmptyDocument, UnreadableDocument)
+_ENVELOPE = {200: {"model": ChatchatEnvelope,
+                   "description": "Chatchat's envelope: the outcome is its code (200, 403, 404 ...)"}}
+_JSON_BODY_ERRORS = chatchat_errors(400, 413, 422)
+_QUERY_ERRORS = chatchat_errors(422)
+_INGEST_ERRORS = chatchat_errors(400, 413, 422, 429)
+_OPTIONAL_INT = WithJsonSchema({"type": "integer"})
+"""A form field that may be left out: a form has no null, so the schema says integer only."""
 
 
 def _knowledge(request: Request) -> KnowledgeService:
@@ -62,7 +76,8 @@ def file_record(record: FileRecord, index: int = 0) -> dict[str, Any]:
     }
 
 
-@router.get("/list_knowledge_bases", summary="List knowledge bases (Chatchat)")
+@router.get("/list_knowledge_bases", summary="List knowledge bases (Chatchat)",
+            responses=_ENVELOPE)
 async def list_knowledge_bases(request: Request) -> Response:
     kbs = await _knowledge(request).store.list_kbs()
     return envelope(200, "success", [
@@ -80,7 +95,8 @@ class CreateKnowledgeBase(BaseModel):
     embed_model: str = Field("", description="Ignored: the configured kb.embeddings.model is used")
 
 
-@router.post("/create_knowledge_base", summary="Create a knowledge base (Chatchat)")
+@router.post("/create_knowledge_base", summary="Create a knowledge base (Chatchat)",
+             responses={**_ENVELOPE, **_JSON_BODY_ERRORS})
 async def create_knowledge_base(body: CreateKnowledgeBase, request: Request) -> Response:
     if not body.knowledge_base_name.strip():
         return envelope(404, "知识库名称不能为空，请重新填写知识库名称 (knowledge_base_name is empty)")
@@ -94,7 +110,7 @@ async def create_knowledge_base(body: CreateKnowledgeBase, request: Request) -> 
 
 
 @router.post("/delete_knowledge_base", summary="Delete a knowledge base (Chatchat; the body "
-             "is a bare JSON string)")
+             "is a bare JSON string)", responses={**_ENVELOPE, **_JSON_BODY_ERRORS})
 async def delete_knowledge_base(request: Request,
                                 knowledge_base_name: Annotated[str, Body(examples=["samples"])]
                                 ) -> Response:
@@ -103,7 +119,8 @@ async def delete_knowledge_base(request: Request,
     return envelope(200, f"成功删除知识库 {name}")
 
 
-@router.get("/list_files", summary="List a knowledge base's files (Chatchat)")
+@router.get("/list_files", summary="List a knowledge base's files (Chatchat)",
+            responses={**_ENVELOPE, **_QUERY_ERRORS})
 async def list_files(request: Request, knowledge_base_name: str) -> Response:
     name = validate_kb_name(knowledge_base_name)
     files = await _knowledge(request).store.list_files(name)
@@ -129,7 +146,14 @@ def _document(chunk: Any, score: float | None) -> dict[str, Any]:
             "score": score}
 
 
-@router.post("/search_docs", summary="Search a knowledge base (Chatchat; a bare list of documents)")
+@router.post("/search_docs", summary="Search a knowledge base (Chatchat; a bare list of documents)",
+             responses={200: {"description": "The chunks found (none for a missing knowledge "
+                                             "base), or an envelope when the embeddings endpoint "
+                                             "failed",
+                              "content": json_content({"type": "array",
+                                                        "items": json_schema(KbDocument)},
+                                                       ChatchatEnvelope)},
+                        **_JSON_BODY_ERRORS})
 async def search_docs(body: SearchDocs, request: Request) -> Response:
     knowledge = _knowledge(request)
     name = validate_kb_name(body.knowledge_base_name)
@@ -192,15 +216,19 @@ def _split(request: Request, chunk_size: int | None, chunk_overlap: int | None
         return envelope(422, str(exc))
 
 
-@router.post("/upload_docs", summary="Upload files into a knowledge base (Chatchat; multipart)")
+@router.post("/upload_docs", summary="Upload files into a knowledge base (Chatchat; multipart)",
+             responses={**_ENVELOPE, **_INGEST_ERRORS})
 async def upload_docs(
     request: Request,
-    files: Annotated[list[UploadFile], File(description="Files to add (txt, md, html, pdf, docx, csv)")],
-    knowledge_base_name: Annotated[str, Form(examples=["samples"])],
+    files: Annotated[list[UploadFile], File(
+        min_length=1, description="Files to add (txt, md, html, pdf, docx, csv)")],
+    knowledge_base_name: Annotated[str, Form(min_length=1, examples=["samples"])],
     override: Annotated[bool, Form()] = False,
     to_vector_store: Annotated[bool, Form()] = True,
-    chunk_size: Annotated[int | None, Form()] = None,
-    chunk_overlap: Annotated[int | None, Form()] = None,
+    chunk_size: Annotated[int | None, Form(description="Default: kb.chunk_size"),
+                          _OPTIONAL_INT] = None,
+    chunk_overlap: Annotated[int | None, Form(description="Default: kb.chunk_overlap"),
+                             _OPTIONAL_INT] = None,
     zh_title_enhance: Annotated[bool, Form()] = False,
     docs: Annotated[str, Form()] = "",
     not_refresh_vs_cache: Annotated[bool, Form()] = False,
@@ -258,7 +286,8 @@ def _file_names(raw_names: list[str]) -> tuple[list[tuple[str, str]], dict[str, 
     return valid, refused
 
 
-@router.post("/delete_docs", summary="Delete files from a knowledge base (Chatchat)")
+@router.post("/delete_docs", summary="Delete files from a knowledge base (Chatchat)",
+             responses={**_ENVELOPE, **_JSON_BODY_ERRORS})
 async def delete_docs(body: DeleteDocs, request: Request) -> Response:
     kb = validate_kb_name(body.knowledge_base_name)
     store = _knowledge(request).store
@@ -274,7 +303,8 @@ class UpdateInfo(BaseModel):
     kb_info: str
 
 
-@router.post("/update_info", summary="Change a knowledge base's description (Chatchat)")
+@router.post("/update_info", summary="Change a knowledge base's description (Chatchat)",
+             responses={**_ENVELOPE, **_JSON_BODY_ERRORS})
 async def update_info(body: UpdateInfo, request: Request) -> Response:
     kb = validate_kb_name(body.knowledge_base_name)
     await _knowledge(request).store.update_kb_info(kb, body.kb_info)
@@ -292,7 +322,8 @@ class UpdateDocs(BaseModel):
     not_refresh_vs_cache: bool = False
 
 
-@router.post("/update_docs", summary="Re-split and re-embed stored files (Chatchat)")
+@router.post("/update_docs", summary="Re-split and re-embed stored files (Chatchat)",
+             responses={**_ENVELOPE, **_INGEST_ERRORS})
 async def update_docs(body: UpdateDocs, request: Request) -> Response:
     kb = validate_kb_name(body.knowledge_base_name)
     if body.docs:
@@ -316,7 +347,12 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
     return envelope(200, "更新文档完成", {"failed_files": failed})
 
 
-@router.get("/download_doc", summary="Download a stored file (Chatchat)")
+@router.get("/download_doc", summary="Download a stored file (Chatchat)", responses={
+    200: {"description": "The file as stored, typed by its name (no .json file is ever stored); "
+                         "a refused name or a missing file answers Chatchat's envelope instead",
+          "content": {**json_content(ChatchatEnvelope),
+                      "*/*": {"schema": {"type": "string", "format": "binary"}}}},
+    **_QUERY_ERRORS})
 async def download_doc(request: Request, knowledge_base_name: str, file_name: str,
                        preview: Annotated[bool, Query()] = False) -> Response:
     kb = validate_kb_name(knowledge_base_name)
@@ -346,7 +382,12 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 @router.post("/recreate_vector_store", summary="Rebuild a knowledge base's chunks from its "
-             "stored files (Chatchat; SSE progress)")
+             "stored files (Chatchat; SSE progress)", responses={
+                 200: {"description": "Progress events, one per file; refused split options or "
+                                      "knowledge-base name answer an envelope instead",
+                       "content": {**json_content(ChatchatEnvelope),
+                                   **sse_content(KbProgressEvent)}},
+                 **_JSON_BODY_ERRORS})
 async def recreate_vector_store(body: RecreateVectorStore, request: Request) -> Response:
     knowledge = _knowledge(request)
     kb = validate_kb_name(body.knowledge_base_name)

@@ -16,11 +16,15 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import WithJsonSchema
 
 from chatfleet.api.errors import InvalidParameter, ModelNotFound, error_response
+from chatfleet.api.responses import RETRY_AFTER, sse_content
 from chatfleet.api.schemas import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     EmbeddingRequest,
@@ -36,7 +40,7 @@ from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import CompletionJob, CompletionService
 from chatfleet.serving.openai_format import new_request_id
 
-__all__ = ["router"]
+__all__ = ["check_max_tokens", "router"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -46,10 +50,26 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request: the message names the field"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
     413: {"model": ErrorResponse, "description": "Body over limits.max_body_bytes"},
-    429: {"model": ErrorResponse, "description": "Queue full or queue wait exceeded; see Retry-After"},
+    429: {"model": ErrorResponse, "headers": RETRY_AFTER,
+          "description": "Queue full or queue wait exceeded"},
     502: {"model": ErrorResponse, "description": "The engine failed the request"},
-    503: {"model": ErrorResponse, "description": "Draining, or the engine is unavailable; see Retry-After"},
+    503: {"model": ErrorResponse, "headers": RETRY_AFTER,
+          "description": "Draining, or the engine is unavailable"},
 }
+_EMBEDDING_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _ERRORS[400],
+    404: {"model": ErrorResponse, "description": "Unknown model, or no embeddings endpoint configured"},
+    413: _ERRORS[413],
+    429: {"model": ErrorResponse, "description": "The embeddings endpoint's own 429, relayed"},
+    502: {"model": ErrorResponse, "description": "The embeddings endpoint did not answer"},
+    503: {"model": ErrorResponse, "description": "The embeddings endpoint's own 503, relayed"},
+}
+_STREAMED = ("The answer; with stream=true an event stream of chunks ending with [DONE] (an error "
+             "after the stream started is an error event, then the stream ends)")
+PriorityHeader = Annotated[str | None, Header(
+    description="Admission priority, set by infrastructure (e.g. per ingress route); wins over the "
+                "body's priority. Matched without regard to case or surrounding spaces"),
+    WithJsonSchema({"type": "string", "enum": [p.value for p in Priority]})]
 _CLIENT_CLOSED = 499
 """Status logged for a request whose client went away (nginx's convention); nobody receives it."""
 
@@ -96,15 +116,19 @@ def _service(request: Request) -> CompletionService:
     return request.app.state.completions
 
 
+def check_max_tokens(request: Request, asked: int | None) -> None:
+    """Refuse an output limit over the deployment's (limits.max_tokens), on every chat route."""
+    limit = request.app.state.settings.limits.max_tokens
+    if asked is not None and asked > limit:
+        raise InvalidParameter(f"max_tokens is {asked}; this deployment allows at most {limit} "
+                               "(limits.max_tokens): ask for fewer output tokens", param="max_tokens")
+
+
 def _check(request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
     service = _service(request)
     if body.model != service.model:
         raise ModelNotFound(body.model, service.model)
-    limit = request.app.state.settings.limits.max_tokens
-    asked = body.output_limit()
-    if asked is not None and asked > limit:
-        raise InvalidParameter(f"max_tokens is {asked}; this deployment allows at most {limit} "
-                               "(limits.max_tokens): ask for fewer output tokens", param="max_tokens")
+    check_max_tokens(request, body.output_limit())
     ignored = body.ignored_fields()
     if ignored:
         log.info("ignored unknown request fields: %s", ", ".join(ignored))
@@ -136,23 +160,27 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     return JSONResponse(answer, headers=headers)
 
 
-@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS},
+@router.post("/v1/chat/completions", responses={
+    200: {"model": ChatCompletionResponse, "description": _STREAMED,
+          "content": sse_content(ChatCompletionChunk, ErrorResponse, done=True)}, **_ERRORS},
              summary="Chat completion (OpenAI API), streamed with stream=true")
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
-    x_chatfleet_priority: Annotated[str | None, Header()] = None,
+    x_chatfleet_priority: PriorityHeader = None,
 ) -> Response:
     return await _serve(request, body, "/v1/chat/completions", x_chatfleet_priority,
                         time.perf_counter())
 
 
-@router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS},
+@router.post("/v1/completions", responses={
+    200: {"model": CompletionResponse, "description": _STREAMED,
+          "content": sse_content(CompletionChunk, ErrorResponse, done=True)}, **_ERRORS},
              summary="Text completion (OpenAI API), streamed with stream=true")
 async def completions(
     body: CompletionRequest,
     request: Request,
-    x_chatfleet_priority: Annotated[str | None, Header()] = None,
+    x_chatfleet_priority: PriorityHeader = None,
 ) -> Response:
     return await _serve(request, body, "/v1/completions", x_chatfleet_priority, time.perf_counter())
 
@@ -164,7 +192,7 @@ async def list_models(request: Request) -> ModelList:
                                      owned_by="chatfleet")])
 
 
-@router.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_ERRORS},
+@router.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_EMBEDDING_ERRORS},
              summary="Embeddings (OpenAI API), relayed to the configured kb.embeddings endpoint")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     embedder = request.app.state.knowledge.embedder

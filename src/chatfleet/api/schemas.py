@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from chatfleet.serving.admission import Priority
 
 __all__ = [
+    "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
+    "CompletionChunk",
     "CompletionRequest",
     "CompletionResponse",
     "EmbeddingRequest",
@@ -81,7 +83,8 @@ class StreamOptions(BaseModel):
 class _SamplingFields(_Request):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: int = 1
+    n: int = Field(1, description="Choices per request: only 1 is served",
+                   json_schema_extra={"minimum": 1, "maximum": 1})
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
@@ -170,6 +173,8 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: int | None = None
+    retry_after: int | None = Field(
+        None, description="On a stream's error event, when waiting helps: seconds to wait")
 
 
 class ErrorResponse(BaseModel):
@@ -219,6 +224,41 @@ class CompletionResponse(BaseModel):
     usage: UsageOut | None
 
 
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat answer; with ``stream_options.include_usage`` every chunk has
+    ``usage: null`` and a last one, with empty ``choices``, the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageOut | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a streamed text completion (``usage`` as on ``ChatCompletionChunk``)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageOut | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -258,10 +298,11 @@ def _input_problem(value: Any) -> str | None:
 
 
 class EmbeddingRequest(_Request):
-    """OpenAI's embeddings request. Token-id input (lists of ints) is refused: only text is embedded
-    here, and the gateway's embedding upstream need not share any client's tokenizer."""
+    """OpenAI's embeddings request. Token-id input (lists of ints) is refused, with a message that
+    says so: only text is embedded here, and the gateway's embedding upstream need not share any
+    client's tokenizer."""
 
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
     model: str = Field(min_length=1)
     dimensions: Annotated[int, Field(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] = "float"
