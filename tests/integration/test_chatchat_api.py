@@ -193,6 +193,18 @@ def test_chat_routes_refuse_max_tokens_over_the_deployment_limit_with_a_422_enve
         "fewer output tokens")}
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/chat/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 513}),
+    ("/chat/kb_chat", {"query": "x", "kb_name": KB, "history": [{"role": "user", "content": "x"}] * 512}),
+], ids=["chat", "kb_chat"])
+def test_chat_routes_refuse_conversations_over_the_message_limit_with_a_422_envelope(
+        api, kb, path, body) -> None:
+    response = api.post(path, json={**body, "stream": False})
+    assert response.status_code == 422
+    assert response.json()["msg"].startswith(
+        "the conversation has 513 messages; this deployment allows at most 512 (limits.max_messages)")
+
+
 def test_a_body_that_is_not_utf8_is_a_400_envelope_that_says_so(api) -> None:
     response = api.post("/chat/kb_chat", content=b'{"query": "\xc3\x28"}',
                         headers={"content-type": "application/json"})

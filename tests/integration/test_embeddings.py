@@ -213,3 +213,20 @@ async def test_the_embedder_refuses_an_answer_whose_count_or_width_does_not_matc
             await embedder.embed_documents(["a", "b"] * len(answers))
     finally:
         await embedder.aclose()
+
+
+def test_an_embeddings_endpoint_that_fails_is_a_502_naming_it(gateway) -> None:
+    """A 5xx from the embeddings endpoint (here Python's http.server, which answers POST with 501)
+    reaches the client as a 502 that names the endpoint's answer, never as the endpoint's own 5xx."""
+    port = free_port()
+    endpoint = ManagedProcess([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                              name="http.server").start()
+    try:
+        endpoint.wait_http(f"http://127.0.0.1:{port}/", timeout=10)
+        gw: Server = gateway({"CHATFLEET_KB__EMBEDDINGS__URL": f"http://127.0.0.1:{port}/v1",
+                              "CHATFLEET_KB__EMBEDDINGS__MODEL": EMBED_MODEL})
+        r = httpx.post(gw.v1 + "/embeddings", json={"model": EMBED_MODEL, "input": ["a"]}, timeout=10)
+    finally:
+        endpoint.terminate()
+    assert r.status_code == 502, r.text
+    assert "answered HTTP 501" in r.json()["error"]["message"]

@@ -96,10 +96,11 @@ def test_langchain_chat_openai_invokes_and_streams(served: Server) -> None:
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, MODEL),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "priority": "urgent"}, 400, "priority"),
         ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}] * 513}, 400, "limits.max_messages"),
     ],
     ids=["no-messages", "bad-role", "zero-max-tokens", "max-tokens-over-limit", "n-above-one",
          "temperature-out-of-range", "tools", "image-part", "unknown-model", "bad-priority",
-         "missing-model"],
+         "missing-model", "messages-over-limit"],
 )
 def test_bad_chat_requests_get_a_clear_openai_error(served: Server, body: dict, status: int,
                                                     needle: str) -> None:

@@ -34,7 +34,7 @@ from chatfleet.api.chatchat_schemas import (
 from chatfleet.api.openai import (
     ClientDisconnected,
     cancel_on_disconnect,
-    check_max_tokens,
+    check_limits,
 )
 from chatfleet.api.responses import chatchat_errors, json_content, sse_content
 from chatfleet.api.schemas import ErrorResponse
@@ -139,7 +139,7 @@ async def chat_completions(body: ChatchatChatRequest, request: Request) -> Respo
                              "'tools' and 'tool_choice'")
     if (error := _model_error(request, body.model)) is not None:
         return error
-    check_max_tokens(request, body.max_tokens)
+    check_limits(request, max_tokens=body.max_tokens, messages=len(body.messages))
     messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
     return await _answer(request, route="/chat/chat/completions", messages=messages,
                          stream=bool(body.stream), max_tokens=body.max_tokens,
@@ -170,7 +170,7 @@ async def _kb_answer(request: Request, *, route: str, mode: str, kb_name: str, q
     kb = validate_kb_name(kb_name)
     if (error := _model_error(request, model)) is not None:
         return error
-    check_max_tokens(request, max_tokens)
+    check_limits(request, max_tokens=max_tokens, messages=len(history) + 1)
     if options.prompt_name not in RAG_TEMPLATES:
         return envelope(404, f"prompt_name '{options.prompt_name}' is not a RAG prompt template; "
                              f"use one of {', '.join(sorted(RAG_TEMPLATES))}")

@@ -40,7 +40,7 @@ from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import CompletionJob, CompletionService
 from chatfleet.serving.openai_format import new_request_id
 
-__all__ = ["check_max_tokens", "router"]
+__all__ = ["check_limits", "router"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -61,9 +61,13 @@ _EMBEDDING_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown model, or no embeddings endpoint configured"},
     413: _ERRORS[413],
     429: {"model": ErrorResponse, "description": "The embeddings endpoint's own 429, relayed"},
-    502: {"model": ErrorResponse, "description": "The embeddings endpoint did not answer"},
+    502: {"model": ErrorResponse, "description": "The embeddings endpoint did not answer, or answered "
+                                                 "a status other than those declared here"},
     503: {"model": ErrorResponse, "description": "The embeddings endpoint's own 503, relayed"},
 }
+_RELAYED_EMBEDDING_STATUSES = frozenset({200, 400, 404, 413, 429, 503})
+"""The embeddings endpoint's answers passed on as they are; any other (a 500, or a 401 because the
+gateway's key for it is wrong) is the deployment's failure, which the client sees as a 502."""
 _STREAMED = ("The answer; with stream=true an event stream of chunks ending with [DONE] (an error "
              "after the stream started is an error event, then the stream ends)")
 PriorityHeader = Annotated[str | None, Header(
@@ -116,19 +120,26 @@ def _service(request: Request) -> CompletionService:
     return request.app.state.completions
 
 
-def check_max_tokens(request: Request, asked: int | None) -> None:
-    """Refuse an output limit over the deployment's (limits.max_tokens), on every chat route."""
-    limit = request.app.state.settings.limits.max_tokens
-    if asked is not None and asked > limit:
-        raise InvalidParameter(f"max_tokens is {asked}; this deployment allows at most {limit} "
-                               "(limits.max_tokens): ask for fewer output tokens", param="max_tokens")
+def check_limits(request: Request, *, max_tokens: int | None, messages: int) -> None:
+    """Refuse an output limit or a conversation over the deployment's (limits.max_tokens,
+    limits.max_messages), on every chat route."""
+    limits = request.app.state.settings.limits
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidParameter(f"max_tokens is {max_tokens}; this deployment allows at most "
+                               f"{limits.max_tokens} (limits.max_tokens): ask for fewer output tokens",
+                               param="max_tokens")
+    if messages > limits.max_messages:
+        raise InvalidParameter(f"the conversation has {messages} messages; this deployment allows at "
+                               f"most {limits.max_messages} (limits.max_messages): send fewer, e.g. "
+                               "drop or summarize the oldest turns", param="messages")
 
 
 def _check(request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
     service = _service(request)
     if body.model != service.model:
         raise ModelNotFound(body.model, service.model)
-    check_max_tokens(request, body.output_limit())
+    check_limits(request, max_tokens=body.output_limit(),
+                 messages=len(body.messages) if isinstance(body, ChatCompletionRequest) else 1)
     ignored = body.ignored_fields()
     if ignored:
         log.info("ignored unknown request fields: %s", ", ".join(ignored))
@@ -205,5 +216,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         answer = await embedder.relay(body.model_dump(exclude_none=True, exclude_unset=False))
     except EmbeddingError as exc:
         return error_response(502, str(exc), error_type="upstream_error")
+    if answer.status_code not in _RELAYED_EMBEDDING_STATUSES:
+        return error_response(502, f"the embeddings endpoint failed: it answered HTTP "
+                                   f"{answer.status_code}: {answer.text[:300]}", error_type="upstream_error")
     return Response(answer.content, status_code=answer.status_code,
                     media_type=answer.headers.get("content-type", "application/json"))
