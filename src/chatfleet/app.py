@@ -122,7 +122,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.include_router(knowledge.router)
     app.include_router(health.router)
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, api_keys=bool(settings.api_keys),
+                    rate_limited=bool(settings.api_keys) and settings.auth.rate_limit_rps > 0)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes,
                        upload_paths=UPLOAD_PATHS, max_upload_bytes=settings.kb.max_upload_bytes)
     app.add_middleware(AdmissionGate)  # a certain 429 costs the least

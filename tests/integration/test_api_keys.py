@@ -116,7 +116,8 @@ async def test_without_a_valid_key_every_api_route_is_refused_and_the_probes_sta
 
 async def test_a_key_over_its_rate_gets_429_while_another_key_is_served(engine_sim, gateway) -> None:
     """0.25 requests/s, bursts of 3, per key: of four requests key A sends at once one is refused,
-    with a Retry-After that, waited, is enough; key B, in the same process, is served meanwhile."""
+    with a Retry-After that, waited, is enough; key B, in the same process, is served meanwhile.
+    /openapi.json declares the bearer scheme and the 401 and 429 on protected routes only."""
     key_a, key_b = new_key(), new_key()
     sim: Server = engine_sim()
     gw: Server = gateway({**upstream_env(sim, auth__rate_limit_rps=0.25, auth__rate_limit_burst=3),
@@ -143,6 +144,13 @@ async def test_a_key_over_its_rate_gets_429_while_another_key_is_served(engine_s
         assert (await client.get("/metrics")).status_code == 200, "the scrape is never limited"
 
     assert rejections(gw, "rate_limited") == 2
+    document = (await client_get_openapi(gw))
+    assert document["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    chat_responses = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"401", "429"} <= set(chat_responses) and "Retry-After" in chat_responses["429"]["headers"]
+    kb_list = document["paths"]["/knowledge_base/list_knowledge_bases"]["get"]
+    assert kb_list["security"] == [{"apiKey": []}] and "401" in kb_list["responses"]
+    assert "security" not in document["paths"]["/readyz"]["get"]
     await asyncio.sleep(retry_after)
     answer = await a.chat.completions.create(model=SIM_MODEL, messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=3, extra_body={"ignore_eos": True})
@@ -151,6 +159,12 @@ async def test_a_key_over_its_rate_gets_429_while_another_key_is_served(engine_s
     assert rejections(gw, "missing") == rejections(gw, "invalid") == 0
     metrics = gw.metrics()
     assert key_a not in metrics and key_b not in metrics
+
+
+async def client_get_openapi(gw: Server) -> dict:
+    """The gateway's /openapi.json, fetched without a key (it is public)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        return (await client.get(gw.url + "/openapi.json")).json()
 
 
 def test_the_kb_command_sends_its_api_key(engine_sim, gateway) -> None:

@@ -11,6 +11,8 @@ or a fuzzer can check each event), ``RETRY_AFTER`` (the header on 429 and 503), 
 content (stream payloads, choices of models) become components, and FastAPI's default 422
 (``HTTPValidationError``) goes, because no route answers it: the OpenAI routes answer a malformed
 body with 400 and OpenAI's envelope, the Chatchat routes with 422 and Chatchat's, as declared.
+With API keys on, it also declares the bearer scheme and every protected operation's 401 (and
+429 per key when keys are rate-limited).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from chatfleet.api.auth import PUBLIC_PATHS
+from chatfleet.api.chatchat_envelope import is_chatchat_path
 from chatfleet.api.chatchat_schemas import ChatchatEnvelope
+from chatfleet.api.schemas import ErrorResponse
 
 __all__ = ["RETRY_AFTER", "chatchat_errors", "install_openapi", "json_content", "json_schema",
            "sse_content"]
@@ -87,8 +92,30 @@ def sse_content(*payloads: type[BaseModel], done: bool = False) -> dict[str, Any
     return {"text/event-stream": {"itemSchema": event}}
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Make ``app.openapi()`` complete the generated document as the module docstring says."""
+def _declare_api_keys(document: dict[str, Any], *, rate_limited: bool) -> None:
+    """With API keys on: a bearer security scheme (the docs page's "Authorize" button), required
+    by every operation but the public ones, which may then answer 401 (and 429 per key)."""
+    document.setdefault("components", {})["securitySchemes"] = {
+        "apiKey": {"type": "http", "scheme": "bearer",
+                   "description": "An API key of this deployment (CHATFLEET_API_KEYS)"}}
+    for path, path_item in document.get("paths", {}).items():
+        if path in PUBLIC_PATHS:
+            continue
+        model = ChatchatEnvelope if is_chatchat_path(path) else ErrorResponse
+        for operation in path_item.values():
+            operation["security"] = [{"apiKey": []}]
+            responses = operation.setdefault("responses", {})
+            responses["401"] = {"description": "No API key, or one this deployment does not accept",
+                                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+                                "content": json_content(model)}
+            if rate_limited:
+                responses.setdefault("429", {"description": "This API key is over its request rate",
+                                             "headers": RETRY_AFTER, "content": json_content(model)})
+
+
+def install_openapi(app: FastAPI, *, api_keys: bool = False, rate_limited: bool = False) -> None:
+    """Make ``app.openapi()`` complete the generated document as the module docstring says, and
+    declare the API keys when they are on."""
     generate: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -110,6 +137,8 @@ def install_openapi(app: FastAPI) -> None:
         if "/HTTPValidationError" not in json.dumps(document.get("paths", {})):
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
+        if api_keys:
+            _declare_api_keys(document, rate_limited=rate_limited)
         app.openapi_schema = document
         return document
 
