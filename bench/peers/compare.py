@@ -12,8 +12,10 @@ One run on this machine, three comparisons, each on one upstream shared by both 
 3. **gateway cost, vLLM**: vLLM's CPU build (a tiny random-weight Llama, tests/support/vllm_cpu.py)
    directly and through a second ChatFleet gateway (skip with ``--no-vllm``).
 
-Per concurrency level it prints answers/s, TTFT (first chunk with content) and end-to-end p50/p95,
-and errors with their reasons; it writes docs/benchmarks/peers.json and peers.png.
+Comparisons 2 and 3 run each side in two halves, A B B A, pooled, so drift of the shared upstream
+falls on both. Per concurrency level it prints answers/s, TTFT (first chunk with content) and
+end-to-end p50/p95, content chunks per answer (equal when both sides' answers are as long), and
+errors with their reasons; it writes docs/benchmarks/peers.json and peers.png.
 
 Usage: python bench/peers/compare.py [--quick] [--levels 1,8,32,128] [--seconds 20] [--no-vllm]
 """
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,8 +79,16 @@ class Level:
     users: int
     ttft_s: list[float] = field(default_factory=list)
     e2e_s: list[float] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)
+    """Chunks with content per answer: equal on both sides when the answers are as long."""
     errors: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+
+    def merged(self, other: Level) -> Level:
+        """This measurement and another of the same system, route and users, pooled."""
+        return Level(self.comparison, self.system, self.route, self.users,
+                     self.ttft_s + other.ttft_s, self.e2e_s + other.e2e_s, self.chunks + other.chunks,
+                     self.errors + other.errors, self.seconds + other.seconds)
 
     @property
     def answers_per_s(self) -> float:
@@ -89,6 +100,7 @@ class Level:
                 "answers_per_s": round(self.answers_per_s, 3),
                 "ttft_ms": {"p50": pct_ms(self.ttft_s, 0.5), "p95": pct_ms(self.ttft_s, 0.95)},
                 "e2e_ms": {"p50": pct_ms(self.e2e_s, 0.5), "p95": pct_ms(self.e2e_s, 0.95)},
+                "content_chunks_mean": round(sum(self.chunks) / len(self.chunks), 1) if self.chunks else None,
                 "errors": dict(self.errors)}
 
 
@@ -109,15 +121,17 @@ class Target:
     body: Callable[[int], dict]
 
 
-async def one(client: httpx.AsyncClient, target: Target, i: int, level: Level) -> None:
+async def one(session: aiohttp.ClientSession, url: str, target: Target, i: int, level: Level) -> None:
     started = time.perf_counter()
     first: float | None = None
+    chunks = 0
     try:
-        async with client.stream("POST", target.path, json=target.body(i)) as response:
-            if response.status_code != 200:
-                level.errors[f"HTTP {response.status_code}: {(await response.aread())[:120]!r}"] += 1
+        async with session.post(url, json=target.body(i)) as response:
+            if response.status != 200:
+                level.errors[f"HTTP {response.status}: {(await response.read())[:120]!r}"] += 1
                 return
-            async for line in response.aiter_lines():
+            async for raw in response.content:
+                line = raw.decode().rstrip("\r\n")
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -125,9 +139,10 @@ async def one(client: httpx.AsyncClient, target: Target, i: int, level: Level) -
                     level.errors[f"error event: {str(chunk['error'])[:120]}"] += 1
                     return
                 choices = chunk.get("choices") or [{}]
-                if first is None and (choices[0].get("delta") or {}).get("content"):
-                    first = time.perf_counter()
-    except (httpx.HTTPError, ValueError) as exc:
+                if (choices[0].get("delta") or {}).get("content"):
+                    chunks += 1
+                    first = first or time.perf_counter()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         level.errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
         return
     if first is None:
@@ -135,21 +150,24 @@ async def one(client: httpx.AsyncClient, target: Target, i: int, level: Level) -
         return
     level.ttft_s.append(first - started)
     level.e2e_s.append(time.perf_counter() - started)
+    level.chunks.append(chunks)
 
 
 async def run_level(target: Target, comparison: str, route: str, users: int, seconds: float) -> Level:
     """``users`` closed-loop users for ``seconds``; answers still streaming at the end are waited
-    for and counted (the rate divides by the whole time)."""
+    for and counted (the rate divides by the whole time). The client is aiohttp: httpx costs
+    several ms of CPU per request at this concurrency, CPU the servers share on a small machine."""
     level = Level(comparison, target.system, route, users)
-    limits = httpx.Limits(max_connections=users, max_keepalive_connections=users)
-    async with httpx.AsyncClient(base_url=target.url, timeout=300, limits=limits) as client:
+    url = target.url + target.path
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=users),
+                                     timeout=aiohttp.ClientTimeout(total=300)) as session:
         started = time.perf_counter()
         deadline = started + seconds
 
         async def user(u: int) -> None:
             i = u
             while time.perf_counter() < deadline:
-                await one(client, target, i, level)
+                await one(session, url, target, i, level)
                 i += users
 
         await asyncio.gather(*(user(u) for u in range(users)))
@@ -204,12 +222,19 @@ def stopping(server: Server) -> Iterator[Server]:
 
 
 def compare(targets: list[Target], comparison: str, route: str, levels: tuple[int, ...],
-            seconds: float, results: list[Level]) -> None:
+            seconds: float, results: list[Level], *, interleave: bool = False) -> None:
+    """Each target at each level for ``seconds``; with ``interleave``, in two halves ordered
+    A B B A and pooled, so drift of a shared upstream (vLLM on CPU) falls on both sides alike."""
     for users in levels:
+        order = [*targets, *reversed(targets)] if interleave else targets
+        window = seconds / 2 if interleave else seconds
+        pooled: dict[str, Level] = {}
+        for target in order:
+            level = asyncio.run(run_level(target, comparison, route, users, window))
+            pooled[target.system] = pooled[target.system].merged(level) if target.system in pooled else level
         for target in targets:
-            level = asyncio.run(run_level(target, comparison, route, users, seconds))
-            results.append(level)
-            print_row(level)
+            results.append(pooled[target.system])
+            print_row(pooled[target.system])
 
 
 def print_row(level: Level) -> None:
@@ -217,7 +242,8 @@ def print_row(level: Level) -> None:
     errors = "; ".join(f"{n}x {reason}" for reason, n in level.errors.items()) or "0"
     print(f"| {s['comparison']} | {s['system']} | {s['route']} | {s['users']} | {s['answers']} | "
           f"{s['answers_per_s']:.2f} | {s['ttft_ms']['p50']} | {s['ttft_ms']['p95']} | "
-          f"{s['e2e_ms']['p50']} | {s['e2e_ms']['p95']} | {errors} |", flush=True)
+          f"{s['e2e_ms']['p50']} | {s['e2e_ms']['p95']} | {s['content_chunks_mean']} | {errors} |",
+          flush=True)
 
 
 def ratios(results: list[Level], comparison: str, base: str, other: str) -> list[dict[str, Any]]:
@@ -281,8 +307,8 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.time()
     print("| comparison | system | route | users | answers | answers/s | TTFT p50 ms | TTFT p95 ms "
-          "| e2e p50 ms | e2e p95 ms | errors |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| e2e p50 ms | e2e p95 ms | chunks/answer | errors |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     with ExitStack() as stack:
         sim = stack.enter_context(stopping(start_engine_sim(profile=PROFILE, max_num_seqs=max(levels))))
         gateway = stack.enter_context(stopping(start_gateway({
@@ -298,7 +324,7 @@ def main() -> None:
         direct = openai_body(LLM, args.max_tokens)
         compare([Target("engine-sim", sim.url, "/v1/chat/completions", direct),
                  Target("chatfleet", gateway.url, "/v1/chat/completions", direct)],
-                "gateway cost (engine-sim)", "chat", levels, seconds, results)
+                "gateway cost (engine-sim)", "chat", levels, seconds, results, interleave=True)
     if not args.no_vllm:
         python, model_dir = ensure_vllm_env()
         vllm_levels = tuple(users for users in levels if users in VLLM_LEVELS) or levels[:2]
@@ -308,7 +334,7 @@ def main() -> None:
             body = openai_body(vllm.served_model_name, args.max_tokens)
             compare([Target("vllm-cpu", vllm.root_url, "/v1/chat/completions", body),
                      Target("chatfleet", vllm_gateway.url, "/v1/chat/completions", body)],
-                    "gateway cost (vLLM CPU)", "chat", vllm_levels, seconds, results)
+                    "gateway cost (vLLM CPU)", "chat", vllm_levels, seconds, results, interleave=True)
 
     report = {
         "settings": {"levels": levels, "seconds_per_level": seconds, "max_tokens": args.max_tokens,
