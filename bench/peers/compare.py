@@ -10,7 +10,8 @@ One run on this machine, three comparisons, each on one upstream shared by both 
 2. **gateway cost, engine-sim**: the same engine-sim's /v1/chat/completions directly and through
    ChatFleet's /v1/chat/completions.
 3. **gateway cost, vLLM**: vLLM's CPU build (a tiny random-weight Llama, tests/support/vllm_cpu.py)
-   directly and through a second ChatFleet gateway (skip with ``--no-vllm``).
+   directly and through a second ChatFleet gateway (skip with ``--no-vllm``), vLLM's processes on
+   half the CPUs and the gateway and load client on the other half (``cores_apart``).
 
 Comparisons 2 and 3 run each side in two halves, A B B A, pooled, so drift of the shared upstream
 falls on both. Per concurrency level it prints answers/s, TTFT (first chunk with content) and
@@ -221,6 +222,40 @@ def stopping(server: Server) -> Iterator[Server]:
         server.proc.terminate()
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc), e.g. vLLM's API server, engine core and worker."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+@contextmanager
+def cores_apart(engine_pid: int) -> Iterator[tuple[list[int], list[int]]]:
+    """Pin the engine's processes to half the CPUs and this process (the load client, and the
+    gateway it starts meanwhile) to the other half, as on a GPU node, where vLLM's CPU-side
+    processes do not share cores with the gateway. vLLM's CPU build keeps its worker and engine
+    core busy at 1.3-1.8 of 2 cores (top), so unpinned, the gateway measured its wait for CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    engine_cpus, other_cpus = cpus[:max(1, len(cpus) // 2)], cpus[max(1, len(cpus) // 2):] or cpus
+    for pid in process_tree(engine_pid):
+        os.sched_setaffinity(pid, engine_cpus)
+    os.sched_setaffinity(0, other_cpus)
+    try:
+        yield engine_cpus, other_cpus
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 def compare(targets: list[Target], comparison: str, route: str, levels: tuple[int, ...],
             seconds: float, results: list[Level], *, interleave: bool = False) -> None:
     """Each target at each level for ``seconds``; with ``interleave``, in two halves ordered
@@ -328,9 +363,11 @@ def main() -> None:
     if not args.no_vllm:
         python, model_dir = ensure_vllm_env()
         vllm_levels = tuple(users for users in levels if users in VLLM_LEVELS) or levels[:2]
-        with VLLMServer(python, model_dir, max_num_seqs=max(vllm_levels)) as vllm, \
-                stopping(start_gateway(gateway_env(vllm.base_url, vllm.served_model_name,
-                                                   max(vllm_levels)))) as vllm_gateway:
+        with ExitStack() as stack:
+            vllm = stack.enter_context(VLLMServer(python, model_dir, max_num_seqs=max(vllm_levels)))
+            split = stack.enter_context(cores_apart(vllm.pid))  # before the gateway starts: it inherits
+            vllm_gateway = stack.enter_context(stopping(start_gateway(
+                gateway_env(vllm.base_url, vllm.served_model_name, max(vllm_levels)))))
             body = openai_body(vllm.served_model_name, args.max_tokens)
             compare([Target("vllm-cpu", vllm.root_url, "/v1/chat/completions", body),
                      Target("chatfleet", vllm_gateway.url, "/v1/chat/completions", body)],
@@ -339,7 +376,8 @@ def main() -> None:
     report = {
         "settings": {"levels": levels, "seconds_per_level": seconds, "max_tokens": args.max_tokens,
                      "engine_sim_profile": PROFILE, "chatchat": CHATCHAT_VERSION,
-                     "vllm_levels": None if args.no_vllm else VLLM_LEVELS, "questions": QUESTIONS},
+                     "vllm_levels": None if args.no_vllm else VLLM_LEVELS, "questions": QUESTIONS,
+                     "vllm_cpus_vs_others": None if args.no_vllm else split},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "wall_s": round(time.time() - started)},
