@@ -15,7 +15,7 @@ SLOW = re.compile(r"Executing .* took (\d+\.\d+) seconds")
 
 async def test_no_callback_holds_the_loop_over_50_ms_under_mixed_traffic(engine_sim, gateway) -> None:
     sim: Server = engine_sim(max_num_seqs=64)
-    gw: Server = gateway(upstream_env(sim, admission__engine_slots=8, admission__max_queue=14,
+    gw: Server = gateway(upstream_env(sim, admission__engine_slots=8, admission__max_queue=10,
                                       server__slow_callback_s=0.05,
                                       server__log_level="warning"))
 
@@ -41,16 +41,23 @@ async def test_no_callback_holds_the_loop_over_50_ms_under_mixed_traffic(engine_
 
         # A process's first request costs one callback of about 40 ms (the same before this
         # suite's checks were added; nothing is imported then): served before the measurement, so
-        # the bound is on what traffic does to the loop, not on that one-off.
+        # the bound is on what traffic does to the loop, not on that one-off. asyncio logs a slow
+        # step after it ends, which may be after its response left: the next round trip waits
+        # for that line.
         assert await whole(1) == 200
+        assert (await client.get(gw.url + "/readyz")).status_code == 200
         warmed_up = len(gw.proc.log_text())
+        statuses: list[int] = []
         for _ in range(3):
+            # Invalid bodies first: once the queue is full, the admission gate answers 429
+            # before reading any body, so later ones would never be validated.
             results = await asyncio.gather(
-                *(stream(60) for _ in range(12)), *(stream(200, stop_after=5) for _ in range(4)),
-                *(whole(40) for _ in range(12)), *(invalid() for _ in range(4)),
+                *(invalid() for _ in range(4)),
+                *(stream(100) for _ in range(12)), *(stream(200, stop_after=5) for _ in range(4)),
+                *(whole(40) for _ in range(12)),
                 client.get(gw.url + "/metrics"), client.get(gw.url + "/readyz"))
-            statuses = [r for r in results if isinstance(r, int)]
-            assert 429 in statuses and 200 in statuses and 400 in statuses
+            statuses += [r for r in results if isinstance(r, int)]
+        assert {200, 400, 429} <= set(statuses), "the traffic mixes answers, refusals and bad bodies"
 
     slow = [float(m.group(1)) for m in SLOW.finditer(gw.proc.log_text()[warmed_up:])]
     assert slow == [], f"callbacks over 50 ms: {slow}\n{gw.proc.log_tail()}"
