@@ -164,13 +164,17 @@ def traffic(dashboard: Dashboard) -> Dashboard:
                                     f"{RATE}))", "{{outcome}}")]))
         .with_panel(graph("Errors and 429s", "Refusals and failures per second: 429 when the "
                           "queue is full or a request waited past its deadline, 503 while pods "
-                          "drain, and engine errors (0 when there are none).", "reqps", [
+                          "drain, engine errors (0 when there are none), and, with API keys on, "
+                          "requests refused for a missing or wrong key (401) or a key over its "
+                          "rate (429).", "reqps", [
                               query(f'{outcome}=~"queue_full|queue_timeout"}}{RATE})) '
                                     "or vector(0)", "429 queue full or timed out"),
                               query(f'{outcome}="draining"}}{RATE})) or vector(0)',
                                     "503 draining"),
                               query(f'{outcome}="engine_error"}}{RATE})) or vector(0)',
-                                    "engine errors")]))
+                                    "engine errors"),
+                              query(f"sum by (reason) (rate(chatfleet_auth_rejections_total{{{SEL}}}"
+                                    f"{RATE}))", "API key {{reason}}")]))
         .with_panel(graph("Tokens per second", "Prompt tokens admitted and output tokens "
                           "relayed by the gateways, and output tokens the engines generated.",
                           "short", [
