@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from chatfleet.api.chatchat_envelope import is_chatchat_path
+from chatfleet.api.errors import error_response
 from chatfleet.serving.rate_limit import KeyRateLimiter, retry_after_header_s
 from chatfleet.telemetry.metrics import AuthRejection
 
@@ -124,9 +123,9 @@ class ApiKeyAuth:
             reason = AuthRejection.MISSING if token is None else AuthRejection.INVALID
             message = (INVALID_MESSAGE if token is not None else
                        MALFORMED_MESSAGE if had_header else MISSING_MESSAGE)
-            challenge = b'Bearer error="invalid_token"' if token is not None else b"Bearer"
-            await self._refuse(scope, send, reason, 401, message, "authentication_error",
-                               [(b"www-authenticate", challenge)])
+            challenge = 'Bearer error="invalid_token"' if token is not None else "Bearer"
+            await self._refuse(scope, receive, send, reason, 401, message, "authentication_error",
+                               {"WWW-Authenticate": challenge})
             return
         if self.limiter is not None:
             wait_s = self.limiter.take(index, self.clock())
@@ -135,27 +134,20 @@ class ApiKeyAuth:
                 message = (f"this API key is over its rate limit of {self.limiter.rate:g} "
                            f"requests/s (bursts of {self.limiter.burst}) on this gateway replica: "
                            f"retry after {retry_after} s, or send fewer requests per second")
-                await self._refuse(scope, send, AuthRejection.RATE_LIMITED, 429, message,
-                                   "rate_limit_exceeded",
-                                   [(b"retry-after", str(retry_after).encode())])
+                await self._refuse(scope, receive, send, AuthRejection.RATE_LIMITED, 429, message,
+                                   "rate_limit_exceeded", {"Retry-After": str(retry_after)})
                 return
         await self.app(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, send: Send, reason: AuthRejection, status: int,
-                      message: str, error_type: str, headers: list[tuple[bytes, bytes]]) -> None:
-        path = scope["path"]
-        log.debug("refused %s %s: %s", scope.get("method", "WEBSOCKET"), path, reason.value)
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, reason: AuthRejection,
+                      status: int, message: str, error_type: str, headers: dict[str, str]) -> None:
+        log.debug("refused %s %s: %s", scope.get("method", "WEBSOCKET"), scope["path"], reason.value)
         if self.on_reject is not None:
             self.on_reject(reason)
         if scope["type"] == "websocket":
             # Closing before accepting makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008, "reason": ""})
             return
-        body = json.dumps(
-            {"code": status, "msg": message, "data": None} if is_chatchat_path(path) else
-            {"error": {"message": message, "type": error_type, "param": None, "code": status}}
-        ).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), *headers]})
-        await send({"type": "http.response.body", "body": body})
+        response = error_response(status, message, error_type=error_type, headers=headers,
+                                  path=scope["path"])
+        await response(scope, receive, send)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatfleet.api.chatchat_envelope import is_chatchat_path
+from chatfleet.api.errors import error_response, rejection_response
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import ROUTES
 
@@ -52,7 +50,7 @@ class BodySizeLimit:
             if name == b"content-length":
                 declared = int(value) if value.isdigit() else 0
                 if declared > limit:
-                    await self._reject(send, path, declared)
+                    await self._reject(scope, receive, send, declared)
                     return
         received = 0
 
@@ -67,18 +65,11 @@ class BodySizeLimit:
 
         await self.app(scope, counting_receive, send)
 
-    async def _reject(self, send: Send, path: str, size: int) -> None:
-        message = self._message(path, size)
-        if is_chatchat_path(path):
-            body = json.dumps({"code": 413, "msg": message, "data": None}).encode()
-        else:
-            body = json.dumps({"error": {"message": message, "type": "request_too_large",
-                                         "param": None, "code": 413}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+        path = scope["path"]
+        response = error_response(413, self._message(path, size), error_type="request_too_large",
+                                  headers={"Connection": "close"}, path=path)
+        await response(scope, receive, send)
 
 
 class AdmissionGate:
@@ -99,16 +90,7 @@ class AdmissionGate:
             if service is not None:
                 rejection = service.certain_rejection(scope["path"], _header_priority(scope))
                 if rejection is not None:
-                    body = json.dumps(
-                        {"code": rejection.status, "msg": rejection.message, "data": None}
-                        if is_chatchat_path(scope["path"]) else
-                        {"error": {"message": rejection.message, "type": rejection.reason,
-                                   "param": None, "code": rejection.status}}).encode()
-                    await send({"type": "http.response.start", "status": rejection.status,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode()),
-                                            (b"retry-after", str(rejection.retry_after_s).encode())]})
-                    await send({"type": "http.response.body", "body": body})
+                    await rejection_response(rejection, scope["path"])(scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
