@@ -327,16 +327,42 @@ def plot(path: Path, results: list[Level]) -> None:
     plt.close(figure)
 
 
+def positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` of the text, above 0 (else a usage error that says so)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+    return parse
+
+
+def user_levels(text: str) -> tuple[int, ...]:
+    """``--levels``: positive whole numbers, comma-separated, e.g. 1,8,32."""
+    try:
+        levels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of user counts, "
+                                         "e.g. 1,8,32") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: every level must be at least 1 user")
+    return levels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="levels 1 and 8, 8 s each")
-    parser.add_argument("--levels", default="1,8,32,128")
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--max-tokens", type=int, default=64, help="answer length cap")
+    parser.add_argument("--levels", type=user_levels, default=(1, 8, 32, 128),
+                        help="concurrent users, comma-separated (default 1,8,32,128)")
+    parser.add_argument("--seconds", type=positive(float), default=20.0, help="per level")
+    parser.add_argument("--max-tokens", type=positive(int), default=64, help="answer length cap")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM comparison")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    levels = (1, 8) if args.quick else tuple(int(x) for x in args.levels.split(","))
+    levels = (1, 8) if args.quick else args.levels
     seconds = 8.0 if args.quick else args.seconds
     results: list[Level] = []
     load_before = os.getloadavg()
