@@ -12,11 +12,13 @@ import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
 
 from chatfleet import __version__
 from chatfleet.api import chatchat, health, knowledge, openai
+from chatfleet.api.access_log import AccessLog
 from chatfleet.api.auth import ApiKeyAuth
 from chatfleet.api.errors import install_error_handlers
 from chatfleet.api.knowledge import UPLOAD_PATHS
@@ -33,7 +35,7 @@ from chatfleet.serving.lifecycle import Lifecycle
 from chatfleet.settings import EngineKind, Settings
 from chatfleet.telemetry.metrics import AuthRejection, GatewayMetrics
 
-__all__ = ["build_engine", "create_app"]
+__all__ = ["build_engine", "create_app", "startup_fields"]
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -134,4 +136,28 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                            rate_limit_rps=settings.auth.rate_limit_rps,
                            rate_limit_burst=settings.auth.rate_limit_burst,
                            on_reject=lambda reason: rejections[reason].inc())
+    if settings.log.access:  # outermost: it logs what the others refuse, with their status
+        app.add_middleware(AccessLog)
     return app
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` without user, password, query or fragment, where a secret could be
+    (``http://user:pass@host:8001/v1?key=x`` -> ``http://host:8001/v1``)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def startup_fields(app: FastAPI) -> dict[str, str | int | None]:
+    """What the gateway serves, for its start-up line (``server.py``): engine kind, model, the
+    upstream's URL (credentials removed; its API key is never shown), slots and queue bound,
+    the knowledge-base store and retrieval mode."""
+    settings: Settings = app.state.settings
+    upstream = settings.engine.url if settings.engine.kind is EngineKind.OPENAI else None
+    return {"engine": app.state.engine.kind, "model": settings.served_model,
+            "upstream": _without_credentials(upstream) if upstream else None,
+            "engine_slots": settings.admission.engine_slots,
+            "max_queue": settings.admission.max_queue, "kb_store": settings.kb.store.value,
+            "retrieval": app.state.knowledge.mode.value}

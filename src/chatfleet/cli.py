@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from chatfleet.logs import configure_logging
 from chatfleet.rag.cli import kb_app
 from chatfleet.settings import Settings, masked_dump
 from chatfleet.sim.cli import simulate_command
@@ -39,29 +39,23 @@ def _load_settings(**overrides: object) -> Settings:
     return settings
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream request
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [env CHATFLEET_SERVER__HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [env CHATFLEET_SERVER__PORT]")] = None,
 ) -> None:
     """Run the gateway (default engine: the embedded simulated engine)."""
-    from chatfleet.app import create_app
+    from chatfleet.app import create_app, startup_fields
     from chatfleet.server import serve_app
 
     settings = _load_settings(**{"server.host": host, "server.port": port})
-    _setup_logging(settings.server.log_level)
-    logging.getLogger(__name__).info(
-        "engine %s, model %s, %d engine slots, queue %d", settings.engine.kind.value,
-        settings.served_model, settings.admission.engine_slots, settings.admission.max_queue)
-    serve_app(create_app(settings), host=settings.server.host, port=settings.server.port,
+    configure_logging(settings.server.log_level, settings.log.format)
+    gateway = create_app(settings)
+    serve_app(gateway, host=settings.server.host, port=settings.server.port,
               log_level=settings.server.log_level, drain_timeout_s=settings.server.drain_timeout_s,
               keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s,
-              send_buffer_bytes=settings.server.send_buffer_bytes)
+              send_buffer_bytes=settings.server.send_buffer_bytes,
+              describe=startup_fields(gateway))
 
 
 @app.command("engine-sim")
@@ -91,7 +85,7 @@ def engine_sim(
         raise typer.BadParameter(str(exc), param_hint="--profile") from exc
     if max_num_seqs is not None and max_num_seqs < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--max-num-seqs")
-    _setup_logging(log_level)
+    configure_logging(log_level)
     sim = create_engine_sim_app(loaded, seed=seed, max_num_seqs=max_num_seqs,
                                 embedding_model=embedding_model, embedding_dim=embedding_dim)
     uvicorn.run(sim, host=host, port=port, log_level=log_level, access_log=False)

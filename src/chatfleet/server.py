@@ -6,6 +6,10 @@ turns /readyz false and answers new requests 503 + Retry-After at once (the endp
 takes the pod out of the Service meanwhile), lets queued and running requests finish for up to
 ``server.drain_timeout_s``, then lets uvicorn shut down, and exits 0. A second SIGTERM, or SIGINT,
 stops at once as uvicorn would.
+
+Once the app has started and the socket listens, one INFO line says where and what: the address
+as bound and the fields the caller describes the gateway with (``app.startup_fields``). uvicorn
+gets no logging configuration of its own: its lines go through the process's (``logs.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+
+from chatfleet.logs import FIELDS
 
 __all__ = ["DrainingServer", "serve_app"]
 
@@ -26,16 +33,26 @@ log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, *, app: FastAPI, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, *, app: FastAPI, drain_timeout_s: float,
+                 describe: Mapping[str, object] | None = None) -> None:
         super().__init__(config)
         self._app = app
         self._drain_timeout_s = drain_timeout_s
+        self._describe = dict(describe or {})
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:  # not after a failed start-up
+            address = listen_url(sockets[0])
+            described = " ".join(f"{k}={v}" for k, v in self._describe.items() if v is not None)
+            log.info("listening on %s; %s", address, described,
+                     extra={FIELDS: {"listen": address, **self._describe}})
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._drain_task is None and self._loop is not None:
@@ -73,20 +90,29 @@ def listening_socket(host: str, port: int, send_buffer_bytes: int | None) -> soc
     return sock
 
 
+def listen_url(sock: socket.socket) -> str:
+    """``http://host:port`` of a listening socket, as bound (``[host]`` for IPv6)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeout_s: float,
               keep_alive_s: float, slow_callback_s: float | None = None,
-              send_buffer_bytes: int | None = None) -> None:
+              send_buffer_bytes: int | None = None,
+              describe: Mapping[str, object] | None = None) -> None:
     """Serve ``app`` until SIGTERM has drained it (or SIGINT). One worker, one event loop.
 
     ``slow_callback_s`` turns on asyncio's debug mode on the stdlib loop (uvloop does not report
     slow callbacks): every callback that holds the loop longer is logged, to find blocking calls.
+    ``describe``: what the start-up line says about the app besides its address (None values are
+    left out of the text).
     """
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=keep_alive_s,
-                            loop="asyncio" if debug else "auto")
-    server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
+                            access_log=False, timeout_graceful_shutdown=5, lifespan="on",
+                            timeout_keep_alive=keep_alive_s, loop="asyncio" if debug else "auto")
+    server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s, describe=describe)
     with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:
         if slow_callback_s is not None:
             runner.get_loop().slow_callback_duration = slow_callback_s

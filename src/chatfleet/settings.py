@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,6 +22,7 @@ __all__ = [
     "EngineSettings",
     "KnowledgeSettings",
     "LimitsSettings",
+    "LogSettings",
     "ServerSettings",
     "Settings",
     "StoreKind",
@@ -94,6 +95,19 @@ class ServerSettings(BaseModel):
     log_level: str = "info"
     slow_callback_s: float | None = Field(None, gt=0)
     """Turn on asyncio debug mode and log every event-loop callback slower than this (diagnostics)."""
+
+
+class LogSettings(BaseModel):
+    """How the gateway logs (the level is ``server.log_level``; docs/operations.md#logs)."""
+
+    format: Literal["text", "json"] = "text"
+    """``text``: one readable line per record. ``json``: one JSON object per line (time, level,
+    logger, message, and an access line's fields as keys) for every log line of the process,
+    uvicorn's included, for a log collector. The chart sets ``json``."""
+    access: bool = True
+    """One access-log line per request at INFO (probes and /metrics scrapes at DEBUG): method,
+    path, status, latency, request id, priority and queue wait; never keys, query strings,
+    bodies or prompt text. Off: no line, and no X-Request-Id on answers that have none."""
 
 
 class LimitsSettings(BaseModel):
@@ -211,6 +225,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     admission: AdmissionSettings = AdmissionSettings()
     server: ServerSettings = ServerSettings()
+    log: LogSettings = LogSettings()
     limits: LimitsSettings = LimitsSettings()
     kb: KnowledgeSettings = KnowledgeSettings()
 

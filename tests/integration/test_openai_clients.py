@@ -30,6 +30,17 @@ def test_models_lists_the_simulated_engine_by_its_honest_name(client: openai.Ope
     assert [m.id for m in client.models.list()] == [MODEL]
 
 
+def test_openai_sdk_retrieves_the_served_model_and_is_told_which_one_for_another(
+        client: openai.OpenAI) -> None:
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "chatfleet")
+    assert model.created == client.models.list().data[0].created
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert info.value.status_code == 404
+    assert "'gpt-4o'" in info.value.message and f"'{MODEL}'" in info.value.message
+
+
 def test_openai_sdk_gets_a_whole_chat_answer(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Say hello"}], max_tokens=12,

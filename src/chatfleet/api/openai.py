@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings.
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models(/{model}),
+/v1/embeddings.
 
 Thin: validate, build a ``CompletionJob``, hand it to the ``CompletionService`` on ``app.state``,
 wrap the result. A client that disconnects while its request waits for a slot or for a non-streamed
@@ -196,11 +197,30 @@ async def completions(
     return await _serve(request, body, "/v1/completions", x_chatfleet_priority, time.perf_counter())
 
 
+def served_model_ids(request: Request) -> tuple[str, ...]:
+    """The model ids this deployment answers to, the served model first: what /v1/models lists
+    and /v1/models/{model} finds."""
+    return (_service(request).model,)
+
+
+def _model_card(request: Request, model_id: str) -> ModelCard:
+    return ModelCard(id=model_id, created=request.app.state.started_at, owned_by="chatfleet")
+
+
 @router.get("/v1/models", response_model=ModelList, summary="The model this deployment serves")
 async def list_models(request: Request) -> ModelList:
-    service = _service(request)
-    return ModelList(data=[ModelCard(id=service.model, created=request.app.state.started_at,
-                                     owned_by="chatfleet")])
+    return ModelList(data=[_model_card(request, m) for m in served_model_ids(request)])
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard,
+            responses={404: {"model": ErrorResponse, "description": "Not a model served here; "
+                                                                    "the message names the one that is"}},
+            summary="One model by id (OpenAI's models.retrieve); ids may contain '/'")
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    served = served_model_ids(request)
+    if model not in served:
+        raise ModelNotFound(model, served[0])
+    return _model_card(request, model)
 
 
 @router.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_EMBEDDING_ERRORS},

@@ -30,6 +30,7 @@ from chatfleet.serving.admission import (
     Priority,
     Waiter,
 )
+from chatfleet.serving.admission_record import AdmissionRecord, current_admission
 from chatfleet.serving.openai_format import (
     Answer,
     ChunkFormatter,
@@ -92,14 +93,18 @@ class _Series:
 
 
 class _Tracker:
-    """Per-request bookkeeping for the latency and token metrics."""
+    """Per-request bookkeeping for the latency and token metrics, and the request's admission
+    record (``serving/admission_record.py``) when its recorder set one."""
 
     __slots__ = ("admitted", "completion_tokens", "granted_at", "job", "last_token_at", "outcome",
-                 "series")
+                 "record", "series")
 
     def __init__(self, job: CompletionJob, series: _Series) -> None:
         self.job = job
         self.series = series
+        self.record: AdmissionRecord | None = current_admission.get()
+        if self.record is not None:
+            self.record.priority = job.priority
         self.outcome = Outcome.CLIENT_DISCONNECTED
         self.last_token_at: float | None = None
         self.completion_tokens = 0
@@ -109,11 +114,16 @@ class _Tracker:
     def granted(self, waiter: Waiter) -> None:
         self.admitted = True
         self.granted_at = time.perf_counter()
-        self.series.queue_wait[waiter.priority].observe(self.granted_at - self.job.queued_at)
+        self._waited(waiter.priority, self.granted_at - self.job.queued_at)
 
     def rejected(self, exc: AdmissionRejected) -> None:
         self.outcome = Outcome(exc.reason)
-        self.series.queue_wait[self.job.priority].observe(time.perf_counter() - self.job.queued_at)
+        self._waited(self.job.priority, time.perf_counter() - self.job.queued_at)
+
+    def _waited(self, priority: Priority, seconds: float) -> None:
+        self.series.queue_wait[priority].observe(seconds)
+        if self.record is not None:
+            self.record.queue_wait_s = seconds
 
     def failed(self, exc: EngineError) -> None:
         refused = isinstance(exc, EngineRequestRejected)
@@ -163,8 +173,12 @@ class CompletionService:
         """
         rejection = self.admission.certain_rejection(priority)
         if rejection is not None:
-            self._series.queue_wait[priority or Priority.INTERACTIVE].observe(0.0)
+            queued_as = priority or Priority.INTERACTIVE
+            self._series.queue_wait[queued_as].observe(0.0)
             self._series.finished(route, Outcome(rejection.reason))
+            record = current_admission.get()
+            if record is not None:
+                record.priority, record.queue_wait_s = queued_as, 0.0
         return rejection
 
     def record_invalid(self, route: str) -> None:
