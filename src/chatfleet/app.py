@@ -32,6 +32,7 @@ from chatfleet.rag.knowledge import KnowledgeService
 from chatfleet.serving.admission import AdmissionController, Priority
 from chatfleet.serving.completions import CompletionService
 from chatfleet.serving.lifecycle import Lifecycle
+from chatfleet.serving.model_names import ModelNames
 from chatfleet.settings import EngineKind, Settings
 from chatfleet.telemetry.metrics import AuthRejection, GatewayMetrics
 
@@ -118,6 +119,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.knowledge = knowledge_service
+    app.state.model_names = ModelNames(served=model, aliases=tuple(settings.engine.model_aliases))
     app.state.started_at = int(time.time())
     app.include_router(openai.router)
     app.include_router(chatchat.router)

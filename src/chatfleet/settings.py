@@ -49,6 +49,11 @@ class EngineSettings(BaseModel):
     --served-model-name). ``simulated``: defaults to ``chatfleet-sim/<profile>``."""
     api_key: SecretStr | None = None
     """Bearer token sent to the upstream, if it needs one. Never logged."""
+    model_aliases: Annotated[list[str], NoDecode] = []
+    """Other model names requests may send for the served model, e.g. the names a Chatchat WebUI's
+    own configuration sends (``qwen:7b``, ``glm4-chat``). ``CHATFLEET_ENGINE__MODEL_ALIASES`` is a
+    comma-separated list; ``*`` accepts any name. Answers always name the served model in their
+    ``model`` field, and /v1/models lists the aliases. Empty (the default): another name gets 404."""
     profile: str = "tiny-cpu"
     """Latency profile of the simulated engine (a file in engines/profiles/)."""
     seed: int = 0
@@ -61,6 +66,15 @@ class EngineSettings(BaseModel):
     """Connection pool size towards the upstream; must exceed engine slots."""
     health_interval_s: float = Field(2.0, gt=0)
     """Seconds between the readiness checks that list the upstream's models."""
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value: Any) -> Any:
+        """A comma-separated string (the environment) or a list; blanks dropped, repeats once."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return items
+        return list(dict.fromkeys(i.strip() for i in items if not isinstance(i, str) or i.strip()))
 
 
 class AdmissionSettings(BaseModel):
@@ -186,6 +200,13 @@ class KnowledgeSettings(BaseModel):
     max_queued_uploads: int = Field(16, ge=0, le=10_000)
     """Upload, update and rebuild requests that may wait for an ingestion slot (two run per
     ingest worker); one more gets 429 with Retry-After."""
+    temp_ttl_s: float = Field(3600.0, gt=0)
+    """File chat (Chatchat's upload_temp_docs): a temporary knowledge base is deleted this long
+    after its upload; a chat with it afterwards gets a clear 404 asking to upload again."""
+    max_temp_kbs: int = Field(100, ge=1, le=100_000)
+    """Temporary knowledge bases kept at once (in the store, so every replica serves them); one
+    more upload deletes the oldest first, as Chatchat's in-memory cache of 10 drops its least
+    recently used."""
     ingest_workers: int = Field(1, ge=1, le=64)
     """Processes that load and split uploaded files, started on the first upload (each imports
     the document loaders: about 100-150 MB). Uploads beyond this many at once wait their turn."""

@@ -63,7 +63,8 @@ def test_local_store_by_default_writes_to_an_emptydir_at_its_data_dir() -> None:
         "CHATFLEET_KB__CHUNK_SIZE": "750", "CHATFLEET_KB__CHUNK_OVERLAP": "150",
         "CHATFLEET_KB__TOP_K": "3", "CHATFLEET_KB__SCORE_THRESHOLD": "2",
         "CHATFLEET_KB__MAX_UPLOAD_BYTES": "67108864", "CHATFLEET_KB__INGEST_WORKERS": "1",
-        "CHATFLEET_KB__MAX_QUEUED_UPLOADS": "16"}, (
+        "CHATFLEET_KB__MAX_QUEUED_UPLOADS": "16", "CHATFLEET_KB__TEMP_TTL_S": "3600",
+        "CHATFLEET_KB__MAX_TEMP_KBS": "100"}, (
         "no embeddings env: BM25-only retrieval")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -158,6 +159,16 @@ def test_the_gateway_accepts_every_kb_variable_the_chart_sets(values: dict[str, 
     assert kb.store.value == env(container)["CHATFLEET_KB__STORE"]
     assert kb.max_upload_bytes == int(env(container)["CHATFLEET_KB__MAX_UPLOAD_BYTES"])
     assert kb.score_threshold == float(env(container)["CHATFLEET_KB__SCORE_THRESHOLD"])
+
+
+def test_model_aliases_reach_the_gateway_as_one_list_it_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "CHATFLEET_ENGINE__MODEL_ALIASES" not in env(gateway(render(SIM)))
+    docs = render({**SIM, "gateway.modelAliases": ["glm4-chat", "qwen:7b"]})
+    value = env(gateway(docs))["CHATFLEET_ENGINE__MODEL_ALIASES"]
+    assert value == "glm4-chat,qwen:7b"
+    monkeypatch.setenv("CHATFLEET_ENGINE__MODEL_ALIASES", value)
+    assert Settings().engine.model_aliases == ["glm4-chat", "qwen:7b"]
 
 
 @pytest.mark.parametrize("binary", ["helm", "helm3"])

@@ -152,7 +152,7 @@ def test_a_missing_knowledge_base_is_code_404_with_http_200(api) -> None:
         api.get("/knowledge_base/list_files", params={"knowledge_base_name": "nope"}),
         api.post("/knowledge_base/delete_knowledge_base", json="nope"),
         api.post("/knowledge_base/update_info", json={"knowledge_base_name": "nope", "kb_info": "x"}),
-        api.post("/chat/kb_chat", json={"query": "hi", "kb_name": "nope"}),
+        api.post("/chat/kb_chat", json={"query": "hi", "kb_name": "nope", "stream": False}),
     ):
         assert response.status_code == 200
         body = response.json()
@@ -251,10 +251,12 @@ def test_return_direct_answers_with_the_references_only(api, kb) -> None:
 
 
 def test_an_unknown_prompt_name_or_mode_is_refused_in_the_envelope(api, kb) -> None:
-    body = api.post("/chat/kb_chat", json={"query": "x", "kb_name": kb, "prompt_name": "nope"}).json()
+    body = api.post("/chat/kb_chat", json={"query": "x", "kb_name": kb, "prompt_name": "nope",
+                                           "stream": False}).json()
     assert body["code"] == 404 and "default" in body["msg"]
-    body = api.post("/chat/kb_chat", json={"query": "x", "kb_name": kb, "mode": "temp_kb"}).json()
-    assert body["code"] == 404 and "local_kb" in body["msg"]
+    body = api.post("/chat/kb_chat", json={"query": "x", "kb_name": kb, "mode": "search_engine",
+                                           "stream": False}).json()
+    assert body["code"] == 404 and "local_kb" in body["msg"] and "temp_kb" in body["msg"]
 
 
 def test_the_openai_sdk_with_the_webuis_base_url_trick_streams_and_completes(gw, kb) -> None:

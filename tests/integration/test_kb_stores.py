@@ -11,6 +11,7 @@ read off the test.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -168,6 +169,16 @@ async def test_put_file_then_list_files_shows_size_chunks_version_and_tools(
     assert (await store.list_files(KB))[0] == record
     kb = await store.get_kb(KB)
     assert kb is not None and kb.file_count == 2
+
+
+async def test_a_file_stored_with_custom_docs_is_listed_as_such_until_it_is_split_again(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    record = await store.put_file(KB, "a.txt", b"x", drafts("mine"), loader="custom docs",
+                                  splitter="custom docs", custom_docs=True)
+    assert record.custom_docs and (await store.list_files(KB))[0].custom_docs
+    await put(store, "a.txt", drafts("split"))
+    assert not (await store.list_files(KB))[0].custom_docs
 
 
 async def test_replacing_a_file_bumps_its_version_and_searches_see_only_the_new_chunks(
@@ -427,6 +438,57 @@ async def started_pgvector(stack: AsyncExitStack, dsn: str, count: int) -> list[
         stack.push_async_callback(instance.aclose)
     await asyncio.gather(*(instance.start() for instance in stores))
     return stores
+
+
+_FILE_TABLE_BEFORE_CUSTOM_DOCS = {
+    "local": ("CREATE TABLE file (kb TEXT NOT NULL REFERENCES kb(name) ON DELETE CASCADE, "
+              "file_name TEXT NOT NULL, content BLOB, size INTEGER NOT NULL, loader TEXT NOT NULL, "
+              "splitter TEXT NOT NULL, version INTEGER NOT NULL, created_at REAL NOT NULL, "
+              "modified_at REAL NOT NULL, PRIMARY KEY (kb, file_name))"),
+    "pgvector": ("CREATE TABLE chatfleet_file (kb text NOT NULL REFERENCES chatfleet_kb (name) "
+                 "ON DELETE CASCADE, file_name text NOT NULL, content bytea NOT NULL, "
+                 "size bigint NOT NULL, loader text NOT NULL, splitter text NOT NULL, "
+                 "version integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), "
+                 "modified_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (kb, file_name))"),
+}
+"""The file table as the first release made it, before ``custom_docs``."""
+
+
+@pytest.mark.parametrize("kind", ["local", "pgvector"])
+async def test_a_store_made_before_custom_docs_is_migrated_at_start_and_keeps_its_files(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """Upgrading the gateway must not lose (or fail to read) the knowledge bases it had."""
+    store = STORES[kind](request)
+    await store.start()
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("kept"))
+    await store.aclose()
+    if kind == "local":
+        db = sqlite3.connect(request.getfixturevalue("tmp_path") / "kb" / "kb.sqlite3")
+        with db:
+            db.execute("PRAGMA foreign_keys = OFF")
+            db.execute("PRAGMA legacy_alter_table = ON")  # the chunks keep referring to "file"
+            db.execute("ALTER TABLE file RENAME TO file_new")
+            db.execute(_FILE_TABLE_BEFORE_CUSTOM_DOCS[kind])
+            db.execute("INSERT INTO file SELECT kb, file_name, content, size, loader, splitter, "
+                       "version, created_at, modified_at FROM file_new")
+            db.execute("DROP TABLE file_new")
+        db.close()
+    else:
+        conn = await asyncpg.connect(request.getfixturevalue("pg_dsn"))
+        await conn.execute("ALTER TABLE chatfleet_file DROP COLUMN custom_docs")
+        await conn.close()
+    store = STORES[kind](request)
+    await store.start()
+    try:
+        assert [(f.file_name, f.custom_docs) for f in await store.list_files(KB)] == [
+            ("a.txt", False)]
+        assert texts(await store.lexical_search(KB, "kept", 5)) == ["kept"]
+        await store.put_file(KB, "b.txt", b"x", drafts("mine"), loader="custom docs",
+                             splitter="custom docs", custom_docs=True)
+        assert [f.custom_docs for f in await store.list_files(KB)] == [False, True]
+    finally:
+        await store.aclose()
 
 
 async def test_pgvector_replicas_starting_together_on_an_empty_database_all_start(

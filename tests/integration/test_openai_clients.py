@@ -152,3 +152,25 @@ def test_unknown_routes_and_methods_answer_in_the_error_envelope(served: Server)
     assert missing.status_code == 404 and "no route" in missing.json()["error"]["message"]
     wrong = httpx.get(served.v1 + "/chat/completions", timeout=5)
     assert wrong.status_code == 405
+
+
+@pytest.mark.parametrize("aliases", ["glm4-chat,qwen:7b", "*"], ids=["named", "any name"])
+def test_a_model_alias_is_served_by_the_served_model_and_answers_say_so(
+        gateway, aliases: str) -> None:
+    server = gateway({"CHATFLEET_ENGINE__MODEL_ALIASES": aliases})
+    with openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0) as aliased:
+        listed = [m.id for m in aliased.models.list()]
+        assert listed == ([MODEL, "glm4-chat", "qwen:7b"] if aliases != "*" else [MODEL])
+        assert aliased.models.retrieve("qwen:7b").id == "qwen:7b"
+        answer = aliased.chat.completions.create(
+            model="qwen:7b", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert answer.model == MODEL and answer.choices[0].message.content
+        streamed = list(aliased.chat.completions.create(
+            model="glm4-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            stream=True))
+        assert {chunk.model for chunk in streamed} == {MODEL}
+        if aliases != "*":
+            with pytest.raises(openai.NotFoundError) as info:
+                aliased.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+            assert f"'{MODEL}'" in info.value.message

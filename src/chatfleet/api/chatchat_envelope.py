@@ -9,17 +9,32 @@ retry logic and the autoscaling story depend on it; the body is still this envel
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
-__all__ = ["CHATCHAT_PREFIXES", "envelope", "is_chatchat_path"]
+__all__ = ["CHATCHAT_PREFIXES", "envelope", "error_data", "is_chatchat_path"]
 
 CHATCHAT_PREFIXES = ("/chat/", "/knowledge_base/", "/server/")
+
+_ERROR_DATA: dict[str, Any] = {
+    "/knowledge_base/list_files": [],
+    "/knowledge_base/upload_temp_docs": {"id": None, "failed_files": []},
+}
+"""``data`` of an error envelope where Chatchat's clients read into it without checking ``code``:
+its WebUI does ``r.get("data", {}).get("id")`` after a temporary upload, so ``null`` there
+crashes the page instead of showing that nothing was uploaded."""
 
 
 def is_chatchat_path(path: str) -> bool:
     return path.startswith(CHATCHAT_PREFIXES)
+
+
+def error_data(path: str) -> Any:
+    """Chatchat's ``data`` on an error answer of the route at ``path``: mostly null."""
+    data = _ERROR_DATA.get(path)
+    return None if data is None else json.loads(json.dumps(data))  # a copy the caller may change
 
 
 def envelope(code: int, msg: str, data: Any = None, *, http_status: int = 200,

@@ -17,10 +17,12 @@ from chatfleet.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatMessageIn,
+    ErrorDetail,
 )
 
 __all__ = ["ChatchatChatRequest", "ChatchatEnvelope", "ChatchatRelayChunk",
-           "ChatchatRelayCompletion", "HistoryMessage", "KbChatChunk", "KbChatCompletion",
+           "ChatchatRelayCompletion", "ChatchatRefusal", "FileChatAnswer", "FileChatEvent",
+           "FileChatRequest", "HistoryMessage", "KbChatChunk", "KbChatCompletion",
            "KbChatOptions", "KbChatRequest", "KbDocument", "KbProgressEvent"]
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -56,6 +58,26 @@ class KbChatRequest(KbChatOptions):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
+class FileChatRequest(BaseModel):
+    """Body of /chat/file_chat: a question about the files of a temporary knowledge base."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: str = Field(min_length=1, examples=["你好"])
+    knowledge_id: str = Field(description="The id /knowledge_base/upload_temp_docs answered")
+    top_k: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        None, description="Chunks put into the prompt; default kb.top_k (3)")
+    score_threshold: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
+        None, description="Default kb.score_threshold (2.0, keeps all)")
+    history: list[HistoryMessage] = Field(default_factory=list)
+    stream: bool = False
+    model_name: str | None = Field(None, description="Chatchat's name for the model field")
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="0 or none: the deployment's limit")
+    prompt_name: str = "default"
+
+
 class ChatchatChatRequest(KbChatOptions):
     """Body of /chat/chat/completions and /knowledge_base/{mode}/{param}/chat/completions:
     OpenAI's chat fields with Chatchat's defaults, plus (KB route) the retrieval fields."""
@@ -88,6 +110,34 @@ class ChatchatEnvelope(BaseModel):
     code: int
     msg: str
     data: Any = None
+
+
+class ChatchatRefusal(ChatchatEnvelope):
+    """One of Chatchat's refusals (unknown model, missing knowledge base ...) where an OpenAI SDK
+    must see it: Chatchat's envelope with OpenAI's ``error`` beside it. The answer of the
+    OpenAI-style routes (under the code as HTTP status), and the one event of a streamed
+    kb_chat or file_chat request's refusal."""
+
+    error: ErrorDetail
+
+
+class FileChatEvent(BaseModel):
+    """One event of a streamed /chat/file_chat answer: a token (``answer``), the references
+    last (``docs``), or a failure (``code`` and ``msg``)."""
+
+    answer: str | None = None
+    docs: list[str] | None = None
+    code: int | None = None
+    msg: str | None = None
+    error_type: str | None = None
+    retry_after: float | None = None
+
+
+class FileChatAnswer(BaseModel):
+    """/chat/file_chat answered whole."""
+
+    answer: str
+    docs: list[str]
 
 
 class ChatchatRelayCompletion(ChatCompletionResponse):

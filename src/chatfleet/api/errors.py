@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatfleet.api.chatchat_envelope import envelope, is_chatchat_path
+from chatfleet.api.chatchat_envelope import envelope, error_data, is_chatchat_path
 from chatfleet.engines.base import EngineError
 from chatfleet.rag.ingest import IngestBusy
 from chatfleet.rag.names import InvalidName
@@ -49,7 +49,7 @@ def error_response(status: int, message: str, *, error_type: str, param: str | N
     """OpenAI's error envelope; on Chatchat's routes (``path``) Chatchat's ``{code, msg, data}``
     with the same HTTP status."""
     if is_chatchat_path(path):
-        return envelope(status, message, http_status=status, headers=headers)
+        return envelope(status, message, error_data(path), http_status=status, headers=headers)
     return JSONResponse(error_body(message, error_type=error_type, code=status, param=param),
                         status_code=status, headers=headers)
 
@@ -84,11 +84,6 @@ def _count_invalid(request: Request) -> None:
     route = request.scope.get("route")
     if service is not None and route is not None and route.path in ROUTES:
         service.record_invalid(route.path)
-
-
-def _empty_data(request: Request) -> list[object] | None:
-    """Chatchat's ``data`` on an error: [] where the route answers a list, else null."""
-    return [] if request.url.path == "/knowledge_base/list_files" else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -126,16 +121,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidName)
     async def _bad_kb_name(request: Request, exc: InvalidName) -> JSONResponse:
-        return envelope(403, str(exc), _empty_data(request))
+        return envelope(403, str(exc), error_data(request.url.path))
 
     @app.exception_handler(KnowledgeBaseNotFound)
     async def _no_kb(request: Request, exc: KnowledgeBaseNotFound) -> JSONResponse:
         return envelope(404, f"未找到知识库 {exc.kb} (knowledge base '{exc.kb}' does not exist; "
-                             "see /knowledge_base/list_knowledge_bases)", _empty_data(request))
+                             "see /knowledge_base/list_knowledge_bases)", error_data(request.url.path))
 
     @app.exception_handler(IngestBusy)
     async def _ingest_busy(request: Request, exc: IngestBusy) -> JSONResponse:
-        return envelope(429, str(exc), http_status=429,
+        return envelope(429, str(exc), error_data(request.url.path), http_status=429,
                         headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(StarletteHTTPException)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from functools import partial
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -31,9 +33,10 @@ from chatfleet.api.responses import (
     sse_content,
 )
 from chatfleet.api.sse import crlf_data_frame
+from chatfleet.rag.custom_docs import CustomDoc, InvalidCustomDocs, parse_custom_docs
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.rag.ingest import IngestBusy, SplitOptions
-from chatfleet.rag.knowledge import KnowledgeService
+from chatfleet.rag.knowledge import FileNotStored, KnowledgeService
 from chatfleet.rag.loaders import EmptyDocument, UnreadableDocument, UnsupportedFileType
 from chatfleet.rag.names import InvalidName, validate_file_name, validate_kb_name
 from chatfleet.rag.stores.base import (
@@ -41,16 +44,25 @@ from chatfleet.rag.stores.base import (
     KnowledgeBaseExists,
     KnowledgeBaseNotFound,
 )
+from chatfleet.rag.temp_kbs import TempKbNotFound, is_temp_kb
 
 __all__ = ["UPLOAD_PATHS", "file_record", "router"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/knowledge_base", tags=["chatchat knowledge base"])
 
-UPLOAD_PATHS = ("/knowledge_base/upload_docs",)
-"""Routes whose bodies carry files: their limit is kb.max_upload_bytes, not limits.max_body_bytes."""
+UPLOAD_PATHS = ("/knowledge_base/upload_docs", "/knowledge_base/update_docs",
+                "/knowledge_base/upload_temp_docs")
+"""Routes whose bodies carry files or a file's chunks: their limit is kb.max_upload_bytes, not
+limits.max_body_bytes."""
+_DOCS_HELP = ("Custom docs: a JSON object (as a string) from file names to lists of documents "
+              '{"page_content", "metadata"}, which become those files\' chunks instead of the '
+              "splitter's; a list whose every document names one of the file's chunks by "
+              "metadata.id edits those chunks in place (empty page_content deletes one). "
+              '"" or "{}": none')
 
-_FILE_REFUSED = (InvalidName, UnsupportedFileType, EmptyDocument, UnreadableDocument)
+_FILE_REFUSED = (InvalidName, UnsupportedFileType, EmptyDocument, UnreadableDocument,
+                 FileNotStored)
 _ENVELOPE = {200: {"model": ChatchatEnvelope,
                    "description": "Chatchat's envelope: the outcome is its code (200, 403, 404 ...)"}}
 _JSON_BODY_ERRORS = chatchat_errors(400, 413, 422)
@@ -72,14 +84,15 @@ def file_record(record: FileRecord, index: int = 0) -> dict[str, Any]:
         "file_version": record.version, "document_loader": record.loader,
         "docs_count": record.chunk_count, "text_splitter": record.splitter,
         "create_time": record.created_at, "in_folder": True, "in_db": record.chunk_count > 0,
-        "file_mtime": record.modified_at, "file_size": record.size_bytes, "custom_docs": False,
+        "file_mtime": record.modified_at, "file_size": record.size_bytes,
+        "custom_docs": record.custom_docs,
     }
 
 
 @router.get("/list_knowledge_bases", summary="List knowledge bases (Chatchat)",
             responses=_ENVELOPE)
 async def list_knowledge_bases(request: Request) -> Response:
-    kbs = await _knowledge(request).store.list_kbs()
+    kbs = [kb for kb in await _knowledge(request).store.list_kbs() if not is_temp_kb(kb.name)]
     return envelope(200, "success", [
         {"id": i + 1, "kb_name": kb.name, "kb_info": kb.info, "vs_type": kb.vector_store,
          "embed_model": kb.embed_model, "file_count": kb.file_count,
@@ -181,31 +194,71 @@ async def search_docs(body: SearchDocs, request: Request) -> Response:
     return Response(json.dumps(docs, ensure_ascii=False), media_type="application/json")
 
 
-async def _ingest_files(request: Request, kb: str, files: list[tuple[str, bytes]],
-                        split: SplitOptions, *, override: bool) -> dict[str, str]:
-    """Ingest each file; the failed ones with their reasons (Chatchat's ``failed_files``)."""
+async def _store_one(request: Request, kb: str, file_name: str,
+                     work: Callable[[], Awaitable[object]]) -> str | None:
+    """Run one file's ingestion; its failure reason (Chatchat's ``failed_files`` entry), if any.
+    Counted in chatfleet_kb_ingest_files_total."""
+    outcome, reason = "ok", None
+    try:
+        await work()
+    except _FILE_REFUSED as exc:
+        outcome, reason = "rejected", str(exc)
+    except EmbeddingError as exc:
+        outcome, reason = "failed", f"the embeddings endpoint failed, nothing was stored: {exc}"
     knowledge = _knowledge(request)
-    metrics = request.app.state.metrics
-    store_kind = knowledge.store.kind
+    request.app.state.metrics.ingest_files_total.labels(knowledge.store.kind, outcome).inc()
+    return reason
+
+
+async def _ingest_files(request: Request, kb: str, files: list[tuple[str, bytes]],
+                        split: SplitOptions, *, override: bool,
+                        custom: dict[str, list[CustomDoc]] | None = None) -> dict[str, str]:
+    """Ingest each file, with the client's own chunks where ``custom`` has some for it; the
+    failed ones with their reasons (Chatchat's ``failed_files``)."""
+    knowledge = _knowledge(request)
+    custom = custom or {}
     existing = set() if override else {f.file_name for f in await knowledge.store.list_files(kb)}
     failed: dict[str, str] = {}
     for file_name, content in files:
-        outcome = "ok"
-        try:
-            if file_name in existing:
-                failed[file_name] = (f"文件 {file_name} 已存在。(a file of that name exists; send "
-                                     "override=true to replace it)")
-                outcome = "rejected"
-            else:
-                await knowledge.ingestor.ingest(kb, file_name, content, split)
-        except _FILE_REFUSED as exc:
-            failed[file_name] = str(exc)
-            outcome = "rejected"
-        except EmbeddingError as exc:
-            failed[file_name] = f"the embeddings endpoint failed, nothing was stored: {exc}"
-            outcome = "failed"
-        metrics.ingest_files_total.labels(store_kind, outcome).inc()
+        if file_name in existing:
+            failed[file_name] = (f"文件 {file_name} 已存在。(a file of that name exists; upload it "
+                                 "with override=true to replace it)")
+            request.app.state.metrics.ingest_files_total.labels(knowledge.store.kind,
+                                                                "rejected").inc()
+            continue
+        docs = custom.get(file_name)
+        reason = await _store_one(request, kb, file_name, (
+            partial(knowledge.ingestor.ingest, kb, file_name, content, split) if docs is None
+            else partial(knowledge.apply_custom_docs, kb, file_name, docs, content=content)))
+        if reason is not None:
+            failed[file_name] = reason
     return failed
+
+
+async def _apply_custom_docs(request: Request, kb: str,
+                             custom: dict[str, list[CustomDoc]]) -> dict[str, str]:
+    """Make each entry the chunks of its stored file; the failed ones with their reasons."""
+    knowledge = _knowledge(request)
+    failed: dict[str, str] = {}
+    for raw_name, docs in custom.items():
+        try:
+            name = validate_file_name(raw_name)
+        except InvalidName as exc:
+            failed[raw_name] = str(exc)
+            continue
+        reason = await _store_one(request, kb, name,
+                                  partial(knowledge.apply_custom_docs, kb, name, docs))
+        if reason is not None:
+            failed[raw_name] = f"为 {raw_name} 添加自定义docs时出错：{reason}"
+    return failed
+
+
+def _custom_docs(docs: str | dict[str, Any]) -> dict[str, list[CustomDoc]] | Response:
+    """The parsed ``docs`` field, or the 422 envelope that says what is wrong with it."""
+    try:
+        return parse_custom_docs(docs)
+    except InvalidCustomDocs as exc:
+        return envelope(422, str(exc))
 
 
 def _split(request: Request, chunk_size: int | None, chunk_overlap: int | None
@@ -230,7 +283,7 @@ async def upload_docs(
     chunk_overlap: Annotated[int | None, Form(description="Default: kb.chunk_overlap"),
                              _OPTIONAL_INT] = None,
     zh_title_enhance: Annotated[bool, Form()] = False,
-    docs: Annotated[str, Form()] = "",
+    docs: Annotated[str, Form(description=_DOCS_HELP)] = "",
     not_refresh_vs_cache: Annotated[bool, Form()] = False,
 ) -> Response:
     kb = validate_kb_name(knowledge_base_name)
@@ -241,11 +294,30 @@ async def upload_docs(
     if len(files) > limit:
         return envelope(422, f"{len(files)} files in one upload; at most {limit} "
                              "(kb.max_files_per_upload): upload them in smaller groups")
-    if docs:
-        return envelope(422, "custom docs are not supported: upload the files themselves")
+    custom = _custom_docs(docs)
+    if isinstance(custom, Response):
+        return custom
     split = _split(request, chunk_size, chunk_overlap)
     if isinstance(split, Response):
         return split
+    named, failed = await _read_uploads(request, files)
+    if to_vector_store:
+        uploaded = {name for name, _ in named}
+        async with knowledge.ingestor.slot():
+            failed |= await _ingest_files(request, kb, named, split, override=override,
+                                          custom=custom)
+            failed |= await _apply_custom_docs(
+                request, kb, {name: d for name, d in custom.items() if name not in uploaded})
+    else:
+        failed |= {name: "to_vector_store=false is not supported: ChatFleet stores a file "
+                         "with its chunks, so it is searchable as soon as it is stored"
+                   for name, _ in named}
+    return envelope(200, "文件上传与向量化完成", {"failed_files": failed})
+
+
+async def _read_uploads(request: Request, files: list[UploadFile]
+                        ) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """The uploaded files as (validated name, bytes), and the refused names with their reasons."""
     named: list[tuple[str, bytes]] = []
     failed: dict[str, str] = {}
     for upload in files:
@@ -254,16 +326,9 @@ async def upload_docs(
             named.append((validate_file_name(raw_name), await upload.read()))
         except InvalidName as exc:
             failed[raw_name] = str(exc)
-            request.app.state.metrics.ingest_files_total.labels(knowledge.store.kind,
+            request.app.state.metrics.ingest_files_total.labels(_knowledge(request).store.kind,
                                                                 "rejected").inc()
-    if to_vector_store:
-        async with knowledge.ingestor.slot():
-            failed |= await _ingest_files(request, kb, named, split, override=override)
-    else:
-        failed |= {name: "to_vector_store=false is not supported: ChatFleet stores a file "
-                         "with its chunks, so it is searchable as soon as it is stored"
-                   for name, _ in named}
-    return envelope(200, "文件上传与向量化完成", {"failed_files": failed})
+    return named, failed
 
 
 class DeleteDocs(BaseModel):
@@ -317,34 +382,48 @@ class UpdateDocs(BaseModel):
     chunk_size: int | None = None
     chunk_overlap: int | None = None
     zh_title_enhance: bool = False
-    override_custom_docs: bool = False
-    docs: str = ""
+    override_custom_docs: bool = Field(False, description="Re-split files whose chunks are "
+                                       "custom docs too (otherwise they keep them)")
+    docs: str | dict[str, Any] = Field("", description=_DOCS_HELP)
     not_refresh_vs_cache: bool = False
 
 
-@router.post("/update_docs", summary="Re-split and re-embed stored files (Chatchat)",
-             responses={**_ENVELOPE, **_INGEST_ERRORS})
+@router.post("/update_docs", summary="Re-split and re-embed stored files, or replace their "
+             "chunks with the client's own (Chatchat)", responses={**_ENVELOPE, **_INGEST_ERRORS})
 async def update_docs(body: UpdateDocs, request: Request) -> Response:
     kb = validate_kb_name(body.knowledge_base_name)
-    if body.docs:
-        return envelope(422, "custom docs are not supported: upload the files themselves")
+    custom = _custom_docs(body.docs)
+    if isinstance(custom, Response):
+        return custom
     split = _split(request, body.chunk_size, body.chunk_overlap)
     if isinstance(split, Response):
         return split
-    store = _knowledge(request).store
+    knowledge = _knowledge(request)
+    store = knowledge.store
     if await store.get_kb(kb) is None:
         raise KnowledgeBaseNotFound(kb)
+    records = {record.file_name: record for record in await store.list_files(kb)}
     files: list[tuple[str, bytes]] = []
+    kept: list[str] = []
     names, failed = _file_names(body.file_names)
     for raw_name, name in names:
-        content = await store.get_file(kb, name)
-        if content is None:
+        record = records.get(name)
+        if name in custom:
+            continue  # its chunks come from docs, below
+        if record is None or (content := await store.get_file(kb, name)) is None:
             failed[raw_name] = f"未找到文件 {name} (no stored file of that name)"
+        elif record.custom_docs and not body.override_custom_docs:
+            kept.append(name)
         else:
             files.append((name, content))
-    async with _knowledge(request).ingestor.slot():
+    async with knowledge.ingestor.slot():
         failed |= await _ingest_files(request, kb, files, split, override=True)
-    return envelope(200, "更新文档完成", {"failed_files": failed})
+        failed |= await _apply_custom_docs(request, kb, custom)
+    msg = "更新文档完成"
+    if kept:
+        msg += (f" (kept the custom docs of {', '.join(kept)}: send override_custom_docs=true "
+                "to re-split them)")
+    return envelope(200, msg, {"failed_files": failed})
 
 
 @router.get("/download_doc", summary="Download a stored file (Chatchat)", responses={
@@ -418,3 +497,67 @@ async def recreate_vector_store(body: RecreateVectorStore, request: Request) -> 
 
     return StreamingResponse(progress(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/upload_temp_docs", summary="Upload files into a temporary knowledge base for file "
+             "chat (Chatchat; multipart); it expires after kb.temp_ttl_s",
+             responses={**_ENVELOPE, **_INGEST_ERRORS})
+async def upload_temp_docs(
+    request: Request,
+    files: Annotated[list[UploadFile], File(
+        min_length=1, description="Files to chat with (txt, md, html, pdf, docx, csv)")],
+    prev_id: Annotated[str | None, Form(description="A temporary knowledge base's id to empty "
+                                        "and reuse, instead of a new one")] = None,
+    chunk_size: Annotated[int | None, Form(description="Default: kb.chunk_size"),
+                          _OPTIONAL_INT] = None,
+    chunk_overlap: Annotated[int | None, Form(description="Default: kb.chunk_overlap"),
+                             _OPTIONAL_INT] = None,
+    zh_title_enhance: Annotated[bool, Form()] = False,
+) -> Response:
+    knowledge = _knowledge(request)
+    limit = knowledge.settings.max_files_per_upload
+    if len(files) > limit:
+        return envelope(422, f"{len(files)} files in one upload; at most {limit} "
+                             "(kb.max_files_per_upload): upload them in smaller groups",
+                        {"id": None, "failed_files": []})
+    split = _split(request, chunk_size, chunk_overlap)
+    if isinstance(split, Response):
+        return split
+    named, refused = await _read_uploads(request, files)
+    async with knowledge.ingestor.slot():
+        temp_id, kb = await knowledge.temp.create(knowledge.embed_model, prev_id=prev_id)
+        refused |= await _ingest_files(request, kb, named, split, override=True)
+    failed = [{name: reason} for name, reason in refused.items()]
+    if len(refused) == len(files):
+        await knowledge.temp.delete(kb)
+        return envelope(422, "no file could be read, nothing to chat with: see failed_files",
+                        {"id": None, "failed_files": failed})
+    return envelope(200, "success", {"id": temp_id, "failed_files": failed})
+
+
+class SearchTempDocs(BaseModel):
+    knowledge_id: str = Field(description="The id upload_temp_docs answered")
+    query: str = ""
+    top_k: int = Field(ge=1, le=100)
+    score_threshold: float = Field(ge=0.0, le=2.0)
+
+
+@router.post("/search_temp_docs", summary="Search a temporary knowledge base (Chatchat)",
+             responses={200: {"description": "The chunks found, or an envelope when the "
+                                             "temporary knowledge base expired",
+                              "content": json_content({"type": "array",
+                                                        "items": json_schema(KbDocument)},
+                                                       ChatchatEnvelope)},
+                        **_JSON_BODY_ERRORS})
+async def search_temp_docs(body: SearchTempDocs, request: Request) -> Response:
+    knowledge = _knowledge(request)
+    try:
+        kb = await knowledge.temp.resolve(body.knowledge_id)
+        result = await knowledge.retriever.retrieve(kb, body.query, top_k=body.top_k,
+                                                    score_threshold=body.score_threshold)
+    except TempKbNotFound as exc:
+        return envelope(404, str(exc))
+    except EmbeddingError as exc:
+        return envelope(500, f"the embeddings endpoint failed: {exc}")
+    docs = [_document(hit.chunk, hit.score) for hit in result.chunks]
+    return Response(json.dumps(docs, ensure_ascii=False), media_type="application/json")

@@ -39,6 +39,7 @@ from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import CompletionJob, CompletionService
+from chatfleet.serving.model_names import ModelNames
 from chatfleet.serving.openai_format import new_request_id
 
 __all__ = ["check_limits", "router"]
@@ -136,9 +137,9 @@ def check_limits(request: Request, *, max_tokens: int | None, messages: int) -> 
 
 
 def _check(request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
-    service = _service(request)
-    if body.model != service.model:
-        raise ModelNotFound(body.model, service.model)
+    names: ModelNames = request.app.state.model_names
+    if not names.accepts(body.model):
+        raise ModelNotFound(body.model, names.served)
     check_limits(request, max_tokens=body.output_limit(),
                  messages=len(body.messages) if isinstance(body, ChatCompletionRequest) else 1)
     ignored = body.ignored_fields()
@@ -152,7 +153,7 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     _check(request, body)
     chat = isinstance(body, ChatCompletionRequest)
     generation = GenerationRequest(
-        request_id=new_request_id(chat=chat), model=body.model,
+        request_id=new_request_id(chat=chat), model=_service(request).model,
         messages=tuple(ChatMessage(m.role, m.text()) for m in body.messages) if chat else None,
         prompt=None if chat else body.prompt_text(),
         max_tokens=body.output_limit(), sampling=body.sampling())
@@ -197,19 +198,15 @@ async def completions(
     return await _serve(request, body, "/v1/completions", x_chatfleet_priority, time.perf_counter())
 
 
-def served_model_ids(request: Request) -> tuple[str, ...]:
-    """The model ids this deployment answers to, the served model first: what /v1/models lists
-    and /v1/models/{model} finds."""
-    return (_service(request).model,)
-
-
 def _model_card(request: Request, model_id: str) -> ModelCard:
     return ModelCard(id=model_id, created=request.app.state.started_at, owned_by="chatfleet")
 
 
-@router.get("/v1/models", response_model=ModelList, summary="The model this deployment serves")
+@router.get("/v1/models", response_model=ModelList, summary="The model this deployment serves, "
+            "then its aliases (engine.model_aliases)")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_model_card(request, m) for m in served_model_ids(request)])
+    names: ModelNames = request.app.state.model_names
+    return ModelList(data=[_model_card(request, m) for m in names.listed])
 
 
 @router.get("/v1/models/{model:path}", response_model=ModelCard,
@@ -217,9 +214,9 @@ async def list_models(request: Request) -> ModelList:
                                                                     "the message names the one that is"}},
             summary="One model by id (OpenAI's models.retrieve); ids may contain '/'")
 async def retrieve_model(model: str, request: Request) -> ModelCard:
-    served = served_model_ids(request)
-    if model not in served:
-        raise ModelNotFound(model, served[0])
+    names: ModelNames = request.app.state.model_names
+    if not model or not names.accepts(model):
+        raise ModelNotFound(model, names.served)
     return _model_card(request, model)
 
 

@@ -15,12 +15,13 @@ behind. The pool is started on first use (the worker imports langchain: about a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import Any
 
 from chatfleet.rag.embeddings import Embedder
 from chatfleet.rag.loaders import (
@@ -33,7 +34,10 @@ from chatfleet.rag.loaders import (
 from chatfleet.rag.splitting import SplitResult, split_documents
 from chatfleet.rag.stores.base import ChunkDraft, FileRecord, KnowledgeStore
 
-__all__ = ["IngestBusy", "Ingestor", "SplitOptions"]
+__all__ = ["CUSTOM_DOCS", "IngestBusy", "Ingestor", "SplitOptions"]
+
+CUSTOM_DOCS = "custom docs"
+"""The loader and splitter recorded for a file whose chunks the client wrote (list_files shows it)."""
 
 
 class IngestBusy(Exception):
@@ -133,13 +137,33 @@ class Ingestor:
         loaded, result = await self._in_worker(file_name, content, split)
         if not result.chunks:
             raise EmptyDocument(file_name)
-        texts = [chunk.page_content for chunk in result.chunks]
+        return await self._store(kb, file_name, content,
+                                 [(c.page_content, dict(c.metadata)) for c in result.chunks],
+                                 loader=loaded.loader, splitter=result.splitter)
+
+    async def ingest_custom(self, kb: str, file_name: str, content: bytes,
+                            chunks: Sequence[tuple[str, dict[str, Any]]]) -> FileRecord:
+        """Store one file with the client's own chunks (text, metadata) instead of the
+        splitter's (Chatchat's custom docs); it is recorded as such. Raises
+        ``UnsupportedFileType`` or ``EmptyDocument`` (no chunk has text), ``EmbeddingError`` or
+        ``KnowledgeBaseNotFound``; in each case nothing was stored."""
+        check_extension(file_name)
+        if not chunks:
+            raise EmptyDocument(file_name)
+        return await self._store(kb, file_name, content, chunks, loader=CUSTOM_DOCS,
+                                 splitter=CUSTOM_DOCS, custom_docs=True)
+
+    async def _store(self, kb: str, file_name: str, content: bytes,
+                     chunks: Sequence[tuple[str, dict[str, Any]]], *, loader: str, splitter: str,
+                     custom_docs: bool = False) -> FileRecord:
+        """Embed the chunks (when embeddings are configured) and store the file with them."""
+        texts = [text for text, _ in chunks]
         vectors = await self.embedder.embed_documents(texts) if self.embedder is not None else None
-        drafts = [ChunkDraft(text=text, metadata=dict(chunk.metadata),
+        drafts = [ChunkDraft(text=text, metadata=metadata,
                              embedding=None if vectors is None else vectors[i])
-                  for i, (text, chunk) in enumerate(zip(texts, result.chunks, strict=True))]
-        record = await self.store.put_file(kb, file_name, content, drafts, loader=loaded.loader,
-                                           splitter=result.splitter)
+                  for i, (text, metadata) in enumerate(chunks)]
+        record = await self.store.put_file(kb, file_name, content, drafts, loader=loader,
+                                           splitter=splitter, custom_docs=custom_docs)
         if self._on_chunks is not None:
             self._on_chunks(len(drafts))
         return record

@@ -2,23 +2,36 @@
 
 Built once from ``KnowledgeSettings`` by the app's lifespan and kept on ``app.state.knowledge``;
 the knowledge-base and chat routes only call it. It also rebuilds a KB's chunks from its stored
-files (``recreate``), which is how a KB moves to new split settings or a new embedding model.
+files (``recreate``), which is how a KB moves to new split settings or a new embedding model,
+applies a client's own chunks (``apply_custom_docs``), and keeps the temporary knowledge bases
+of file chat (``temp``), sweeping the expired ones while it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from chatfleet.rag.custom_docs import CustomDoc, chunks_with_custom_docs
 from chatfleet.rag.embeddings import Embedder, EmbeddingError
 from chatfleet.rag.ingest import Ingestor, SplitOptions
 from chatfleet.rag.retrieval import RetrievalMode, Retriever
 from chatfleet.rag.stores.base import FileRecord, KnowledgeStore
 from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import PgVectorStore
+from chatfleet.rag.temp_kbs import TempKnowledgeBases
 from chatfleet.settings import KnowledgeSettings, StoreKind
 
-__all__ = ["KnowledgeService", "RebuildProgress", "build_store"]
+__all__ = ["FileNotStored", "KnowledgeService", "RebuildProgress", "build_store"]
+
+
+class FileNotStored(LookupError):
+    """Custom docs name a file that is neither stored nor in the request."""
+
+    def __init__(self, file_name: str) -> None:
+        super().__init__(f"no stored file named '{file_name}' to take these docs: upload the "
+                         "file in the same request (upload_docs with files and docs)")
 
 
 def build_store(settings: KnowledgeSettings) -> KnowledgeStore:
@@ -60,6 +73,9 @@ class KnowledgeService:
         self.retriever = Retriever(self.store, self.embedder, on_retrieval=on_retrieval)
         self.ingestor = Ingestor(self.store, self.embedder, workers=settings.ingest_workers,
                                  max_waiting=settings.max_queued_uploads, on_chunks=on_chunks)
+        self.temp = TempKnowledgeBases(self.store, ttl_s=settings.temp_ttl_s,
+                                       max_count=settings.max_temp_kbs)
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def mode(self) -> RetrievalMode:
@@ -81,16 +97,34 @@ class KnowledgeService:
         if self.embedder is not None:
             await self.embedder.start()
         await self.store.start()
+        self._sweeper = asyncio.create_task(self.temp.run_sweeper(), name="chatfleet-temp-kbs")
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         self.ingestor.close()
         await self.store.aclose()
         if self.embedder is not None:
             await self.embedder.aclose()
 
+    async def apply_custom_docs(self, kb: str, file_name: str, docs: list[CustomDoc], *,
+                                content: bytes | None = None) -> FileRecord:
+        """Make ``docs`` the chunks of ``file_name`` (``rag/custom_docs.py`` says how), storing
+        ``content`` as its bytes, or keeping the stored ones. Raises ``FileNotStored`` when there
+        are neither, and what ``Ingestor.ingest_custom`` raises; nothing changes then."""
+        if content is None:
+            content = await self.store.get_file(kb, file_name)
+            if content is None:
+                raise FileNotStored(file_name)
+        existing = await self.store.list_chunks(kb, file_name)
+        return await self.ingestor.ingest_custom(kb, file_name, content,
+                                                 chunks_with_custom_docs(existing, docs))
+
     async def recreate(self, kb: str, split: SplitOptions) -> AsyncIterator[RebuildProgress]:
         """Re-load, re-split and re-embed every stored file of ``kb``, one at a time. A file that
-        fails keeps its old chunks and is reported; the others go on."""
+        fails keeps its old chunks and is reported; the others go on. Custom docs are replaced
+        by the splitter's chunks, as Chatchat's rebuild does."""
         files = await self.store.list_files(kb)
         for finished, file in enumerate(files, start=1):
             content = await self.store.get_file(kb, file.file_name)

@@ -7,6 +7,8 @@ empty content carrying ``docs`` (the references); no ``[DONE]``. Every chunk has
 null``, which is what its WebUI shows as the answer. Whole, one ``chat.completion`` object
 (Chatchat's kb_chat sent it JSON-encoded as a string; ChatFleet sends the object, on purpose).
 
+File chat (/chat/file_chat): ``{"answer": token}`` objects, then ``{"docs": [...]}``.
+
 Plain chat (/chat/chat/completions): Chatchat relays the upstream's OpenAI objects with
 ``message_id`` and ``status`` added (checked against a running Chatchat 0.3.1.3), no ``[DONE]``.
 """
@@ -24,8 +26,8 @@ from chatfleet.serving.openai_format import StreamFormatter
 _RELAY_FIELDS = {"message_id": None, "status": None}
 """What Chatchat's plain chat adds to the upstream's OpenAI objects (chat_routes.py)."""
 
-__all__ = ["ChatchatChunkFormatter", "ChatchatRelayFormatter", "chatchat_completion",
-           "chatchat_relay_completion"]
+__all__ = ["ChatchatChunkFormatter", "ChatchatRelayFormatter", "FileChatFormatter",
+           "chatchat_completion", "chatchat_relay_completion"]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -89,6 +91,39 @@ class ChatchatChunkFormatter:
         if retry_after_s is not None:
             more += f',"retry_after":{retry_after_s}'
         return self._chunk(message, more)
+
+
+class FileChatFormatter:
+    """Renders one streamed file-chat answer (Chatchat's /chat/file_chat; implements
+    ``ChunkFormatter``): ``{"answer": <token>}`` per token, then ``{"docs": [...]}`` last, as
+    Chatchat sends them; an error as ``{"code", "msg"}``, what its clients check."""
+
+    __slots__ = ("_docs",)
+
+    def __init__(self, *, docs: list[str]) -> None:
+        self._docs = docs
+
+    def first(self) -> None:
+        return None
+
+    def token(self, text: str) -> str:
+        return _dumps({"answer": text})
+
+    def finish(self, finish_reason: str) -> None:
+        return None
+
+    def usage(self, usage: Usage | None) -> None:
+        return None
+
+    def done(self) -> str:
+        return _dumps({"docs": self._docs})
+
+    def error(self, message: str, *, error_type: str, code: int,
+              retry_after_s: float | None = None) -> str:
+        error: dict[str, Any] = {"code": code, "msg": message, "error_type": error_type}
+        if retry_after_s is not None:
+            error["retry_after"] = retry_after_s
+        return _dumps(error)
 
 
 class ChatchatRelayFormatter(StreamFormatter):

@@ -46,7 +46,7 @@ __all__ = ["HEARTBEAT", "ROUTES", "CompletionJob", "CompletionService"]
 log = logging.getLogger(__name__)
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/chat/chat/completions", "/chat/kb_chat",
-          "/knowledge_base/{mode}/{param}/chat/completions")
+          "/knowledge_base/{mode}/{param}/chat/completions", "/chat/file_chat")
 """The routes whose requests this service serves: the ``route`` label's values."""
 
 HEARTBEAT = object()

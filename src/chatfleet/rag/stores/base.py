@@ -86,6 +86,8 @@ class FileRecord:
     """Unix seconds of the first upload."""
     modified_at: float
     """Unix seconds of the latest upload."""
+    custom_docs: bool = False
+    """Its chunks are the client's own (Chatchat's custom docs), not the splitter's."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,8 +153,9 @@ class KnowledgeStore(Protocol):
         """The original bytes as uploaded, or None. Raises ``KnowledgeBaseNotFound``."""
 
     async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
-                       *, loader: str, splitter: str) -> FileRecord:
-        """Store (or replace, atomically) one file and its chunks. Raises ``KnowledgeBaseNotFound``."""
+                       *, loader: str, splitter: str, custom_docs: bool = False) -> FileRecord:
+        """Store (or replace, atomically) one file and its chunks; ``custom_docs`` records that
+        the chunks are the client's own. Raises ``KnowledgeBaseNotFound``."""
 
     async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
         """Remove a file's chunks (and its bytes unless ``keep_content``). False if it was not

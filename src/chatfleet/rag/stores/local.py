@@ -63,13 +63,25 @@ CREATE TABLE IF NOT EXISTS file (
     kb TEXT NOT NULL REFERENCES kb(name) ON DELETE CASCADE, file_name TEXT NOT NULL,
     content BLOB, size INTEGER NOT NULL, loader TEXT NOT NULL, splitter TEXT NOT NULL,
     version INTEGER NOT NULL, created_at REAL NOT NULL, modified_at REAL NOT NULL,
-    PRIMARY KEY (kb, file_name));
+    custom_docs INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (kb, file_name));
 CREATE TABLE IF NOT EXISTS chunk (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kb TEXT NOT NULL, file_name TEXT NOT NULL,
     seq INTEGER NOT NULL, text TEXT NOT NULL, metadata TEXT NOT NULL, embedding BLOB,
     FOREIGN KEY (kb, file_name) REFERENCES file(kb, file_name) ON DELETE CASCADE);
 CREATE INDEX IF NOT EXISTS chunk_by_file ON chunk (kb, file_name, seq);
 """
+
+_MIGRATIONS = (
+    ("file", "custom_docs", "ALTER TABLE file ADD COLUMN custom_docs INTEGER NOT NULL DEFAULT 0"),
+)
+"""Columns added since the first release: (table, column, the statement that adds it), applied
+at start to a database made before them."""
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    for table, column, statement in _MIGRATIONS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(statement)
 
 
 class _ReadWriteLock:
@@ -208,6 +220,7 @@ class LocalStore:
             self._data_dir.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             db.executescript(_SCHEMA)
+            _migrate(db)
             self._db = db
             self._reader = sqlite3.connect(self._path, check_same_thread=False,
                                            isolation_level=None)
@@ -296,7 +309,7 @@ class LocalStore:
     def _file_records(db: sqlite3.Connection, kb: str,
                       file_name: str | None = None) -> list[FileRecord]:
         query = ("SELECT f.file_name, f.size, f.loader, f.splitter, f.version, f.created_at, "
-                 "f.modified_at, (SELECT count(*) FROM chunk c WHERE c.kb = f.kb AND "
+                 "f.modified_at, f.custom_docs, (SELECT count(*) FROM chunk c WHERE c.kb = f.kb AND "
                  "c.file_name = f.file_name) FROM file f WHERE f.kb = ?")
         params: tuple[str, ...] = (kb,)
         if file_name is not None:
@@ -305,8 +318,9 @@ class LocalStore:
         rows = db.execute(query + " ORDER BY f.file_name", params).fetchall()
         return [FileRecord(kb=kb, file_name=name, size_bytes=size, chunk_count=chunks,
                            loader=loader, splitter=splitter, version=version,
-                           created_at=created, modified_at=modified)
-                for name, size, loader, splitter, version, created, modified, chunks in rows]
+                           created_at=created, modified_at=modified, custom_docs=bool(custom))
+                for name, size, loader, splitter, version, created, modified, custom, chunks
+                in rows]
 
     async def list_files(self, kb: str) -> list[FileRecord]:
         def work(db: sqlite3.Connection) -> list[FileRecord]:
@@ -327,7 +341,7 @@ class LocalStore:
             "SELECT id FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))]
 
     async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
-                       *, loader: str, splitter: str) -> FileRecord:
+                       *, loader: str, splitter: str, custom_docs: bool = False) -> FileRecord:
         dims = {len(c.embedding) for c in chunks if c.embedding is not None}
         if len(dims) > 1:
             raise ValueError(f"chunks of one file have embeddings of different dimensions {dims}")
@@ -346,11 +360,14 @@ class LocalStore:
                 old_ids = self._chunk_ids(kb, file_name)
                 self.db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))
                 self.db.execute(
-                    "INSERT INTO file VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
+                    "INSERT INTO file (kb, file_name, content, size, loader, splitter, version, "
+                    "created_at, modified_at, custom_docs) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
                     "ON CONFLICT (kb, file_name) DO UPDATE SET content = excluded.content, "
                     "size = excluded.size, loader = excluded.loader, splitter = excluded.splitter, "
-                    "version = file.version + 1, modified_at = excluded.modified_at",
-                    (kb, file_name, content, len(content), loader, splitter, now, now))
+                    "version = file.version + 1, modified_at = excluded.modified_at, "
+                    "custom_docs = excluded.custom_docs",
+                    (kb, file_name, content, len(content), loader, splitter, now, now,
+                     int(custom_docs)))
                 for seq, draft in enumerate(chunks):
                     cursor = self.db.execute(
                         "INSERT INTO chunk (kb, file_name, seq, text, metadata, embedding) "

@@ -97,7 +97,9 @@ CREATE TABLE IF NOT EXISTS chatfleet_file (
     version integer NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     modified_at timestamptz NOT NULL DEFAULT now(),
+    custom_docs boolean NOT NULL DEFAULT false,
     PRIMARY KEY (kb, file_name));
+ALTER TABLE chatfleet_file ADD COLUMN IF NOT EXISTS custom_docs boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS chatfleet_chunk (
     id bigserial PRIMARY KEY,
     kb text NOT NULL,
@@ -118,16 +120,18 @@ _KB_COLUMNS = """k.name, k.info, k.vector_store, k.embed_model, k.created_at,
     (SELECT count(*) FROM chatfleet_file f WHERE f.kb = k.name) AS file_count"""
 
 _FILE_COLUMNS = """f.file_name, f.size, f.loader, f.splitter, f.version, f.created_at,
-    f.modified_at,
+    f.modified_at, f.custom_docs,
     (SELECT count(*) FROM chatfleet_chunk c
      WHERE c.kb = f.kb AND c.file_name = f.file_name) AS chunk_count"""
 
 _UPSERT_FILE = """
-INSERT INTO chatfleet_file AS f (kb, file_name, content, size, loader, splitter, version)
-VALUES ($1, $2, $3, $4, $5, $6, 1)
+INSERT INTO chatfleet_file AS f (kb, file_name, content, size, loader, splitter, version,
+                                 custom_docs)
+VALUES ($1, $2, $3, $4, $5, $6, 1, $7)
 ON CONFLICT (kb, file_name) DO UPDATE SET
     content = excluded.content, size = excluded.size, loader = excluded.loader,
-    splitter = excluded.splitter, version = f.version + 1, modified_at = now()
+    splitter = excluded.splitter, version = f.version + 1, modified_at = now(),
+    custom_docs = excluded.custom_docs
 RETURNING f.version, f.created_at, f.modified_at"""
 
 _CHUNK_COLUMNS = ("kb", "file_name", "seq", "text", "metadata", "lexemes", "embedding")
@@ -185,7 +189,7 @@ def _file_record(kb: str, row: asyncpg.Record) -> FileRecord:
                       chunk_count=row["chunk_count"], loader=row["loader"],
                       splitter=row["splitter"], version=row["version"],
                       created_at=row["created_at"].timestamp(),
-                      modified_at=row["modified_at"].timestamp())
+                      modified_at=row["modified_at"].timestamp(), custom_docs=row["custom_docs"])
 
 
 def _stored_chunk(kb: str, row: asyncpg.Record) -> StoredChunk:
@@ -354,7 +358,7 @@ class PgVectorStore:
         return row["content"]
 
     async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
-                       *, loader: str, splitter: str) -> FileRecord:
+                       *, loader: str, splitter: str, custom_docs: bool = False) -> FileRecord:
         """Replace the file's row (version + 1, first ``created_at`` kept) and all its chunks in
         one transaction. Concurrent uploads to one KB take turns (they lock its row), so two
         files with embeddings of different dimensions cannot both get in."""
@@ -368,7 +372,7 @@ class PgVectorStore:
                 if dim is not None:
                     await self._check_kb_dimension(conn, kb, file_name, dim)
                 row = await conn.fetchrow(_UPSERT_FILE, kb, file_name, content, len(content),
-                                          loader, splitter)
+                                          loader, splitter, custom_docs)
                 await conn.execute("DELETE FROM chatfleet_chunk WHERE kb = $1 AND file_name = $2",
                                    kb, file_name)
                 if records:
@@ -386,7 +390,7 @@ class PgVectorStore:
         return FileRecord(kb=kb, file_name=file_name, size_bytes=len(content),
                           chunk_count=len(records), loader=loader, splitter=splitter,
                           version=row["version"], created_at=row["created_at"].timestamp(),
-                          modified_at=row["modified_at"].timestamp())
+                          modified_at=row["modified_at"].timestamp(), custom_docs=custom_docs)
 
     @staticmethod
     async def _check_kb_dimension(conn: asyncpg.Connection, kb: str, file_name: str,

@@ -1,0 +1,89 @@
+"""Temporary knowledge bases (file chat) on a real local store, with a clock the test moves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chatfleet.rag.stores.local import LocalStore
+from chatfleet.rag.temp_kbs import TempKbNotFound, TempKnowledgeBases, is_temp_kb
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[LocalStore]:
+    local = LocalStore(tmp_path)
+    await local.start()
+    yield local
+    await local.aclose()
+
+
+async def _temp(store: LocalStore, clock: Clock, *, ttl_s: float = 60,
+                max_count: int = 10) -> TempKnowledgeBases:
+    # The store stamps created_at with the wall clock: align the test clock with it.
+    probe = await store.create_kb("probe", info="", embed_model="")
+    clock.now = probe.created_at
+    await store.delete_kb("probe")
+    return TempKnowledgeBases(store, ttl_s=ttl_s, max_count=max_count, clock=clock)
+
+
+async def test_a_temporary_kb_is_found_by_its_id_until_it_expires(store: LocalStore) -> None:
+    clock = Clock()
+    temp = await _temp(store, clock, ttl_s=60)
+    temp_id, name = await temp.create("")
+    assert len(temp_id) == 32 and is_temp_kb(name) and name.endswith(temp_id)
+    assert await temp.resolve(temp_id) == name
+    clock.now += 61
+    with pytest.raises(TempKbNotFound, match="expired"):
+        await temp.resolve(temp_id)
+    assert await store.get_kb(name) is None  # deleted on the failed use
+
+
+async def test_the_sweep_deletes_only_expired_ones(store: LocalStore) -> None:
+    clock = Clock()
+    temp = await _temp(store, clock, ttl_s=60)
+    _, old = await temp.create("")
+    await asyncio.sleep(0.05)  # the store stamps creation with the wall clock: set them apart
+    _, fresh = await temp.create("")
+    stamps = [(await store.get_kb(name)).created_at for name in (old, fresh)]  # type: ignore[union-attr]
+    clock.now = sum(stamps) / 2 + 60  # past the old one's time to live, within the fresh one's
+    assert await temp.sweep() == 1
+    assert await store.get_kb(old) is None and await store.get_kb(fresh) is not None
+
+
+async def test_past_the_bound_the_oldest_goes_first(store: LocalStore) -> None:
+    clock = Clock()
+    temp = await _temp(store, clock, max_count=2)
+    first, _ = await temp.create("")
+    second, _ = await temp.create("")
+    third, _ = await temp.create("")
+    with pytest.raises(TempKbNotFound):
+        await temp.resolve(first)
+    assert await temp.resolve(second) and await temp.resolve(third)
+
+
+async def test_prev_id_empties_and_keeps_the_id(store: LocalStore) -> None:
+    clock = Clock()
+    temp = await _temp(store, clock)
+    temp_id, name = await temp.create("")
+    again, again_name = await temp.create("", prev_id=temp_id)
+    assert (again, again_name) == (temp_id, name)
+    unknown, _ = await temp.create("", prev_id="../../etc")
+    assert unknown != "../../etc" and len(unknown) == 32
+
+
+@pytest.mark.parametrize("bad_id", ["", "nope", "A" * 32, "0" * 31, "../" + "0" * 29])
+async def test_an_id_that_is_no_temporary_kb_is_not_found(store: LocalStore, bad_id: str) -> None:
+    temp = await _temp(store, Clock())
+    with pytest.raises(TempKbNotFound, match="upload_temp_docs"):
+        await temp.resolve(bad_id)
