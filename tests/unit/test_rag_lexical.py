@@ -1,4 +1,5 @@
-"""The local store's BM25 index: bm25s's numbers, kept up to date file by file."""
+"""The local store's BM25 index (bm25s's numbers, kept up to date file by file) and the analyzer
+that makes the terms of chunks and questions for both stores."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import bm25s
 import pytest
 
-from chatfleet.rag.lexical import Bm25Index, tokenize
+from chatfleet.rag.lexical import ANALYZER, BM25S_DEFAULTS, Bm25Index, tokenize
 
 WORDS = ["kubernetes", "pod", "replica", "gateway", "queue", "engine", "token", "latency", "vector", "index", "chunk", "file", "answer", "question", "policy", "scale", "cold", "start", "prompt", "cache", "batch", "slot", "drain", "metric"]
 
@@ -68,3 +69,21 @@ def test_tokens_drop_english_stopwords_and_split_chinese_into_characters_and_big
     assert tokenize("The queue is FULL") == ["queue", "full"]
     assert tokenize("知识库") == ["知", "识", "库", "知识", "识库"]
     assert tokenize("pgvector 检索") == ["pgvector", "检", "索", "检索"]
+
+
+def test_questions_lose_their_question_words_and_words_meet_at_their_stems() -> None:
+    assert tokenize("How does scaling work?") == ["scale", "work"]
+    assert tokenize("Which replicas scaled?") == ["replica", "scale"]
+    assert tokenize("检索 works, 知识") == ["检", "索", "检索", "work", "知", "识", "知识"]
+    # bm25s's defaults, the analyzer before: its shorter stopword list, no stems
+    assert BM25S_DEFAULTS.tokenize("How does scaling work?") == ["how", "does", "scaling", "work"]
+
+
+def test_a_chunk_is_indexed_by_its_text_then_its_headings_and_lead_in_labels() -> None:
+    text = "- **Admission**: slots, then the queue.\n- more"
+    headings = {"headings": ["ChatFleet", "What it does"], "source": "README.md"}
+    assert ANALYZER.chunk_terms(text, headings) == [
+        "admiss", "slot", "queue", "chatfleet", "admiss"]
+    assert ANALYZER.chunk_terms(text, {}) == ["admiss", "slot", "queue", "admiss"]
+    assert ANALYZER.chunk_terms(text, {"headings": "not a list"}) == ANALYZER.chunk_terms(text, {})
+    assert BM25S_DEFAULTS.chunk_terms(text, headings) == BM25S_DEFAULTS.tokenize(text)

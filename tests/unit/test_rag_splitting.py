@@ -92,6 +92,31 @@ def test_markdown_is_cut_at_headings_each_chunk_starting_with_its_section_headin
     assert texts[0].startswith("# Guide") and "## Section 0" in texts[0]
 
 
+def test_markdown_chunks_carry_the_headings_in_force_where_they_start() -> None:
+    markdown = ("# Guide\n\nIntro.\n\n## Install\n\n```bash\n# a comment, not a heading\n"
+                + "\n".join(f"echo {i}" for i in range(35, 70)) + "\n```\n\n### Laptop\n\n"
+                + _english(900) + "\n")
+    chunks = split_documents([Document(page_content=markdown, metadata={"source": "g.md"})],
+                             chunk_size=300, chunk_overlap=0, file_name="g.md").chunks
+    def headings_of(marker: str) -> list[list[str]]:
+        return [c.metadata["headings"] for c in chunks if c.page_content.startswith(marker)]
+
+    assert headings_of("# Guide") == [["Guide"]]
+    assert headings_of("# a comment") == [["Guide", "Install"]]  # in a code block: no heading
+    assert headings_of("echo 69") + headings_of("```") == [["Guide", "Install"]] * 2
+    assert headings_of("### Laptop") == [["Guide", "Install", "Laptop"]]
+    assert chunks[-1].metadata == {"source": "g.md", "chunk": len(chunks) - 1,
+                                   "headings": ["Guide", "Install", "Laptop"]}
+
+
+def test_only_markdown_chunks_get_headings() -> None:
+    text = "# Not a heading in a text file\n\n" + _english(1000)
+    for name in ("notes.txt", "preface.md"):
+        document = Document(page_content=text if name.endswith(".txt") else _english(1000))
+        assert all("headings" not in chunk.metadata
+                   for chunk in split_documents([document], file_name=name).chunks)
+
+
 def test_csv_rows_are_never_merged_into_one_chunk() -> None:
     rows = [Document(page_content=f"question: q{i}\nanswer: a{i}", metadata={"row": i})
             for i in range(10)]

@@ -5,7 +5,8 @@ The ingestion pipeline (``rag/ingest.py``) calls ``split_documents`` in a worker
 and OVERLAP_SIZE 150), in characters.
 
 Each Document is split on its own, so a chunk never spans two PDF pages or two CSV rows (rows are
-already small; merging them would mix records in one chunk).
+already small; merging them would mix records in one chunk). A Markdown chunk also gets the headings
+in force where it starts (``rag/markdown.py``), which the lexical index searches with it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 from langchain_core.documents import Document
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
+
+from chatfleet.rag.markdown import HEADINGS, heading_paths
 
 __all__ = ["SENTENCE_SEPARATORS", "SplitResult", "split_documents"]
 
@@ -30,7 +33,9 @@ chunk ends with its sentence's full stop instead of the next chunk starting with
 @dataclass(frozen=True)
 class SplitResult:
     chunks: list[Document]
-    """In file order; each has its Document's metadata plus ``"chunk"``, its index in the file."""
+    """In file order; each has its Document's metadata plus ``"chunk"``, its index in the file,
+    and for Markdown ``"headings"``, the titles of the headings in force where it starts
+    (outermost first; left out before the first heading)."""
     splitter: str
     """The langchain splitter class, e.g. "RecursiveCharacterTextSplitter"."""
 
@@ -43,21 +48,31 @@ def split_documents(documents: Sequence[Document], *, chunk_size: int = 750,
     separators, which keep a heading at the start of its section's chunk); everything else uses
     ``SENTENCE_SEPARATORS``.
     """
-    splitter = _splitter_for(file_name, chunk_size, chunk_overlap)
+    markdown = os.path.splitext(file_name)[1].lower() == ".md"
+    splitter = _splitter(markdown, chunk_size, chunk_overlap)
     chunks: list[Document] = []
     for document in documents:
-        for text in splitter.split_text(document.page_content):
-            if text.strip():
-                chunks.append(Document(page_content=text,
-                                       metadata={**document.metadata, "chunk": len(chunks)}))
+        # For Markdown, create_documents finds each piece's offset in the text (start_index)
+        # searching on from the previous piece's, so a repeated piece is placed where it was cut.
+        pieces = [piece for piece in splitter.create_documents([document.page_content])
+                  if piece.page_content.strip()]
+        paths = (heading_paths(document.page_content,
+                               [piece.metadata["start_index"] for piece in pieces])
+                 if markdown else [[] for _ in pieces])
+        for piece, path in zip(pieces, paths, strict=True):
+            metadata = {**document.metadata, "chunk": len(chunks)}
+            if path:
+                metadata[HEADINGS] = path
+            chunks.append(Document(page_content=piece.page_content, metadata=metadata))
     return SplitResult(chunks=chunks, splitter=type(splitter).__name__)
 
 
-def _splitter_for(file_name: str, chunk_size: int,
-                  chunk_overlap: int) -> RecursiveCharacterTextSplitter:
-    if os.path.splitext(file_name)[1].lower() == ".md":
+def _splitter(markdown: bool, chunk_size: int,
+              chunk_overlap: int) -> RecursiveCharacterTextSplitter:
+    if markdown:
         return RecursiveCharacterTextSplitter.from_language(
-            Language.MARKDOWN, chunk_size=chunk_size, chunk_overlap=chunk_overlap)
+            Language.MARKDOWN, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
+            add_start_index=True)
     return RecursiveCharacterTextSplitter(
         separators=list(SENTENCE_SEPARATORS), keep_separator="end", chunk_size=chunk_size,
         chunk_overlap=chunk_overlap)

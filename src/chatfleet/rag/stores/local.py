@@ -4,9 +4,11 @@ Layout of ``data_dir``: ``kb.sqlite3`` (knowledge bases, files with their origin
 with their embeddings) and nothing else; it is the one source of truth and every change is one
 SQLite transaction, so a crash leaves a KB either before or after an upload. The indexes are kept
 in memory and rebuilt from it at start (``tests`` and docs/benchmarks.md give the time for 20k
-chunks): a ``Bm25Index`` and, once a KB has embeddings, a FAISS inner-product index over unit
-vectors (``IndexIDMap2(IndexFlatIP)``: exact search, and vectors can be read back for
-``distances``). Both are updated in place on every upload or delete, never rebuilt per query.
+chunks): a ``Bm25Index`` of each chunk's terms (``rag/lexical.py``'s analyzer over its text and
+headings; made anew at every start, so a changed analyzer needs no migration) and, once a KB has
+embeddings, a FAISS inner-product index over unit vectors (``IndexIDMap2(IndexFlatIP)``: exact
+search, and vectors can be read back for ``distances``). Both are updated in place on every
+upload or delete, never rebuilt per query.
 
 All SQLite, FAISS and BM25 work runs in worker threads, and three locks keep it apart:
 
@@ -38,7 +40,7 @@ from typing import Any, TypeVar
 import faiss
 import numpy as np
 
-from chatfleet.rag.lexical import Bm25Index, tokenize
+from chatfleet.rag.lexical import ANALYZER, Analyzer, Bm25Index
 from chatfleet.rag.stores.base import (
     ChunkDraft,
     FileRecord,
@@ -172,8 +174,9 @@ def _vector_bytes(embedding: Vector | None) -> bytes | None:
 class LocalStore:
     kind = "local"
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, analyzer: Analyzer = ANALYZER) -> None:
         self._path = data_dir / "kb.sqlite3"
+        self._analyzer = analyzer
         self._data_dir = data_dir
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -233,11 +236,13 @@ class LocalStore:
         rows = self.db.execute(
             "SELECT id, file_name, seq, text, metadata, embedding FROM chunk WHERE kb = ? "
             "ORDER BY id", (kb,))
-        index.add([_Row(row_id=row_id, tokens=tokenize(text),
-                        chunk=StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
-                                          text=text, metadata=json.loads(metadata)),
+        chunks = [(row_id, StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
+                                       text=text, metadata=json.loads(metadata)), embedding)
+                  for row_id, file_name, seq, text, metadata, embedding in rows]
+        index.add([_Row(row_id=row_id, chunk=chunk,
+                        tokens=self._analyzer.chunk_terms(chunk.text, chunk.metadata),
                         vector=None if embedding is None else np.frombuffer(embedding, np.float32))
-                   for row_id, file_name, seq, text, metadata, embedding in rows])
+                   for row_id, chunk, embedding in chunks])
         return index
 
     async def aclose(self) -> None:
@@ -352,7 +357,7 @@ class LocalStore:
                 raise ValueError(
                     f"embeddings of dimension {dims.pop()} cannot join knowledge base '{kb}', "
                     f"whose vectors have dimension {index.vectors.d}: recreate its vector store")
-            tokens = [tokenize(draft.text) for draft in chunks]
+            tokens = [self._analyzer.chunk_terms(draft.text, draft.metadata) for draft in chunks]
             now = time.time()
             rows: list[_Row] = []
             with self.db:
@@ -418,7 +423,7 @@ class LocalStore:
         return await self._search(work)
 
     async def lexical_search(self, kb: str, query: str, k: int) -> list[Hit]:
-        tokens = tokenize(query)
+        tokens = self._analyzer.tokenize(query)
 
         def work() -> list[Hit]:
             index = self._index(kb)

@@ -9,8 +9,9 @@ together do not race; every statement is ``IF NOT EXISTS``):
 
 - ``chatfleet_kb``: one row per KB.
 - ``chatfleet_file``: one row per file, with its original bytes; deleted with its KB.
-- ``chatfleet_chunk``: one row per chunk, deleted with its file; ``lexemes`` holds the text's
-  tokens as ``rag/lexical.py`` makes them, ``tsv`` is generated from those
+- ``chatfleet_chunk``: one row per chunk, deleted with its file; ``lexemes`` holds the chunk's
+  terms as ``rag/lexical.py``'s analyzer makes them (text and headings), ``tsv`` is generated from
+  those
   (``to_tsvector('simple', lexemes)``, GIN-indexed) and ``embedding`` is an untyped, nullable
   ``vector``, so KBs with different embedding models (dimensions) share the table. One file's
   chunks, and one KB's, all have the same dimension (``put_file`` checks it).
@@ -21,16 +22,23 @@ together do not race; every statement is ``IF NOT EXISTS``):
   them instead (exact, and cheap when the belief is right); the chunk table is re-analysed after
   every 1,000 changed rows, not the default 10% of the table, so that a new large KB is soon
   known as one.
+- ``chatfleet_meta``: settings the stored data depends on; ``lexical_analyzer`` names the
+  analyzer that made ``lexemes``. A store started with another analyzer (an upgrade that changed
+  it, or a database older than the table) re-analyzes every chunk's text and headings in
+  ``start()``, under the schema lock, before it serves: replicas starting meanwhile wait for it.
+  A pod of the previous version still running in a rollout stores its uploads' terms the old way;
+  they are searchable again once uploaded anew (or after ``recreate_vector_store``).
 
 Searches:
 
 - Lexical: PostgreSQL full-text search, OR over the query's tokens, ranked by ``ts_rank``
   (``ts_rank_cd``'s cover density took twice as long: p50 23 against 13 ms over 20k chunks).
-  Chunks and queries are tokenized by ``rag/lexical.tokenize``, as in the local store (English
-  stopwords dropped; a run of Chinese characters gives its characters and bigrams, which
-  PostgreSQL's parser would keep as one unsearchable word), then given to the ``simple``
-  configuration, so both sides agree. ``ts_rank`` has no notion of a word's rarity (no IDF),
-  unlike BM25.
+  Chunks and queries are analyzed by ``rag/lexical.py``'s analyzer, as in the local store
+  (English stopwords dropped, Snowball stems; a chunk's headings count too; a run of Chinese
+  characters gives its characters and bigrams, which PostgreSQL's parser would keep as one
+  unsearchable word), then given to the ``simple`` configuration, so both sides agree.
+  ``ts_rank`` has no notion of a word's rarity (no IDF), unlike BM25, and ranks a little worse
+  on the labelled questions of docs/benchmarks.md ("Retrieval quality").
 - Dense: cosine distance (``<=>``) halved into [0, 1]. Connections run with
   ``hnsw.iterative_scan = strict_order``: the index is shared by all KBs of a dimension, and
   without iterative scans the filter on ``kb`` would be applied to the first ``hnsw.ef_search``
@@ -53,7 +61,7 @@ import asyncpg
 import numpy as np
 from pgvector.asyncpg import register_vector
 
-from chatfleet.rag.lexical import tokenize
+from chatfleet.rag.lexical import ANALYZER, Analyzer
 from chatfleet.rag.stores.base import (
     ChunkDraft,
     FileRecord,
@@ -114,7 +122,12 @@ CREATE TABLE IF NOT EXISTS chatfleet_chunk (
     WITH (autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000);
 CREATE INDEX IF NOT EXISTS chatfleet_chunk_tsv ON chatfleet_chunk USING gin (tsv);
 CREATE INDEX IF NOT EXISTS chatfleet_chunk_file ON chatfleet_chunk (kb, file_name, seq);
+CREATE TABLE IF NOT EXISTS chatfleet_meta (key text PRIMARY KEY, value text NOT NULL);
 """
+
+_ANALYZER_KEY = "lexical_analyzer"
+_REANALYZE_BATCH = 1000
+"""Chunks re-analyzed per statement when the analyzer changed."""
 
 _KB_COLUMNS = """k.name, k.info, k.vector_store, k.embed_model, k.created_at,
     (SELECT count(*) FROM chatfleet_file f WHERE f.kb = k.name) AS file_count"""
@@ -211,14 +224,18 @@ def _jsonb_decode(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-def _lexemes(text: str) -> str:
-    return " ".join(tokenize(text))
-
-
-def _chunk_records(kb: str, file_name: str, chunks: Sequence[ChunkDraft]) -> list[tuple[Any, ...]]:
-    """COPY rows for a file's chunks (tokenizing is CPU work: callers run this in a thread)."""
+def _chunk_records(kb: str, file_name: str, chunks: Sequence[ChunkDraft],
+                   analyzer: Analyzer) -> list[tuple[Any, ...]]:
+    """COPY rows for a file's chunks (analyzing is CPU work: callers run this in a thread)."""
     return [(kb, file_name, seq, chunk.text.replace("\x00", ""), chunk.metadata,
-             _lexemes(chunk.text), chunk.embedding) for seq, chunk in enumerate(chunks)]
+             " ".join(analyzer.chunk_terms(chunk.text, chunk.metadata)), chunk.embedding)
+            for seq, chunk in enumerate(chunks)]
+
+
+def _reanalyzed(rows: Sequence[asyncpg.Record], analyzer: Analyzer) -> list[str]:
+    """``lexemes`` of stored chunks (id, text, metadata as JSON text) under ``analyzer``."""
+    return [" ".join(analyzer.chunk_terms(row["text"], json.loads(row["metadata"])))
+            for row in rows]
 
 
 def _dimension(chunks: Sequence[ChunkDraft]) -> int | None:
@@ -243,9 +260,10 @@ class PgVectorStore:
 
     kind = "pgvector"
 
-    def __init__(self, dsn: str, *, pool_size: int = 10) -> None:
+    def __init__(self, dsn: str, *, pool_size: int = 10, analyzer: Analyzer = ANALYZER) -> None:
         self._dsn = dsn
         self._pool_size = pool_size
+        self._analyzer = analyzer
         self._pool_or_none: asyncpg.Pool | None = None
         self._vector_schema = "public"
         self._indexed_dims: set[int] = set()
@@ -268,6 +286,7 @@ class PgVectorStore:
                 await conn.execute("SET LOCAL client_min_messages = warning")  # no "skipping"s
                 await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", _LOCK_NAMESPACE)
                 await conn.execute(_SCHEMA)
+                await self._check_analyzer(conn)
             self._vector_schema = await conn.fetchval(
                 "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
                 "WHERE e.extname = 'vector'")
@@ -276,6 +295,31 @@ class PgVectorStore:
         self._pool_or_none = await asyncpg.create_pool(
             self._dsn, min_size=1, max_size=self._pool_size, init=self._init_connection,
             server_settings={"hnsw.iterative_scan": "strict_order"})
+
+    async def _check_analyzer(self, conn: asyncpg.Connection) -> None:
+        """Re-analyze every chunk when the stored terms were made by another analyzer (see the
+        module's docstring), then record this one. Runs in ``start()``'s locked transaction."""
+        stored = await conn.fetchval("SELECT value FROM chatfleet_meta WHERE key = $1",
+                                     _ANALYZER_KEY)
+        if stored == self._analyzer.name:
+            return
+        after, count = 0, 0
+        while rows := await conn.fetch(
+                "SELECT id, text, metadata::text AS metadata FROM chatfleet_chunk WHERE id > $1 "
+                "ORDER BY id LIMIT $2", after, _REANALYZE_BATCH):
+            lexemes = await asyncio.to_thread(_reanalyzed, rows, self._analyzer)
+            await conn.execute(
+                "UPDATE chatfleet_chunk c SET lexemes = u.lexemes "
+                "FROM unnest($1::bigint[], $2::text[]) AS u (id, lexemes) WHERE c.id = u.id",
+                [row["id"] for row in rows], lexemes)
+            after, count = rows[-1]["id"], count + len(rows)
+        if count:
+            log.info("re-analyzed %d chunks for lexical search (%s, was %s)", count,
+                     self._analyzer.name, stored)
+        await conn.execute(
+            "INSERT INTO chatfleet_meta (key, value) VALUES ($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            _ANALYZER_KEY, self._analyzer.name)
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         await register_vector(conn, schema=self._vector_schema)
@@ -363,7 +407,7 @@ class PgVectorStore:
         one transaction. Concurrent uploads to one KB take turns (they lock its row), so two
         files with embeddings of different dimensions cannot both get in."""
         dim = _dimension(chunks)
-        records = await asyncio.to_thread(_chunk_records, kb, file_name, chunks)
+        records = await asyncio.to_thread(_chunk_records, kb, file_name, chunks, self._analyzer)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 if await conn.fetchval("SELECT true FROM chatfleet_kb WHERE name = $1 "
@@ -450,7 +494,7 @@ class PgVectorStore:
 
     async def lexical_search(self, kb: str, query: str, k: int) -> list[Hit]:
         async with self._pool.acquire() as conn:
-            lexemes = _lexemes(query)
+            lexemes = " ".join(self._analyzer.tokenize(query))
             rows = await conn.fetch(_LEXICAL, kb, lexemes, k) if lexemes else []
             if not rows:
                 await self._require_kb(conn, kb)
