@@ -1,14 +1,24 @@
-"""The ``chatfleet`` command: serve, engine-sim, config, operator, simulate, bench."""
+"""The ``chatfleet`` command: serve, engine-sim, config, operator, simulate, bench, kb.
+
+Every command exits with the codes of chatfleet/exits.py (docs/cli.md), and says on failure what
+happened and what to type next.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import socket
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
+from pydantic_settings import SettingsError
 
+from chatfleet.bench.cli import bench_app
+from chatfleet.exits import EXIT_CODES_HELP, ExitCode, fail
 from chatfleet.logs import configure_logging
 from chatfleet.rag.cli import kb_app
 from chatfleet.settings import Settings, masked_dump
@@ -17,12 +27,13 @@ from chatfleet.sim.cli import simulate_command
 __all__ = ["app"]
 
 app = typer.Typer(name="chatfleet", no_args_is_help=True, add_completion=False,
-                  help="ChatFleet: a chat gateway that owns a measured queue in front of vLLM.")
-err = Console(stderr=True)
+                  help="ChatFleet: a chat gateway that owns a measured queue in front of vLLM.",
+                  epilog=EXIT_CODES_HELP)
 
 
 def _load_settings(**overrides: object) -> Settings:
-    """Settings from the environment, with command-line flags (when given) on top."""
+    """Settings from the environment, with command-line flags (when given) on top; exits 2 with
+    each problem named by its variable when they are not valid."""
     try:
         settings = Settings()
         if overrides:
@@ -34,9 +45,43 @@ def _load_settings(**overrides: object) -> Settings:
                 data[section][key] = value
             settings = Settings.model_validate(data)
     except ValidationError as exc:
-        err.print(f"[red]invalid configuration:[/red]\n{exc}")
-        raise typer.Exit(2) from exc
+        fail(_invalid_configuration(exc), ExitCode.USAGE)
+    except SettingsError as exc:  # a CHATFLEET_<SECTION> variable that is not a JSON object
+        fail(f"invalid configuration, nothing started: {exc}: set each key on its own, e.g. "
+             "CHATFLEET_ENGINE__KIND=openai", ExitCode.USAGE)
     return settings
+
+
+def _invalid_configuration(exc: ValidationError) -> str:
+    """One line per problem: the key and its variable, and pydantic's reason (never the value,
+    which may be a secret)."""
+    lines = ["invalid configuration, nothing started:"]
+    for error in exc.errors(include_url=False, include_input=False):
+        keys = [part for part in error["loc"] if isinstance(part, str)]
+        reason = error["msg"].removeprefix("Value error, ")
+        if keys and "CHATFLEET_" not in reason:  # a model validator's message names its variables
+            reason = f"{'.'.join(keys)} (CHATFLEET_{'__'.join(keys).upper()}): {reason}"
+        lines.append(f"  {reason}")
+    lines.append("Fix the CHATFLEET_* variables (or the flags) named above and run again; the "
+                 "README's Configuration table and src/chatfleet/settings.py list every key.")
+    return "\n".join(lines)
+
+
+def _listen(host: str, port: int, send_buffer_bytes: int | None, *, env_hint: str = "") -> socket.socket:
+    """The listening socket, bound before anything starts; exits 2 saying how to pick another
+    address when this one cannot be used. ``env_hint``: the variables that also set it."""
+    from chatfleet.server import listening_socket
+
+    try:
+        return listening_socket(host, port, send_buffer_bytes)
+    except OSError as exc:
+        also = f" (or {env_hint})" if env_hint else ""
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"cannot listen on {host}:{port}: another process listens there: stop it, or "
+                 f"pick another port with --port {port + 1}{also}", ExitCode.USAGE)
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        fail(f"cannot listen on {host}:{port} ({why}): pick another address with --host and "
+             f"--port{also}", ExitCode.USAGE)
 
 
 @app.command()
@@ -49,12 +94,13 @@ def serve(
     from chatfleet.server import serve_app
 
     settings = _load_settings(**{"server.host": host, "server.port": port})
+    sock = _listen(settings.server.host, settings.server.port, settings.server.send_buffer_bytes,
+                   env_hint="CHATFLEET_SERVER__HOST, CHATFLEET_SERVER__PORT")
     configure_logging(settings.server.log_level, settings.log.format)
     gateway = create_app(settings)
-    serve_app(gateway, host=settings.server.host, port=settings.server.port,
-              log_level=settings.server.log_level, drain_timeout_s=settings.server.drain_timeout_s,
+    serve_app(gateway, sock, log_level=settings.server.log_level,
+              drain_timeout_s=settings.server.drain_timeout_s,
               keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s,
-              send_buffer_bytes=settings.server.send_buffer_bytes,
               describe=startup_fields(gateway))
 
 
@@ -78,6 +124,7 @@ def engine_sim(
 
     from chatfleet.api.engine_sim import create_engine_sim_app
     from chatfleet.engines.engine_model import load_profile
+    from chatfleet.server import listen_url
 
     try:
         loaded = load_profile(profile)
@@ -85,10 +132,16 @@ def engine_sim(
         raise typer.BadParameter(str(exc), param_hint="--profile") from exc
     if max_num_seqs is not None and max_num_seqs < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--max-num-seqs")
+    sock = _listen(host, port, None)
     configure_logging(log_level)
     sim = create_engine_sim_app(loaded, seed=seed, max_num_seqs=max_num_seqs,
                                 embedding_model=embedding_model, embedding_dim=embedding_dim)
-    uvicorn.run(sim, host=host, port=port, log_level=log_level, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(sim, host=host, port=port, log_level=log_level,
+                                           access_log=False))
+    # uvicorn announces the address only of a socket it bound itself.
+    logging.getLogger("chatfleet.engine_sim").info("engine-sim %s listening on %s", loaded.name,
+                                                   listen_url(sock))
+    server.run(sockets=[sock])
 
 
 @app.command()
@@ -129,14 +182,4 @@ def operator(
 
 app.command("simulate")(simulate_command)
 app.add_typer(kb_app, name="kb", help="Manage a running gateway's knowledge bases.")
-
-
-def _mount_bench() -> None:
-    try:
-        from chatfleet.bench.cli import bench_app
-    except ImportError:  # the bench extra (matplotlib, numpy) is not installed
-        return
-    app.add_typer(bench_app, name="bench", help="Load-test an OpenAI-compatible server.")
-
-
-_mount_bench()
+app.add_typer(bench_app, name="bench", help="Load-test an OpenAI-compatible server.")

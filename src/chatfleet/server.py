@@ -27,7 +27,7 @@ from fastapi import FastAPI
 
 from chatfleet.logs import FIELDS
 
-__all__ = ["DrainingServer", "serve_app"]
+__all__ = ["DrainingServer", "listen_url", "listening_socket", "serve_app"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,12 @@ def listen_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeout_s: float,
+def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeout_s: float,
               keep_alive_s: float, slow_callback_s: float | None = None,
-              send_buffer_bytes: int | None = None,
               describe: Mapping[str, object] | None = None) -> None:
-    """Serve ``app`` until SIGTERM has drained it (or SIGINT). One worker, one event loop.
+    """Serve ``app`` on ``sock`` (from ``listening_socket``: the caller binds it first, so an
+    address in use is its error to explain, before anything starts) until SIGTERM has drained it
+    (or SIGINT). One worker, one event loop.
 
     ``slow_callback_s`` turns on asyncio's debug mode on the stdlib loop (uvloop does not report
     slow callbacks): every callback that holds the loop longer is logged, to find blocking calls.
@@ -109,6 +110,7 @@ def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeo
     """
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on",
                             timeout_keep_alive=keep_alive_s, loop="asyncio" if debug else "auto")
@@ -116,4 +118,4 @@ def serve_app(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeo
     with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:
         if slow_callback_s is not None:
             runner.get_loop().slow_callback_duration = slow_callback_s
-        runner.run(server.serve(sockets=[listening_socket(host, port, send_buffer_bytes)]))
+        runner.run(server.serve(sockets=[sock]))

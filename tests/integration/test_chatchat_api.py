@@ -462,7 +462,7 @@ def test_the_kb_command_creates_uploads_lists_searches_and_deletes(gw, tmp_path)
     assert "cli" in kb("list").output
     assert kb("delete", "cli").exit_code == 0
     result = kb("files", "cli")
-    assert result.exit_code == 1 and "未找到知识库 cli" in result.output
+    assert result.exit_code == 1 and "knowledge base 'cli' does not exist" in result.output
 
 
 async def test_a_burst_of_uploads_past_the_bound_gets_429_and_the_rest_are_all_stored(sim) -> None:

@@ -26,6 +26,7 @@ from chatfleet.bench.loadgen import (
 from chatfleet.bench.report import (
     Slo,
     Summary,
+    matplotlib_missing,
     plot_runs,
     summarize,
     summary_table,
@@ -41,6 +42,7 @@ from chatfleet.bench.workload import (
     poisson,
     trace_replay,
 )
+from chatfleet.exits import ExitCode, fail
 
 __all__ = ["bench_app"]
 
@@ -118,6 +120,8 @@ def run_command(
         require_local(url)
     except NonLocalTargetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--url") from exc
+    if plot is not None and (missing := matplotlib_missing()):
+        raise typer.BadParameter(f"{missing}; or leave out --plot", param_hint="--plot")
     workload = _workload(
         concurrency=concurrency,
         ramp=ramp,
@@ -143,6 +147,10 @@ def run_command(
         seed=seed,
     )
     result = run_event_loop(run_load(workload, config, label=label or ""))
+    if result.records and all(record.status is None for record in result.records):
+        errors = sorted({record.error or "no answer" for record in result.records})
+        fail(f"no request reached {url} ({', '.join(errors)}): start the server, or point at it "
+             "with --url", ExitCode.UNREACHABLE)
     summary = summarize(
         result, slo=Slo(ttft_s=slo_ttft_ms / 1000, tpot_s=slo_tpot_ms / 1000), warmup_s=warmup
     )
@@ -171,13 +179,17 @@ def compare_command(
 
 
 def _discover_model(url: str) -> str:
+    """The server's first model; exits 3 when it cannot be reached, 1 when it lists none."""
     try:
         return run_event_loop(discover_model(url))
-    except (httpx.HTTPError, ValueError) as exc:
-        raise typer.BadParameter(
-            f"could not list the models at {url}/models ({exc}); is the server up? Or pass --model.",
-            param_hint="--url",
-        ) from exc
+    except httpx.TransportError as exc:
+        fail(
+            f"cannot reach {url} to list its models ({exc or type(exc).__name__}): start the server "
+            "(`chatfleet serve`, `chatfleet engine-sim` or vLLM), or point at it with --url",
+            ExitCode.UNREACHABLE,
+        )
+    except (httpx.HTTPStatusError, ValueError) as exc:
+        fail(f"could not list the models at {url}/models ({exc}): pass --model MODEL", ExitCode.REFUSED)
 
 
 def _lengths(

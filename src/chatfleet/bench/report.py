@@ -38,6 +38,7 @@ __all__ = [
     "Slo",
     "Summary",
     "cdf_points",
+    "matplotlib_missing",
     "plot_runs",
     "summarize",
     "summary_table",
@@ -220,6 +221,18 @@ def cdf_points(values: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.nda
     """Sorted values and their cumulative fractions, ready for a step plot."""
     data = np.sort(np.asarray(values, dtype=float))
     return data, np.arange(1, data.size + 1) / max(data.size, 1)
+
+
+def matplotlib_missing() -> str | None:
+    """Why plots cannot be drawn in this environment, with the command that fixes it; None when
+    they can. The CLIs ask before a run, not after minutes of it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return (f"plots need matplotlib ({exc}), which ChatFleet's bench extra installs: "
+                "`python3 -m pip install -e '.[bench]'` in a ChatFleet checkout, "
+                "`python3 -m pip install 'chatfleet[bench]'` elsewhere")
+    return None
 
 
 def plot_runs(

@@ -159,7 +159,9 @@ class TraceRow:
 
 
 def load_trace(path: Path) -> list[TraceRow]:
-    """Read a trace CSV with columns arrived_at, num_prefill_tokens, num_decode_tokens (see shared/traces)."""
+    """Read a trace CSV with columns arrived_at, num_prefill_tokens, num_decode_tokens (see shared/traces).
+
+    A file that is not such a CSV raises ValueError naming the line and what it holds."""
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"arrived_at", "num_prefill_tokens", "num_decode_tokens"} - set(reader.fieldnames or ())
@@ -168,10 +170,18 @@ def load_trace(path: Path) -> list[TraceRow]:
                 f"{path}: missing column(s) {', '.join(sorted(missing))}; a trace needs "
                 "arrived_at,num_prefill_tokens,num_decode_tokens"
             )
-        return [
-            TraceRow(float(row["arrived_at"]), int(row["num_prefill_tokens"]), int(row["num_decode_tokens"]))
-            for row in reader
-        ]
+        rows = []
+        for row in reader:
+            try:
+                rows.append(
+                    TraceRow(float(row["arrived_at"]), int(row["num_prefill_tokens"]), int(row["num_decode_tokens"]))
+                )
+            except (TypeError, ValueError) as exc:  # TypeError: a short row's missing fields are None
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: {dict(row)!r} is not a trace row (seconds, then "
+                    "two whole token counts)"
+                ) from exc
+        return rows
 
 
 def trace_replay(

@@ -9,7 +9,6 @@ first (sim/capacity.py). Prints a table, writes a JSON report and optional PNG p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from chatfleet.bench.report import matplotlib_missing
 from chatfleet.bench.workload import load_trace
 from chatfleet.engines.engine_model import load_profile
 from chatfleet.sim.experiment import POLICIES, prepare
@@ -83,7 +83,9 @@ def _plot(results: dict[str, FleetResult], directory: Path, title: str, ttft_slo
 
 
 def simulate_command(
-    trace: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Trace CSV: arrived_at, num_prefill_tokens, num_decode_tokens.")],
+    trace: Annotated[Path, typer.Option(exists=True, dir_okay=False, help=(
+        "Trace CSV: arrived_at, num_prefill_tokens, num_decode_tokens. A 19-minute one: "
+        "examples/traces/azure2023_conv_ramp.csv in a ChatFleet checkout."))],
     speed: Annotated[float, typer.Option(min=0.01, help="Trace time is divided by this.")] = 1.0,
     cold_start: Annotated[float, typer.Option(min=0, help="Seconds from a new pod to ready.")] = 120.0,
     policies: Annotated[str, typer.Option(help=f"Comma-separated, from {', '.join(POLICIES)}.")] = ",".join(POLICIES),
@@ -103,13 +105,20 @@ def simulate_command(
     unknown = sorted(set(chosen) - set(POLICIES))
     if unknown or not chosen:
         raise typer.BadParameter(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
-    if plots is not None and importlib.util.find_spec("matplotlib") is None:
-        raise typer.BadParameter("--plots needs matplotlib: pip install 'chatfleet[bench]'")
+    if plots is not None and (missing := matplotlib_missing()):
+        raise typer.BadParameter(f"{missing}; or leave out --plots", param_hint="--plots")
+    try:
+        rows = load_trace(trace)
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--trace") from exc
     try:
         engine = load_profile(profile)
-        experiment = prepare(load_trace(trace), speed=speed, cold_start_s=cold_start,
-                             profile=engine, hpa_dir=hpa_dir, engine_slots=engine_slots,
-                             duration_s=duration, max_replicas=max_replicas, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    try:
+        experiment = prepare(rows, speed=speed, cold_start_s=cold_start, profile=engine,
+                             hpa_dir=hpa_dir, engine_slots=engine_slots, duration_s=duration,
+                             max_replicas=max_replicas, seed=seed)
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     order = sorted(chosen, key=lambda name: name != "oracle")  # the oracle first: the others' yardstick
