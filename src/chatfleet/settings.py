@@ -194,7 +194,8 @@ class KnowledgeSettings(BaseModel):
     """Default cut on a hit's score (its cosine distance to the question, halved: 0 same
     direction, 1 opposite); hits scoring above it are dropped. Chatchat's default, 2.0, keeps all."""
     max_upload_bytes: int = Field(64 << 20, ge=1024)
-    """Largest upload_docs / update_docs request body; larger gets a clear error, nothing stored."""
+    """Largest upload_docs / upload_temp_docs request body; larger gets a clear error, nothing
+    stored. (update_docs, JSON, has ``limits.max_body_bytes``.)"""
     max_files_per_upload: int = Field(100, ge=1)
     """Most files in one upload_docs request."""
     max_queued_uploads: int = Field(16, ge=0, le=10_000)
@@ -204,9 +205,9 @@ class KnowledgeSettings(BaseModel):
     """File chat (Chatchat's upload_temp_docs): a temporary knowledge base is deleted this long
     after its upload; a chat with it afterwards gets a clear 404 asking to upload again."""
     max_temp_kbs: int = Field(100, ge=1, le=100_000)
-    """Temporary knowledge bases kept at once (in the store, so every replica serves them); one
-    more upload deletes the oldest first, as Chatchat's in-memory cache of 10 drops its least
-    recently used."""
+    """Temporary knowledge bases kept at once (in the store, so every replica serves them); past
+    it, an upload that stored something deletes the oldest by upload time (Chatchat keeps 10 in
+    one process's memory and drops the least recently used)."""
     ingest_workers: int = Field(1, ge=1, le=64)
     """Processes that load and split uploaded files, started on the first upload (each imports
     the document loaders: about 100-150 MB). Uploads beyond this many at once wait their turn."""

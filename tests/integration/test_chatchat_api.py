@@ -495,3 +495,38 @@ async def test_a_burst_of_uploads_past_the_bound_gets_429_and_the_rest_are_all_s
             assert sorted(f["file_name"] for f in files) == sorted(f"f{i}.txt" for i in accepted)
     finally:
         server.proc.terminate()
+
+
+def _temp_upload(api: httpx.Client, **form: str) -> httpx.Response:
+    return api.post("/knowledge_base/upload_temp_docs", data=form,
+                    files=[("files", ("brief.txt", b"The drain lets accepted streams finish."))])
+
+
+def test_a_temporary_upload_with_an_unknown_prev_id_gets_a_new_id(api: httpx.Client) -> None:
+    chosen = "0" * 32
+    answer = _temp_upload(api, prev_id=chosen).json()
+    assert answer["code"] == 200 and answer["data"]["id"] not in (chosen, None)
+
+
+def test_temporary_uploads_reusing_one_prev_id_at_once_all_answer(gw: Server) -> None:
+    with httpx.Client(base_url=gw.url, timeout=30) as api:
+        temp_id = _temp_upload(api).json()["data"]["id"]
+
+    async def reuse() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(
+                "/knowledge_base/upload_temp_docs", data={"prev_id": temp_id},
+                files=[("files", (f"f{i}.txt", b"The drain lets streams finish."))])
+                for i in range(4)))
+
+    answers = asyncio.run(reuse())
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    bodies = [r.json() for r in answers]
+    assert all(b["code"] in (200, 409) and isinstance(b["data"], dict) for b in bodies), bodies
+    assert any(b["code"] == 200 and b["data"]["id"] == temp_id for b in bodies)
+
+
+def test_a_temporary_upload_with_bad_split_options_keeps_data_an_object(api: httpx.Client) -> None:
+    answer = _temp_upload(api, chunk_size="100", chunk_overlap="100").json()
+    assert answer["code"] == 422 and "chunk_overlap" in answer["msg"]
+    assert answer["data"] == {"id": None, "failed_files": []}

@@ -131,25 +131,47 @@ def test_search_finds_the_chunk_that_answers(webui: ChatchatWebUI, kb: str) -> N
     assert "drains" in found[0]["page_content"]
 
 
-def test_editing_a_chunk_and_saving_changes_only_that_chunk(
+def test_editing_chunks_and_saving_changes_only_those_chunks_save_after_save(
         webui: ChatchatWebUI, kb: str, tmp_path: Path) -> None:
     path = tmp_path / "long.txt"
     path.write_text("\n\n".join(f"Paragraph {i}: " + "filler words " * 20 for i in range(6)))
     webui.call("upload_kb_docs", [str(path)], kb, override=True, chunk_size=300,
                chunk_overlap=0)
-    before = webui.op("kb_page_grid", kb=kb, file_name="long.txt")
-    assert len(before) >= 3
-    edited = "Paragraph 1, edited in the WebUI: the gateway owns the queue."
-    saved = webui.op("kb_page_save_changes", kb=kb, file_name="long.txt",
-                     edits={before[1]["id"]: edited})
+    grid = webui.op("kb_page_grid", kb=kb, file_name="long.txt")
+    assert len(grid) >= 4
+    first = "Paragraph 1, edited in the WebUI: the gateway owns the queue."
+    saved = webui.op("kb_page_save_changes", kb=kb, file_name="long.txt", grid=grid,
+                     edits={grid[1]["id"]: first})
     assert saved["toast"] == "更新文档成功"
     assert saved["ret"]["code"] == 200 and saved["ret"]["data"]["failed_files"] == {}
-    after = _grid(webui, kb, "long.txt")
-    assert after == [before[0]["page_content"], edited,
-                     *(row["page_content"] for row in before[2:])]
+    # A second save from the grid as it was first rendered: the ids it holds are still the
+    # file's (an edit keeps every chunk's id), and only the newly edited row is sent.
+    second = "Paragraph 3, edited next, from the same page."
+    saved = webui.op("kb_page_save_changes", kb=kb, file_name="long.txt",
+                     grid=[{**row, "page_content": first} if row["id"] == grid[1]["id"] else row
+                           for row in grid],
+                     edits={grid[3]["id"]: second})
+    assert saved["ret"]["code"] == 200 and saved["ret"]["data"]["failed_files"] == {}
+    after = webui.op("kb_page_grid", kb=kb, file_name="long.txt")
+    assert [row["id"] for row in after] == [row["id"] for row in grid]
+    assert [row["page_content"] for row in after] == [
+        first if i == 1 else second if i == 3 else row["page_content"]
+        for i, row in enumerate(grid)]
     assert _files(webui, kb)["long.txt"]["custom_docs"] is True
     found = webui.call("search_kb_docs", kb, query="edited in the WebUI", top_k=1)
-    assert found[0]["page_content"] == edited
+    assert found[0]["page_content"] == first
+
+
+def test_an_edit_of_a_chunk_that_is_gone_changes_nothing_and_says_why(
+        webui: ChatchatWebUI, kb: str) -> None:
+    grid = webui.op("kb_page_grid", kb=kb, file_name="drain.txt")
+    webui.call("update_kb_docs", kb, ["drain.txt"], override_custom_docs=True)  # new chunk ids
+    listed = [{"page_content": "edited", "type": "Document", "metadata": json.loads(row["metadata"])}
+              for row in grid]
+    ret = webui.call("update_kb_docs", kb, ["drain.txt"], docs={"drain.txt": listed})
+    assert ret["code"] == 200
+    assert "changed since it was listed" in ret["data"]["failed_files"]["drain.txt"]
+    assert "drains" in "".join(_grid(webui, kb, "drain.txt"))
 
 
 def test_readding_to_the_vector_store_keeps_custom_docs_unless_told_to_override(

@@ -27,6 +27,7 @@ from chatfleet.rag.stores.base import (
     KnowledgeBaseExists,
     KnowledgeBaseNotFound,
     KnowledgeStore,
+    StaleChunks,
     StoredChunk,
     Vector,
 )
@@ -179,6 +180,56 @@ async def test_a_file_stored_with_custom_docs_is_listed_as_such_until_it_is_spli
     assert record.custom_docs and (await store.list_files(KB))[0].custom_docs
     await put(store, "a.txt", drafts("split"))
     assert not (await store.list_files(KB))[0].custom_docs
+
+
+async def test_edit_chunks_changes_and_deletes_by_id_and_keeps_every_other_chunk_and_id(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("alpha", "bravo", "charlie", "delta"))
+    before = await store.list_chunks(KB, "a.txt")
+    record = await store.edit_chunks(KB, "a.txt", {
+        before[1].id: ChunkDraft(text="bravo edited zulu", metadata={"n": 1, "edited": True}),
+        before[2].id: None})
+    assert (record.version, record.chunk_count, record.custom_docs) == (2, 3, True)
+    after = await store.list_chunks(KB, "a.txt")
+    assert [(c.id, c.text) for c in after] == [(before[0].id, "alpha"),
+                                               (before[1].id, "bravo edited zulu"),
+                                               (before[3].id, "delta")]
+    assert after[1].metadata == {"n": 1, "edited": True}
+    assert texts(await store.lexical_search(KB, "zulu", 5)) == ["bravo edited zulu"]
+    assert await store.lexical_search(KB, "charlie", 5) == []
+    assert (await store.list_files(KB))[0] == record
+
+
+async def test_edit_chunks_naming_a_chunk_the_file_lacks_changes_nothing(
+        store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="")
+    await put(store, "a.txt", drafts("alpha", "bravo"))
+    await put(store, "b.txt", drafts("other"))
+    (alpha, _) = await store.list_chunks(KB, "a.txt")
+    (other,) = await store.list_chunks(KB, "b.txt")
+    for stale in (other.id, "999999", "not-an-id"):
+        with pytest.raises(StaleChunks) as caught:
+            await store.edit_chunks(KB, "a.txt", {alpha.id: None, stale: None})
+        assert caught.value.chunk_ids == (stale,)
+    assert texts(await store.list_chunks(KB, "a.txt")) == ["alpha", "bravo"]
+    assert [f.version for f in await store.list_files(KB)] == [1, 1]
+    with pytest.raises(KnowledgeBaseNotFound):
+        await store.edit_chunks(MISSING, "a.txt", {alpha.id: None})
+
+
+async def test_edit_chunks_puts_the_new_embedding_in_dense_search(store: KnowledgeStore) -> None:
+    await store.create_kb(KB, info="", embed_model="m")
+    await put(store, "a.txt", drafts("alpha", "bravo", vectors=[axis(0), axis(1)]))
+    alpha, bravo = await store.list_chunks(KB, "a.txt")
+    await store.edit_chunks(KB, "a.txt", {alpha.id: ChunkDraft(text="alpha moved",
+                                                               embedding=axis(2))})
+    assert texts(await store.dense_search(KB, axis(2), 1)) == ["alpha moved"]
+    assert texts(await store.dense_search(KB, axis(1), 1)) == ["bravo"]
+    with pytest.raises(ValueError, match="dimension"):
+        await store.edit_chunks(KB, "a.txt", {bravo.id: ChunkDraft(
+            text="wrong", embedding=np.ones(DIM * 2, dtype=np.float32))})
+    assert texts(await store.list_chunks(KB, "a.txt")) == ["alpha moved", "bravo"]
 
 
 async def test_replacing_a_file_bumps_its_version_and_searches_see_only_the_new_chunks(

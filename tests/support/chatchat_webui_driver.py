@@ -78,15 +78,22 @@ class Driver:
                  "metadata": json.dumps(x["metadata"], ensure_ascii=False)}
                 for i, x in enumerate(docs)]
 
-    def kb_page_save_changes(self, kb: str, file_name: str,
+    def kb_page_save_changes(self, kb: str, file_name: str, grid: list[dict[str, Any]],
                              edits: dict[str, str]) -> dict[str, Any]:
-        """Knowledge-base page, "保存更改" (save changes) after editing cells of the grid:
-        ``edits`` maps a row's id to its new content. The page sends only the changed rows,
-        each with the metadata it listed, and toasts success when the answer is truthy."""
-        rows = self.kb_page_grid(kb, file_name)
-        changed = [{"page_content": edits[row["id"]], "type": row["type"],
-                    "metadata": json.loads(row["metadata"])}
-                   for row in rows if row["id"] in edits and edits[row["id"]] != row["page_content"]]
+        """Knowledge-base page, "保存更改" (save changes) after editing cells of ``grid``, the
+        chunk grid as the page rendered it (``kb_page_grid``), maybe several saves ago:
+        ``edits`` maps a row's id to its new content. On the click the page lists the file's
+        chunks again, looks each grid row up in that listing by id, sends only the rows whose
+        content changed, each with its listed metadata, and toasts success when the answer is
+        truthy."""
+        origin = {x["id"]: x for x in self.api.search_kb_docs(knowledge_base_name=kb,
+                                                              file_name=file_name)}
+        changed = []
+        for row in grid:
+            content = edits.get(row["id"], row["page_content"])
+            if content != origin[row["id"]]["page_content"]:
+                changed.append({"page_content": content, "type": row["type"],
+                                "metadata": json.loads(row["metadata"])})
         ret = self.api.update_kb_docs(knowledge_base_name=kb, file_names=[file_name],
                                       docs={file_name: changed})
         return {"ret": ret, "toast": "更新文档成功" if ret else "更新文档失败"}

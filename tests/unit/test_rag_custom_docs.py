@@ -1,51 +1,45 @@
-"""Chatchat's custom docs: what ``docs`` may be, and the chunks a file ends up with."""
+"""Chatchat's custom docs: what ``docs`` may be, and what they do to a file's chunks."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from chatfleet.rag.custom_docs import (
+    MAX_CUSTOM_DOCS,
+    ChunkEdits,
+    ChunkReplacement,
     CustomDoc,
     InvalidCustomDocs,
-    chunks_with_custom_docs,
     parse_custom_docs,
+    plan_custom_docs,
 )
-from chatfleet.rag.stores.base import StoredChunk
-
-
-def _chunk(chunk_id: str, text: str, seq: int) -> StoredChunk:
-    return StoredChunk(id=chunk_id, kb="kb", file_name="a.md", seq=seq, text=text,
-                       metadata={"chunk": seq})
-
-
-STORED = [_chunk("11", "first", 0), _chunk("12", "second", 1), _chunk("13", "third", 2)]
 
 
 def _doc(text: str, chunk_id: str | None = None, **metadata: object) -> CustomDoc:
     return CustomDoc(text=text, metadata=dict(metadata), chunk_id=chunk_id)
 
 
-@pytest.mark.parametrize(("docs", "expected"), [
+@pytest.mark.parametrize(("docs", "plan"), [
     pytest.param([_doc("SECOND", "12", chunk=1)],
-                 [("first", {"chunk": 0}), ("SECOND", {"chunk": 1}), ("third", {"chunk": 2})],
-                 id="the WebUI's save: one edited chunk replaces only that chunk, in place"),
+                 ChunkEdits(edits={"12": ("SECOND", {"chunk": 1})}),
+                 id="the WebUI's save: the edited chunk by its id, nothing else"),
     pytest.param([_doc("", "12"), _doc("THIRD", "13")],
-                 [("first", {"chunk": 0}), ("THIRD", {})],
+                 ChunkEdits(edits={"12": None, "13": ("THIRD", {})}),
                  id="in an edit, empty text deletes the chunk it names"),
+    pytest.param([_doc("once", "12"), _doc("twice", "12")],
+                 ChunkEdits(edits={"12": ("twice", {})}),
+                 id="the last document naming an id wins"),
     pytest.param([_doc("new one"), _doc("new two", topic="x")],
-                 [("new one", {}), ("new two", {"topic": "x"})],
+                 ChunkReplacement(chunks=[("new one", {}), ("new two", {"topic": "x"})]),
                  id="documents without ids replace the file's chunks (Chatchat's custom docs)"),
-    pytest.param([_doc("edited", "12"), _doc("brand new")],
-                 [("edited", {}), ("brand new", {})],
-                 id="a list mixing ids and new documents is a replacement"),
-    pytest.param([_doc("other file's", "99")], [("other file's", {})],
-                 id="an id that is not this file's chunk makes it a replacement"),
-    pytest.param([_doc("  "), _doc("kept")], [("kept", {})],
+    pytest.param([_doc("  "), _doc("kept")], ChunkReplacement(chunks=[("kept", {})]),
                  id="blank documents of a replacement are dropped"),
+    pytest.param([], ChunkReplacement(chunks=[]), id="no documents: nothing left to store"),
 ])
-def test_custom_docs_give_the_file_these_chunks(docs: list[CustomDoc],
-                                                expected: list[tuple[str, dict]]) -> None:
-    assert chunks_with_custom_docs(STORED, docs) == expected
+def test_custom_docs_plan(docs: list[CustomDoc], plan: ChunkEdits | ChunkReplacement) -> None:
+    assert plan_custom_docs(docs) == plan
 
 
 @pytest.mark.parametrize("raw", ["", "  ", "{}", {}], ids=["empty", "blank", "the WebUI's {}",
@@ -66,9 +60,25 @@ def test_a_documents_store_keys_are_dropped_and_its_id_kept_as_the_chunk_it_edit
     ('{"a.md": "text"}', "docs['a.md']: Input should be a valid list"),
     ('{"a.md": [{"text": "x"}]}', "docs['a.md'][0]['page_content']: Field required"),
     ('{"a.md": [{"page_content": "x", "type": "Image"}]}', "docs['a.md'][0]['type']"),
+    ('{"a.md": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"a.md": [{"page_content": "x", "metadata": {"n": NaN}}]}', "NaN, which is not"),
+    ('{"a.md": [{"page_content": "x", "metadata": {"v": "a\\u0000b"}}]}', "NUL character"),
+    ('{"a.md": [{"page_content": "x", "metadata": {"id": "1"}}, {"page_content": "y"}]}',
+     "either all do (an edit of those chunks) or none does"),
+    (json.dumps({"a.md": [{"page_content": "x"}] * (MAX_CUSTOM_DOCS + 1)}),
+     f"at most {MAX_CUSTOM_DOCS} in one request"),
 ])
-def test_malformed_custom_docs_say_where_and_what_to_send(raw: str, says: str) -> None:
+def test_malformed_custom_docs_say_what_to_fix(raw: str, says: str) -> None:
     with pytest.raises(InvalidCustomDocs) as caught:
         parse_custom_docs(raw)
     assert says in str(caught.value)
-    assert '{"file.md": [{"page_content"' in str(caught.value)
+
+
+def test_a_malformed_shape_is_shown_the_shape_to_send() -> None:
+    with pytest.raises(InvalidCustomDocs, match='send {"file.md": \\[{"page_content"'):
+        parse_custom_docs('{"a.md": [{"text": "x"}]}')
+
+
+def test_metadata_that_is_not_finite_is_refused_when_sent_as_an_object() -> None:
+    with pytest.raises(InvalidCustomDocs, match="not finite"):
+        parse_custom_docs({"a.md": [{"page_content": "x", "metadata": {"n": float("inf")}}]})

@@ -67,6 +67,8 @@ async def test_past_the_bound_the_oldest_goes_first(store: LocalStore) -> None:
     first, _ = await temp.create("")
     second, _ = await temp.create("")
     third, _ = await temp.create("")
+    assert await temp.resolve(first)  # over the bound only until an upload enforces it
+    await temp.enforce_bound()
     with pytest.raises(TempKbNotFound):
         await temp.resolve(first)
     assert await temp.resolve(second) and await temp.resolve(third)
@@ -78,8 +80,9 @@ async def test_prev_id_empties_and_keeps_the_id(store: LocalStore) -> None:
     temp_id, name = await temp.create("")
     again, again_name = await temp.create("", prev_id=temp_id)
     assert (again, again_name) == (temp_id, name)
-    unknown, _ = await temp.create("", prev_id="../../etc")
-    assert unknown != "../../etc" and len(unknown) == 32
+    for chosen in ("../../etc", "0" * 32):  # not a live one: the client cannot choose its id
+        unknown, _ = await temp.create("", prev_id=chosen)
+        assert unknown != chosen and len(unknown) == 32
 
 
 @pytest.mark.parametrize("bad_id", ["", "nope", "A" * 32, "0" * 31, "../" + "0" * 29])
@@ -87,3 +90,41 @@ async def test_an_id_that_is_no_temporary_kb_is_not_found(store: LocalStore, bad
     temp = await _temp(store, Clock())
     with pytest.raises(TempKbNotFound, match="upload_temp_docs"):
         await temp.resolve(bad_id)
+
+
+class FlakyStore:
+    """The local store, whose first listing fails as a store outage would."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self._store = store
+        self.failures = 1
+
+    async def list_kbs(self):  # type: ignore[no-untyped-def]
+        if self.failures:
+            self.failures -= 1
+            raise OSError("store unreachable")
+        return await self._store.list_kbs()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+async def test_the_sweeper_outlives_a_store_outage_and_deletes_expired_ones(
+        store: LocalStore) -> None:
+    clock = Clock()
+    temp = await _temp(store, clock, ttl_s=2)
+    _, name = await temp.create("")
+    flaky = FlakyStore(store)
+    sweeping = TempKnowledgeBases(flaky, ttl_s=2, max_count=10, clock=clock)  # type: ignore[arg-type]
+    clock.now += 3
+    task = asyncio.create_task(sweeping.run_sweeper())
+    try:
+        for _ in range(100):  # it sweeps every TTL/4 (0.5 s here): a bounded wait
+            if await store.get_kb(name) is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.get_kb(name) is None
+        assert flaky.failures == 0 and not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -115,7 +115,7 @@ _OPENAI_STYLE = ("/chat/chat/completions", "/knowledge_base/{mode}/{param}/chat/
 def _refusal(request: Request, code: int, msg: str, *, stream: bool, error_type: str,
              param: str | None = None) -> Response:
     """One of Chatchat's own refusals (unknown model, missing knowledge base ...), in a form the
-    route's clients notice; counted as an invalid request of its route.
+    route's clients notice; a 4xx is counted as an invalid request of its route.
 
     Chatchat answers them with HTTP 200 and the code in its envelope, which an OpenAI SDK cannot
     see: a bare envelope read as a stream is no event, and the SDK ends the stream without a
@@ -125,7 +125,7 @@ def _refusal(request: Request, code: int, msg: str, *, stream: bool, error_type:
     event stream of one event holding the envelope and the ``error`` (``ChatchatRefusal``:
     Chatchat's clients read its ``code`` and ``msg``, an OpenAI SDK raises ``APIError``)."""
     route = getattr(request.scope.get("route"), "path", "")
-    if route in ROUTES:
+    if route in ROUTES and code < 500:  # a 502 (the embeddings endpoint failed) is not invalid
         _service(request).record_invalid(route)
     body = {"code": code, "msg": msg, "data": None,
             **error_body(msg, error_type=error_type, code=code, param=param)}
@@ -262,9 +262,11 @@ async def _retrieve(request: Request, *, mode: str, target: str, query: str, top
         return _refusal(request, 403, str(exc), stream=stream, error_type="invalid_request_error",
                         param="kb_name")
     except KnowledgeBaseNotFound as exc:
-        return _refusal(request, 404, f"未找到知识库 {exc.kb} (knowledge base '{exc.kb}' does not "
-                        "exist; see /knowledge_base/list_knowledge_bases)", stream=stream,
-                        error_type="not_found", param="kb_name")
+        message = (str(TempKbNotFound(target, knowledge.temp.ttl_s)) if mode == "temp_kb"
+                   else f"未找到知识库 {exc.kb} (knowledge base '{exc.kb}' does not exist; see "
+                        "/knowledge_base/list_knowledge_bases)")
+        return _refusal(request, 404, message, stream=stream, error_type="not_found",
+                        param="kb_name")
     except TempKbNotFound as exc:
         return _refusal(request, 404, str(exc), stream=stream, error_type="not_found",
                         param="knowledge_id")

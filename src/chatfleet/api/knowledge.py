@@ -43,6 +43,7 @@ from chatfleet.rag.stores.base import (
     FileRecord,
     KnowledgeBaseExists,
     KnowledgeBaseNotFound,
+    StaleChunks,
 )
 from chatfleet.rag.temp_kbs import TempKbNotFound, is_temp_kb
 
@@ -51,10 +52,9 @@ __all__ = ["UPLOAD_PATHS", "file_record", "router"]
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/knowledge_base", tags=["chatchat knowledge base"])
 
-UPLOAD_PATHS = ("/knowledge_base/upload_docs", "/knowledge_base/update_docs",
-                "/knowledge_base/upload_temp_docs")
-"""Routes whose bodies carry files or a file's chunks: their limit is kb.max_upload_bytes, not
-limits.max_body_bytes."""
+UPLOAD_PATHS = ("/knowledge_base/upload_docs", "/knowledge_base/upload_temp_docs")
+"""Routes whose bodies carry files: their limit is kb.max_upload_bytes, not limits.max_body_bytes.
+update_docs' custom docs are JSON parsed on the event loop: they keep limits.max_body_bytes."""
 _DOCS_HELP = ("Custom docs: a JSON object (as a string) from file names to lists of documents "
               '{"page_content", "metadata"}, which become those files\' chunks instead of the '
               "splitter's; a list whose every document names one of the file's chunks by "
@@ -62,7 +62,7 @@ _DOCS_HELP = ("Custom docs: a JSON object (as a string) from file names to lists
               '"" or "{}": none')
 
 _FILE_REFUSED = (InvalidName, UnsupportedFileType, EmptyDocument, UnreadableDocument,
-                 FileNotStored)
+                 FileNotStored, InvalidCustomDocs, StaleChunks)
 _ENVELOPE = {200: {"model": ChatchatEnvelope,
                    "description": "Chatchat's envelope: the outcome is its code (200, 403, 404 ...)"}}
 _JSON_BODY_ERRORS = chatchat_errors(400, 413, 422)
@@ -520,18 +520,25 @@ async def upload_temp_docs(
         return envelope(422, f"{len(files)} files in one upload; at most {limit} "
                              "(kb.max_files_per_upload): upload them in smaller groups",
                         {"id": None, "failed_files": []})
-    split = _split(request, chunk_size, chunk_overlap)
-    if isinstance(split, Response):
-        return split
+    try:
+        split = knowledge.split_options(chunk_size, chunk_overlap)
+    except ValueError as exc:
+        return envelope(422, str(exc), {"id": None, "failed_files": []})
     named, refused = await _read_uploads(request, files)
     async with knowledge.ingestor.slot():
         temp_id, kb = await knowledge.temp.create(knowledge.embed_model, prev_id=prev_id)
-        refused |= await _ingest_files(request, kb, named, split, override=True)
+        try:
+            refused |= await _ingest_files(request, kb, named, split, override=True)
+        except KnowledgeBaseNotFound:
+            return envelope(409, "the temporary knowledge base was replaced or deleted during "
+                                 "this upload (another upload with the same prev_id?): upload "
+                                 "again", {"id": None, "failed_files": []})
     failed = [{name: reason} for name, reason in refused.items()]
     if len(refused) == len(files):
         await knowledge.temp.delete(kb)
         return envelope(422, "no file could be read, nothing to chat with: see failed_files",
                         {"id": None, "failed_files": failed})
+    await knowledge.temp.enforce_bound()
     return envelope(200, "success", {"id": temp_id, "failed_files": failed})
 
 
@@ -557,6 +564,8 @@ async def search_temp_docs(body: SearchTempDocs, request: Request) -> Response:
                                                     score_threshold=body.score_threshold)
     except TempKbNotFound as exc:
         return envelope(404, str(exc))
+    except KnowledgeBaseNotFound:  # deleted between the lookup and the search
+        return envelope(404, str(TempKbNotFound(body.knowledge_id, knowledge.temp.ttl_s)))
     except EmbeddingError as exc:
         return envelope(500, f"the embeddings endpoint failed: {exc}")
     docs = [_document(hit.chunk, hit.score) for hit in result.chunks]

@@ -7,10 +7,12 @@ edits chunks and presses "save": only the *edited* chunks, each with the metadat
 with, which holds the chunk's ``id`` (ChatFleet's search_docs puts it there).
 
 Chatchat replaces the file's chunks with whatever list it gets, so saving one edited chunk of
-twenty deleted the other nineteen. ChatFleet keeps Chatchat's replace for a list of new chunks,
-and treats a list whose every document names one of the file's chunks by ``metadata.id`` as an
-edit of those chunks: each replaces the chunk it names, in place, and one with empty
-``page_content`` deletes it (Chatchat's own rule in ``update_doc_by_ids``). docs/api.md says so.
+twenty deleted the other nineteen. ChatFleet keeps Chatchat's replacement for a list of new
+documents (``ChunkReplacement``), and reads a list whose documents name the file's chunks by
+``metadata.id`` as an edit of those chunks (``ChunkEdits``): each replaces the chunk it names, in
+place, keeping its id, and one with empty ``page_content`` deletes it (Chatchat's own rule in
+``update_doc_by_ids``); an id the file no longer has refuses the edit (the store's
+``StaleChunks``), never falls back to a replacement. docs/api.md says so.
 """
 
 from __future__ import annotations
@@ -22,14 +24,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from chatfleet.rag.stores.base import StoredChunk
+__all__ = ["MAX_CUSTOM_DOCS", "ChunkEdits", "ChunkReplacement", "CustomDoc", "InvalidCustomDocs",
+           "parse_custom_docs", "plan_custom_docs"]
 
-__all__ = ["CustomDoc", "InvalidCustomDocs", "chunks_with_custom_docs", "parse_custom_docs"]
+MAX_CUSTOM_DOCS = 10_000
+"""Documents one request may carry, over all its files: each is embedded and stored, and a
+request's body is bounded anyway (1 MiB of JSON on update_docs, Starlette's 1 MiB per form field
+on upload_docs), so this caps the work of many tiny ones."""
 
 _SHAPE = ('{"file.md": [{"page_content": "the chunk\'s text", "metadata": {}}]} '
           "(a JSON object from file names to lists of documents)")
 _STORE_KEYS = ("id", "source")
 """Metadata keys the answers add from the store (a chunk's id, its file): not kept as metadata."""
+
+Chunk = tuple[str, dict[str, Any]]
+"""A chunk's text and metadata."""
 
 
 class InvalidCustomDocs(ValueError):
@@ -58,48 +67,81 @@ class CustomDoc:
     """The stored chunk this document edits, from its ``metadata.id``; None for a new chunk."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChunkEdits:
+    """Change these chunks of the stored file, by id: new text and metadata, or None: delete."""
+
+    edits: dict[str, Chunk | None]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChunkReplacement:
+    """These chunks, in order, instead of the file's (blank documents dropped)."""
+
+    chunks: list[Chunk]
+
+
+def _no_constant(name: str) -> float:
+    raise InvalidCustomDocs(f"docs holds {name}, which is not a JSON number: send finite numbers")
+
+
 def parse_custom_docs(raw: str | Mapping[str, Any]) -> dict[str, list[CustomDoc]]:
     """The documents per file name. ``raw`` is the JSON string Chatchat's clients send (``""``
     and ``"{}"``, which its WebUI always sends, mean none) or the object itself. Raises
-    ``InvalidCustomDocs``."""
+    ``InvalidCustomDocs``: not JSON, not that shape, more than ``MAX_CUSTOM_DOCS`` documents, a
+    file that mixes edits and new documents, or metadata PostgreSQL cannot store (NUL, NaN)."""
     if isinstance(raw, str):
         if not raw.strip():
             return {}
         try:
-            raw = json.loads(raw)
+            raw = json.loads(raw, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise InvalidCustomDocs(f"docs is not valid JSON ({exc.msg} at character "
                                     f"{exc.pos}): send {_SHAPE}") from None
+        except RecursionError:
+            raise InvalidCustomDocs(f"docs is nested too deeply: send {_SHAPE}") from None
+    if isinstance(raw, Mapping):
+        count = sum(len(docs) for docs in raw.values() if isinstance(docs, list))
+        if count > MAX_CUSTOM_DOCS:
+            raise InvalidCustomDocs(f"docs holds {count} documents; at most {MAX_CUSTOM_DOCS} "
+                                    "in one request: send them in several")
     try:
         parsed = _DOCS.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = "docs" + "".join(f"[{part!r}]" for part in first["loc"])
         raise InvalidCustomDocs(f"{where}: {first['msg']}; send {_SHAPE}") from None
-    return {name: [_custom_doc(doc) for doc in docs] for name, docs in parsed.items()}
+    out: dict[str, list[CustomDoc]] = {}
+    for name, docs in parsed.items():
+        out[name] = [_custom_doc(name, i, doc) for i, doc in enumerate(docs)]
+        with_ids = sum(doc.chunk_id is not None for doc in out[name])
+        if 0 < with_ids < len(out[name]):
+            raise InvalidCustomDocs(
+                f"docs[{name!r}]: {with_ids} of {len(out[name])} documents name a chunk by "
+                "metadata.id: either all do (an edit of those chunks) or none does (the file's "
+                "new chunks)")
+    return out
 
 
-def _custom_doc(doc: _Document) -> CustomDoc:
+def _custom_doc(name: str, index: int, doc: _Document) -> CustomDoc:
+    try:
+        stored = json.dumps(doc.metadata, allow_nan=False)
+    except ValueError:
+        raise InvalidCustomDocs(f"docs[{name!r}][{index}]['metadata'] holds a number that is not "
+                                "finite (NaN or infinity): send finite numbers") from None
+    if "\\u0000" in stored or "\x00" in doc.page_content:
+        raise InvalidCustomDocs(f"docs[{name!r}][{index}] holds a NUL character: remove it")
     chunk_id = doc.metadata.get("id")
     return CustomDoc(text=doc.page_content,
                      metadata={k: v for k, v in doc.metadata.items() if k not in _STORE_KEYS},
-                     chunk_id=None if chunk_id is None else str(chunk_id))
+                     chunk_id=None if chunk_id is None or isinstance(chunk_id, bool)
+                     else str(chunk_id))
 
 
-def chunks_with_custom_docs(existing: Sequence[StoredChunk],
-                            docs: Sequence[CustomDoc]) -> list[tuple[str, dict[str, Any]]]:
-    """The file's chunks (text, metadata) once ``docs`` are applied: an edit of the named chunks
-    when every document names one of ``existing``, else ``docs`` in their place. Documents whose
-    text is blank are dropped (in an edit, the chunk they name is deleted)."""
-    by_id = {chunk.id: chunk for chunk in existing}
-    if docs and all(doc.chunk_id in by_id for doc in docs):
-        edits = {doc.chunk_id: doc for doc in docs}
-        merged: list[tuple[str, dict[str, Any]]] = []
-        for chunk in existing:
-            edit = edits.get(chunk.id)
-            if edit is None:
-                merged.append((chunk.text, dict(chunk.metadata)))
-            elif edit.text.strip():
-                merged.append((edit.text, edit.metadata))
-        return merged
-    return [(doc.text, doc.metadata) for doc in docs if doc.text.strip()]
+def plan_custom_docs(docs: Sequence[CustomDoc]) -> ChunkEdits | ChunkReplacement:
+    """What ``docs`` do to their file: an edit when they name chunks by id (the last document
+    naming an id wins; blank text deletes it), else a replacement (blank documents dropped)."""
+    if docs and all(doc.chunk_id is not None for doc in docs):
+        return ChunkEdits(edits={doc.chunk_id: (doc.text, doc.metadata) if doc.text.strip()
+                                 else None for doc in docs if doc.chunk_id is not None})
+    return ChunkReplacement(chunks=[(doc.text, doc.metadata) for doc in docs if doc.text.strip()])

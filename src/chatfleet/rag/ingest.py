@@ -15,7 +15,7 @@ behind. The pool is started on first use (the worker imports langchain: about a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -32,12 +32,9 @@ from chatfleet.rag.loaders import (
     load_document,
 )
 from chatfleet.rag.splitting import SplitResult, split_documents
-from chatfleet.rag.stores.base import ChunkDraft, FileRecord, KnowledgeStore
+from chatfleet.rag.stores.base import CUSTOM_DOCS, ChunkDraft, FileRecord, KnowledgeStore
 
-__all__ = ["CUSTOM_DOCS", "IngestBusy", "Ingestor", "SplitOptions"]
-
-CUSTOM_DOCS = "custom docs"
-"""The loader and splitter recorded for a file whose chunks the client wrote (list_files shows it)."""
+__all__ = ["IngestBusy", "Ingestor", "SplitOptions"]
 
 
 class IngestBusy(Exception):
@@ -152,6 +149,24 @@ class Ingestor:
             raise EmptyDocument(file_name)
         return await self._store(kb, file_name, content, chunks, loader=CUSTOM_DOCS,
                                  splitter=CUSTOM_DOCS, custom_docs=True)
+
+    async def edit_custom(self, kb: str, file_name: str,
+                          edits: Mapping[str, tuple[str, dict[str, Any]] | None]) -> FileRecord:
+        """Edit some of a stored file's chunks in place by id (new text and metadata, or None to
+        delete them), embedding the new texts; the other chunks keep their ids. Raises
+        ``StaleChunks``, ``EmbeddingError`` or ``KnowledgeBaseNotFound``; nothing changed then."""
+        changed = {chunk_id: chunk for chunk_id, chunk in edits.items() if chunk is not None}
+        texts = [text for text, _ in changed.values()]
+        vectors = (await self.embedder.embed_documents(texts)
+                   if self.embedder is not None and texts else None)
+        drafts: dict[str, ChunkDraft | None] = {chunk_id: None for chunk_id in edits}
+        for i, (chunk_id, (text, metadata)) in enumerate(changed.items()):
+            drafts[chunk_id] = ChunkDraft(text=text, metadata=metadata,
+                                          embedding=None if vectors is None else vectors[i])
+        record = await self.store.edit_chunks(kb, file_name, drafts)
+        if self._on_chunks is not None:
+            self._on_chunks(len(changed))
+        return record
 
     async def _store(self, kb: str, file_name: str, content: bytes,
                      chunks: Sequence[tuple[str, dict[str, Any]]], *, loader: str, splitter: str,

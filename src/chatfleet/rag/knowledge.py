@@ -13,7 +13,12 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from chatfleet.rag.custom_docs import CustomDoc, chunks_with_custom_docs
+from chatfleet.rag.custom_docs import (
+    ChunkEdits,
+    CustomDoc,
+    InvalidCustomDocs,
+    plan_custom_docs,
+)
 from chatfleet.rag.embeddings import Embedder, EmbeddingError
 from chatfleet.rag.ingest import Ingestor, SplitOptions
 from chatfleet.rag.retrieval import RetrievalMode, Retriever
@@ -110,16 +115,24 @@ class KnowledgeService:
 
     async def apply_custom_docs(self, kb: str, file_name: str, docs: list[CustomDoc], *,
                                 content: bytes | None = None) -> FileRecord:
-        """Make ``docs`` the chunks of ``file_name`` (``rag/custom_docs.py`` says how), storing
-        ``content`` as its bytes, or keeping the stored ones. Raises ``FileNotStored`` when there
-        are neither, and what ``Ingestor.ingest_custom`` raises; nothing changes then."""
+        """Make ``docs`` the chunks of ``file_name``, or edit its chunks with them
+        (``rag/custom_docs.py`` says which), storing ``content`` as its bytes, or keeping the
+        stored ones. Raises ``FileNotStored`` (no bytes either way), ``InvalidCustomDocs`` (an
+        edit sent with new bytes), ``StaleChunks`` and what the ingestor raises; nothing changes
+        then."""
+        plan = plan_custom_docs(docs)
+        if isinstance(plan, ChunkEdits):
+            if content is not None:
+                raise InvalidCustomDocs(
+                    f"docs[{file_name!r}] edits chunks by metadata.id, but the file is uploaded "
+                    "anew, which would replace them: upload it without docs, then send the "
+                    "edits with update_docs")
+            return await self.ingestor.edit_custom(kb, file_name, plan.edits)
         if content is None:
             content = await self.store.get_file(kb, file_name)
             if content is None:
                 raise FileNotStored(file_name)
-        existing = await self.store.list_chunks(kb, file_name)
-        return await self.ingestor.ingest_custom(kb, file_name, content,
-                                                 chunks_with_custom_docs(existing, docs))
+        return await self.ingestor.ingest_custom(kb, file_name, content, plan.chunks)
 
     async def recreate(self, kb: str, split: SplitOptions) -> AsyncIterator[RebuildProgress]:
         """Re-load, re-split and re-embed every stored file of ``kb``, one at a time. A file that

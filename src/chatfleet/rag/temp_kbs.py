@@ -6,8 +6,9 @@ store like any knowledge base, under a name no client can give (``.temp-<id>``: 
 names may not start with a dot, ``rag/names.py``), so every replica sharing a pgvector store
 serves them; the id a client gets is the 32 hex digits after the prefix. They are hidden from
 listings, expire ``kb.temp_ttl_s`` after their upload (``sweep``, run periodically by the
-knowledge service, and a check on every use), and at most ``kb.max_temp_kbs`` are kept: one
-more upload deletes the oldest first.
+knowledge service, and a check on every use), and at most ``kb.max_temp_kbs`` are kept: past it,
+an upload that stored something deletes the oldest (by upload time, not last use; Chatchat drops
+its least recently used). With API keys on, only key holders can upload at all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from chatfleet.rag.stores.base import KnowledgeBaseNotFound, KnowledgeBaseRecord, KnowledgeStore
+from chatfleet.rag.stores.base import (
+    KnowledgeBaseExists,
+    KnowledgeBaseNotFound,
+    KnowledgeBaseRecord,
+    KnowledgeStore,
+)
 
 __all__ = ["TEMP_PREFIX", "TempKbNotFound", "TempKnowledgeBases", "is_temp_kb"]
 
@@ -38,8 +44,9 @@ class TempKbNotFound(LookupError):
     def __init__(self, temp_id: str, ttl_s: float) -> None:
         super().__init__(
             f"temporary knowledge base '{temp_id[:40]}' does not exist: it expired (they are "
-            f"kept {ttl_s:g} s after their upload, kb.temp_ttl_s) or the id is wrong; upload "
-            "the files again with /knowledge_base/upload_temp_docs and chat with the new id")
+            f"kept {ttl_s:g} s after their upload, kb.temp_ttl_s), it was among the oldest when "
+            "more than kb.max_temp_kbs were uploaded, or the id is wrong; upload the files "
+            "again with /knowledge_base/upload_temp_docs and chat with the new id")
         self.temp_id = temp_id
 
 
@@ -56,16 +63,27 @@ class TempKnowledgeBases:
 
     async def create(self, embed_model: str, *, prev_id: str | None = None) -> tuple[str, str]:
         """A new, empty temporary knowledge base: its id and its store name. With ``prev_id``
-        of one that exists, that one is emptied and its id kept (Chatchat's ``prev_id``)."""
-        if prev_id is not None and _ID.fullmatch(prev_id):
+        of one that exists, that one is emptied and its id kept (Chatchat's ``prev_id``); an
+        id that names none gets a new one, so a client cannot choose its id."""
+        if prev_id is not None and _ID.fullmatch(prev_id) and \
+                await self.store.get_kb(TEMP_PREFIX + prev_id) is not None:
             await self._delete(TEMP_PREFIX + prev_id)
             temp_id = prev_id
         else:
             temp_id = uuid.uuid4().hex
-        await self._evict(keep=self.max_count - 1)
         name = TEMP_PREFIX + temp_id
-        await self.store.create_kb(name, info="temporary (file chat)", embed_model=embed_model)
+        try:
+            await self.store.create_kb(name, info="temporary (file chat)",
+                                       embed_model=embed_model)
+        except KnowledgeBaseExists:
+            pass  # a concurrent upload with the same prev_id recreated it first: share it
         return temp_id, name
+
+    async def enforce_bound(self) -> None:
+        """After an upload: delete the expired ones, then the oldest beyond ``max_count``. Run
+        once the upload stored something, so a failed one never costs anyone theirs."""
+        await self.sweep()
+        await self._evict(keep=self.max_count)
 
     async def resolve(self, temp_id: str) -> str:
         """The store name of a live temporary knowledge base. Raises ``TempKbNotFound``."""

@@ -16,7 +16,7 @@ Rules every implementation keeps (``tests/integration/test_kb_stores.py`` checks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "CUSTOM_DOCS",
     "ChunkDraft",
     "FileRecord",
     "Hit",
@@ -31,10 +32,14 @@ __all__ = [
     "KnowledgeBaseNotFound",
     "KnowledgeBaseRecord",
     "KnowledgeStore",
+    "StaleChunks",
     "StoreError",
     "StoredChunk",
     "Vector",
 ]
+
+CUSTOM_DOCS = "custom docs"
+"""The loader and splitter recorded for a file whose chunks the client wrote (list_files shows it)."""
 
 Vector = npt.NDArray[np.float32]
 """One embedding, unit length (stores compare by inner product = cosine similarity)."""
@@ -48,6 +53,18 @@ class KnowledgeBaseNotFound(StoreError):
     def __init__(self, kb: str) -> None:
         super().__init__(f"knowledge base '{kb}' does not exist")
         self.kb = kb
+
+
+class StaleChunks(StoreError):
+    """An edit names chunks the file does not have (any more): it changed since it was listed."""
+
+    def __init__(self, file_name: str, chunk_ids: Sequence[str]) -> None:
+        shown = ", ".join(sorted(chunk_ids)[:5]) + (" ..." if len(chunk_ids) > 5 else "")
+        super().__init__(f"chunk id(s) {shown} are not chunks of '{file_name}' (it changed since "
+                         "it was listed): list its chunks again and redo the edit; nothing "
+                         "was changed")
+        self.file_name = file_name
+        self.chunk_ids = tuple(chunk_ids)
 
 
 class KnowledgeBaseExists(StoreError):
@@ -156,6 +173,14 @@ class KnowledgeStore(Protocol):
                        *, loader: str, splitter: str, custom_docs: bool = False) -> FileRecord:
         """Store (or replace, atomically) one file and its chunks; ``custom_docs`` records that
         the chunks are the client's own. Raises ``KnowledgeBaseNotFound``."""
+
+    async def edit_chunks(self, kb: str, file_name: str,
+                          edits: Mapping[str, ChunkDraft | None]) -> FileRecord:
+        """Change some of a stored file's chunks in place, atomically: each id in ``edits`` gets
+        the draft's text, metadata and embedding, or is deleted (None); the other chunks and
+        every id stay as they were. The file is recorded as custom docs, its version + 1.
+        Raises ``StaleChunks`` (nothing changed) when an id is not a chunk of that file, and
+        ``KnowledgeBaseNotFound``."""
 
     async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
         """Remove a file's chunks (and its bytes unless ``keep_content``). False if it was not

@@ -31,7 +31,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +42,14 @@ import numpy as np
 
 from chatfleet.rag.lexical import ANALYZER, Analyzer, Bm25Index
 from chatfleet.rag.stores.base import (
+    CUSTOM_DOCS,
     ChunkDraft,
     FileRecord,
     Hit,
     KnowledgeBaseExists,
     KnowledgeBaseNotFound,
     KnowledgeBaseRecord,
+    StaleChunks,
     StoredChunk,
     Vector,
 )
@@ -390,6 +392,50 @@ class LocalStore:
             # Committed: the indexes follow, in one step no search sees half of.
             with self._indexes_lock.writing():
                 index.remove(old_ids)
+                index.add(rows)
+            return self._file_records(self.db, kb, file_name)[0]
+        return await self._write(work)
+
+    async def edit_chunks(self, kb: str, file_name: str,
+                          edits: Mapping[str, ChunkDraft | None]) -> FileRecord:
+        def work() -> FileRecord:
+            index = self._index(kb)
+            dims = {len(d.embedding) for d in edits.values()
+                    if d is not None and d.embedding is not None}
+            if dims and index.vectors is not None and index.vectors.d not in dims:
+                raise ValueError(
+                    f"embeddings of dimension {dims.pop()} cannot join knowledge base '{kb}', "
+                    f"whose vectors have dimension {index.vectors.d}: recreate its vector store")
+            rows: list[_Row] = []
+            with self.db:
+                self.db.execute("BEGIN")
+                seqs = dict(self.db.execute(
+                    "SELECT id, seq FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name)))
+                stale = [i for i in edits if not i.isdigit() or int(i) not in seqs]
+                if stale:
+                    raise StaleChunks(file_name, stale)
+                for chunk_id, draft in edits.items():
+                    if draft is None:
+                        self.db.execute("DELETE FROM chunk WHERE id = ?", (int(chunk_id),))
+                        continue
+                    self.db.execute(
+                        "UPDATE chunk SET text = ?, metadata = ?, embedding = ? WHERE id = ?",
+                        (draft.text, json.dumps(draft.metadata), _vector_bytes(draft.embedding),
+                         int(chunk_id)))
+                    rows.append(_Row(
+                        row_id=int(chunk_id),
+                        tokens=self._analyzer.chunk_terms(draft.text, draft.metadata),
+                        chunk=StoredChunk(id=chunk_id, kb=kb, file_name=file_name,
+                                          seq=seqs[int(chunk_id)], text=draft.text,
+                                          metadata=dict(draft.metadata)),
+                        vector=(None if draft.embedding is None
+                                else np.asarray(draft.embedding, dtype=np.float32))))
+                self.db.execute(
+                    "UPDATE file SET custom_docs = 1, loader = ?, splitter = ?, "
+                    "version = version + 1, modified_at = ? WHERE kb = ? AND file_name = ?",
+                    (CUSTOM_DOCS, CUSTOM_DOCS, time.time(), kb, file_name))
+            with self._indexes_lock.writing():
+                index.remove([int(chunk_id) for chunk_id in edits])
                 index.add(rows)
             return self._file_records(self.db, kb, file_name)[0]
         return await self._write(work)

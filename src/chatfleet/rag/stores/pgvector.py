@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -63,12 +63,14 @@ from pgvector.asyncpg import register_vector
 
 from chatfleet.rag.lexical import ANALYZER, Analyzer
 from chatfleet.rag.stores.base import (
+    CUSTOM_DOCS,
     ChunkDraft,
     FileRecord,
     Hit,
     KnowledgeBaseExists,
     KnowledgeBaseNotFound,
     KnowledgeBaseRecord,
+    StaleChunks,
     StoredChunk,
     Vector,
 )
@@ -465,6 +467,47 @@ class PgVectorStore:
                 await conn.execute(_hnsw_index_sql(dim))
             await conn.execute("ANALYZE chatfleet_chunk")
         self._indexed_dims.add(dim)
+
+    async def edit_chunks(self, kb: str, file_name: str,
+                          edits: Mapping[str, ChunkDraft | None]) -> FileRecord:
+        """One transaction: the file's chunks locked, every id checked, then the deletes and
+        updates, and the file's row (version + 1). Unedited chunks keep their rows and ids."""
+        updates = {chunk_id: draft for chunk_id, draft in edits.items() if draft is not None}
+        dim = _dimension(list(updates.values()))
+        lexemes = await asyncio.to_thread(lambda: {
+            chunk_id: " ".join(self._analyzer.chunk_terms(draft.text, draft.metadata))
+            for chunk_id, draft in updates.items()})
+        async with self._pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval("SELECT true FROM chatfleet_kb WHERE name = $1 "
+                                   "FOR NO KEY UPDATE", kb) is None:
+                raise KnowledgeBaseNotFound(kb)
+            present = {row["id"] for row in await conn.fetch(
+                "SELECT id FROM chatfleet_chunk WHERE kb = $1 AND file_name = $2 FOR UPDATE",
+                kb, file_name)}
+            stale = [i for i in edits if not i.isdigit() or int(i) not in present]
+            if stale:
+                raise StaleChunks(file_name, stale)
+            if dim is not None:
+                other = await conn.fetchval(
+                    "SELECT vector_dims(embedding) FROM chatfleet_chunk WHERE kb = $1 AND "
+                    "embedding IS NOT NULL AND NOT (id = ANY($2::bigint[])) LIMIT 1",
+                    kb, [int(i) for i in updates])
+                if other is not None and other != dim:
+                    raise ValueError(f"embeddings of dimension {dim} cannot join knowledge base "
+                                     f"'{kb}', whose vectors have dimension {other}: recreate its "
+                                     "vector store")
+            await conn.execute("DELETE FROM chatfleet_chunk WHERE id = ANY($1::bigint[])",
+                               [int(i) for i, draft in edits.items() if draft is None])
+            await conn.executemany(
+                "UPDATE chatfleet_chunk SET text = $2, metadata = $3, lexemes = $4, "
+                "embedding = $5 WHERE id = $1",
+                [(int(i), draft.text.replace("\x00", ""), draft.metadata, lexemes[i],
+                  draft.embedding) for i, draft in updates.items()])
+            row = await conn.fetchrow(
+                "UPDATE chatfleet_file AS f SET custom_docs = true, loader = $3, splitter = $3, "
+                "version = f.version + 1, modified_at = now() WHERE kb = $1 AND file_name = $2 "
+                f"RETURNING {_FILE_COLUMNS}", kb, file_name, CUSTOM_DOCS)
+        return _file_record(kb, row)
 
     async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
         """With ``keep_content`` the file's row (with its bytes) stays and lists with 0 chunks;
