@@ -203,7 +203,8 @@ class KnowledgeSettings(BaseModel):
     ingest worker); one more gets 429 with Retry-After."""
     temp_ttl_s: float = Field(3600.0, gt=0)
     """File chat (Chatchat's upload_temp_docs): a temporary knowledge base is deleted this long
-    after its upload; a chat with it afterwards gets a clear 404 asking to upload again."""
+    after its upload; a chat with it afterwards gets a clear 404 asking to upload again. Expired
+    ones are swept every quarter of this, but at least 0.5 s and at most 60 s apart."""
     max_temp_kbs: int = Field(100, ge=1, le=100_000)
     """Temporary knowledge bases kept at once (in the store, so every replica serves them); past
     it, an upload that stored something deletes the oldest by upload time (Chatchat keeps 10 in

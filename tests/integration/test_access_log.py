@@ -145,3 +145,50 @@ def test_a_client_that_leaves_mid_stream_is_logged_as_disconnected(engine_sim, g
     line = wait_for_access(gw, [request_id])[request_id]
     assert (line["status"], line["disconnected"], line["priority"]) == (200, True, "interactive")
     assert "disconnected" in line["message"]
+
+
+def test_a_temporary_knowledge_bases_id_is_nowhere_in_the_log(engine_sim, gateway) -> None:
+    """The id is all that guards a file chat's uploaded text: its chat path is logged redacted
+    (answered, refused by API-key auth before routing, or refused as evicted), and its eviction
+    is logged without it. At DEBUG, to cover every line that names a path."""
+    key = "sk-test-" + secrets.token_urlsafe(24)
+    sim: Server = engine_sim()
+    gw: Server = gateway({**upstream_env(sim, server__log_level="debug", log__format="json",
+                                         kb__max_temp_kbs=1),
+                          "CHATFLEET_API_KEYS": key})
+    auth = {"Authorization": f"Bearer {key}"}
+    question = {"model": SIM_MODEL, "max_tokens": 2,
+                "messages": [{"role": "user", "content": "what does the drain do?"}]}
+    redacted = "/knowledge_base/temp_kb/<redacted>/chat/completions"
+
+    def upload() -> str:
+        answer = client.post("/knowledge_base/upload_temp_docs", headers=auth, files=[
+            ("files", ("brief.txt", b"The drain lets accepted streams finish."))])
+        assert answer.status_code == 200 and answer.json()["code"] == 200, answer.text
+        return str(answer.json()["data"]["id"])
+
+    with httpx.Client(base_url=gw.url, timeout=30) as client:
+        temp_id = upload()
+        path = f"/knowledge_base/temp_kb/{temp_id}/chat/completions"
+        answered = client.post(path, headers=auth, json=question)
+        assert answered.status_code == 200, answered.text
+        refused = client.post(path, headers={"Authorization": f"Bearer {key}x"}, json=question)
+        assert refused.status_code == 401
+        file_chat = client.post("/chat/file_chat", headers=auth, json={
+            "query": "what does the drain do?", "knowledge_id": temp_id, "stream": False,
+            "max_tokens": 2})
+        assert file_chat.status_code == 200, file_chat.text
+        newer_id = upload()  # past kb.max_temp_kbs: the first one is evicted
+        evicted = client.post(path, headers=auth, json=question)
+        assert evicted.status_code == 404 and "upload_temp_docs" in evicted.text
+
+    ids = [r.headers["X-Request-Id"] for r in (answered, refused, evicted)]
+    lines = wait_for_access(gw, ids)
+    assert [(lines[i]["path"], lines[i]["status"]) for i in ids] == [
+        (redacted, 200), (redacted, 401), (redacted, 404)]
+    assert all(redacted in lines[i]["message"] for i in ids)
+    assert any("deleted a temporary knowledge base" in line["message"] and "early" in line["message"]
+               for line in log_lines(gw))
+    text = gw.proc.log_text()
+    for secret_text in (temp_id, newer_id):
+        assert secret_text not in text, f"a temporary knowledge base's id {secret_text} is logged"

@@ -100,3 +100,17 @@ async def test_probes_and_scrapes_are_logged_at_debug_only(path: str, caplog) ->
     caplog.set_level(logging.DEBUG)
     await run(answer, scope(path))
     assert [r.levelno for r in caplog.records if r.name == "chatfleet.access"] == [logging.DEBUG]
+
+
+@pytest.mark.parametrize(("path", "logged"), [
+    ("/knowledge_base/temp_kb/0123456789abcdef0123456789abcdef/chat/completions",
+     "/knowledge_base/temp_kb/<redacted>/chat/completions"),
+    ("/knowledge_base/temp_kb/not-an-id/chat/x", "/knowledge_base/temp_kb/<redacted>/chat/x"),
+    ("/knowledge_base/local_kb/ops/chat/completions", "/knowledge_base/local_kb/ops/chat/completions"),
+])
+async def test_a_temporary_knowledge_bases_id_is_logged_redacted(path: str, logged: str,
+                                                                 caplog) -> None:
+    caplog.set_level(logging.INFO)
+    await run(answer, scope(path, "POST"))
+    [record] = [r for r in caplog.records if r.name == "chatfleet.access"]
+    assert getattr(record, FIELDS)["path"] == logged and logged in record.getMessage()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,7 +62,9 @@ async def test_the_sweep_deletes_only_expired_ones(store: LocalStore) -> None:
     assert await store.get_kb(old) is None and await store.get_kb(fresh) is not None
 
 
-async def test_past_the_bound_the_oldest_goes_first(store: LocalStore) -> None:
+async def test_past_the_bound_the_oldest_goes_first_and_its_id_is_not_logged(
+        store: LocalStore, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     clock = Clock()
     temp = await _temp(store, clock, max_count=2)
     first, _ = await temp.create("")
@@ -72,6 +75,23 @@ async def test_past_the_bound_the_oldest_goes_first(store: LocalStore) -> None:
     with pytest.raises(TempKbNotFound):
         await temp.resolve(first)
     assert await temp.resolve(second) and await temp.resolve(third)
+    [line] = [r.getMessage() for r in caplog.records if "early" in r.getMessage()]
+    assert "kb.max_temp_kbs (2) reached" in line and first not in line
+
+
+async def test_a_tiny_time_to_live_sweeps_at_most_twice_a_second(
+        store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        raise LookupError("stop")  # ends the sweeper at its first wait
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    for ttl_s in (0.001, 2.0, 3600.0):
+        with pytest.raises(LookupError, match="stop"):
+            await TempKnowledgeBases(store, ttl_s=ttl_s, max_count=1).run_sweeper()
+    assert slept == [0.5, 0.5, 60.0]
 
 
 async def test_prev_id_empties_and_keeps_the_id(store: LocalStore) -> None:

@@ -18,7 +18,13 @@ like one a route answered. The line, on logger ``chatfleet.access`` at INFO:
   seconds, or a Prometheus scrape, would otherwise flood the log.
 
 Never logged: headers (Authorization and API keys among them), the query string (values there
-may be secrets; the path is logged without it), request and response bodies, prompt text.
+may be secrets; the path is logged without it), request and response bodies, prompt text, and the
+id of a temporary knowledge base: anyone who has it can search the files uploaded for a file chat
+(``rag/temp_kbs.py``), so the path segment after ``/temp_kb/`` is logged as ``<redacted>``
+(``/knowledge_base/temp_kb/<redacted>/chat/completions``; :func:`loggable_path`, which the other
+lines that name a path use too). The raw path is redacted, not replaced by the matched route's
+template: a request refused before routing (401, 429, 413) matched no route, and the template
+would also hide a ``local_kb`` request's knowledge-base name, which is no secret.
 
 With ``log.format=json`` the same fields are keys of the line (``logs.py``). The bookkeeping
 costs about 5 µs a request and one extra call per ``send`` (a streamed token); writing the line
@@ -28,6 +34,7 @@ costs more, about as much as serving ``GET /v1/models`` (measurements: docs/oper
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
@@ -36,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatfleet.logs import FIELDS
 from chatfleet.serving.admission_record import AdmissionRecord, current_admission
 
-__all__ = ["QUIET_PATHS", "AccessLog"]
+__all__ = ["QUIET_PATHS", "AccessLog", "loggable_path"]
 
 log = logging.getLogger("chatfleet.access")
 
@@ -50,8 +57,15 @@ _NO_RESPONSE = 500
 exception handler did, outside this middleware)."""
 
 
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped: a path of ``%0A`` cannot forge a log line."""
+_SECRET_SEGMENT = re.compile(r"(?<=/temp_kb/)[^/]+")
+"""The segment of a path that is a temporary knowledge base's id, wherever ``temp_kb`` is followed
+by one (a path that matches no route, e.g. with a typo after the id, is redacted too)."""
+
+
+def loggable_path(path: str) -> str:
+    """``path`` as a log line may show it: a temporary knowledge base's id replaced by
+    ``<redacted>``, and control characters escaped (a path of ``%0A`` cannot forge a log line)."""
+    text = _SECRET_SEGMENT.sub("<redacted>", path)
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
@@ -119,7 +133,7 @@ class AccessLog:
     @staticmethod
     def _log(level: int, scope: Scope, status: int, latency_s: float, request_id: str,
              record: AdmissionRecord, disconnected: bool) -> None:
-        method, path = scope["method"], _printable(scope["path"])
+        method, path = scope["method"], loggable_path(scope["path"])
         priority = record.priority.value if record.priority is not None else None
         wait_s = record.queue_wait_s
         message = f"{method} {path} {status} latency_s={latency_s:.4f} request_id={request_id or '-'}"

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chatfleet.api.access_log import loggable_path
 from chatfleet.api.errors import error_response
 from chatfleet.serving.rate_limit import KeyRateLimiter, retry_after_header_s
 from chatfleet.telemetry.metrics import AuthRejection
@@ -141,7 +142,8 @@ class ApiKeyAuth:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, reason: AuthRejection,
                       status: int, message: str, error_type: str, headers: dict[str, str]) -> None:
-        log.debug("refused %s %s: %s", scope.get("method", "WEBSOCKET"), scope["path"], reason.value)
+        log.debug("refused %s %s: %s", scope.get("method", "WEBSOCKET"),
+                  loggable_path(scope["path"]), reason.value)
         if self.on_reject is not None:
             self.on_reject(reason)
         if scope["type"] == "websocket":

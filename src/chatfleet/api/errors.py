@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatfleet.api.access_log import loggable_path
 from chatfleet.api.chatchat_envelope import envelope, error_data, is_chatchat_path
 from chatfleet.engines.base import EngineError
 from chatfleet.rag.ingest import IngestBusy
@@ -150,6 +151,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log.exception("unexpected error on %s %s", request.method,
+                      loggable_path(request.url.path))
         return error_response(500, "internal error; it was logged", error_type="internal_error",
                               path=request.url.path)

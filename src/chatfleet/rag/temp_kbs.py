@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".temp-"
 _ID = re.compile(r"[0-9a-f]{32}")
+_MIN_SWEEP_S = 0.5
+"""Shortest time between two sweeps, whatever the time to live."""
 
 
 def is_temp_kb(name: str) -> bool:
@@ -110,8 +112,10 @@ class TempKnowledgeBases:
         return len(expired)
 
     async def run_sweeper(self) -> None:
-        """Sweep every quarter of the time to live (at most a minute apart), until cancelled."""
-        interval = min(self.ttl_s / 4, 60.0)
+        """Sweep every quarter of the time to live, at least ``_MIN_SWEEP_S`` and at most a
+        minute apart, until cancelled. (The floor keeps a tiny ``kb.temp_ttl_s`` from spinning
+        the sweeper; an expired one is refused on use however late the sweep comes.)"""
+        interval = min(max(self.ttl_s / 4, _MIN_SWEEP_S), 60.0)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -127,8 +131,9 @@ class TempKnowledgeBases:
         """Delete the oldest until at most ``keep`` remain."""
         temp = sorted(await self._temp_kbs(), key=lambda kb: kb.created_at)
         for kb in temp[:max(0, len(temp) - keep)]:
-            log.info("deleted temporary knowledge base %s early: kb.max_temp_kbs (%d) reached",
-                     kb.name, self.max_count)
+            # Without its name: the id in it is all that guards the uploaded text.
+            log.info("deleted a temporary knowledge base uploaded %.0f s ago early: "
+                     "kb.max_temp_kbs (%d) reached", self._clock() - kb.created_at, self.max_count)
             await self._delete(kb.name)
 
     async def _delete(self, name: str) -> None:
