@@ -10,8 +10,9 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
@@ -39,10 +40,42 @@ class EngineKind(StrEnum):
     """Any OpenAI-compatible server (vLLM's in production) at ``engine.url``."""
 
 
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` is no http(s) URL with a host and a valid port; None if it is one. Never
+    quotes the URL: it may hold a password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        return "it cannot be parsed as a URL"
+    if parts.scheme not in ("http", "https"):
+        return "its scheme is not http:// or https://"
+    if not parts.hostname:
+        return "it has no host"
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or above 65535
+        port = 0
+    return "its port is not a number from 1 to 65535" if port == 0 else None
+
+
+def _http_url(value: str) -> str:
+    """``value`` (empty: unset) if it is a usable base URL, else a configuration error."""
+    if value and (problem := _url_problem(value)):
+        raise ValueError(f"{problem}: give an http(s) base URL including /v1, e.g. "
+                         "http://127.0.0.1:8001/v1")
+    return value
+
+
+_HttpUrl = Annotated[str, AfterValidator(_http_url)]
+"""An upstream's base URL, checked when the configuration is read, so that a bad one stops
+``chatfleet serve`` with exit 2 before anything starts (a bad port would otherwise fail later,
+where the URL is parsed)."""
+
+
 class EngineSettings(BaseModel):
     kind: EngineKind = EngineKind.SIMULATED
     """Engine kind: ``simulated`` (embedded engine model) or ``openai`` (an upstream server)."""
-    url: str | None = None
+    url: _HttpUrl | None = None
     """Upstream base URL including ``/v1``, e.g. ``http://127.0.0.1:8001/v1``. Required for ``openai``."""
     model: str | None = None
     """Served model id. ``openai``: required, the name the upstream lists (vLLM's
@@ -70,11 +103,17 @@ class EngineSettings(BaseModel):
     @field_validator("model_aliases", mode="before")
     @classmethod
     def _split_aliases(cls, value: Any) -> Any:
-        """A comma-separated string (the environment) or a list; blanks dropped, repeats once."""
+        """A comma-separated string (the environment) or a list; blanks dropped, repeats once.
+        A listed alias may not hold a comma: the variable, and the chart, which joins its
+        ``gateway.modelAliases`` into it, could never give that name."""
         items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            return items
-        return list(dict.fromkeys(i.strip() for i in items if not isinstance(i, str) or i.strip()))
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            return items  # the field's own validation refuses it
+        if any("," in item for item in items):
+            raise ValueError(
+                "an alias cannot contain a comma: the variable is a comma-separated list (the "
+                "chart joins gateway.modelAliases with commas); give each name on its own")
+        return list(dict.fromkeys(item.strip() for item in items if item.strip()))
 
 
 class AdmissionSettings(BaseModel):
@@ -158,7 +197,7 @@ class StoreKind(StrEnum):
 
 
 class EmbeddingsSettings(BaseModel):
-    url: str | None = None
+    url: _HttpUrl | None = None
     """OpenAI-compatible base URL including ``/v1`` whose ``/embeddings`` embeds chunks and queries.
     Unset: retrieval is lexical (BM25) only, and /server/configs and every RAG answer say so."""
     model: str | None = None

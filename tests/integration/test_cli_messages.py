@@ -185,6 +185,38 @@ def test_invalid_configuration_names_each_variable_and_never_its_value() -> None
     assert "set each key on its own, e.g. CHATFLEET_ENGINE__KIND=openai" in said(section)
 
 
+def test_an_upstream_url_that_cannot_be_used_is_a_configuration_error_without_its_password() -> None:
+    password = "pw-" + "x7Kq2"
+    env = {"PATH": "/usr/bin:/bin", "CHATFLEET_ENGINE__KIND": "openai",
+           "CHATFLEET_ENGINE__MODEL": "m",
+           "CHATFLEET_ENGINE__URL": f"http://user:{password}@127.0.0.1:99999/v1",
+           "CHATFLEET_KB__EMBEDDINGS__URL": f"ftp://user:{password}@127.0.0.1/v1",
+           "CHATFLEET_KB__EMBEDDINGS__MODEL": "e"}
+    for command in ("serve", "config"):
+        result = chatfleet(command, env=env)
+        assert result.returncode == 2, (command, result.stderr)
+        lines = result.stderr.splitlines()
+        assert lines[0] == "invalid configuration, nothing started:"
+        assert ("  engine.url (CHATFLEET_ENGINE__URL): its port is not a number from 1 to 65535: "
+                "give an http(s) base URL including /v1, e.g. http://127.0.0.1:8001/v1") in lines
+        assert any(line.startswith("  kb.embeddings.url (CHATFLEET_KB__EMBEDDINGS__URL): its "
+                                   "scheme is not http:// or https://") for line in lines)
+        assert password not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("aliases", "reason"), [
+    ("[1]", "Input should be a valid string"),
+    ('["glm4-chat", "qwen,7b"]', "an alias cannot contain a comma: the variable is a "
+                                 "comma-separated list"),
+])
+def test_a_model_alias_that_is_no_name_is_a_configuration_error(aliases: str, reason: str) -> None:
+    result = chatfleet("config", env={"PATH": "/usr/bin:/bin",
+                                      "CHATFLEET_ENGINE": f'{{"model_aliases": {aliases}}}'})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert any(line.startswith(f"  engine.model_aliases (CHATFLEET_ENGINE__MODEL_ALIASES): {reason}")
+               for line in result.stderr.splitlines()), result.stderr
+
+
 @pytest.fixture
 def without_matplotlib(tmp_path: Path) -> dict[str, str]:
     """An environment in which ``import matplotlib`` fails as when it is not installed."""
