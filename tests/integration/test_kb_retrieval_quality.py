@@ -9,6 +9,7 @@ as it is in this checkout when the test runs.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,10 +61,11 @@ def test_the_readmes_sample_question_finds_the_admission_bullet_in_the_top_3(
     assert answer["score"] is None  # lexical: no embeddings endpoint
 
 
-async def test_pgvector_re_analyzes_chunks_stored_under_another_analyzer_at_start(
+async def test_pgvector_re_analyzes_chunks_stored_under_another_analyzer_after_start(
         pg_dsn: str) -> None:
     """A database written before stemming and headings: after a restart with the default
-    analyzer its chunks are found by stems and by their headings, as new uploads are."""
+    analyzer, once its background re-analysis is recorded, its chunks are found by stems and
+    by their headings, as new uploads are."""
     before = PgVectorStore(pg_dsn, analyzer=BM25S_DEFAULTS)
     await before.start()
     try:
@@ -80,18 +82,19 @@ async def test_pgvector_re_analyzes_chunks_stored_under_another_analyzer_at_star
 
     after = PgVectorStore(pg_dsn)
     await after.start()
-    try:
-        for query in ("admit", "admits", "scheduling", "Admitted requests"):
-            assert [hit.chunk.seq for hit in await after.lexical_search("ops", query, 5)] == [0]
-    finally:
-        await after.aclose()
     conn = await asyncpg.connect(pg_dsn)
     try:
-        assert await conn.fetchval("SELECT value FROM chatfleet_meta WHERE key = "
-                                   "'lexical_analyzer'") == ANALYZER.name
+        deadline = asyncio.get_running_loop().time() + 30
+        while await conn.fetchval("SELECT value FROM chatfleet_meta WHERE key = "
+                                  "'lexical_analyzer'") != ANALYZER.name:
+            assert asyncio.get_running_loop().time() < deadline, "no re-analysis recorded"
+            await asyncio.sleep(0.02)
+        for query in ("admit", "admits", "scheduling", "Admitted requests"):
+            assert [hit.chunk.seq for hit in await after.lexical_search("ops", query, 5)] == [0]
         lexemes = await conn.fetchval("SELECT lexemes FROM chatfleet_chunk WHERE seq = 0")
     finally:
         await conn.close()
+        await after.aclose()
     assert lexemes.split() == ANALYZER.chunk_terms("Requests are admitted in arrival order.",
                                                    {"headings": ["Scheduling"]})
     assert not set(lexemes.split()) & set(STOPWORDS_EN)

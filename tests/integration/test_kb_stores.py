@@ -11,6 +11,8 @@ read off the test.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 from pgvector.asyncpg import register_vector
 
+from chatfleet.rag.lexical import ANALYZER, BM25S_DEFAULTS, Analyzer
 from chatfleet.rag.stores.base import (
     ChunkDraft,
     Hit,
@@ -608,6 +611,207 @@ async def test_pgvector_plans_a_new_large_kb_with_its_indexes_right_after_the_up
         while hnsw_index_name(dim) not in (latest := await plan()):
             assert asyncio.get_running_loop().time() < deadline, latest
             await asyncio.sleep(0.1)
+
+
+async def test_pgvector_start_waits_for_no_other_transaction_when_the_schema_is_complete(
+        pg_dsn: str) -> None:
+    """A replica starting (each scale-up) must not hold off the others' listings, downloads,
+    searches and uploads: while a transaction that wrote the file and chunk tables stays open, a
+    start that asked for a lock on either table (ALTER TABLE's ACCESS EXCLUSIVE, CREATE INDEX's
+    SHARE, each taken even with nothing to do) would wait for it, and the next readers or
+    writers behind that."""
+    async with AsyncExitStack() as stack:
+        (first,) = await started_pgvector(stack, pg_dsn, 1)
+        await first.create_kb(KB, info="", embed_model="")
+        await put(first, "a.txt", drafts("kept"))
+        writer = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(writer.close)
+        async with writer.transaction():
+            await writer.execute("UPDATE chatfleet_file SET version = version")
+            await writer.execute("UPDATE chatfleet_chunk SET seq = seq")
+            second = PgVectorStore(pg_dsn, pool_size=2)
+            stack.push_async_callback(second.aclose)
+            await asyncio.wait_for(second.start(), timeout=10)
+            assert [f.file_name for f in await second.list_files(KB)] == ["a.txt"]
+
+
+# pgvector's re-analysis after an analyzer change ------------------------------------------------
+
+OLD_TEXT = "Requests are admitted in arrival order, item {}."
+"""A stored chunk's text. ANALYZER stems "admitted" (a search for it looks for "admit"), which
+BM25S_DEFAULTS, the analyzer before it, kept as it is; "order" is one term under both."""
+POSITION_KEY = "lexical_reanalysis"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def recorded(conn: asyncpg.Connection, analyzer: Analyzer) -> bool:
+    """Whether ``chatfleet_meta`` names ``analyzer`` as the one that made the stored terms."""
+    return await conn.fetchval("SELECT value FROM chatfleet_meta WHERE key = "
+                               "'lexical_analyzer'") == analyzer.name
+
+
+async def position(conn: asyncpg.Connection) -> int | None:
+    """The last chunk id a re-analysis committed; None when none is under way."""
+    value = await conn.fetchval("SELECT value FROM chatfleet_meta WHERE key = $1", POSITION_KEY)
+    return None if value is None else json.loads(value)["after"]
+
+
+async def blocked_on_a_lock(conn: asyncpg.Connection) -> bool:
+    return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                               "current_database() AND wait_event_type = 'Lock'") > 0
+
+
+async def stopped_at(conn: asyncpg.Connection, chunk_id: int) -> bool:
+    """Whether the re-analysis committed up to ``chunk_id`` and waits on a row lock."""
+    return await position(conn) == chunk_id and await blocked_on_a_lock(conn)
+
+
+async def stored_under_the_old_analyzer(conn: asyncpg.Connection, dsn: str, count: int
+                                        ) -> list[int]:
+    """``count`` chunks of one file, stored as the release before ANALYZER stored them; their
+    ids in order."""
+    old = PgVectorStore(dsn, analyzer=BM25S_DEFAULTS)
+    await old.start()
+    try:
+        await eventually(lambda: recorded(conn, BM25S_DEFAULTS))
+        await old.create_kb(KB, info="", embed_model="")
+        await put(old, "a.txt", drafts(*(OLD_TEXT.format(i) for i in range(count))))
+    finally:
+        await old.aclose()
+    return [row["id"] for row in await conn.fetch("SELECT id FROM chatfleet_chunk ORDER BY id")]
+
+
+async def lexemes(conn: asyncpg.Connection) -> dict[int, str]:
+    return {row["id"]: row["lexemes"] for row in await conn.fetch(
+        "SELECT id, lexemes FROM chatfleet_chunk")}
+
+
+def new_terms(text: str) -> str:
+    return " ".join(ANALYZER.chunk_terms(text, {}))
+
+
+async def test_pgvector_re_analyzes_in_the_background_and_then_records_the_analyzer(
+        pg_dsn: str) -> None:
+    """Also for a database made before ``chatfleet_meta``, which records no analyzer."""
+    async with AsyncExitStack() as stack:
+        conn = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(conn.close)
+        ids = await stored_under_the_old_analyzer(conn, pg_dsn, 25)
+        await conn.execute("DROP TABLE chatfleet_meta")
+        store = PgVectorStore(pg_dsn, reanalyze_batch=4)
+        stack.push_async_callback(store.aclose)
+        await store.start()
+        await eventually(lambda: recorded(conn, ANALYZER))
+        assert await position(conn) is None
+        assert await lexemes(conn) == {
+            chunk_id: new_terms(OLD_TEXT.format(i)) for i, chunk_id in enumerate(ids)}
+        assert len(await store.lexical_search(KB, "admitted", 50)) == 25
+
+
+async def test_pgvector_re_analysis_stopped_midway_resumes_where_it_stopped(pg_dsn: str) -> None:
+    """A transaction holding chunk 12's row stops the re-analysis (batches of 4) there: searches
+    and uploads work meanwhile, the store closes, and the next start goes on from chunk 12."""
+    async with AsyncExitStack() as stack:
+        conn = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(conn.close)
+        ids = await stored_under_the_old_analyzer(conn, pg_dsn, 20)
+        holder = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(holder.close)
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT FROM chatfleet_chunk WHERE id = $1 FOR UPDATE", ids[12])
+        store = PgVectorStore(pg_dsn, reanalyze_batch=4)
+        await store.start()
+        await eventually(lambda: stopped_at(conn, ids[11]))
+
+        admitted = await store.lexical_search(KB, "admitted", 50)
+        assert sorted(hit.chunk.seq for hit in admitted) == list(range(12))  # done: stems
+        assert len(await store.lexical_search(KB, "order", 50)) == 20  # one term in both
+        await put(store, "b.txt", drafts("Admitted meanwhile."))
+        assert "Admitted meanwhile." in texts(await store.lexical_search(KB, "admitted", 50))
+
+        await asyncio.wait_for(store.aclose(), timeout=10)
+        await hold.rollback()
+        assert await position(conn) == ids[11] and await recorded(conn, BM25S_DEFAULTS)
+        await conn.execute("UPDATE chatfleet_chunk SET lexemes = 'done' WHERE id <= $1", ids[11])
+        resumed = PgVectorStore(pg_dsn, reanalyze_batch=4)
+        stack.push_async_callback(resumed.aclose)
+        await resumed.start()
+        await eventually(lambda: recorded(conn, ANALYZER))
+        stored = await lexemes(conn)
+        assert [stored[chunk_id] for chunk_id in ids[:12]] == ["done"] * 12  # not done again
+        assert [stored[chunk_id] for chunk_id in ids[12:]] == [
+            new_terms(OLD_TEXT.format(i)) for i in range(12, 20)]
+        assert await position(conn) is None
+
+
+async def test_pgvector_re_analysis_runs_on_one_replica_and_another_takes_over_if_it_stops(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="chatfleet.rag.stores.pgvector")
+    async with AsyncExitStack() as stack:
+        conn = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(conn.close)
+        ids = await stored_under_the_old_analyzer(conn, pg_dsn, 12)
+        holder = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(holder.close)
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT FROM chatfleet_chunk WHERE id = $1 FOR UPDATE", ids[4])
+        first = PgVectorStore(pg_dsn, reanalyze_batch=4)
+        stack.push_async_callback(first.aclose)
+        await first.start()
+        await eventually(lambda: stopped_at(conn, ids[3]))
+        caplog.clear()
+        second = PgVectorStore(pg_dsn, reanalyze_batch=4, reanalyze_retry_s=0.05)
+        stack.push_async_callback(second.aclose)
+        await second.start()
+
+        def messages(start: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+        async def skipped_thrice() -> bool:
+            return len(messages("another replica is re-analyzing")) >= 3
+
+        await eventually(skipped_thrice)
+        assert messages("re-analyzing chunks") == []
+        await first.aclose()
+        await hold.rollback()
+        await eventually(lambda: recorded(conn, ANALYZER))
+        [took_over] = messages("re-analyzing chunks")
+        assert took_over.endswith(f"after chunk {ids[3]}")
+
+
+async def test_pgvector_re_analysis_keeps_the_terms_of_a_chunk_edited_after_it_read_it(
+        pg_dsn: str) -> None:
+    """An edit (``edit_chunks``) that commits between the re-analysis's read of a chunk and its
+    write already stored the new text's terms: the old text's must not overwrite them."""
+    async with AsyncExitStack() as stack:
+        conn = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(conn.close)
+        ids = await stored_under_the_old_analyzer(conn, pg_dsn, 8)
+        editor = await asyncpg.connect(pg_dsn)
+        stack.push_async_callback(editor.close)
+        edit = editor.transaction()
+        await edit.start()
+        edited = "Tokens stream from the engine."
+        await editor.execute("UPDATE chatfleet_chunk SET text = $2, lexemes = $3 WHERE id = $1",
+                             ids[5], edited, new_terms(edited))
+        store = PgVectorStore(pg_dsn, reanalyze_batch=4)
+        stack.push_async_callback(store.aclose)
+        await store.start()
+        await eventually(lambda: stopped_at(conn, ids[3]))  # read chunk 5, waits to write it
+        await edit.commit()
+        await eventually(lambda: recorded(conn, ANALYZER))
+        assert await lexemes(conn) == {chunk_id: new_terms(edited if chunk_id == ids[5] else
+                                                           OLD_TEXT.format(i))
+                                       for i, chunk_id in enumerate(ids)}
 
 
 async def test_a_chinese_question_finds_the_chunk_that_shares_its_words(store) -> None:

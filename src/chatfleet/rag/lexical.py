@@ -60,7 +60,7 @@ def _stem(words: list[str]) -> list[str]:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Analyzer:
     """How text becomes BM25 terms. The pgvector store stores each chunk's terms and records
-    ``name`` with them: a database written under another analyzer is re-analyzed at start, so
+    ``name`` with them: a database written under another analyzer is re-analyzed after start, so
     a change to what an analyzer makes must come with a new name."""
 
     name: str

@@ -5,7 +5,10 @@ through all of them as soon as its transaction commits; nothing is cached in the
 which HNSW indexes exist.
 
 Schema (created by ``start()`` when missing, under an advisory lock so that replicas starting
-together do not race; every statement is ``IF NOT EXISTS``):
+together do not race; every statement is ``IF NOT EXISTS``; ALTER TABLE, for a column added
+since the first release, and CREATE INDEX, which lock their table even when they have nothing to
+do, run only when the catalog lacks what they make, so that a start on a complete schema locks
+no table and never holds off the other replicas):
 
 - ``chatfleet_kb``: one row per KB.
 - ``chatfleet_file``: one row per file, with its original bytes; deleted with its KB.
@@ -24,10 +27,15 @@ together do not race; every statement is ``IF NOT EXISTS``):
   known as one.
 - ``chatfleet_meta``: settings the stored data depends on; ``lexical_analyzer`` names the
   analyzer that made ``lexemes``. A store started with another analyzer (an upgrade that changed
-  it, or a database older than the table) re-analyzes every chunk's text and headings in
-  ``start()``, under the schema lock, before it serves: replicas starting meanwhile wait for it.
-  A pod of the previous version still running in a rollout stores its uploads' terms the old way;
-  they are searchable again once uploaded anew (or after ``recreate_vector_store``).
+  it, or a database older than the table) serves at once and re-analyzes every chunk's text and
+  headings in the background: one replica at a time (a session-level advisory lock; the others
+  try again every minute, so one takes over if it stops), in transactions of 2,000 chunks in id
+  order, each recording the position reached (``lexical_reanalysis``), so that a replica stopped
+  midway is resumed where it stopped. ``lexical_analyzer`` changes when every chunk is done.
+  Meanwhile uploads and edits store the new terms, and searches find the chunks not done yet by
+  their old terms (which differ in stemming, stopwords and headings only). A pod of the previous
+  version still running in a rollout stores its uploads' terms the old way; they are searchable
+  again once uploaded anew (or after ``recreate_vector_store``).
 
 Searches:
 
@@ -80,8 +88,8 @@ __all__ = ["PgVectorStore", "dense_search_sql", "hnsw_index_name"]
 log = logging.getLogger(__name__)
 
 _LOCK_NAMESPACE = 0x43464B42
-"""First key of ChatFleet's advisory locks ("CFKB"); the second is 0 for the schema, else the
-dimension whose HNSW index is being created."""
+"""First key of ChatFleet's advisory locks ("CFKB"); the second is 0 for the schema,
+``_REANALYSIS_LOCK`` for the re-analysis, else the dimension whose HNSW index is being created."""
 _DEFAULT_EF_SEARCH = 40
 """pgvector's default ``hnsw.ef_search``; a search for more hits raises it for its transaction."""
 _MAX_EF_SEARCH = 1000
@@ -109,7 +117,6 @@ CREATE TABLE IF NOT EXISTS chatfleet_file (
     modified_at timestamptz NOT NULL DEFAULT now(),
     custom_docs boolean NOT NULL DEFAULT false,
     PRIMARY KEY (kb, file_name));
-ALTER TABLE chatfleet_file ADD COLUMN IF NOT EXISTS custom_docs boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS chatfleet_chunk (
     id bigserial PRIMARY KEY,
     kb text NOT NULL,
@@ -122,14 +129,52 @@ CREATE TABLE IF NOT EXISTS chatfleet_chunk (
     embedding vector,
     FOREIGN KEY (kb, file_name) REFERENCES chatfleet_file (kb, file_name) ON DELETE CASCADE)
     WITH (autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000);
-CREATE INDEX IF NOT EXISTS chatfleet_chunk_tsv ON chatfleet_chunk USING gin (tsv);
-CREATE INDEX IF NOT EXISTS chatfleet_chunk_file ON chatfleet_chunk (kb, file_name, seq);
 CREATE TABLE IF NOT EXISTS chatfleet_meta (key text PRIMARY KEY, value text NOT NULL);
 """
 
+_CUSTOM_DOCS_MISSING = """
+SELECT NOT EXISTS (SELECT FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'chatfleet_file'
+                         AND column_name = 'custom_docs')"""
+_ADD_CUSTOM_DOCS = ("ALTER TABLE chatfleet_file "
+                    "ADD COLUMN IF NOT EXISTS custom_docs boolean NOT NULL DEFAULT false")
+"""Run only when the column is missing (a database made before it): even when it has nothing
+to do, ALTER TABLE takes an ACCESS EXCLUSIVE lock, which would block every replica's reads of
+the file table until the start's transaction ends."""
+_INDEXES = {
+    "chatfleet_chunk_tsv": "CREATE INDEX IF NOT EXISTS chatfleet_chunk_tsv ON chatfleet_chunk "
+                           "USING gin (tsv)",
+    "chatfleet_chunk_file": "CREATE INDEX IF NOT EXISTS chatfleet_chunk_file ON chatfleet_chunk "
+                            "(kb, file_name, seq)",
+}
+"""Run only for an index that is missing: CREATE INDEX takes a SHARE lock on the table before
+it looks whether the index exists, so it would wait for every upload in progress and hold the
+next ones off until the start's transaction ends."""
+
+_GET_META = "SELECT value FROM chatfleet_meta WHERE key = $1"
+_SET_META = ("INSERT INTO chatfleet_meta (key, value) VALUES ($1, $2) "
+             "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 _ANALYZER_KEY = "lexical_analyzer"
-_REANALYZE_BATCH = 1000
-"""Chunks re-analyzed per statement when the analyzer changed."""
+_REANALYSIS_KEY = "lexical_reanalysis"
+"""The position of an unfinished re-analysis: JSON ``{"analyzer": name, "after": id}``, the
+analyzer it re-analyzes for and the last chunk id it committed."""
+_REANALYSIS_LOCK = -1
+"""Second key of the session-level advisory lock held by the one replica re-analyzing."""
+_REANALYZE_BATCH = 2000
+"""Chunks re-analyzed per transaction (about 0.3 s of analysis) when the analyzer changed."""
+_REANALYZE_RETRY_S = 60.0
+"""How often a replica retries the re-analysis while another one holds it (and so takes over
+when that one stops before it is done) or after a database error."""
+
+_CHUNKS_TO_REANALYZE = """
+SELECT id, text, metadata::text AS metadata, md5(ROW(text, metadata)::text) AS digest
+FROM chatfleet_chunk WHERE id > $1 ORDER BY id LIMIT $2"""
+# Only chunks unchanged since they were read: one edited meanwhile (edit_chunks) already has
+# the terms of its new text, made by this analyzer.
+_REANALYZE_CHUNKS = """
+UPDATE chatfleet_chunk c SET lexemes = u.lexemes
+FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u (id, digest, lexemes)
+WHERE c.id = u.id AND md5(ROW(c.text, c.metadata)::text) = u.digest"""
 
 _KB_COLUMNS = """k.name, k.info, k.vector_store, k.embed_model, k.created_at,
     (SELECT count(*) FROM chatfleet_file f WHERE f.kb = k.name) AS file_count"""
@@ -258,14 +303,21 @@ class PgVectorStore:
     ``pool_size`` connections at most are opened by one process. ``start()`` creates the
     extension when it is missing, which needs a superuser; where the database's owner is not
     one, have an administrator run ``CREATE EXTENSION vector`` once beforehand.
+    ``reanalyze_batch`` and ``reanalyze_retry_s`` tune the re-analysis after an analyzer change
+    (the module's docstring); tests shrink them.
     """
 
     kind = "pgvector"
 
-    def __init__(self, dsn: str, *, pool_size: int = 10, analyzer: Analyzer = ANALYZER) -> None:
+    def __init__(self, dsn: str, *, pool_size: int = 10, analyzer: Analyzer = ANALYZER,
+                 reanalyze_batch: int = _REANALYZE_BATCH,
+                 reanalyze_retry_s: float = _REANALYZE_RETRY_S) -> None:
         self._dsn = dsn
         self._pool_size = pool_size
         self._analyzer = analyzer
+        self._reanalyze_batch = reanalyze_batch
+        self._reanalyze_retry_s = reanalyze_retry_s
+        self._reanalysis: asyncio.Task[None] | None = None
         self._pool_or_none: asyncpg.Pool | None = None
         self._vector_schema = "public"
         self._indexed_dims: set[int] = set()
@@ -282,13 +334,15 @@ class PgVectorStore:
         return self._pool_or_none
 
     async def start(self) -> None:
+        """Create what is missing of the schema, then serve at once; chunks stored under
+        another analyzer are re-analyzed in the background (``_reanalyze_until_done``)."""
         conn = await asyncpg.connect(self._dsn)
         try:
             async with conn.transaction():
                 await conn.execute("SET LOCAL client_min_messages = warning")  # no "skipping"s
                 await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", _LOCK_NAMESPACE)
-                await conn.execute(_SCHEMA)
-                await self._check_analyzer(conn)
+                await self._create_schema(conn)
+            stored_analyzer = await conn.fetchval(_GET_META, _ANALYZER_KEY)
             self._vector_schema = await conn.fetchval(
                 "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
                 "WHERE e.extname = 'vector'")
@@ -297,31 +351,87 @@ class PgVectorStore:
         self._pool_or_none = await asyncpg.create_pool(
             self._dsn, min_size=1, max_size=self._pool_size, init=self._init_connection,
             server_settings={"hnsw.iterative_scan": "strict_order"})
+        if stored_analyzer != self._analyzer.name:
+            self._reanalysis = asyncio.create_task(self._reanalyze_until_done())
 
-    async def _check_analyzer(self, conn: asyncpg.Connection) -> None:
-        """Re-analyze every chunk when the stored terms were made by another analyzer (see the
-        module's docstring), then record this one. Runs in ``start()``'s locked transaction."""
-        stored = await conn.fetchval("SELECT value FROM chatfleet_meta WHERE key = $1",
-                                     _ANALYZER_KEY)
-        if stored == self._analyzer.name:
-            return
-        after, count = 0, 0
-        while rows := await conn.fetch(
-                "SELECT id, text, metadata::text AS metadata FROM chatfleet_chunk WHERE id > $1 "
-                "ORDER BY id LIMIT $2", after, _REANALYZE_BATCH):
-            lexemes = await asyncio.to_thread(_reanalyzed, rows, self._analyzer)
-            await conn.execute(
-                "UPDATE chatfleet_chunk c SET lexemes = u.lexemes "
-                "FROM unnest($1::bigint[], $2::text[]) AS u (id, lexemes) WHERE c.id = u.id",
-                [row["id"] for row in rows], lexemes)
-            after, count = rows[-1]["id"], count + len(rows)
-        if count:
-            log.info("re-analyzed %d chunks for lexical search (%s, was %s)", count,
-                     self._analyzer.name, stored)
-        await conn.execute(
-            "INSERT INTO chatfleet_meta (key, value) VALUES ($1, $2) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            _ANALYZER_KEY, self._analyzer.name)
+    @staticmethod
+    async def _create_schema(conn: asyncpg.Connection) -> None:
+        """What is missing of the schema. On a complete one it locks no table, so that a replica
+        starting (each scale-up) never holds off the others' reads and writes."""
+        await conn.execute(_SCHEMA)
+        if await conn.fetchval(_CUSTOM_DOCS_MISSING):
+            await conn.execute(_ADD_CUSTOM_DOCS)
+        for name, create in _INDEXES.items():
+            if await conn.fetchval("SELECT to_regclass($1)", name) is None:
+                await conn.execute(create)
+
+    async def _reanalyze_until_done(self) -> None:
+        """Re-analyze the chunks stored under another analyzer until that is done, by this
+        replica or another: tried again every ``reanalyze_retry_s`` while another replica is at
+        it (to take over should it stop) and after a database error."""
+        while True:
+            try:
+                if await self._reanalyze():
+                    return
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
+                log.warning("re-analysis for lexical search failed (retried in %g s): %s: %s",
+                            self._reanalyze_retry_s, type(error).__name__, error)
+            except Exception:  # not lost in a task nobody awaits until shutdown
+                log.exception("re-analysis for lexical search stopped")
+                raise
+            await asyncio.sleep(self._reanalyze_retry_s)
+
+    async def _reanalyze(self) -> bool:
+        """Re-analyze the chunks not done yet unless another replica holds the work (False
+        then). Batches of ``reanalyze_batch`` chunks in id order, each committed with the
+        position reached, so that a replica stopped midway is resumed, not started over; the
+        analyzer is recorded when every chunk is done (True: by this call or before it).
+
+        A connection of its own, not the pool's: it holds a session-level advisory lock for as
+        long as the work takes (the pool unlocks a connection it gets back), and closing it, as
+        a cancelled task or a killed pod does, releases the lock."""
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            locked = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_NAMESPACE,
+                                         _REANALYSIS_LOCK)
+            stored = await conn.fetchval(_GET_META, _ANALYZER_KEY)
+            if stored == self._analyzer.name:
+                return True
+            if not locked:
+                log.debug("another replica is re-analyzing chunks for lexical search")
+                return False
+            after = await self._reanalysis_position(conn)
+            log.info("re-analyzing chunks for lexical search in the background (%s, was %s), "
+                     "after chunk %d", self._analyzer.name, stored, after)
+            while rows := await conn.fetch(_CHUNKS_TO_REANALYZE, after, self._reanalyze_batch):
+                after = await self._reanalyze_batch_of(conn, rows)
+            async with conn.transaction():
+                await conn.execute(_SET_META, _ANALYZER_KEY, self._analyzer.name)
+                await conn.execute("DELETE FROM chatfleet_meta WHERE key = $1", _REANALYSIS_KEY)
+            log.info("re-analysis for lexical search done (%s)", self._analyzer.name)
+            return True
+        finally:
+            await conn.close()
+
+    async def _reanalysis_position(self, conn: asyncpg.Connection) -> int:
+        """The last chunk id an interrupted re-analysis for this analyzer committed; 0 when
+        there was none (or it was for another analyzer)."""
+        value = await conn.fetchval(_GET_META, _REANALYSIS_KEY)
+        position = json.loads(value) if value is not None else {}
+        return position["after"] if position.get("analyzer") == self._analyzer.name else 0
+
+    async def _reanalyze_batch_of(self, conn: asyncpg.Connection,
+                                  rows: Sequence[asyncpg.Record]) -> int:
+        """Rewrite the rows' terms and record the last one's id as the position, in one
+        transaction; return that id."""
+        lexemes = await asyncio.to_thread(_reanalyzed, rows, self._analyzer)
+        after: int = rows[-1]["id"]
+        async with conn.transaction():
+            await conn.execute(_REANALYZE_CHUNKS, [row["id"] for row in rows],
+                               [row["digest"] for row in rows], lexemes)
+            await conn.execute(_SET_META, _REANALYSIS_KEY,
+                               json.dumps({"analyzer": self._analyzer.name, "after": after}))
+        return after
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         await register_vector(conn, schema=self._vector_schema)
@@ -352,9 +462,11 @@ class PgVectorStore:
         self._analyze = asyncio.create_task(analyze())
 
     async def aclose(self) -> None:
-        if self._analyze is not None:
-            self._analyze.cancel()
-            await asyncio.gather(self._analyze, return_exceptions=True)
+        """Stop the background work (a re-analysis resumes at the next start) and the pool."""
+        for task in (self._analyze, self._reanalysis):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._pool_or_none is not None:
             await self._pool_or_none.close()
             self._pool_or_none = None
