@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Body, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema
 
 from chatfleet.api.chatchat_envelope import envelope
 from chatfleet.api.chatchat_schemas import ChatchatEnvelope, KbDocument, KbProgressEvent
@@ -100,11 +100,25 @@ async def list_knowledge_bases(request: Request) -> Response:
         for i, kb in enumerate(kbs)])
 
 
+def _utf8(value: str) -> str:
+    """Refuse text the stores cannot keep: JSON's ``\\ud800`` escapes decode to unpaired
+    surrogates, which are no UTF-8 (SQLite and PostgreSQL failed on them with a 500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not UTF-8 text (an unpaired surrogate at character {exc.start}): "
+                         "send UTF-8") from None
+    return value
+
+
+Utf8Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class CreateKnowledgeBase(BaseModel):
     knowledge_base_name: str = Field(examples=["samples"])
     vector_store_type: str = Field("", description="Chatchat's vs_type; ChatFleet uses its "
                                    "configured store (kb.store) whatever this says")
-    kb_info: str = ""
+    kb_info: Utf8Text = ""
     embed_model: str = Field("", description="Ignored: the configured kb.embeddings.model is used")
 
 
@@ -323,7 +337,12 @@ async def _read_uploads(request: Request, files: list[UploadFile]
     for upload in files:
         raw_name = upload.filename or ""
         try:
-            named.append((validate_file_name(raw_name), await upload.read()))
+            name = validate_file_name(raw_name)
+            if any(name == taken for taken, _ in named):
+                raise InvalidName(f"file name {name!r} appears twice in this upload: the first "
+                                  "is stored; rename the other, or upload it on its own with "
+                                  "override=true to replace the first")
+            named.append((name, await upload.read()))
         except InvalidName as exc:
             failed[raw_name] = str(exc)
             request.app.state.metrics.ingest_files_total.labels(_knowledge(request).store.kind,
@@ -365,7 +384,7 @@ async def delete_docs(body: DeleteDocs, request: Request) -> Response:
 
 class UpdateInfo(BaseModel):
     knowledge_base_name: str = Field(examples=["samples"])
-    kb_info: str
+    kb_info: Utf8Text
 
 
 @router.post("/update_info", summary="Change a knowledge base's description (Chatchat)",

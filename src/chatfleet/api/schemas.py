@@ -9,6 +9,8 @@ names logged, as vLLM does.
 
 from __future__ import annotations
 
+import math
+
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -36,8 +38,29 @@ SAMPLING_FIELDS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "
 """Request fields passed to the engine as they are."""
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds, a float that is not finite (NaN, infinity)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _finite_numbers(self) -> _Request:
+        """Python's JSON reader takes ``NaN`` and ``Infinity``; JSON has no such numbers, and a
+        field passed to the engine holding one failed on the way out (a 500): refuse it here."""
+        for name in SAMPLING_FIELDS:
+            if _non_finite(self.__dict__.get(name)):
+                raise ValueError(f"{name} holds NaN or Infinity, which JSON has no numbers for: "
+                                 "send a finite number")
+        return self
 
     def ignored_fields(self) -> list[str]:
         """Names of fields this API does not know (logged by name, never by value)."""

@@ -131,6 +131,12 @@ def _custom_doc(name: str, index: int, doc: _Document) -> CustomDoc:
                                 "finite (NaN or infinity): send finite numbers") from None
     if "\\u0000" in stored or "\x00" in doc.page_content:
         raise InvalidCustomDocs(f"docs[{name!r}][{index}] holds a NUL character: remove it")
+    try:
+        (doc.page_content + json.dumps(doc.metadata, ensure_ascii=False)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidCustomDocs(f"docs[{name!r}][{index}] is not UTF-8 text (an unpaired "
+                                "surrogate, as a lone \\ud800 escape decodes to): send "
+                                "UTF-8") from None
     chunk_id = doc.metadata.get("id")
     return CustomDoc(text=doc.page_content,
                      metadata={k: v for k, v in doc.metadata.items() if k not in _STORE_KEYS},

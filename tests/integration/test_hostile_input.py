@@ -1,0 +1,77 @@
+"""Hostile input found by the red-team pass (issue 12): each answers a clear 4xx, never a 500.
+
+The gateway relays to a real engine-sim upstream (engine.kind=openai), where a value that cannot
+be sent on as JSON used to fail on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import SIM_MODEL, Server, start_engine_sim, start_gateway, upstream_env
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Server]:
+    sim = start_engine_sim()
+    server = start_gateway(upstream_env(sim))
+    yield server
+    server.proc.terminate()
+    sim.proc.terminate()
+
+
+@pytest.mark.parametrize(("field", "raw"), [
+    ("repetition_penalty", "Infinity"),
+    ("temperature", "NaN"),
+    ("response_format", '{"type": "json_object", "weight": -Infinity}'),
+    ("logit_bias", '{"42": NaN}'),
+])
+def test_a_number_json_has_not_is_a_400_naming_its_field(gw: Server, field: str, raw: str) -> None:
+    body = ('{"model": "' + SIM_MODEL + '", "max_tokens": 2, "messages": [{"role": "user", '
+            f'"content": "hi"}}], "{field}": {raw}}}')
+    response = httpx.post(f"{gw.v1}/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["create_knowledge_base", "update_info"])
+def test_a_kb_info_with_an_unpaired_surrogate_is_a_422(gw: Server, route: str) -> None:
+    httpx.post(f"{gw.url}/knowledge_base/create_knowledge_base",
+               json={"knowledge_base_name": "surrogates"}, timeout=10)
+    body = ('{"knowledge_base_name": "surrogates", "kb_info": "half a pair: \\ud800"}')
+    response = httpx.post(f"{gw.url}/knowledge_base/{route}", content=body,
+                          headers={"content-type": "application/json"}, timeout=10)
+    assert response.status_code == 422, response.text
+    assert "kb_info" in response.json()["msg"] and "UTF-8" in response.json()["msg"]
+    listed = httpx.get(f"{gw.url}/knowledge_base/list_knowledge_bases", timeout=10).json()
+    assert all("\ud800" not in kb["kb_info"] for kb in listed["data"])
+
+
+def test_custom_docs_with_an_unpaired_surrogate_are_a_422(gw: Server) -> None:
+    httpx.post(f"{gw.url}/knowledge_base/create_knowledge_base",
+               json={"knowledge_base_name": "surrogate_docs"}, timeout=10)
+    docs = '{"a.txt": [{"page_content": "half a pair: \\ud800"}]}'
+    response = httpx.post(f"{gw.url}/knowledge_base/upload_docs", data={
+        "knowledge_base_name": "surrogate_docs", "docs": docs},
+        files=[("files", ("a.txt", b"hello"))], timeout=30)
+    assert response.status_code == 200
+    assert response.json()["code"] == 422 and "UTF-8" in response.json()["msg"]
+
+
+def test_two_files_of_one_name_in_one_upload_store_the_first_and_refuse_the_second(
+        gw: Server) -> None:
+    httpx.post(f"{gw.url}/knowledge_base/create_knowledge_base",
+               json={"knowledge_base_name": "twins"}, timeout=10)
+    response = httpx.post(f"{gw.url}/knowledge_base/upload_docs", data={
+        "knowledge_base_name": "twins"}, files=[("files", ("a.txt", b"the first one")),
+                                               ("files", ("a.txt", b"the second one"))],
+        timeout=30)
+    failed = response.json()["data"]["failed_files"]
+    assert "a.txt" in failed and "twice" in failed["a.txt"]
+    content = httpx.get(f"{gw.url}/knowledge_base/download_doc", params={
+        "knowledge_base_name": "twins", "file_name": "a.txt"}, timeout=10).content
+    assert content == b"the first one"
