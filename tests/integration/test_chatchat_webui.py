@@ -79,6 +79,15 @@ def _files(webui: ChatchatWebUI, kb: str) -> dict[str, dict[str, Any]]:
     return {row["file_name"]: row for row in webui.call("list_kb_docs", kb)}
 
 
+def _upload_with_custom_chunk(webui: ChatchatWebUI, kb: str, path: Path, text: str,
+                              chunk: str) -> None:
+    """Upload a file holding ``text`` whose one chunk is ``chunk`` (custom docs)."""
+    path.write_text(text)
+    ret = webui.call("upload_kb_docs", [str(path)], kb, override=True,
+                     docs={path.name: [{"page_content": chunk}]})
+    assert ret["code"] == 200 and ret["data"]["failed_files"] == {}, ret
+
+
 def _grid(webui: ChatchatWebUI, kb: str, file_name: str) -> list[str]:
     """The chunk grid's content column for one file."""
     return [row["page_content"] for row in webui.op("kb_page_grid", kb=kb, file_name=file_name)]
@@ -176,10 +185,9 @@ def test_an_edit_of_a_chunk_that_is_gone_changes_nothing_and_says_why(
 
 def test_readding_to_the_vector_store_keeps_custom_docs_unless_told_to_override(
         webui: ChatchatWebUI, kb: str, tmp_path: Path) -> None:
-    path = tmp_path / "notes.txt"
-    path.write_text("The file's own text, as the splitter cuts it.")
-    webui.call("upload_kb_docs", [str(path)], kb, override=True,
-               docs={"notes.txt": [{"page_content": "A hand-written chunk."}]})
+    _upload_with_custom_chunk(webui, kb, tmp_path / "notes.txt",
+                              "The file's own text, as the splitter cuts it.",
+                              "A hand-written chunk.")
     kept = webui.call("update_kb_docs", kb, ["notes.txt", "drain.txt"])  # the "re-add" button
     assert kept["code"] == 200 and kept["data"]["failed_files"] == {}
     assert "kept the custom docs of notes.txt" in kept["msg"]
@@ -200,10 +208,8 @@ def test_custom_docs_that_are_not_documents_are_refused_with_the_shape_to_send(
 
 def test_rebuilding_shows_progress_to_the_end_and_resplits_custom_docs_as_chatchat_does(
         webui: ChatchatWebUI, kb: str, tmp_path: Path) -> None:
-    path = tmp_path / "custom.txt"
-    path.write_text("Text the splitter will cut again on a rebuild.")
-    webui.call("upload_kb_docs", [str(path)], kb, override=True,
-               docs={"custom.txt": [{"page_content": "Custom chunk."}]})
+    _upload_with_custom_chunk(webui, kb, tmp_path / "custom.txt",
+                              "Text the splitter will cut again on a rebuild.", "Custom chunk.")
     rebuilt = webui.op("kb_page_rebuild", kb=kb)
     assert rebuilt["toasts"] == []
     fractions = [fraction for fraction, _ in rebuilt["progress"]]

@@ -668,6 +668,18 @@ async def blocked_on_a_lock(conn: asyncpg.Connection) -> bool:
                                "current_database() AND wait_event_type = 'Lock'") > 0
 
 
+async def row_lock_held(stack: AsyncExitStack, dsn: str,
+                        chunk_id: int) -> asyncpg.transaction.Transaction:
+    """A transaction of its own connection holding ``chunk_id``'s row lock (a re-analysis batch
+    reaching it waits there) until the caller rolls it back; the connection closes with ``stack``."""
+    holder = await asyncpg.connect(dsn)
+    stack.push_async_callback(holder.close)
+    hold = holder.transaction()
+    await hold.start()
+    await holder.execute("SELECT FROM chatfleet_chunk WHERE id = $1 FOR UPDATE", chunk_id)
+    return hold
+
+
 async def stopped_at(conn: asyncpg.Connection, chunk_id: int) -> bool:
     """Whether the re-analysis committed up to ``chunk_id`` and waits on a row lock."""
     return await position(conn) == chunk_id and await blocked_on_a_lock(conn)
@@ -722,11 +734,7 @@ async def test_pgvector_re_analysis_stopped_midway_resumes_where_it_stopped(pg_d
         conn = await asyncpg.connect(pg_dsn)
         stack.push_async_callback(conn.close)
         ids = await stored_under_the_old_analyzer(conn, pg_dsn, 20)
-        holder = await asyncpg.connect(pg_dsn)
-        stack.push_async_callback(holder.close)
-        hold = holder.transaction()
-        await hold.start()
-        await holder.execute("SELECT FROM chatfleet_chunk WHERE id = $1 FOR UPDATE", ids[12])
+        hold = await row_lock_held(stack, pg_dsn, ids[12])
         store = PgVectorStore(pg_dsn, reanalyze_batch=4)
         await store.start()
         await eventually(lambda: stopped_at(conn, ids[11]))
@@ -759,11 +767,7 @@ async def test_pgvector_re_analysis_runs_on_one_replica_and_another_takes_over_i
         conn = await asyncpg.connect(pg_dsn)
         stack.push_async_callback(conn.close)
         ids = await stored_under_the_old_analyzer(conn, pg_dsn, 12)
-        holder = await asyncpg.connect(pg_dsn)
-        stack.push_async_callback(holder.close)
-        hold = holder.transaction()
-        await hold.start()
-        await holder.execute("SELECT FROM chatfleet_chunk WHERE id = $1 FOR UPDATE", ids[4])
+        hold = await row_lock_held(stack, pg_dsn, ids[4])
         first = PgVectorStore(pg_dsn, reanalyze_batch=4)
         stack.push_async_callback(first.aclose)
         await first.start()

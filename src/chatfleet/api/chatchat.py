@@ -133,10 +133,15 @@ def _refusal(request: Request, code: int, msg: str, *, stream: bool, error_type:
         return JSONResponse(body, status_code=code)
     if not stream:
         return envelope(code, msg)
-    payload = json.dumps(body, ensure_ascii=False)
+    return _one_event(body)
+
+
+def _one_event(payload: dict[str, Any]) -> Response:
+    """An event stream of one event in Chatchat's framing: a refusal, or a return_direct answer."""
+    frame = crlf_data_frame(json.dumps(payload, ensure_ascii=False))
 
     async def one_event() -> AsyncIterator[bytes]:
-        yield crlf_data_frame(payload)
+        yield frame
     return sse_response(one_event())
 
 
@@ -301,21 +306,14 @@ async def _kb_answer(request: Request, *, route: str, mode: str, kb_name: str, q
     if isinstance(retrieved, Response):
         return retrieved
     served = _service(request).model
-    extra = {"docs": retrieved.docs, **_retrieval_info(retrieved.result)}
+    info = _retrieval_info(retrieved.result)
     if options.return_direct:
-        answer = chatchat_completion(model=served, content="", finish_reason="stop", extra=extra)
-        if stream:
-            payload = json.dumps(answer, ensure_ascii=False)
-
-            async def one_event() -> AsyncIterator[bytes]:
-                yield crlf_data_frame(payload)
-            return sse_response(one_event())
-        return JSONResponse(answer)
+        answer = chatchat_completion(model=served, content="", finish_reason="stop",
+                                     extra={"docs": retrieved.docs, **info})
+        return _one_event(answer) if stream else JSONResponse(answer)
     prompt = render_rag_prompt(options.prompt_name, question=query,
                                contexts=[c.chunk.text for c in retrieved.result.chunks])
-
     docs = retrieved.docs or [_NO_DOCS]
-    info = _retrieval_info(retrieved.result)
 
     def whole(answer: dict[str, Any]) -> dict[str, Any]:
         content, finish_reason = _content(answer)

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Body, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema
 
-from chatfleet.api.chatchat_envelope import envelope
+from chatfleet.api.chatchat_envelope import envelope, error_data
 from chatfleet.api.chatchat_schemas import ChatchatEnvelope, KbDocument, KbProgressEvent
 from chatfleet.api.responses import (
     chatchat_errors,
@@ -68,6 +68,9 @@ _ENVELOPE = {200: {"model": ChatchatEnvelope,
 _JSON_BODY_ERRORS = chatchat_errors(400, 413, 422)
 _QUERY_ERRORS = chatchat_errors(422)
 _INGEST_ERRORS = chatchat_errors(400, 413, 422, 429)
+_CHUNKS_OR_ENVELOPE = json_content({"type": "array", "items": json_schema(KbDocument)},
+                                   ChatchatEnvelope)
+"""search_docs' and search_temp_docs' answer: a bare list of chunks, or Chatchat's envelope."""
 _OPTIONAL_INT = WithJsonSchema({"type": "integer"})
 """A form field that may be left out: a form has no null, so the schema says integer only."""
 
@@ -177,9 +180,7 @@ def _document(chunk: Any, score: float | None) -> dict[str, Any]:
              responses={200: {"description": "The chunks found (none for a missing knowledge "
                                              "base), or an envelope when the embeddings endpoint "
                                              "failed",
-                              "content": json_content({"type": "array",
-                                                        "items": json_schema(KbDocument)},
-                                                       ChatchatEnvelope)},
+                              "content": _CHUNKS_OR_ENVELOPE},
                         **_JSON_BODY_ERRORS})
 async def search_docs(body: SearchDocs, request: Request) -> Response:
     knowledge = _knowledge(request)
@@ -280,7 +281,7 @@ def _split(request: Request, chunk_size: int | None, chunk_overlap: int | None
     try:
         return _knowledge(request).split_options(chunk_size, chunk_overlap)
     except ValueError as exc:
-        return envelope(422, str(exc))
+        return envelope(422, str(exc), error_data(request.url.path))
 
 
 @router.post("/upload_docs", summary="Upload files into a knowledge base (Chatchat; multipart)",
@@ -538,11 +539,10 @@ async def upload_temp_docs(
     if len(files) > limit:
         return envelope(422, f"{len(files)} files in one upload; at most {limit} "
                              "(kb.max_files_per_upload): upload them in smaller groups",
-                        {"id": None, "failed_files": []})
-    try:
-        split = knowledge.split_options(chunk_size, chunk_overlap)
-    except ValueError as exc:
-        return envelope(422, str(exc), {"id": None, "failed_files": []})
+                        error_data(request.url.path))
+    split = _split(request, chunk_size, chunk_overlap)
+    if isinstance(split, Response):
+        return split
     named, refused = await _read_uploads(request, files)
     async with knowledge.ingestor.slot():
         temp_id, kb = await knowledge.temp.create(knowledge.embed_model, prev_id=prev_id)
@@ -551,7 +551,7 @@ async def upload_temp_docs(
         except KnowledgeBaseNotFound:
             return envelope(409, "the temporary knowledge base was replaced or deleted during "
                                  "this upload (another upload with the same prev_id?): upload "
-                                 "again", {"id": None, "failed_files": []})
+                                 "again", error_data(request.url.path))
     failed = [{name: reason} for name, reason in refused.items()]
     if len(refused) == len(files):
         await knowledge.temp.delete(kb)
@@ -571,9 +571,7 @@ class SearchTempDocs(BaseModel):
 @router.post("/search_temp_docs", summary="Search a temporary knowledge base (Chatchat)",
              responses={200: {"description": "The chunks found, or an envelope when the "
                                              "temporary knowledge base expired",
-                              "content": json_content({"type": "array",
-                                                        "items": json_schema(KbDocument)},
-                                                       ChatchatEnvelope)},
+                              "content": _CHUNKS_OR_ENVELOPE},
                         **_JSON_BODY_ERRORS})
 async def search_temp_docs(body: SearchTempDocs, request: Request) -> Response:
     knowledge = _knowledge(request)
