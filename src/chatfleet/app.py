@@ -31,6 +31,7 @@ from chatfleet.engines.simulated import SimulatedEngine
 from chatfleet.rag.knowledge import KnowledgeService
 from chatfleet.serving.admission import AdmissionController, Priority
 from chatfleet.serving.completions import CompletionService
+from chatfleet.serving.engine_metrics import EngineMetricsCache
 from chatfleet.serving.lifecycle import Lifecycle
 from chatfleet.serving.model_names import ModelNames
 from chatfleet.settings import EngineKind, Settings
@@ -117,6 +118,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.engine_metrics = EngineMetricsCache(engine)
     app.state.metrics = metrics
     app.state.knowledge = knowledge_service
     app.state.model_names = ModelNames(served=model, aliases=tuple(settings.engine.model_aliases))

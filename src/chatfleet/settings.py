@@ -280,7 +280,7 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     """API keys clients must send as ``Authorization: Bearer <key>`` on every route but /livez,
-    /readyz, /metrics(/engine) and the API docs. ``CHATFLEET_API_KEYS`` is a comma-separated list
+    /readyz, /metrics and the API docs. ``CHATFLEET_API_KEYS`` is a comma-separated list
     (spaces around keys and empty items are dropped); list two to rotate one. Empty (the default):
     no authentication. Never logged, never in /metrics or in error messages."""
     auth: AuthSettings = AuthSettings()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from chatfleet.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatMessageIn,
     ErrorDetail,
+    refuse_many_parts,
 )
 
 __all__ = ["ChatchatChatRequest", "ChatchatEnvelope", "ChatchatRelayChunk",
@@ -94,6 +95,8 @@ class ChatchatChatRequest(KbChatOptions):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+
+    _few_parts = model_validator(mode="before")(refuse_many_parts)
 
     def sampling(self) -> dict[str, Any]:
         names = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")

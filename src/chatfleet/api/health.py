@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from chatfleet.api.responses import json_content
 from chatfleet.api.schemas import ErrorResponse
 from chatfleet.engines.base import Engine, EngineUnavailable
+from chatfleet.serving.engine_metrics import EngineMetricsCache
 from chatfleet.serving.openai_format import error_body
 from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, render
 
@@ -59,10 +60,13 @@ async def metrics(request: Request) -> Response:
                       "description": "The engine is unavailable"}})
 async def engine_metrics(request: Request) -> Response:
     """Lets Prometheus scrape the engine through the gateway's port: in the chart's pod the engine
-    port is closed to the network, and vLLM serves its API and its metrics on one port."""
+    port is closed to the network, and vLLM serves its API and its metrics on one port. Needs the
+    API key when keys are set (each call reaches the engine); scraped at most once a second
+    (``serving/engine_metrics.py``)."""
     engine: Engine = request.app.state.engine
+    cache: EngineMetricsCache = request.app.state.engine_metrics
     try:
-        exposition = await engine.metrics_exposition()
+        exposition = await cache.get()
     except EngineUnavailable as exc:
         return JSONResponse(error_body(exc.message, error_type="engine_unavailable", code=503),
                             status_code=503)

@@ -11,7 +11,8 @@ Exceptions (all ``EngineError``)::
 
     EngineError                  base; carries an HTTP-like status and a message for the client
     ├── EngineRequestRejected    the engine refused this request (4xx upstream: bad parameter, too long)
-    └── EngineUnavailable        the engine cannot serve now (connection refused, died mid-stream, 5xx)
+    ├── EngineUnavailable        the engine cannot serve now (connection refused, died mid-stream, 5xx)
+    └── EngineBadData            the engine answered, but not in its protocol (502)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 __all__ = [
     "ChatMessage",
     "Engine",
+    "EngineBadData",
     "EngineError",
     "EngineRequestRejected",
     "EngineUnavailable",
@@ -32,7 +34,8 @@ __all__ = [
     "Usage",
 ]
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+"""OpenAI's finish reasons, the only ones a client sees: its SDKs type the field as this closed set."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,11 @@ class EngineUnavailable(EngineError):
 
     status = 503
     error_type = "engine_unavailable"
+
+
+class EngineBadData(EngineError):
+    """The engine sent what its protocol does not allow (a stream chunk of the wrong shape, a line
+    over the bound): a 502 before the answer starts, an error event after; not worth a retry."""
 
 
 @runtime_checkable

@@ -22,12 +22,20 @@ from typing import Any
 import httpx
 
 from chatfleet.engines.base import (
+    EngineBadData,
     EngineError,
     EngineRequestRejected,
     EngineUnavailable,
     GenerationDelta,
     GenerationRequest,
     Usage,
+)
+from chatfleet.engines.upstream_wire import (
+    MAX_ERROR_BODY_BYTES,
+    bounded_lines,
+    finish_reason,
+    parse_chunk,
+    read_at_most,
 )
 from chatfleet.http_pools import ShardedTransport
 
@@ -37,6 +45,10 @@ log = logging.getLogger(__name__)
 
 _ERROR_TEXT_MAX = 512
 """Characters of an upstream error body kept in the message to the client."""
+_MAX_MODELS_BYTES = 1 << 20
+"""Largest /models answer read (1 MiB: thousands of model cards)."""
+_MAX_METRICS_BYTES = 16 << 20
+"""Largest metrics exposition relayed (16 MiB; vLLM's is tens of KiB)."""
 
 
 def _upstream_message(status: int, raw: bytes) -> str:
@@ -71,7 +83,11 @@ class OpenAICompatEngine:
         return f"OpenAICompatEngine(base_url={self.base_url!r}, api_key={'***' if self._api_key else None})"
 
     async def start(self) -> None:
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        # identity: what is read is what arrives, so the bounds on it (upstream_wire) are bounds
+        # on memory too; a compressed answer could inflate past them inside the decoder.
+        headers = {"Accept-Encoding": "identity"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         # Building the transport loads the CA bundle into an SSL context (tens of ms): off the loop.
         transport = await asyncio.to_thread(ShardedTransport, connections=self._max_connections)
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout,
@@ -88,27 +104,42 @@ class OpenAICompatEngine:
             raise RuntimeError("OpenAICompatEngine.start() was not called")
         return self._client
 
+    async def _get(self, url: str, limit: int) -> tuple[int, bytes, bool, str | None]:
+        """GET ``url``: status, at most ``limit`` bytes of the body (of an error body, at most
+        MAX_ERROR_BODY_BYTES), whether there was more, and the content type."""
+        async with self.client.stream("GET", url, timeout=5.0) as response:
+            bound = limit if response.status_code == 200 else MAX_ERROR_BODY_BYTES
+            body, truncated = await read_at_most(response.aiter_raw(), bound)
+            return response.status_code, body, truncated, response.headers.get("content-type")
+
     async def list_models(self) -> list[str]:
         try:
-            response = await self.client.get("/models", timeout=5.0)
+            status, body, truncated, _ = await self._get("/models", _MAX_MODELS_BYTES)
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"engine at {self.base_url} is not reachable: {exc!r}") from exc
-        if response.status_code != 200:
-            raise EngineUnavailable(_upstream_message(response.status_code, response.content))
+        if status != 200:
+            raise EngineUnavailable(_upstream_message(status, body))
+        if truncated:
+            raise EngineUnavailable(f"engine at {self.base_url} answered /models with more than "
+                                    f"{_MAX_MODELS_BYTES} bytes")
         try:
-            return [str(card["id"]) for card in response.json()["data"]]
+            return [str(card["id"]) for card in json.loads(body)["data"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise EngineUnavailable(f"engine at {self.base_url} answered /models with an unexpected "
                                     "body") from exc
 
     async def metrics_exposition(self) -> tuple[bytes, str] | None:
         try:
-            response = await self.client.get(self.metrics_url, timeout=5.0)
+            status, body, truncated, content_type = await self._get(self.metrics_url,
+                                                                    _MAX_METRICS_BYTES)
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"engine metrics at {self.metrics_url} are not reachable: {exc!r}") from exc
-        if response.status_code != 200:
-            raise EngineUnavailable(f"engine metrics at {self.metrics_url}: HTTP {response.status_code}")
-        return response.content, response.headers.get("content-type", "text/plain; version=0.0.4")
+        if status != 200:
+            raise EngineUnavailable(f"engine metrics at {self.metrics_url}: HTTP {status}")
+        if truncated:
+            raise EngineUnavailable(f"engine metrics at {self.metrics_url} are larger than "
+                                    f"{_MAX_METRICS_BYTES} bytes")
+        return body, content_type or "text/plain; version=0.0.4"
 
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = dict(request.sampling)
@@ -128,7 +159,7 @@ class OpenAICompatEngine:
         try:
             async with self.client.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
-                    raw = await response.aread()
+                    raw, _ = await read_at_most(response.aiter_raw(), MAX_ERROR_BODY_BYTES)
                     message = _upstream_message(response.status_code, raw)
                     if 400 <= response.status_code < 500 and response.status_code != 429:
                         raise EngineRequestRejected(message, status=response.status_code)
@@ -145,31 +176,28 @@ class OpenAICompatEngine:
             raise EngineUnavailable(f"engine connection failed mid-request: {exc!r}") from exc
 
     async def _deltas(self, response: httpx.Response) -> AsyncIterator[GenerationDelta]:
-        finish_reason: str | None = None
+        """The deltas of an SSE stream; what is not OpenAI's stream (upstream_wire) raises
+        EngineBadData."""
+        reason: str | None = None
         usage: Usage | None = None
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in bounded_lines(response.aiter_raw()):
+            if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 break
-            try:
-                chunk = json.loads(data)
-            except ValueError as exc:
-                raise EngineUnavailable("engine sent a malformed stream chunk") from exc
-            if "error" in chunk:
-                raise EngineUnavailable(_upstream_message(502, data.encode()))
-            for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+            chunk = parse_chunk(data)
+            for choice in chunk.choices or ():
+                text = choice.delta.content if choice.delta is not None else choice.text
                 if text:
                     yield GenerationDelta(text)
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-            if chunk.get("usage"):
-                u = chunk["usage"]
-                usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+                if choice.finish_reason:
+                    reason = choice.finish_reason
+            if chunk.usage is not None:
+                usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
         else:
             raise EngineUnavailable("engine closed the stream before it finished")
-        if finish_reason is None:
-            raise EngineUnavailable("engine ended the stream without a finish reason")
-        yield GenerationDelta("", tokens=0, finish_reason=finish_reason, usage=usage)  # type: ignore[arg-type]
+        if reason is None:
+            raise EngineBadData("the upstream engine sent bad data: the stream ended ([DONE]) "
+                                "without a finish reason")
+        yield GenerationDelta("", tokens=0, finish_reason=finish_reason(reason), usage=usage)
