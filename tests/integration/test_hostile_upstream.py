@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from tests.chart.render import one, render
 from tests.conftest import Server, start_gateway
 from tests.support.bad_upstream import BAD_PAYLOADS, MODEL, bad_upstream_env, start_bad_upstream
 from tests.support.metrics import value
@@ -224,3 +225,17 @@ def test_tens_of_thousands_of_content_parts_are_refused_before_they_are_validate
     fine = {**body, "messages": [{"role": "user", "content": parts[:3]}]}
     assert httpx.post(gw.v1 + "/chat/completions", json=fine, headers=AUTH,
                       timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(("values", "key"), [({}, None),
+                                             ({"auth.existingSecret": "keys"}, "api-keys"),
+                                             ({"auth.existingSecret": "keys",
+                                               "auth.scrapeSecretKey": "scrape-key"}, "scrape-key")])
+def test_the_charts_service_monitor_sends_a_key_to_the_engine_metrics_when_keys_are_set(
+        values: dict[str, str], key: str | None) -> None:
+    endpoints = one(render(values), "ServiceMonitor")["spec"]["endpoints"]
+    auth = {e["path"]: e.get("authorization") for e in endpoints}
+    assert auth["/metrics"] is None  # the gateway's own metrics stay open
+    expected = None if key is None else {"type": "Bearer",
+                                         "credentials": {"name": "keys", "key": key}}
+    assert auth["/metrics/engine"] == expected
