@@ -61,10 +61,11 @@ class _Beacons:
     """A test-owned HTTP listener on 127.0.0.1: the paths a page's script requested."""
 
     def __init__(self) -> None:
-        hits = self.hits = []  # type: list[str]
+        self.hits: list[str] = []
+        hits = self.hits
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 hits.append(self.path)
                 self.send_response(204)
                 self.end_headers()

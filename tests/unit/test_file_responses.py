@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from chatfleet.api.file_responses import SANDBOX_CSP, content_disposition, stored_file_response
+from chatfleet.api.file_responses import (
+    SANDBOX_CSP,
+    content_disposition,
+    stored_file_response,
+)
 
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 
