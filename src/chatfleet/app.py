@@ -129,7 +129,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     install_error_handlers(app)
     install_openapi(app, api_keys=bool(settings.api_keys),
-                    rate_limited=bool(settings.api_keys) and settings.auth.rate_limit_rps > 0)
+                    rate_limited=bool(settings.api_keys) and (settings.auth.rate_limit_rps > 0
+                                                              or settings.auth.failed_keys_per_s > 0))
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes,
                        upload_paths=UPLOAD_PATHS, max_upload_bytes=settings.kb.max_upload_bytes)
     app.add_middleware(AdmissionGate)  # a certain 429 costs the least
@@ -139,6 +140,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys,
                            rate_limit_rps=settings.auth.rate_limit_rps,
                            rate_limit_burst=settings.auth.rate_limit_burst,
+                           failed_keys_per_s=settings.auth.failed_keys_per_s,
+                           failed_keys_burst=settings.auth.failed_keys_burst,
                            on_reject=lambda reason: rejections[reason].inc())
     if settings.log.access:  # outermost: it logs what the others refuse, with their status
         app.add_middleware(AccessLog)

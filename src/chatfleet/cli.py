@@ -101,6 +101,7 @@ def serve(
     serve_app(gateway, sock, log_level=settings.server.log_level,
               drain_timeout_s=settings.server.drain_timeout_s,
               keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s,
+              forwarded_allow_ips=settings.server.forwarded_allow_ips,
               describe=startup_fields(gateway))
 
 

@@ -6,7 +6,9 @@ warnings go through it, so with ``json`` every line the process logs is a JSON o
 
 A record may carry structured fields: ``log.info(msg, *args, extra={FIELDS: {...}})``. The JSON
 formatter writes them as keys of the line beside time, level, logger and message; the text
-formatter writes the message only, which says the same for a reader. The standard library's
+formatter writes the message only, which says the same for a reader, with its control characters
+escaped (``\\n``, ``\\x1b``): a newline inside a value a client sent (a field name, a path) cannot
+start a forged line, nor an escape sequence rewrite a terminal. The standard library's
 ``logging`` and ``json`` suffice for this: python-json-logger (installed, as kopf's dependency)
 would add a dependency for the same dozen lines.
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Literal
 
-__all__ = ["FIELDS", "JsonFormatter", "configure_logging"]
+__all__ = ["FIELDS", "JsonFormatter", "TextFormatter", "configure_logging", "escape_controls",
+           "name_list"]
 
 FIELDS = "fields"
 """The ``extra`` key whose mapping the JSON formatter writes as keys of the line."""
@@ -28,6 +32,33 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _RESERVED = frozenset({"time", "level", "logger", "message", "exception", "stack"})
 """Keys of every JSON line; a structured field of the same name is written with a ``_`` after it."""
+
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 control characters, DEL, and the Unicode line and paragraph separators."""
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character written as its Python escape (``\\n``, ``\\x1b``,
+    ``\\u2028``): one line, and nothing a terminal acts on."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def name_list(names: list[str], *, most: int = 10, chars: int = 64) -> str:
+    """Client-chosen names (e.g. unknown JSON fields) for a log line: the first ``most``, each cut
+    to ``chars`` characters and quoted, then "and N more": a line of bounded size, whatever the
+    client sent."""
+    shown = ", ".join(repr(n if len(n) <= chars else n[:chars] + "...") for n in names[:most])
+    rest = len(names) - most
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` with the message's control characters escaped (:func:`escape_controls`);
+    a traceback still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,7 +91,7 @@ def configure_logging(level: str, log_format: Literal["text", "json"] = "text") 
     """Log ``level`` and above to stderr in ``log_format``, replacing any handler already on the
     root logger."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream request

@@ -19,7 +19,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import FrameType
 
 import uvicorn
@@ -98,6 +98,7 @@ def listen_url(sock: socket.socket) -> str:
 
 def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeout_s: float,
               keep_alive_s: float, slow_callback_s: float | None = None,
+              forwarded_allow_ips: Sequence[str] = (),
               describe: Mapping[str, object] | None = None) -> None:
     """Serve ``app`` on ``sock`` (from ``listening_socket``: the caller binds it first, so an
     address in use is its error to explain, before anything starts) until SIGTERM has drained it
@@ -105,6 +106,8 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
 
     ``slow_callback_s`` turns on asyncio's debug mode on the stdlib loop (uvloop does not report
     slow callbacks): every callback that holds the loop longer is logged, to find blocking calls.
+    ``forwarded_allow_ips``: the proxies whose X-Forwarded-For/-Proto uvicorn believes; none
+    (the default) turns its proxy headers off, where uvicorn would believe any on 127.0.0.1.
     ``describe``: what the start-up line says about the app besides its address (None values are
     left out of the text).
     """
@@ -113,7 +116,9 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on",
-                            timeout_keep_alive=keep_alive_s, loop="asyncio" if debug else "auto")
+                            timeout_keep_alive=keep_alive_s, loop="asyncio" if debug else "auto",
+                            proxy_headers=bool(forwarded_allow_ips),
+                            forwarded_allow_ips=list(forwarded_allow_ips) or None)
     server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s, describe=describe)
     with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:
         if slow_callback_s is not None:

@@ -7,6 +7,7 @@ Read once at start-up (``Settings()``) and passed down; nothing else reads the e
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -148,6 +149,49 @@ class ServerSettings(BaseModel):
     log_level: str = "info"
     slow_callback_s: float | None = Field(None, gt=0)
     """Turn on asyncio debug mode and log every event-loop callback slower than this (diagnostics)."""
+    public_url: str | None = None
+    """The gateway's address as its clients reach it, e.g. ``https://chat.example.com`` (a path
+    prefix may follow): the base of kb_chat's reference links and /server/configs'
+    ``api_address``, as Chatchat's ``API_SERVER.public_host/public_port``. Unset: reference links
+    are relative (``/knowledge_base/download_doc?...``) and ``api_address`` is the bound address.
+    Never taken from a request's ``Host`` header, which any client sets."""
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = []
+    """Addresses or networks (comma-separated, e.g. ``10.0.0.0/8``; ``*``: any) of proxies whose
+    ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed, so that the client address (for
+    the wrong-key limit) is the client's. Empty (the default): those headers are ignored, the
+    address is the connection's peer."""
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if problem := _url_problem(value):
+            raise ValueError(f"{problem}: give the URL clients reach the gateway at, e.g. "
+                             "https://chat.example.com")
+        parts = urlsplit(value)
+        if parts.query or parts.fragment:
+            raise ValueError("it has a query or a fragment: give the URL clients reach the gateway "
+                             "at, e.g. https://chat.example.com")
+        return value.rstrip("/")
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        """A comma-separated string (the environment) or a list; blanks dropped; each an IP
+        address, a network or ``*``."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            return items  # the field's own validation refuses it
+        proxies = [item.strip() for item in items if item.strip()]
+        for item in proxies:
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item[:60]!r} is no IP address or network: give proxies "
+                                     "as e.g. 10.0.0.7 or 10.0.0.0/8, or * for any") from None
+        return proxies
 
 
 class LogSettings(BaseModel):
@@ -185,6 +229,15 @@ class AuthSettings(BaseModel):
     """Requests one API key may send at once above the rate: the bucket's size; a key that has
     been idle starts with this many. Past it the key gets 429 with Retry-After. Used only when
     ``rate_limit_rps`` is above 0."""
+    failed_keys_per_s: float = Field(1.0, ge=0)
+    """Wrong API keys one client address (an IPv4 address, an IPv6 /64) may send per second,
+    sustained, in each gateway process. Past ``failed_keys_burst`` the address gets 429 with
+    Retry-After on every route that needs a key, its keys not even compared, until it is back
+    under the rate: a key cannot be guessed at the speed of the network. 0: no limit. Behind a
+    proxy every client has the proxy's address (one wrong client then holds back all) unless
+    ``server.forwarded_allow_ips`` names the proxy. Used only with ``api_keys``."""
+    failed_keys_burst: int = Field(20, ge=1, le=1_000_000)
+    """Wrong API keys one client address may send at once before ``failed_keys_per_s`` applies."""
 
 
 class StoreKind(StrEnum):

@@ -16,6 +16,10 @@ routing or validation, and learns nothing about the deployment but that it needs
   ``WWW-Authenticate: Bearer`` (RFC 6750). A valid key over ``auth.rate_limit_rps``: 429 with
   Retry-After (``rate_limited``). Bodies are OpenAI's error envelope, or Chatchat's
   ``{code, msg, data}`` on its routes with the same HTTP status, as for 413 and 429 elsewhere.
+- Wrong keys are limited per client address (``auth.failed_keys_per_s``, ``failed_keys_burst``):
+  an address over it gets 429 with Retry-After (``too_many_failures``) before its key is even
+  compared, whatever key it sends, until it is back under the rate. The address is the
+  connection's peer (uvicorn's proxy headers are believed only from ``server.forwarded_allow_ips``).
 - Neither a presented nor a configured key ever reaches a response, a log line or a metric label.
 """
 
@@ -32,7 +36,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatfleet.api.access_log import loggable_path
 from chatfleet.api.errors import error_response
-from chatfleet.serving.rate_limit import KeyRateLimiter, retry_after_header_s
+from chatfleet.serving.rate_limit import (
+    FailureLimiter,
+    KeyRateLimiter,
+    client_key,
+    retry_after_header_s,
+)
 from chatfleet.telemetry.metrics import AuthRejection
 
 __all__ = ["PUBLIC_PATHS", "ApiKeyAuth", "KeyRing", "bearer_token"]
@@ -94,12 +103,13 @@ class KeyRing:
 class ApiKeyAuth:
     """Refuse a request without a valid API key (401), or over its key's rate (429).
 
-    ``on_reject(reason)`` is called once per refusal (the metric); ``clock`` is the rate limit's
-    time source (monotonic seconds).
+    ``on_reject(reason)`` is called once per refusal (the metric); ``clock`` is the rate limits'
+    time source (monotonic seconds). ``failed_keys_per_s`` 0: wrong keys are not limited.
     """
 
     def __init__(self, app: ASGIApp, *, keys: Sequence[SecretStr], rate_limit_rps: float = 0.0,
-                 rate_limit_burst: int = 1, public_paths: frozenset[str] = PUBLIC_PATHS,
+                 rate_limit_burst: int = 1, failed_keys_per_s: float = 0.0,
+                 failed_keys_burst: int = 1, public_paths: frozenset[str] = PUBLIC_PATHS,
                  on_reject: Callable[[AuthRejection], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
@@ -110,19 +120,35 @@ class ApiKeyAuth:
         self.limiter = (KeyRateLimiter(keys=len(self.keys), rate=rate_limit_rps,
                                        burst=rate_limit_burst, now=clock())
                         if rate_limit_rps > 0 else None)
+        self.failures = (FailureLimiter(rate=failed_keys_per_s, burst=failed_keys_burst)
+                         if failed_keys_per_s > 0 else None)
         log.info("API keys required on every route but %s: %d key(s), %s",
                  ", ".join(sorted(public_paths)), len(self.keys),
                  f"each limited to {rate_limit_rps:g} requests/s (burst {rate_limit_burst}) per "
                  "gateway process" if self.limiter else "no rate limit")
+        if self.failures:
+            log.info("wrong API keys limited to %g/s (burst %d) per client address", failed_keys_per_s,
+                     failed_keys_burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind not in ("http", "websocket") or scope["path"] in self.public_paths:
             await self.app(scope, receive, send)
             return
+        address = client_key((scope.get("client") or (None, 0))[0])
+        if self.failures is not None and (wait_s := self.failures.wait(address, self.clock())) > 0:
+            retry_after = retry_after_header_s(wait_s)
+            message = (f"too many wrong API keys from this address (more than "
+                       f"{self.failures.burst} at once, or {self.failures.rate:g} a second): "
+                       f"retry after {retry_after} s with a key this deployment issued")
+            await self._refuse(scope, receive, send, AuthRejection.TOO_MANY_FAILURES, 429, message,
+                               "rate_limit_exceeded", {"Retry-After": str(retry_after)})
+            return
         token, had_header = bearer_token(scope.get("headers", ()))
         index = self.keys.match(token) if token is not None else None
         if index is None:
+            if token is not None and self.failures is not None:
+                self.failures.failed(address, self.clock())
             reason = AuthRejection.MISSING if token is None else AuthRejection.INVALID
             message = (INVALID_MESSAGE if token is not None else
                        MALFORMED_MESSAGE if had_header else MISSING_MESSAGE)

@@ -214,6 +214,22 @@ async def chat_completions(body: ChatchatChatRequest, request: Request) -> Respo
                          arrived_at=arrived_at, shape=shape)
 
 
+def _public_url(request: Request) -> str:
+    """The base of reference links: ``server.public_url``, or "" (links relative to the gateway).
+    Never the request's Host header: any client sets that, and the link would lead elsewhere."""
+    return request.app.state.settings.server.public_url or ""
+
+
+def _api_address(request: Request) -> str:
+    """Chatchat's ``api_address()``: ``server.public_url``, else the address the gateway is bound
+    to (0.0.0.0 and :: read as the loopback address, as Chatchat does). Never the Host header."""
+    server = request.app.state.settings.server
+    if server.public_url:
+        return server.public_url
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
+    return f"http://[{host}]:{server.port}" if ":" in host else f"http://{host}:{server.port}"
+
+
 def _reference(base_url: str | None, kb: str, index: int, file_name: str, text: str) -> str:
     """One entry of ``docs``, as Chatchat's format_reference writes it; without ``base_url``
     (a temporary knowledge base, whose files are not served), as its file chat writes it."""
@@ -246,7 +262,7 @@ async def _retrieve(request: Request, *, mode: str, target: str, query: str, top
     """Retrieve from a knowledge base (``local_kb``: ``target`` is its name) or a temporary one
     (``temp_kb``: its id); a refusal when there is none, or retrieval failed."""
     knowledge = _knowledge(request)
-    base_url: str | None = str(request.base_url).rstrip("/")
+    base_url: str | None = _public_url(request)
     try:
         if mode == "local_kb":
             kb = validate_kb_name(target)
@@ -389,7 +405,7 @@ async def server_configs(request: Request) -> dict[str, Any]:
     knowledge = _knowledge(request)
     settings = knowledge.settings
     return {
-        "api_address": str(request.base_url).rstrip("/"),
+        "api_address": _api_address(request),
         "model": _service(request).model,
         "knowledge_base": {
             "store": knowledge.store.kind,

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import mimetypes
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Body, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
@@ -26,6 +24,8 @@ from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema
 
 from chatfleet.api.chatchat_envelope import envelope, error_data
 from chatfleet.api.chatchat_schemas import ChatchatEnvelope, KbDocument, KbProgressEvent
+from chatfleet.api.file_responses import stored_file_response
+from chatfleet.api.multipart_names import sent_file_name
 from chatfleet.api.responses import (
     chatchat_errors,
     json_content,
@@ -336,7 +336,7 @@ async def _read_uploads(request: Request, files: list[UploadFile]
     named: list[tuple[str, bytes]] = []
     failed: dict[str, str] = {}
     for upload in files:
-        raw_name = upload.filename or ""
+        raw_name = sent_file_name(upload)  # a Windows path as sent, not cut to its base name
         try:
             name = validate_file_name(raw_name)
             if any(name == taken for taken, _ in named):
@@ -447,7 +447,8 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
 
 
 @router.get("/download_doc", summary="Download a stored file (Chatchat)", responses={
-    200: {"description": "The file as stored, typed by its name (no .json file is ever stored); "
+    200: {"description": "The file as stored: an attachment typed by its name (no .json file is "
+                         "ever stored); a preview shows text files as text/plain and PDFs inline; "
                          "a refused name or a missing file answers Chatchat's envelope instead",
           "content": {**json_content(ChatchatEnvelope),
                       "*/*": {"schema": {"type": "string", "format": "binary"}}}},
@@ -459,10 +460,7 @@ async def download_doc(request: Request, knowledge_base_name: str, file_name: st
     content = await _knowledge(request).store.get_file(kb, name)
     if content is None:
         return envelope(500, f"{name} 读取文件失败 (no file '{name}' in '{kb}')")
-    disposition = "inline" if preview else "attachment"
-    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return Response(content, media_type=media_type, headers={
-        "Content-Disposition": f"{disposition}; filename*=utf-8''{quote(name)}"})
+    return stored_file_response(name, content, preview=preview)  # never a page of this origin
 
 
 class RecreateVectorStore(BaseModel):

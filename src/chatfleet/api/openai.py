@@ -36,6 +36,7 @@ from chatfleet.api.schemas import (
 )
 from chatfleet.api.sse import relay_frames, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
+from chatfleet.logs import name_list
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import CompletionJob, CompletionService
@@ -144,7 +145,7 @@ def _check(request: Request, body: ChatCompletionRequest | CompletionRequest) ->
                  messages=len(body.messages) if isinstance(body, ChatCompletionRequest) else 1)
     ignored = body.ignored_fields()
     if ignored:
-        log.info("ignored unknown request fields: %s", ", ".join(ignored))
+        log.info("ignored %d unknown request field(s): %s", len(ignored), name_list(ignored))
 
 
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, route: str,

@@ -94,7 +94,8 @@ def sse_content(*payloads: type[BaseModel], done: bool = False) -> dict[str, Any
 
 def _declare_api_keys(document: dict[str, Any], *, rate_limited: bool) -> None:
     """With API keys on: a bearer security scheme (the docs page's "Authorize" button), required
-    by every operation but the public ones, which may then answer 401 (and 429 per key)."""
+    by every operation but the public ones, which may then answer 401 (and 429 per key or per
+    address that sent wrong keys)."""
     document.setdefault("components", {})["securitySchemes"] = {
         "apiKey": {"type": "http", "scheme": "bearer",
                    "description": "An API key of this deployment (CHATFLEET_API_KEYS)"}}
@@ -109,7 +110,8 @@ def _declare_api_keys(document: dict[str, Any], *, rate_limited: bool) -> None:
                                 "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
                                 "content": json_content(model)}
             if rate_limited:
-                responses.setdefault("429", {"description": "This API key is over its request rate",
+                responses.setdefault("429", {"description": "This API key is over its request rate, "
+                                             "or this address sent too many wrong keys",
                                              "headers": RETRY_AFTER, "content": json_content(model)})
 
 

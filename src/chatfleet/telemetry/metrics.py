@@ -93,6 +93,8 @@ class AuthRejection(StrEnum):
     """401: a key was sent but it is none of the configured ones."""
     RATE_LIMITED = "rate_limited"
     """429: a valid key over its per-key request rate (auth.rate_limit_rps)."""
+    TOO_MANY_FAILURES = "too_many_failures"
+    """429: the client's address sent too many wrong keys (auth.failed_keys_per_s); not compared."""
 
 
 class GatewayMetrics:
