@@ -10,6 +10,11 @@ embeddings, a FAISS inner-product index over unit vectors (``IndexIDMap2(IndexFl
 search, and vectors can be read back for ``distances``). Both are updated in place on every
 upload or delete, never rebuilt per query.
 
+Deletes give their space back to the file system: the file uses ``auto_vacuum = INCREMENTAL``
+(a file made before that is converted by one VACUUM at start), and after a delete the freed
+pages are vacuumed in turns of 8 MiB on the write connection, then the WAL is checkpointed
+and truncated (``_reclaim_space``).
+
 All SQLite, FAISS and BM25 work runs in worker threads, and three locks keep it apart:
 
 - writers (uploads, deletes, KB changes) take turns on the write connection (``_write_lock``);

@@ -10,8 +10,10 @@ since the first release, and CREATE INDEX, which lock their table even when they
 do, run only when the catalog lacks what they make, so that a start on a complete schema locks
 no table and never holds off the other replicas):
 
-- ``chatfleet_kb``: one row per KB.
-- ``chatfleet_file``: one row per file, with its original bytes; deleted with its KB.
+- ``chatfleet_kb``: one row per KB, with its ``uid`` (a KB created anew under the same name has
+  another).
+- ``chatfleet_file``: one row per file, with its original bytes and a ``revision`` that every
+  write changes (what ``put_file(replaces=...)`` compares); deleted with its KB.
 - ``chatfleet_chunk``: one row per chunk, deleted with its file; ``lexemes`` holds the chunk's
   terms as ``rag/lexical.py``'s analyzer makes them (text and headings), ``tsv`` is generated from
   those
