@@ -121,6 +121,7 @@ def _enable_reclaim(db: sqlite3.Connection, path: Path) -> None:
     started = time.perf_counter()
     try:
         db.executescript("VACUUM;")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the copy went through the WAL
     except sqlite3.Error as error:
         log.warning("could not convert %s to incremental vacuum (deleted knowledge bases keep "
                     "their space until it is): %s", path, error)
