@@ -237,10 +237,13 @@ class KbDocument(BaseModel):
 
 class KbProgressEvent(BaseModel):
     """One event of /knowledge_base/recreate_vector_store: a file done (code 200, with ``total``,
-    ``finished``, ``doc``) or failed (500), a missing knowledge base (404) or a busy replica (429)."""
+    ``finished``, ``doc``; and ``skipped`` when it was deleted or written again during the
+    rebuild, and left so) or failed (500), a missing or deleted knowledge base (404, the last
+    event) or a busy replica (429)."""
 
     code: int
     msg: str
     total: int | None = None
     finished: int | None = None
     doc: str | None = None
+    skipped: str | None = None

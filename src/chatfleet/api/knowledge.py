@@ -40,6 +40,7 @@ from chatfleet.rag.knowledge import FileNotStored, KnowledgeService
 from chatfleet.rag.loaders import EmptyDocument, UnreadableDocument, UnsupportedFileType
 from chatfleet.rag.names import InvalidName, validate_file_name, validate_kb_name
 from chatfleet.rag.stores.base import (
+    FileChanged,
     FileRecord,
     KnowledgeBaseExists,
     KnowledgeBaseNotFound,
@@ -62,7 +63,7 @@ _DOCS_HELP = ("Custom docs: a JSON object (as a string) from file names to lists
               '"" or "{}": none')
 
 _FILE_REFUSED = (InvalidName, UnsupportedFileType, EmptyDocument, UnreadableDocument,
-                 FileNotStored, InvalidCustomDocs, StaleChunks)
+                 FileNotStored, InvalidCustomDocs, StaleChunks, FileChanged)
 _ENVELOPE = {200: {"model": ChatchatEnvelope,
                    "description": "Chatchat's envelope: the outcome is its code (200, 403, 404 ...)"}}
 _JSON_BODY_ERRORS = chatchat_errors(400, 413, 422)
@@ -423,7 +424,7 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
     if await store.get_kb(kb) is None:
         raise KnowledgeBaseNotFound(kb)
     records = {record.file_name: record for record in await store.list_files(kb)}
-    files: list[tuple[str, bytes]] = []
+    files: list[tuple[FileRecord, bytes]] = []
     kept: list[str] = []
     names, failed = _file_names(body.file_names)
     for raw_name, name in names:
@@ -435,9 +436,13 @@ async def update_docs(body: UpdateDocs, request: Request) -> Response:
         elif record.custom_docs and not body.override_custom_docs:
             kept.append(name)
         else:
-            files.append((name, content))
+            files.append((record, content))
     async with knowledge.ingestor.slot():
-        failed |= await _ingest_files(request, kb, files, split, override=True)
+        for record, content in files:  # each replaced only if not deleted or rewritten meanwhile
+            reason = await _store_one(request, kb, record.file_name, partial(
+                knowledge.ingestor.ingest, kb, record.file_name, content, split, replaces=record))
+            if reason is not None:
+                failed[record.file_name] = reason
         failed |= await _apply_custom_docs(request, kb, custom)
     msg = "更新文档完成"
     if kept:
@@ -501,13 +506,21 @@ async def recreate_vector_store(body: RecreateVectorStore, request: Request) -> 
         try:
             async with knowledge.ingestor.slot():
                 async for step in knowledge.recreate(kb, split):
-                    if step.error is None:
-                        yield _event({"code": 200, "msg": f"({step.finished} / {step.total}): "
-                                      f"{step.file_name}", "total": step.total,
-                                      "finished": step.finished, "doc": step.file_name})
-                    else:
+                    if step.error is not None:
                         yield _event({"code": 500, "msg": f"添加文件‘{step.file_name}’到知识库"
                                       f"‘{kb}’时出错：{step.error}。已跳过。"})
+                        continue
+                    event = {"code": 200, "msg": f"({step.finished} / {step.total}): "
+                             f"{step.file_name}", "total": step.total, "finished": step.finished,
+                             "doc": step.file_name}
+                    if step.skipped is not None:  # deleted or rewritten meanwhile: left so
+                        event |= {"msg": f"{event['msg']} (skipped: {step.skipped})",
+                                  "skipped": step.skipped}
+                    yield _event(event)
+        except KnowledgeBaseNotFound:
+            yield _event({"code": 404, "msg": f"未找到知识库 ‘{kb}’ (knowledge base '{kb}' was "
+                          "deleted during the rebuild; one created since under its name is "
+                          "left as it is)"})
         except IngestBusy as exc:
             yield _event({"code": 429, "msg": str(exc)})
         except EmbeddingError as exc:

@@ -123,11 +123,12 @@ class Ingestor:
             raise UnreadableDocument(file_name, "the worker process reading it died (out of "
                                                 "memory?)") from None
 
-    async def ingest(self, kb: str, file_name: str, content: bytes,
-                     split: SplitOptions) -> FileRecord:
-        """Store one file (replacing one of the same name). Raises the loaders' errors
+    async def ingest(self, kb: str, file_name: str, content: bytes, split: SplitOptions, *,
+                     replaces: FileRecord | None = None) -> FileRecord:
+        """Store one file (replacing one of the same name; only the one ``replaces`` describes
+        when given, see ``KnowledgeStore.put_file``). Raises the loaders' errors
         (``UnsupportedFileType``, ``EmptyDocument``, ``UnreadableDocument``), ``EmbeddingError``,
-        or ``KnowledgeBaseNotFound``; in each case nothing was stored."""
+        ``KnowledgeBaseNotFound`` or ``FileChanged``; in each case nothing was stored."""
         check_extension(file_name)
         if not content:
             raise EmptyDocument(file_name)
@@ -136,10 +137,11 @@ class Ingestor:
             raise EmptyDocument(file_name)
         return await self._store(kb, file_name, content,
                                  [(c.page_content, dict(c.metadata)) for c in result.chunks],
-                                 loader=loaded.loader, splitter=result.splitter)
+                                 loader=loaded.loader, splitter=result.splitter, replaces=replaces)
 
     async def ingest_custom(self, kb: str, file_name: str, content: bytes,
-                            chunks: Sequence[tuple[str, dict[str, Any]]]) -> FileRecord:
+                            chunks: Sequence[tuple[str, dict[str, Any]]], *,
+                            replaces: FileRecord | None = None) -> FileRecord:
         """Store one file with the client's own chunks (text, metadata) instead of the
         splitter's (Chatchat's custom docs); it is recorded as such. Raises
         ``UnsupportedFileType`` or ``EmptyDocument`` (no chunk has text), ``EmbeddingError`` or
@@ -148,7 +150,7 @@ class Ingestor:
         if not chunks:
             raise EmptyDocument(file_name)
         return await self._store(kb, file_name, content, chunks, loader=CUSTOM_DOCS,
-                                 splitter=CUSTOM_DOCS, custom_docs=True)
+                                 splitter=CUSTOM_DOCS, custom_docs=True, replaces=replaces)
 
     async def edit_custom(self, kb: str, file_name: str,
                           edits: Mapping[str, tuple[str, dict[str, Any]] | None]) -> FileRecord:
@@ -170,7 +172,7 @@ class Ingestor:
 
     async def _store(self, kb: str, file_name: str, content: bytes,
                      chunks: Sequence[tuple[str, dict[str, Any]]], *, loader: str, splitter: str,
-                     custom_docs: bool = False) -> FileRecord:
+                     custom_docs: bool = False, replaces: FileRecord | None = None) -> FileRecord:
         """Embed the chunks (when embeddings are configured) and store the file with them."""
         texts = [text for text, _ in chunks]
         vectors = await self.embedder.embed_documents(texts) if self.embedder is not None else None
@@ -178,7 +180,8 @@ class Ingestor:
                              embedding=None if vectors is None else vectors[i])
                   for i, (text, metadata) in enumerate(chunks)]
         record = await self.store.put_file(kb, file_name, content, drafts, loader=loader,
-                                           splitter=splitter, custom_docs=custom_docs)
+                                           splitter=splitter, custom_docs=custom_docs,
+                                           replaces=replaces)
         if self._on_chunks is not None:
             self._on_chunks(len(drafts))
         return record

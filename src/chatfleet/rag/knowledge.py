@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from chatfleet.rag.custom_docs import (
     ChunkEdits,
@@ -22,7 +23,12 @@ from chatfleet.rag.custom_docs import (
 from chatfleet.rag.embeddings import Embedder, EmbeddingError
 from chatfleet.rag.ingest import Ingestor, SplitOptions
 from chatfleet.rag.retrieval import RetrievalMode, Retriever
-from chatfleet.rag.stores.base import FileRecord, KnowledgeStore
+from chatfleet.rag.stores.base import (
+    FileChanged,
+    FileRecord,
+    KnowledgeBaseNotFound,
+    KnowledgeStore,
+)
 from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import PgVectorStore
 from chatfleet.rag.temp_kbs import TempKnowledgeBases
@@ -59,13 +65,15 @@ def build_embedder(settings: KnowledgeSettings) -> Embedder | None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RebuildProgress:
-    """One file of a ``recreate``: done (``record``) or failed (``error``)."""
+    """One file of a ``recreate``: done (``record``), failed (``error``), or left as it is
+    because it was deleted or written again during the rebuild (``skipped``, why)."""
 
     total: int
     finished: int
     file_name: str
     record: FileRecord | None = None
     error: str | None = None
+    skipped: str | None = None
 
 
 class KnowledgeService:
@@ -128,28 +136,44 @@ class KnowledgeService:
                     "anew, which would replace them: upload it without docs, then send the "
                     "edits with update_docs")
             return await self.ingestor.edit_custom(kb, file_name, plan.edits)
+        stored: FileRecord | None = None
         if content is None:
-            content = await self.store.get_file(kb, file_name)
+            # The stored file, replaced only if nothing deletes or rewrites it meanwhile.
+            stored = next((f for f in await self.store.list_files(kb) if f.file_name == file_name),
+                          None)
+            content = None if stored is None else await self.store.get_file(kb, file_name)
             if content is None:
                 raise FileNotStored(file_name)
-        return await self.ingestor.ingest_custom(kb, file_name, content, plan.chunks)
+        return await self.ingestor.ingest_custom(kb, file_name, content, plan.chunks,
+                                                 replaces=stored)
 
     async def recreate(self, kb: str, split: SplitOptions) -> AsyncIterator[RebuildProgress]:
         """Re-load, re-split and re-embed every stored file of ``kb``, one at a time. A file that
         fails keeps its old chunks and is reported; the others go on. Custom docs are replaced
-        by the splitter's chunks, as Chatchat's rebuild does."""
+        by the splitter's chunks, as Chatchat's rebuild does.
+
+        A delete wins: each file is stored only if it is still the one listed at the start
+        (``put_file(replaces=...)``), so a file deleted or uploaded anew meanwhile is skipped
+        and left as it is, and ``KnowledgeBaseNotFound`` ends the rebuild when the KB was
+        deleted, even if another was created under its name since."""
         files = await self.store.list_files(kb)
         for finished, file in enumerate(files, start=1):
+            step = partial(RebuildProgress, total=len(files), finished=finished,
+                           file_name=file.file_name)
             content = await self.store.get_file(kb, file.file_name)
             if content is None:
-                yield RebuildProgress(total=len(files), finished=finished, file_name=file.file_name,
-                                      error="its content was deleted; upload it again")
+                current = await self.store.get_kb(kb)
+                if current is None or current.uid != file.kb_uid:
+                    raise KnowledgeBaseNotFound(kb)
+                yield step(skipped=str(FileChanged(file.file_name, deleted=True)))
                 continue
             try:
-                record = await self.ingestor.ingest(kb, file.file_name, content, split)
-            except (ValueError, EmbeddingError) as exc:
-                yield RebuildProgress(total=len(files), finished=finished,
-                                      file_name=file.file_name, error=str(exc))
+                record = await self.ingestor.ingest(kb, file.file_name, content, split,
+                                                    replaces=file)
+            except FileChanged as exc:
+                yield step(skipped=str(exc))
                 continue
-            yield RebuildProgress(total=len(files), finished=finished, file_name=file.file_name,
-                                  record=record)
+            except (ValueError, EmbeddingError) as exc:
+                yield step(error=str(exc))
+                continue
+            yield step(record=record)

@@ -12,6 +12,11 @@ Rules every implementation keeps (``tests/integration/test_kb_stores.py`` checks
   its old ones; if it raises, the KB is as it was.
 - KB and file names arrive already validated (``rag/names.py``); stores do not re-check them.
 - Searches in a KB that does not exist raise ``KnowledgeBaseNotFound``.
+- A delete wins over a write that read before it: ``put_file(..., replaces=record)`` (a rebuild
+  or an update re-ingesting a stored file) stores nothing when the KB or the file is no longer
+  the one ``record`` was read from. A KB has a ``uid`` of its own (a KB created anew under a
+  deleted one's name has another), and a file a ``revision`` that changes with every write, so
+  neither a deleted file nor a deleted KB's files come back.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy.typing as npt
 __all__ = [
     "CUSTOM_DOCS",
     "ChunkDraft",
+    "FileChanged",
     "FileRecord",
     "Hit",
     "KnowledgeBaseExists",
@@ -67,6 +73,18 @@ class StaleChunks(StoreError):
         self.chunk_ids = tuple(chunk_ids)
 
 
+class FileChanged(StoreError):
+    """A conditional write (``put_file(replaces=...)``) found the file deleted, or written
+    again, since it was read: nothing was stored, the delete or the newer write stands."""
+
+    def __init__(self, file_name: str, *, deleted: bool) -> None:
+        super().__init__(f"'{file_name}' was deleted meanwhile, and stays deleted" if deleted else
+                         f"'{file_name}' was uploaded, edited or had its chunks deleted meanwhile: "
+                         "that newer version is kept")
+        self.file_name = file_name
+        self.deleted = deleted
+
+
 class KnowledgeBaseExists(StoreError):
     def __init__(self, kb: str) -> None:
         super().__init__(f"knowledge base '{kb}' already exists")
@@ -85,6 +103,9 @@ class KnowledgeBaseRecord:
     file_count: int
     created_at: float
     """Unix seconds."""
+    uid: str = ""
+    """This KB's identity, made when it is created: another KB created later under the same name
+    has another. "" for a KB created before uids existed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +126,11 @@ class FileRecord:
     """Unix seconds of the latest upload."""
     custom_docs: bool = False
     """Its chunks are the client's own (Chatchat's custom docs), not the splitter's."""
+    kb_uid: str = ""
+    """The ``uid`` of the KB it was read from."""
+    revision: str = ""
+    """Changes with every write of the file (upload, edit, chunks deleted), never repeats: what
+    ``put_file(replaces=...)`` compares. "" for a file last written before revisions existed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,21 +196,28 @@ class KnowledgeStore(Protocol):
         """The original bytes as uploaded, or None. Raises ``KnowledgeBaseNotFound``."""
 
     async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
-                       *, loader: str, splitter: str, custom_docs: bool = False) -> FileRecord:
+                       *, loader: str, splitter: str, custom_docs: bool = False,
+                       replaces: FileRecord | None = None) -> FileRecord:
         """Store (or replace, atomically) one file and its chunks; ``custom_docs`` records that
-        the chunks are the client's own. Raises ``KnowledgeBaseNotFound``."""
+        the chunks are the client's own. Raises ``KnowledgeBaseNotFound``.
+
+        With ``replaces`` (a record of this file, read earlier), only replace that very file,
+        checked in the write's transaction: ``KnowledgeBaseNotFound`` when its KB was deleted
+        (even if one of the same name was created since), ``FileChanged`` when the file was
+        deleted or written since; nothing is stored then."""
 
     async def edit_chunks(self, kb: str, file_name: str,
                           edits: Mapping[str, ChunkDraft | None]) -> FileRecord:
         """Change some of a stored file's chunks in place, atomically: each id in ``edits`` gets
         the draft's text, metadata and embedding, or is deleted (None); the other chunks and
-        every id stay as they were. The file is recorded as custom docs, its version + 1.
+        every id stay as they were. The file is recorded as custom docs, its version + 1 (and a
+        new revision).
         Raises ``StaleChunks`` (nothing changed) when an id is not a chunk of that file, and
         ``KnowledgeBaseNotFound``."""
 
     async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
-        """Remove a file's chunks (and its bytes unless ``keep_content``). False if it was not
-        there. Raises ``KnowledgeBaseNotFound``."""
+        """Remove a file's chunks (and its bytes unless ``keep_content``, when it gets a new
+        revision). False if it was not there. Raises ``KnowledgeBaseNotFound``."""
 
     async def list_chunks(self, kb: str, file_name: str) -> list[StoredChunk]:
         """A file's chunks in order. Raises ``KnowledgeBaseNotFound``."""

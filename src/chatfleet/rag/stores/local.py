@@ -10,6 +10,11 @@ embeddings, a FAISS inner-product index over unit vectors (``IndexIDMap2(IndexFl
 search, and vectors can be read back for ``distances``). Both are updated in place on every
 upload or delete, never rebuilt per query.
 
+Deletes give their space back to the file system: the file uses ``auto_vacuum = INCREMENTAL``
+(a file made before that is converted by one VACUUM at start), and after a delete the freed
+pages are vacuumed in turns of 8 MiB on the write connection, then the WAL is checkpointed
+and truncated (``_reclaim_space``).
+
 All SQLite, FAISS and BM25 work runs in worker threads, and three locks keep it apart:
 
 - writers (uploads, deletes, KB changes) take turns on the write connection (``_write_lock``);
@@ -28,9 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +51,7 @@ from chatfleet.rag.lexical import ANALYZER, Analyzer, Bm25Index
 from chatfleet.rag.stores.base import (
     CUSTOM_DOCS,
     ChunkDraft,
+    FileChanged,
     FileRecord,
     Hit,
     KnowledgeBaseExists,
@@ -56,18 +64,25 @@ from chatfleet.rag.stores.base import (
 
 __all__ = ["LocalStore"]
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+_INCREMENTAL = 2
+"""``PRAGMA auto_vacuum``'s value for INCREMENTAL."""
 
-_SCHEMA = """
+_SCHEMA = f"""
+PRAGMA auto_vacuum = INCREMENTAL;
 PRAGMA journal_mode = WAL;
+PRAGMA journal_size_limit = {64 << 20};
 PRAGMA foreign_keys = ON;
 CREATE TABLE IF NOT EXISTS kb (
-    name TEXT PRIMARY KEY, info TEXT NOT NULL, embed_model TEXT NOT NULL, created_at REAL NOT NULL);
+    name TEXT PRIMARY KEY, info TEXT NOT NULL, embed_model TEXT NOT NULL, created_at REAL NOT NULL,
+    uid TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS file (
     kb TEXT NOT NULL REFERENCES kb(name) ON DELETE CASCADE, file_name TEXT NOT NULL,
     content BLOB, size INTEGER NOT NULL, loader TEXT NOT NULL, splitter TEXT NOT NULL,
     version INTEGER NOT NULL, created_at REAL NOT NULL, modified_at REAL NOT NULL,
-    custom_docs INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (kb, file_name));
+    custom_docs INTEGER NOT NULL DEFAULT 0, revision TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (kb, file_name));
 CREATE TABLE IF NOT EXISTS chunk (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kb TEXT NOT NULL, file_name TEXT NOT NULL,
     seq INTEGER NOT NULL, text TEXT NOT NULL, metadata TEXT NOT NULL, embedding BLOB,
@@ -77,15 +92,42 @@ CREATE INDEX IF NOT EXISTS chunk_by_file ON chunk (kb, file_name, seq);
 
 _MIGRATIONS = (
     ("file", "custom_docs", "ALTER TABLE file ADD COLUMN custom_docs INTEGER NOT NULL DEFAULT 0"),
+    ("kb", "uid", "ALTER TABLE kb ADD COLUMN uid TEXT NOT NULL DEFAULT ''"),
+    ("file", "revision", "ALTER TABLE file ADD COLUMN revision TEXT NOT NULL DEFAULT ''"),
 )
 """Columns added since the first release: (table, column, the statement that adds it), applied
 at start to a database made before them."""
+
+_RECLAIM_MIN_PAGES = 256
+"""Free pages (4 KiB each) below which a delete leaves them for the next uploads to reuse."""
+_RECLAIM_STEP_PAGES = 2048
+"""Pages given back per turn on the write connection (8 MiB, about 10-40 ms), so that uploads
+and deletes wait for one turn, not for a whole large KB's space."""
 
 
 def _migrate(db: sqlite3.Connection) -> None:
     for table, column, statement in _MIGRATIONS:
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
             db.execute(statement)
+
+
+def _enable_reclaim(db: sqlite3.Connection, path: Path) -> None:
+    """Make a database made before ``auto_vacuum = INCREMENTAL`` (which a new one gets from
+    ``_SCHEMA``) able to give freed space back: SQLite switches an existing file only by a
+    VACUUM, a copy of the whole file (about 3 s per GB, and as much free disk again). Once;
+    a failure (a full disk) is logged and leaves the store working, only not shrinking."""
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] == _INCREMENTAL:
+        return
+    started = time.perf_counter()
+    try:
+        db.executescript("VACUUM;")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the copy went through the WAL
+    except sqlite3.Error as error:
+        log.warning("could not convert %s to incremental vacuum (deleted knowledge bases keep "
+                    "their space until it is): %s", path, error)
+        return
+    log.info("converted %s to incremental vacuum in %.1f s (once)", path,
+             time.perf_counter() - started)
 
 
 class _ReadWriteLock:
@@ -226,6 +268,7 @@ class LocalStore:
             db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             db.executescript(_SCHEMA)
             _migrate(db)
+            _enable_reclaim(db, self._path)
             self._db = db
             self._reader = sqlite3.connect(self._path, check_same_thread=False,
                                            isolation_level=None)
@@ -264,14 +307,14 @@ class LocalStore:
     def _kb_record(self, db: sqlite3.Connection, kb: str) -> KnowledgeBaseRecord | None:
         row = db.execute(
             "SELECT name, info, embed_model, created_at, "
-            "(SELECT count(*) FROM file WHERE file.kb = kb.name) FROM kb WHERE name = ?",
+            "(SELECT count(*) FROM file WHERE file.kb = kb.name), uid FROM kb WHERE name = ?",
             (kb,)).fetchone()
         if row is None:
             return None
-        name, info, embed_model, created_at, file_count = row
+        name, info, embed_model, created_at, file_count, uid = row
         return KnowledgeBaseRecord(name=name, info=info, vector_store=self.kind,
                                    embed_model=embed_model, file_count=file_count,
-                                   created_at=created_at)
+                                   created_at=created_at, uid=uid)
 
     async def list_kbs(self) -> list[KnowledgeBaseRecord]:
         def work(db: sqlite3.Connection) -> list[KnowledgeBaseRecord]:
@@ -285,8 +328,9 @@ class LocalStore:
     async def create_kb(self, kb: str, *, info: str, embed_model: str) -> KnowledgeBaseRecord:
         def work() -> KnowledgeBaseRecord:
             try:
-                self.db.execute("INSERT INTO kb VALUES (?, ?, ?, ?)",
-                                (kb, info, embed_model, time.time()))
+                self.db.execute("INSERT INTO kb (name, info, embed_model, created_at, uid) "
+                                "VALUES (?, ?, ?, ?, ?)",
+                                (kb, info, embed_model, time.time(), uuid.uuid4().hex))
             except sqlite3.IntegrityError:
                 raise KnowledgeBaseExists(kb) from None
             with self._indexes_lock.writing():
@@ -305,6 +349,26 @@ class LocalStore:
             with self._indexes_lock.writing():
                 del self._indexes[kb]
         await self._write(work)
+        await self._reclaim_space()
+
+    async def _reclaim_space(self) -> None:
+        """Give the pages deletes freed back to the file system, in turns of
+        ``_RECLAIM_STEP_PAGES`` on the write connection, then checkpoint, which is when the
+        file shrinks (WAL mode). Until then, and below ``_RECLAIM_MIN_PAGES``, free pages are
+        reused by the next uploads."""
+        def step() -> bool:
+            if self.db.execute("PRAGMA freelist_count").fetchone()[0] < _RECLAIM_MIN_PAGES:
+                return False
+            # executescript: execute() runs the pragma one page at a time.
+            self.db.executescript(f"PRAGMA incremental_vacuum({_RECLAIM_STEP_PAGES});")
+            return True
+        if not await self._write(step):
+            return
+        while await self._write(step):
+            pass
+        # TRUNCATE empties the WAL too, which holds as many pages as were freed (this SQLite
+        # zeroes deleted content: secure_delete); it waits for a read in progress (busy timeout).
+        await self._write(lambda: self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     async def update_kb_info(self, kb: str, info: str) -> None:
         def work() -> None:
@@ -317,7 +381,8 @@ class LocalStore:
                       file_name: str | None = None) -> list[FileRecord]:
         query = ("SELECT f.file_name, f.size, f.loader, f.splitter, f.version, f.created_at, "
                  "f.modified_at, f.custom_docs, (SELECT count(*) FROM chunk c WHERE c.kb = f.kb AND "
-                 "c.file_name = f.file_name) FROM file f WHERE f.kb = ?")
+                 "c.file_name = f.file_name), k.uid, f.revision "
+                 "FROM file f JOIN kb k ON k.name = f.kb WHERE f.kb = ?")
         params: tuple[str, ...] = (kb,)
         if file_name is not None:
             query += " AND f.file_name = ?"
@@ -325,9 +390,10 @@ class LocalStore:
         rows = db.execute(query + " ORDER BY f.file_name", params).fetchall()
         return [FileRecord(kb=kb, file_name=name, size_bytes=size, chunk_count=chunks,
                            loader=loader, splitter=splitter, version=version,
-                           created_at=created, modified_at=modified, custom_docs=bool(custom))
-                for name, size, loader, splitter, version, created, modified, custom, chunks
-                in rows]
+                           created_at=created, modified_at=modified, custom_docs=bool(custom),
+                           kb_uid=kb_uid, revision=revision)
+                for name, size, loader, splitter, version, created, modified, custom, chunks,
+                kb_uid, revision in rows]
 
     async def list_files(self, kb: str) -> list[FileRecord]:
         def work(db: sqlite3.Connection) -> list[FileRecord]:
@@ -347,8 +413,20 @@ class LocalStore:
         return [row_id for (row_id,) in self.db.execute(
             "SELECT id FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))]
 
+    def _check_replaces(self, kb: str, record: FileRecord) -> None:
+        """Raise unless the KB and the file are still those ``record`` was read from (inside
+        the write's transaction)."""
+        row = self.db.execute(
+            "SELECT k.uid, f.revision FROM kb k LEFT JOIN file f ON f.kb = k.name "
+            "AND f.file_name = ? WHERE k.name = ?", (record.file_name, kb)).fetchone()
+        if row is None or row[0] != record.kb_uid:
+            raise KnowledgeBaseNotFound(kb)
+        if row[1] != record.revision:
+            raise FileChanged(record.file_name, deleted=row[1] is None)
+
     async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
-                       *, loader: str, splitter: str, custom_docs: bool = False) -> FileRecord:
+                       *, loader: str, splitter: str, custom_docs: bool = False,
+                       replaces: FileRecord | None = None) -> FileRecord:
         dims = {len(c.embedding) for c in chunks if c.embedding is not None}
         if len(dims) > 1:
             raise ValueError(f"chunks of one file have embeddings of different dimensions {dims}")
@@ -364,17 +442,20 @@ class LocalStore:
             rows: list[_Row] = []
             with self.db:
                 self.db.execute("BEGIN")
+                if replaces is not None:
+                    self._check_replaces(kb, replaces)
                 old_ids = self._chunk_ids(kb, file_name)
                 self.db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))
                 self.db.execute(
                     "INSERT INTO file (kb, file_name, content, size, loader, splitter, version, "
-                    "created_at, modified_at, custom_docs) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+                    "created_at, modified_at, custom_docs, revision) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?) "
                     "ON CONFLICT (kb, file_name) DO UPDATE SET content = excluded.content, "
                     "size = excluded.size, loader = excluded.loader, splitter = excluded.splitter, "
                     "version = file.version + 1, modified_at = excluded.modified_at, "
-                    "custom_docs = excluded.custom_docs",
+                    "custom_docs = excluded.custom_docs, revision = excluded.revision",
                     (kb, file_name, content, len(content), loader, splitter, now, now,
-                     int(custom_docs)))
+                     int(custom_docs), uuid.uuid4().hex))
                 for seq, draft in enumerate(chunks):
                     cursor = self.db.execute(
                         "INSERT INTO chunk (kb, file_name, seq, text, metadata, embedding) "
@@ -432,8 +513,9 @@ class LocalStore:
                                 else np.asarray(draft.embedding, dtype=np.float32))))
                 self.db.execute(
                     "UPDATE file SET custom_docs = 1, loader = ?, splitter = ?, "
-                    "version = version + 1, modified_at = ? WHERE kb = ? AND file_name = ?",
-                    (CUSTOM_DOCS, CUSTOM_DOCS, time.time(), kb, file_name))
+                    "version = version + 1, modified_at = ?, revision = ? "
+                    "WHERE kb = ? AND file_name = ?",
+                    (CUSTOM_DOCS, CUSTOM_DOCS, time.time(), uuid.uuid4().hex, kb, file_name))
             with self._indexes_lock.writing():
                 index.remove([int(chunk_id) for chunk_id in edits])
                 index.add(rows)
@@ -450,8 +532,8 @@ class LocalStore:
                     self.db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?",
                                     (kb, file_name))
                     existed = self.db.execute(
-                        "SELECT 1 FROM file WHERE kb = ? AND file_name = ?",
-                        (kb, file_name)).fetchone() is not None
+                        "UPDATE file SET revision = ? WHERE kb = ? AND file_name = ?",
+                        (uuid.uuid4().hex, kb, file_name)).rowcount > 0
                 else:
                     existed = self.db.execute(
                         "DELETE FROM file WHERE kb = ? AND file_name = ?",
@@ -459,7 +541,9 @@ class LocalStore:
             with self._indexes_lock.writing():
                 index.remove(old_ids)
             return existed
-        return await self._write(work)
+        existed = await self._write(work)
+        await self._reclaim_space()
+        return existed
 
     async def list_chunks(self, kb: str, file_name: str) -> list[StoredChunk]:
         def work() -> list[StoredChunk]:

@@ -10,8 +10,10 @@ since the first release, and CREATE INDEX, which lock their table even when they
 do, run only when the catalog lacks what they make, so that a start on a complete schema locks
 no table and never holds off the other replicas):
 
-- ``chatfleet_kb``: one row per KB.
-- ``chatfleet_file``: one row per file, with its original bytes; deleted with its KB.
+- ``chatfleet_kb``: one row per KB, with its ``uid`` (a KB created anew under the same name has
+  another).
+- ``chatfleet_file``: one row per file, with its original bytes and a ``revision`` that every
+  write changes (what ``put_file(replaces=...)`` compares); deleted with its KB.
 - ``chatfleet_chunk``: one row per chunk, deleted with its file; ``lexemes`` holds the chunk's
   terms as ``rag/lexical.py``'s analyzer makes them (text and headings), ``tsv`` is generated from
   those
@@ -62,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,6 +76,7 @@ from chatfleet.rag.lexical import ANALYZER, Analyzer
 from chatfleet.rag.stores.base import (
     CUSTOM_DOCS,
     ChunkDraft,
+    FileChanged,
     FileRecord,
     Hit,
     KnowledgeBaseExists,
@@ -104,7 +108,8 @@ CREATE TABLE IF NOT EXISTS chatfleet_kb (
     info text NOT NULL,
     vector_store text NOT NULL,
     embed_model text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now());
+    created_at timestamptz NOT NULL DEFAULT now(),
+    uid text NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS chatfleet_file (
     kb text NOT NULL REFERENCES chatfleet_kb (name) ON DELETE CASCADE,
     file_name text NOT NULL,
@@ -116,6 +121,7 @@ CREATE TABLE IF NOT EXISTS chatfleet_file (
     created_at timestamptz NOT NULL DEFAULT now(),
     modified_at timestamptz NOT NULL DEFAULT now(),
     custom_docs boolean NOT NULL DEFAULT false,
+    revision text NOT NULL DEFAULT '',
     PRIMARY KEY (kb, file_name));
 CREATE TABLE IF NOT EXISTS chatfleet_chunk (
     id bigserial PRIMARY KEY,
@@ -132,15 +138,19 @@ CREATE TABLE IF NOT EXISTS chatfleet_chunk (
 CREATE TABLE IF NOT EXISTS chatfleet_meta (key text PRIMARY KEY, value text NOT NULL);
 """
 
-_CUSTOM_DOCS_MISSING = """
+_COLUMN_MISSING = """
 SELECT NOT EXISTS (SELECT FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'chatfleet_file'
-                         AND column_name = 'custom_docs')"""
-_ADD_CUSTOM_DOCS = ("ALTER TABLE chatfleet_file "
-                    "ADD COLUMN IF NOT EXISTS custom_docs boolean NOT NULL DEFAULT false")
-"""Run only when the column is missing (a database made before it): even when it has nothing
-to do, ALTER TABLE takes an ACCESS EXCLUSIVE lock, which would block every replica's reads of
-the file table until the start's transaction ends."""
+                   WHERE table_schema = current_schema() AND table_name = $1
+                         AND column_name = $2)"""
+_COLUMNS_ADDED = (
+    ("chatfleet_file", "custom_docs", "boolean NOT NULL DEFAULT false"),
+    ("chatfleet_kb", "uid", "text NOT NULL DEFAULT ''"),
+    ("chatfleet_file", "revision", "text NOT NULL DEFAULT ''"),
+)
+"""Columns added since the first release: (table, column, its type). Each is added only when it
+is missing (a database made before it): even when it has nothing to do, ALTER TABLE takes an
+ACCESS EXCLUSIVE lock, which would block every replica's reads of the table until the start's
+transaction ends. A constant default rewrites no row."""
 _INDEXES = {
     "chatfleet_chunk_tsv": "CREATE INDEX IF NOT EXISTS chatfleet_chunk_tsv ON chatfleet_chunk "
                            "USING gin (tsv)",
@@ -176,23 +186,23 @@ UPDATE chatfleet_chunk c SET lexemes = u.lexemes
 FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u (id, digest, lexemes)
 WHERE c.id = u.id AND md5(ROW(c.text, c.metadata)::text) = u.digest"""
 
-_KB_COLUMNS = """k.name, k.info, k.vector_store, k.embed_model, k.created_at,
+_KB_COLUMNS = """k.name, k.info, k.vector_store, k.embed_model, k.created_at, k.uid,
     (SELECT count(*) FROM chatfleet_file f WHERE f.kb = k.name) AS file_count"""
 
 _FILE_COLUMNS = """f.file_name, f.size, f.loader, f.splitter, f.version, f.created_at,
-    f.modified_at, f.custom_docs,
+    f.modified_at, f.custom_docs, f.revision,
     (SELECT count(*) FROM chatfleet_chunk c
      WHERE c.kb = f.kb AND c.file_name = f.file_name) AS chunk_count"""
 
 _UPSERT_FILE = """
 INSERT INTO chatfleet_file AS f (kb, file_name, content, size, loader, splitter, version,
-                                 custom_docs)
-VALUES ($1, $2, $3, $4, $5, $6, 1, $7)
+                                 custom_docs, revision)
+VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8)
 ON CONFLICT (kb, file_name) DO UPDATE SET
     content = excluded.content, size = excluded.size, loader = excluded.loader,
     splitter = excluded.splitter, version = f.version + 1, modified_at = now(),
-    custom_docs = excluded.custom_docs
-RETURNING f.version, f.created_at, f.modified_at"""
+    custom_docs = excluded.custom_docs, revision = excluded.revision
+RETURNING f.version, f.created_at, f.modified_at, f.revision"""
 
 _CHUNK_COLUMNS = ("kb", "file_name", "seq", "text", "metadata", "lexemes", "embedding")
 
@@ -241,15 +251,16 @@ def _hnsw_index_sql(dim: int) -> str:
 def _kb_record(row: asyncpg.Record) -> KnowledgeBaseRecord:
     return KnowledgeBaseRecord(name=row["name"], info=row["info"], vector_store=row["vector_store"],
                                embed_model=row["embed_model"], file_count=row["file_count"],
-                               created_at=row["created_at"].timestamp())
+                               created_at=row["created_at"].timestamp(), uid=row["uid"])
 
 
-def _file_record(kb: str, row: asyncpg.Record) -> FileRecord:
+def _file_record(kb: str, row: asyncpg.Record, kb_uid: str) -> FileRecord:
     return FileRecord(kb=kb, file_name=row["file_name"], size_bytes=row["size"],
                       chunk_count=row["chunk_count"], loader=row["loader"],
                       splitter=row["splitter"], version=row["version"],
                       created_at=row["created_at"].timestamp(),
-                      modified_at=row["modified_at"].timestamp(), custom_docs=row["custom_docs"])
+                      modified_at=row["modified_at"].timestamp(), custom_docs=row["custom_docs"],
+                      kb_uid=kb_uid, revision=row["revision"])
 
 
 def _stored_chunk(kb: str, row: asyncpg.Record) -> StoredChunk:
@@ -359,8 +370,10 @@ class PgVectorStore:
         """What is missing of the schema. On a complete one it locks no table, so that a replica
         starting (each scale-up) never holds off the others' reads and writes."""
         await conn.execute(_SCHEMA)
-        if await conn.fetchval(_CUSTOM_DOCS_MISSING):
-            await conn.execute(_ADD_CUSTOM_DOCS)
+        for table, column, definition in _COLUMNS_ADDED:
+            if await conn.fetchval(_COLUMN_MISSING, table, column):
+                await conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} "
+                                   f"{definition}")
         for name, create in _INDEXES.items():
             if await conn.fetchval("SELECT to_regclass($1)", name) is None:
                 await conn.execute(create)
@@ -482,9 +495,9 @@ class PgVectorStore:
 
     async def create_kb(self, kb: str, *, info: str, embed_model: str) -> KnowledgeBaseRecord:
         row = await self._pool.fetchrow(
-            "INSERT INTO chatfleet_kb AS k (name, info, vector_store, embed_model) "
-            "VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING "
-            f"RETURNING {_KB_COLUMNS}", kb, info, self.kind, embed_model)
+            "INSERT INTO chatfleet_kb AS k (name, info, vector_store, embed_model, uid) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING "
+            f"RETURNING {_KB_COLUMNS}", kb, info, self.kind, embed_model, uuid.uuid4().hex)
         if row is None:
             raise KnowledgeBaseExists(kb)
         return _kb_record(row)
@@ -501,11 +514,12 @@ class PgVectorStore:
 
     async def list_files(self, kb: str) -> list[FileRecord]:
         rows = await self._pool.fetch(
-            f"SELECT {_FILE_COLUMNS} FROM chatfleet_kb k "
+            f"SELECT {_FILE_COLUMNS}, k.uid AS kb_uid FROM chatfleet_kb k "
             "LEFT JOIN chatfleet_file f ON f.kb = k.name WHERE k.name = $1 ORDER BY f.file_name", kb)
         if not rows:
             raise KnowledgeBaseNotFound(kb)
-        return [_file_record(kb, row) for row in rows if row["file_name"] is not None]
+        return [_file_record(kb, row, row["kb_uid"]) for row in rows
+                if row["file_name"] is not None]
 
     async def get_file(self, kb: str, file_name: str) -> bytes | None:
         row = await self._pool.fetchrow(
@@ -516,21 +530,24 @@ class PgVectorStore:
         return row["content"]
 
     async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
-                       *, loader: str, splitter: str, custom_docs: bool = False) -> FileRecord:
+                       *, loader: str, splitter: str, custom_docs: bool = False,
+                       replaces: FileRecord | None = None) -> FileRecord:
         """Replace the file's row (version + 1, first ``created_at`` kept) and all its chunks in
         one transaction. Concurrent uploads to one KB take turns (they lock its row), so two
-        files with embeddings of different dimensions cannot both get in."""
+        files with embeddings of different dimensions cannot both get in. With ``replaces``,
+        the file's row is locked and compared before anything is written: a delete that
+        committed first has removed it; one that comes later waits for this commit."""
         dim = _dimension(chunks)
         records = await asyncio.to_thread(_chunk_records, kb, file_name, chunks, self._analyzer)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                if await conn.fetchval("SELECT true FROM chatfleet_kb WHERE name = $1 "
-                                       "FOR NO KEY UPDATE", kb) is None:
-                    raise KnowledgeBaseNotFound(kb)
+                kb_uid = await self._lock_kb(conn, kb)
+                if replaces is not None:
+                    await self._check_replaces(conn, kb, kb_uid, replaces)
                 if dim is not None:
                     await self._check_kb_dimension(conn, kb, file_name, dim)
                 row = await conn.fetchrow(_UPSERT_FILE, kb, file_name, content, len(content),
-                                          loader, splitter, custom_docs)
+                                          loader, splitter, custom_docs, uuid.uuid4().hex)
                 await conn.execute("DELETE FROM chatfleet_chunk WHERE kb = $1 AND file_name = $2",
                                    kb, file_name)
                 if records:
@@ -548,7 +565,30 @@ class PgVectorStore:
         return FileRecord(kb=kb, file_name=file_name, size_bytes=len(content),
                           chunk_count=len(records), loader=loader, splitter=splitter,
                           version=row["version"], created_at=row["created_at"].timestamp(),
-                          modified_at=row["modified_at"].timestamp(), custom_docs=custom_docs)
+                          modified_at=row["modified_at"].timestamp(), custom_docs=custom_docs,
+                          kb_uid=kb_uid, revision=row["revision"])
+
+    @staticmethod
+    async def _lock_kb(conn: asyncpg.Connection, kb: str) -> str:
+        """Lock the KB's row against its deletion until the transaction ends; its uid. Raises
+        ``KnowledgeBaseNotFound``."""
+        uid: str | None = await conn.fetchval(
+            "SELECT uid FROM chatfleet_kb WHERE name = $1 FOR NO KEY UPDATE", kb)
+        if uid is None:
+            raise KnowledgeBaseNotFound(kb)
+        return uid
+
+    @staticmethod
+    async def _check_replaces(conn: asyncpg.Connection, kb: str, kb_uid: str,
+                              record: FileRecord) -> None:
+        """Raise unless the (locked) KB and the file are still those ``record`` was read from."""
+        if kb_uid != record.kb_uid:
+            raise KnowledgeBaseNotFound(kb)
+        revision = await conn.fetchval(
+            "SELECT revision FROM chatfleet_file WHERE kb = $1 AND file_name = $2 FOR UPDATE",
+            kb, record.file_name)
+        if revision != record.revision:
+            raise FileChanged(record.file_name, deleted=revision is None)
 
     @staticmethod
     async def _check_kb_dimension(conn: asyncpg.Connection, kb: str, file_name: str,
@@ -590,9 +630,7 @@ class PgVectorStore:
             chunk_id: " ".join(self._analyzer.chunk_terms(draft.text, draft.metadata))
             for chunk_id, draft in updates.items()})
         async with self._pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval("SELECT true FROM chatfleet_kb WHERE name = $1 "
-                                   "FOR NO KEY UPDATE", kb) is None:
-                raise KnowledgeBaseNotFound(kb)
+            kb_uid = await self._lock_kb(conn, kb)
             present = {row["id"] for row in await conn.fetch(
                 "SELECT id FROM chatfleet_chunk WHERE kb = $1 AND file_name = $2 FOR UPDATE",
                 kb, file_name)}
@@ -617,9 +655,10 @@ class PgVectorStore:
                   draft.embedding) for i, draft in updates.items()])
             row = await conn.fetchrow(
                 "UPDATE chatfleet_file AS f SET custom_docs = true, loader = $3, splitter = $3, "
-                "version = f.version + 1, modified_at = now() WHERE kb = $1 AND file_name = $2 "
-                f"RETURNING {_FILE_COLUMNS}", kb, file_name, CUSTOM_DOCS)
-        return _file_record(kb, row)
+                "version = f.version + 1, modified_at = now(), revision = $4 "
+                f"WHERE kb = $1 AND file_name = $2 RETURNING {_FILE_COLUMNS}",
+                kb, file_name, CUSTOM_DOCS, uuid.uuid4().hex)
+        return _file_record(kb, row, kb_uid)
 
     async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
         """With ``keep_content`` the file's row (with its bytes) stays and lists with 0 chunks;
@@ -628,8 +667,8 @@ class PgVectorStore:
             await self._require_kb(conn, kb)
             if keep_content:
                 existed = await conn.fetchval(
-                    "SELECT true FROM chatfleet_file WHERE kb = $1 AND file_name = $2 FOR UPDATE",
-                    kb, file_name)
+                    "UPDATE chatfleet_file SET revision = $3 WHERE kb = $1 AND file_name = $2 "
+                    "RETURNING true", kb, file_name, uuid.uuid4().hex)
                 await conn.execute("DELETE FROM chatfleet_chunk WHERE kb = $1 AND file_name = $2",
                                    kb, file_name)
             else:
