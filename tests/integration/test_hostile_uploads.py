@@ -178,7 +178,8 @@ def test_files_past_the_per_file_and_per_kb_bounds_are_refused_and_memory_stays_
 
 def test_a_file_past_the_parse_time_is_refused_and_frees_the_worker_for_the_next(
         gateway: Callable[..., Server], api_of: Callable[[Server], httpx.Client]) -> None:
-    server = gateway({**FAST_STOP, "CHATFLEET_KB__MAX_PARSE_S": "2", "CHATFLEET_KB__INGEST_WORKERS": "1"})
+    server = gateway({**FAST_STOP, "CHATFLEET_KB__MAX_PARSE_S": "2",
+                      "CHATFLEET_KB__INGEST_WORKERS": "1"})
     api = api_of(server)
     _create_kb(api)
     assert _failed(_upload(api, SMALL_FILE)) == {}  # the worker is up
