@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import threading
 import time
@@ -281,3 +282,26 @@ def test_an_upload_that_will_be_refused_gets_429_before_its_body_is_read(
     assert sent < total / 2, f"{sent} of {total} bytes were sent before the 429"
     listed = api.get("/knowledge_base/list_files", params={"knowledge_base_name": KB}).json()
     assert [f["file_name"] for f in listed["data"]] == ["small.txt"]
+
+
+def test_listing_a_file_at_the_chunk_bound_keeps_the_event_loop_free(
+        gateway: Callable[..., Server], api_of: Callable[[Server], httpx.Client]) -> None:
+    """search_docs by file_name answers every chunk of the file (Chatchat's WebUI shows them):
+    at kb.max_file_chunks (50,000 by default) that is megabytes of JSON, built off the loop.
+    asyncio debug mode logs each callback over 100 ms (test_event_loop.py says why 100)."""
+    server = gateway({**FAST_STOP, "CHATFLEET_SERVER__SLOW_CALLBACK_S": "0.1"})
+    api = api_of(server)
+    _create_kb(api)
+    assert _failed(_upload(api, ("rows.csv", _csv(50_000)))) == {}
+    assert _failed(_upload(api, SMALL_FILE)) == {}  # the next round trip waits for log lines
+    warmed_up = len(server.proc.log_text())
+    started = time.monotonic()
+    listed = api.post("/knowledge_base/search_docs", json={
+        "knowledge_base_name": KB, "file_name": "rows.csv"}).json()
+    took = time.monotonic() - started
+    assert len(listed) == 50_000 and listed[7]["metadata"]["row"] == 7
+    assert listed[7]["page_content"] == "id: 7\ntext: row number 7"
+    assert api.get("/livez").status_code == 200
+    slow = re.findall(r"Executing .* took (\d+\.\d+) seconds",
+                      server.proc.log_text()[warmed_up:])
+    assert slow == [], f"callbacks over 100 ms while listing ({took:.1f} s): {slow}"
