@@ -184,9 +184,6 @@ class Ingestor:
     def close(self) -> None:
         self.stop()
 
-    def worker_pids(self) -> list[int]:
-        return self._pool.pids()
-
     async def _in_worker(self, file_name: str, content: bytes, split: SplitOptions) -> _Parsed:
         folder = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         try:

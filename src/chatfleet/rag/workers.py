@@ -102,9 +102,6 @@ class WorkerPool:
         self._live: set[_Worker] = set()
         self._stopped = False
 
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._live if w.process.pid is not None]
-
     async def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float) -> Any:
         """``fn(*args)`` in a worker process (both picklable), its result or its exception.
         Raises ``WorkerTimeout`` after ``timeout_s`` of running (waiting for a worker does not
