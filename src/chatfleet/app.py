@@ -22,7 +22,7 @@ from chatfleet.api.access_log import AccessLog
 from chatfleet.api.auth import ApiKeyAuth
 from chatfleet.api.errors import install_error_handlers
 from chatfleet.api.knowledge import UPLOAD_PATHS
-from chatfleet.api.middleware import AdmissionGate, BodySizeLimit
+from chatfleet.api.middleware import AdmissionGate, BodySizeLimit, IngestGate
 from chatfleet.api.responses import install_openapi
 from chatfleet.engines.base import Engine
 from chatfleet.engines.engine_model import load_profile
@@ -89,7 +89,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             max_queue_wait_s=settings.admission.max_queue_wait_s, on_change=admission_changed)
         lifecycle = Lifecycle(engine=engine, admission=admission, model=model,
                               health_interval_s=settings.engine.health_interval_s,
-                              on_change=lifecycle_changed)
+                              on_change=lifecycle_changed,
+                              background=[knowledge_service.ingestor])
         app.state.admission = admission
         app.state.lifecycle = lifecycle
         app.state.completions = CompletionService(
@@ -134,6 +135,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes,
                        upload_paths=UPLOAD_PATHS, max_upload_bytes=settings.kb.max_upload_bytes)
     app.add_middleware(AdmissionGate)  # a certain 429 costs the least
+    app.add_middleware(IngestGate, upload_paths=UPLOAD_PATHS)  # so does a certain upload 429
     if settings.api_keys:  # outermost of ours: no key, no other work (nor a queue-state hint)
         rejections = {reason: metrics.auth_rejections_total.labels(reason=reason.value)
                       for reason in AuthRejection}

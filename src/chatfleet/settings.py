@@ -25,6 +25,7 @@ __all__ = [
     "KnowledgeSettings",
     "LimitsSettings",
     "LogSettings",
+    "MIN_CHUNK_SIZE",
     "ServerSettings",
     "Settings",
     "StoreKind",
@@ -265,6 +266,10 @@ class EmbeddingsSettings(BaseModel):
     """Seconds one /embeddings request may take."""
 
 
+MIN_CHUNK_SIZE = 50
+"""The least kb.chunk_size, and the least chunk_size a request may ask for."""
+
+
 class KnowledgeSettings(BaseModel):
     store: StoreKind = StoreKind.LOCAL
     """``local`` (one replica; files under data_dir) or ``pgvector`` (shared by all replicas)."""
@@ -276,8 +281,9 @@ class KnowledgeSettings(BaseModel):
     pg_pool_size: int = Field(10, ge=1, le=200)
     """``pgvector`` store: connections kept open by one gateway process."""
     embeddings: EmbeddingsSettings = EmbeddingsSettings()
-    chunk_size: int = Field(750, ge=50, le=100_000)
-    """Characters per chunk (Chatchat's CHUNK_SIZE)."""
+    chunk_size: int = Field(750, ge=MIN_CHUNK_SIZE, le=100_000)
+    """Characters per chunk (Chatchat's CHUNK_SIZE). At least 50, and a request's own chunk_size
+    below 50 is refused (422): a 1-character chunk made 153k chunks of a 185 KB file."""
     chunk_overlap: int = Field(150, ge=0, le=50_000)
     """Characters shared by neighbouring chunks (Chatchat's OVERLAP_SIZE)."""
     top_k: int = Field(3, ge=1, le=100)
@@ -304,6 +310,18 @@ class KnowledgeSettings(BaseModel):
     ingest_workers: int = Field(1, ge=1, le=64)
     """Processes that load and split uploaded files, started on the first upload (each imports
     the document loaders: about 100-150 MB). Uploads beyond this many at once wait their turn."""
+    max_file_text_chars: int = Field(20_000_000, ge=1000)
+    """Most characters of text one file may hold once parsed (about a 10,000-page book); a file
+    with more is refused with the reason, found while it is read (a .docx is checked before:
+    a 261 KB zip bomb unpacked to gigabytes). Bounds the worker's and the gateway's memory."""
+    max_file_chunks: int = Field(50_000, ge=1)
+    """Most chunks one file may be split into (a CSV makes one per row); more is refused."""
+    max_kb_chunks: int = Field(1_000_000, ge=1)
+    """Most chunks one knowledge base may hold; an upload that would pass it is refused. (The
+    local store keeps every chunk's terms and vector in the gateway's memory.)"""
+    max_parse_s: float = Field(120.0, gt=0)
+    """Longest one file may take to load and split in an ingest worker; past it the worker is
+    killed (and replaced), the file refused with the reason, and the next upload goes on."""
 
     @model_validator(mode="after")
     def _check(self) -> KnowledgeSettings:

@@ -64,7 +64,9 @@ def test_local_store_by_default_writes_to_an_emptydir_at_its_data_dir() -> None:
         "CHATFLEET_KB__TOP_K": "3", "CHATFLEET_KB__SCORE_THRESHOLD": "2",
         "CHATFLEET_KB__MAX_UPLOAD_BYTES": "67108864", "CHATFLEET_KB__INGEST_WORKERS": "1",
         "CHATFLEET_KB__MAX_QUEUED_UPLOADS": "16", "CHATFLEET_KB__TEMP_TTL_S": "3600",
-        "CHATFLEET_KB__MAX_TEMP_KBS": "100"}, (
+        "CHATFLEET_KB__MAX_TEMP_KBS": "100", "CHATFLEET_KB__MAX_FILE_TEXT_CHARS": "20000000",
+        "CHATFLEET_KB__MAX_FILE_CHUNKS": "50000", "CHATFLEET_KB__MAX_KB_CHUNKS": "1000000",
+        "CHATFLEET_KB__MAX_PARSE_S": "120"}, (
         "no embeddings env: BM25-only retrieval")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}

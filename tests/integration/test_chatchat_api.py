@@ -327,8 +327,12 @@ def test_files_can_be_replaced_updated_and_deleted(api) -> None:
     body = api.post("/knowledge_base/update_docs", json={
         "knowledge_base_name": kb, "file_names": ["a.txt"], "chunk_size": 10,
         "chunk_overlap": 2}).json()
+    assert body["code"] == 422 and "at least 50" in body["msg"], "under kb.chunk_size's minimum"
+    body = api.post("/knowledge_base/update_docs", json={
+        "knowledge_base_name": kb, "file_names": ["a.txt"], "chunk_size": 50,
+        "chunk_overlap": 2}).json()
     assert body == {"code": 200, "msg": "更新文档完成", "data": {"failed_files": {}}}
-    assert _files(api, kb)["a.txt"]["docs_count"] > 1
+    assert _files(api, kb)["a.txt"]["file_version"] == 3
     body = api.post("/knowledge_base/update_info", json={"knowledge_base_name": kb,
                                                          "kb_info": "new info"}).json()
     assert body["data"] == {"kb_info": "new info"}

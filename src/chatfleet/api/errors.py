@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chatfleet.api.access_log import loggable_path
 from chatfleet.api.chatchat_envelope import envelope, error_data, is_chatchat_path
 from chatfleet.engines.base import EngineError
-from chatfleet.rag.ingest import IngestBusy
+from chatfleet.rag.ingest import IngestBusy, IngestStopped
 from chatfleet.rag.names import InvalidName
 from chatfleet.rag.stores.base import KnowledgeBaseNotFound
 from chatfleet.serving.admission import AdmissionRejected
@@ -133,6 +133,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _ingest_busy(request: Request, exc: IngestBusy) -> JSONResponse:
         return envelope(429, str(exc), error_data(request.url.path), http_status=429,
                         headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(IngestStopped)
+    async def _ingest_stopped(request: Request, exc: IngestStopped) -> JSONResponse:
+        return envelope(503, str(exc), error_data(request.url.path), http_status=503,
+                        headers={"Retry-After": str(exc.retry_after_s), "Connection": "close"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatfleet.api.chatchat_envelope import envelope, error_data
 from chatfleet.api.errors import error_response, rejection_response
+from chatfleet.rag.ingest import IngestStopped
 from chatfleet.serving.admission import Priority
 from chatfleet.serving.completions import ROUTES
 
-__all__ = ["AdmissionGate", "BodySizeLimit"]
+__all__ = ["AdmissionGate", "BodySizeLimit", "IngestGate"]
 
 _PRIORITY_HEADER = b"x-chatfleet-priority"
 
@@ -92,6 +94,35 @@ class AdmissionGate:
                 if rejection is not None:
                     await rejection_response(rejection, scope["path"])(scope, receive, send)
                     return
+        await self.app(scope, receive, send)
+
+
+class IngestGate:
+    """Answer 429 (all ingest slots taken and as many uploads waiting as may) or 503 (draining)
+    to an upload before its body is read: 30 concurrent 60 MB uploads were read in full, and
+    their multipart parsed on the event loop, only to be refused. The answer says
+    ``Connection: close``: the unread body is not drained, the connection is closed after it
+    (a client still sending sees its write fail, then reads this answer, as httpx does)."""
+
+    def __init__(self, app: ASGIApp, *, upload_paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.upload_paths = frozenset(upload_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"] in self.upload_paths):
+            state = scope["app"].state
+            lifecycle = getattr(state, "lifecycle", None)
+            refusal = (IngestStopped() if lifecycle is not None and lifecycle.draining
+                       else state.knowledge.ingestor.refusal())
+            if refusal is not None:
+                status = 503 if isinstance(refusal, IngestStopped) else 429
+                response = envelope(status, str(refusal), error_data(scope["path"]),
+                                    http_status=status,
+                                    headers={"Retry-After": str(refusal.retry_after_s),
+                                             "Connection": "close"})
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

@@ -8,33 +8,44 @@ update and recreate routes.
 Why a process and not a thread: parsing and splitting a large file is seconds of Python that
 holds the GIL, and a thread doing it stalled the gateway's event loop for 70-125 ms at a time
 (asyncio debug mode, tests/integration/test_event_loop.py), which every stream's tokens wait
-behind. The pool is started on first use (the worker imports langchain: about a second, and
-100-150 MB), with ``workers`` processes (``kb.ingest_workers``).
+behind. ``kb.ingest_workers`` processes (``rag/workers.py``) are started on first use (each
+imports langchain: about a second, and 100-150 MB).
+
+Every file is bounded before it costs the gateway memory or another user's wait: its text
+(``kb.max_file_text_chars``, counted as pages or rows are read) and its chunks
+(``kb.max_file_chunks``) inside the worker, its parse time (``kb.max_parse_s``: the worker is
+killed and replaced), and its knowledge base's chunks (``kb.max_kb_chunks``) before it is
+embedded. Past a bound the file is refused with ``FileTooLarge``, which names the setting.
+The worker returns only the chunks' text and metadata, so the gateway holds at most
+``max_file_chunks`` chunks per running ingestion.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Any
 
 from chatfleet.rag.embeddings import Embedder
 from chatfleet.rag.loaders import (
     EmptyDocument,
-    LoadedDocument,
+    FileTooLarge,
     UnreadableDocument,
     check_extension,
     load_document,
 )
-from chatfleet.rag.splitting import SplitResult, split_documents
+from chatfleet.rag.splitting import split_documents
 from chatfleet.rag.stores.base import CUSTOM_DOCS, ChunkDraft, FileRecord, KnowledgeStore
+from chatfleet.rag.workers import WorkerDied, WorkerPool, WorkersStopped, WorkerTimeout
 
-__all__ = ["IngestBusy", "Ingestor", "SplitOptions"]
+__all__ = ["IngestBusy", "IngestLimits", "IngestStopped", "Ingestor", "SplitOptions"]
+
+TEMP_PREFIX = "chatfleet-load-"
+"""Each file being read gets a private folder of this prefix in the temporary directory."""
 
 
 class IngestBusy(Exception):
@@ -46,6 +57,36 @@ class IngestBusy(Exception):
         super().__init__(f"{running} ingestions are running and {waiting} are waiting, the most "
                          f"this replica takes (kb.max_queued_uploads); retry in "
                          f"{self.retry_after_s} s")
+
+
+class IngestStopped(Exception):
+    """The gateway is shutting down: its ingest workers were stopped after the drain timeout."""
+
+    retry_after_s = 5
+
+    def __init__(self) -> None:
+        super().__init__("this gateway replica is shutting down and stopped reading uploads; "
+                         f"nothing was stored: upload again in {self.retry_after_s} s (another "
+                         "replica takes it)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IngestLimits:
+    """Per-file and per-KB bounds (the ``kb.max_*`` settings of the same names)."""
+
+    max_file_text_chars: int = 20_000_000
+    max_file_chunks: int = 50_000
+    max_kb_chunks: int = 1_000_000
+    max_parse_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What a worker sends back: only what is stored, so the gateway holds no Documents."""
+
+    loader: str
+    splitter: str
+    chunks: list[tuple[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,12 +102,16 @@ class SplitOptions:
                              f"smaller than chunk_size ({self.chunk_size})")
 
 
-def _load_and_split(file_name: str, content: bytes, split: SplitOptions) -> tuple[LoadedDocument,
-                                                                                  SplitResult]:
+def _load_and_split(file_name: str, content: bytes, folder: str, split: SplitOptions,
+                    limits: IngestLimits) -> _Parsed:
     """Runs in the worker process."""
-    loaded = load_document(file_name, content)
-    return loaded, split_documents(loaded.documents, chunk_size=split.chunk_size,
-                                   chunk_overlap=split.chunk_overlap, file_name=file_name)
+    loaded = load_document(file_name, content, folder=folder,
+                           max_text_chars=limits.max_file_text_chars)
+    result = split_documents(loaded.documents, chunk_size=split.chunk_size,
+                             chunk_overlap=split.chunk_overlap, file_name=file_name,
+                             max_chunks=limits.max_file_chunks)
+    return _Parsed(loaded.loader, result.splitter,
+                   [(chunk.page_content, chunk.metadata) for chunk in result.chunks])
 
 
 class Ingestor:
@@ -76,68 +121,102 @@ class Ingestor:
     requests, so a burst of them cannot pile up files in memory and on disk without limit."""
 
     def __init__(self, store: KnowledgeStore, embedder: Embedder | None, *, workers: int = 1,
-                 max_waiting: int = 16, on_chunks: Callable[[int], None] | None = None) -> None:
+                 max_waiting: int = 16, limits: IngestLimits | None = None,
+                 on_chunks: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.embedder = embedder
-        self._workers = workers
-        self._pool: ProcessPoolExecutor | None = None
+        self.limits = limits or IngestLimits()
+        self._pool = WorkerPool(workers, preload=__name__)
         self._on_chunks = on_chunks
         self._running = 2 * workers
         self._slots = asyncio.Semaphore(self._running)
         self._waiting = 0
         self._max_waiting = max_waiting
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopped = False
+
+    def refusal(self) -> IngestBusy | IngestStopped | None:
+        """What ``slot()`` would raise now, if anything: lets a request be refused before its
+        body is read (``api/middleware.py``)."""
+        if self._stopped:
+            return IngestStopped()
+        if self._slots.locked() and self._waiting >= self._max_waiting:
+            return IngestBusy(self._running, self._waiting)
+        return None
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold an ingestion slot for one request's files. Raises ``IngestBusy`` at once when
-        all are taken and ``max_waiting`` requests already wait."""
-        if self._slots.locked() and self._waiting >= self._max_waiting:
-            raise IngestBusy(self._running, self._waiting)
-        self._waiting += 1
+        all are taken and ``max_waiting`` requests already wait, ``IngestStopped`` once
+        stopped."""
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
+        self._active += 1
+        self._idle.clear()
         try:
-            await self._slots.acquire()
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+            try:
+                yield
+            finally:
+                self._slots.release()
         finally:
-            self._waiting -= 1
-        try:
-            yield
-        finally:
-            self._slots.release()
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return when no request holds or waits for a slot (the drain on SIGTERM waits)."""
+        await self._idle.wait()
+
+    def stop(self) -> None:
+        """Kill the worker processes: files being read fail with ``IngestStopped``, and so do
+        later ones. Called when the drain ends (on time or not) and at shutdown."""
+        self._stopped = True
+        self._pool.stop()
 
     def close(self) -> None:
-        """Stop the worker processes (waits for none: a stopping gateway has drained)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self.stop()
 
-    async def _in_worker(self, file_name: str, content: bytes,
-                         split: SplitOptions) -> tuple[LoadedDocument, SplitResult]:
-        if self._pool is None:
-            # spawn, not fork: the gateway has threads (fork would copy their locks held).
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=get_context("spawn"))
-        loop = asyncio.get_running_loop()
+    async def _in_worker(self, file_name: str, content: bytes, split: SplitOptions) -> _Parsed:
+        folder = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         try:
-            return await loop.run_in_executor(self._pool, _load_and_split, file_name, content,
-                                              split)
-        except BrokenProcessPool:
-            self.close()  # the next upload starts a new worker
-            raise UnreadableDocument(file_name, "the worker process reading it died (out of "
-                                                "memory?)") from None
+            return await self._pool.run(_load_and_split, file_name, content, folder, split,
+                                        self.limits, timeout_s=self.limits.max_parse_s)
+        except WorkerTimeout:
+            raise FileTooLarge(file_name, f"reading it took longer than "
+                               f"{self.limits.max_parse_s:g} s, the most one file may take",
+                               "kb.max_parse_s") from None
+        except WorkerDied as exc:
+            raise UnreadableDocument(file_name, f"the worker process reading it died (exit code "
+                                     f"{exc.exitcode}: out of memory?)") from None
+        except WorkersStopped:
+            raise IngestStopped from None
+        finally:
+            # Here, not in the worker: a killed worker cleans up nothing.
+            shutil.rmtree(folder, ignore_errors=True)
 
     async def ingest(self, kb: str, file_name: str, content: bytes, split: SplitOptions, *,
                      replaces: FileRecord | None = None) -> FileRecord:
         """Store one file (replacing one of the same name; only the one ``replaces`` describes
         when given, see ``KnowledgeStore.put_file``). Raises the loaders' errors
-        (``UnsupportedFileType``, ``EmptyDocument``, ``UnreadableDocument``), ``EmbeddingError``,
-        ``KnowledgeBaseNotFound`` or ``FileChanged``; in each case nothing was stored."""
+        (``UnsupportedFileType``, ``EmptyDocument``, ``UnreadableDocument``, ``FileTooLarge``),
+        ``EmbeddingError``, ``KnowledgeBaseNotFound``, ``FileChanged`` or ``IngestStopped``; in
+        each case nothing was stored."""
         check_extension(file_name)
         if not content:
             raise EmptyDocument(file_name)
-        loaded, result = await self._in_worker(file_name, content, split)
-        if not result.chunks:
+        parsed = await self._in_worker(file_name, content, split)
+        if not parsed.chunks:
             raise EmptyDocument(file_name)
-        return await self._store(kb, file_name, content,
-                                 [(c.page_content, dict(c.metadata)) for c in result.chunks],
-                                 loader=loaded.loader, splitter=result.splitter, replaces=replaces)
+        return await self._store(kb, file_name, content, parsed.chunks, loader=parsed.loader,
+                                 splitter=parsed.splitter, replaces=replaces)
 
     async def ingest_custom(self, kb: str, file_name: str, content: bytes,
                             chunks: Sequence[tuple[str, dict[str, Any]]], *,
@@ -161,6 +240,10 @@ class Ingestor:
         texts = [text for text, _ in changed.values()]
         vectors = (await self.embedder.embed_documents(texts)
                    if self.embedder is not None and texts else None)
+        if len(edits) > self.limits.max_file_chunks:
+            raise FileTooLarge(file_name, f"the edit names more than "
+                               f"{self.limits.max_file_chunks} chunks, the most one file may have",
+                               "kb.max_file_chunks")
         drafts: dict[str, ChunkDraft | None] = {chunk_id: None for chunk_id in edits}
         for i, (chunk_id, (text, metadata)) in enumerate(changed.items()):
             drafts[chunk_id] = ChunkDraft(text=text, metadata=metadata,
@@ -174,6 +257,7 @@ class Ingestor:
                      chunks: Sequence[tuple[str, dict[str, Any]]], *, loader: str, splitter: str,
                      custom_docs: bool = False, replaces: FileRecord | None = None) -> FileRecord:
         """Embed the chunks (when embeddings are configured) and store the file with them."""
+        await self._check_kb_room(kb, file_name, len(chunks))
         texts = [text for text, _ in chunks]
         vectors = await self.embedder.embed_documents(texts) if self.embedder is not None else None
         drafts = [ChunkDraft(text=text, metadata=metadata,
@@ -185,3 +269,20 @@ class Ingestor:
         if self._on_chunks is not None:
             self._on_chunks(len(drafts))
         return record
+
+    async def _check_kb_room(self, kb: str, file_name: str, chunks: int) -> None:
+        """Refuse a file with more than ``max_file_chunks`` chunks (custom docs come here
+        unsplit), or one that would take its KB past ``max_kb_chunks`` (the chunks of the file
+        it replaces do not count). Concurrent uploads to one KB may pass the bound by at most
+        their own chunks."""
+        limits = self.limits
+        if chunks > limits.max_file_chunks:
+            raise FileTooLarge(file_name, f"it has {chunks} chunks, more than "
+                               f"{limits.max_file_chunks}, the most one file may have", "kb.max_file_chunks")
+        held = sum(record.chunk_count for record in await self.store.list_files(kb)
+                   if record.file_name != file_name)
+        if held + chunks > limits.max_kb_chunks:
+            raise FileTooLarge(file_name, f"its {chunks} chunks would take knowledge base "
+                               f"'{kb}' from {held} to more than {limits.max_kb_chunks} chunks, the most "
+                               "one knowledge base may hold",
+                               "kb.max_kb_chunks")

@@ -21,7 +21,7 @@ from chatfleet.rag.custom_docs import (
     plan_custom_docs,
 )
 from chatfleet.rag.embeddings import Embedder, EmbeddingError
-from chatfleet.rag.ingest import Ingestor, SplitOptions
+from chatfleet.rag.ingest import IngestLimits, Ingestor, SplitOptions
 from chatfleet.rag.retrieval import RetrievalMode, Retriever
 from chatfleet.rag.stores.base import (
     FileChanged,
@@ -32,7 +32,7 @@ from chatfleet.rag.stores.base import (
 from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import PgVectorStore
 from chatfleet.rag.temp_kbs import TempKnowledgeBases
-from chatfleet.settings import KnowledgeSettings, StoreKind
+from chatfleet.settings import MIN_CHUNK_SIZE, KnowledgeSettings, StoreKind
 
 __all__ = ["FileNotStored", "KnowledgeService", "RebuildProgress", "build_store"]
 
@@ -85,7 +85,12 @@ class KnowledgeService:
         self.embedder = build_embedder(settings)
         self.retriever = Retriever(self.store, self.embedder, on_retrieval=on_retrieval)
         self.ingestor = Ingestor(self.store, self.embedder, workers=settings.ingest_workers,
-                                 max_waiting=settings.max_queued_uploads, on_chunks=on_chunks)
+                                 max_waiting=settings.max_queued_uploads, on_chunks=on_chunks,
+                                 limits=IngestLimits(
+                                     max_file_text_chars=settings.max_file_text_chars,
+                                     max_file_chunks=settings.max_file_chunks,
+                                     max_kb_chunks=settings.max_kb_chunks,
+                                     max_parse_s=settings.max_parse_s))
         self.temp = TempKnowledgeBases(self.store, ttl_s=settings.temp_ttl_s,
                                        max_count=settings.max_temp_kbs)
         self._sweeper: asyncio.Task[None] | None = None
@@ -101,7 +106,14 @@ class KnowledgeService:
 
     def split_options(self, chunk_size: int | None = None,
                       chunk_overlap: int | None = None) -> SplitOptions:
-        """The request's split settings, the configured ones where it gives none. Raises ValueError."""
+        """The request's split settings, the configured ones where it gives none. Raises
+        ValueError, also for a chunk_size under the minimum that kb.chunk_size has: refused, not
+        raised to it, so a client learns that its setting was not used (Chatchat's WebUI shows
+        the message), and a rebuild never silently differs from what was asked."""
+        if chunk_size is not None and chunk_size < MIN_CHUNK_SIZE:
+            raise ValueError(f"chunk_size is {chunk_size}; it must be at least {MIN_CHUNK_SIZE} "
+                             "characters (the minimum of kb.chunk_size): smaller chunks carry "
+                             "too little text to retrieve and multiply a file's chunks")
         return SplitOptions(
             chunk_size=self.settings.chunk_size if chunk_size is None else chunk_size,
             chunk_overlap=self.settings.chunk_overlap if chunk_overlap is None else chunk_overlap)

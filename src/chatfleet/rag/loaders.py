@@ -1,6 +1,6 @@
 """Turns an uploaded file's bytes into langchain Documents, with Chatchat's loader for each type.
 
-The ingestion pipeline (``rag/ingest.py``) calls ``load_document`` in a worker thread: it blocks on
+The ingestion pipeline (``rag/ingest.py``) calls ``load_document`` in a worker process: it blocks on
 disk and on the parsers. Routes call ``check_extension`` before reading a request body, to refuse a
 file type early. Errors are ``ValueError`` subclasses whose messages name the file and are meant for
 the user: the type is not supported, the parser could not read the file, or it holds no text.
@@ -16,9 +16,12 @@ whole file wins.
 from __future__ import annotations
 
 import codecs
+import io
 import os
 import re
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 
 from langchain_community.document_loaders import (
@@ -34,6 +37,7 @@ from langchain_core.documents import Document
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "EmptyDocument",
+    "FileTooLarge",
     "LoadedDocument",
     "UnreadableDocument",
     "UnsupportedFileType",
@@ -45,6 +49,9 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (".txt", ".md", ".html", ".htm", ".pdf",
 """Lower-case; a file's extension is compared case-insensitively."""
 
 _MAX_REASON_CHARS = 200
+_DOCX_XML_PER_TEXT_CHAR = 4
+"""A .docx's XML may unpack to this many bytes per character of the text limit: markup is most
+of a document.xml, and a zip bomb (261 KB unpacking to gigabytes) is refused before parsing."""
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
@@ -85,6 +92,21 @@ class EmptyDocument(ValueError):
         return type(self), (self.file_name,)
 
 
+class FileTooLarge(ValueError):
+    """The file passes a per-file bound (text, chunks, parse time): refused, nothing stored."""
+
+    def __init__(self, file_name: str, what: str, setting: str) -> None:
+        super().__init__(f"cannot index '{file_name}': {what} (the bound is {setting}); "
+                         "nothing was stored: split the file into smaller ones, or have the "
+                         "bound raised")
+        self.file_name = file_name
+        self.what = what
+        self.setting = setting
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return type(self), (self.file_name, self.what, self.setting)
+
+
 @dataclass(frozen=True)
 class LoadedDocument:
     documents: list[Document]
@@ -102,24 +124,44 @@ def check_extension(file_name: str) -> str:
     return extension
 
 
-def load_document(file_name: str, content: bytes) -> LoadedDocument:
+def load_document(file_name: str, content: bytes, *, folder: str | None = None,
+                  max_text_chars: int | None = None) -> LoadedDocument:
     """Parse ``content``, the bytes of the upload called ``file_name`` (already validated).
 
-    Blocking. The loaders take paths, so the bytes go to a file in a private temporary folder
-    (mode 0700) that is removed before this returns.
+    Blocking. The loaders take paths, so the bytes go to a file in ``folder``, a private
+    temporary folder the caller makes and removes (the ingest worker's parent, which can also
+    when the worker was killed), or else in one made and removed here. Documents are read one
+    at a time (a page, a row) and ``FileTooLarge`` is raised as soon as their text passes
+    ``max_text_chars`` (kb.max_file_text_chars).
     """
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="chatfleet-load-") as temporary:
+            return load_document(file_name, content, folder=temporary,
+                                 max_text_chars=max_text_chars)
+    max_text_chars = max_text_chars or sys.maxsize
     extension = check_extension(file_name)
-    with tempfile.TemporaryDirectory(prefix="chatfleet-load-") as folder:
-        path = os.path.join(folder, "upload" + extension)
-        with open(path, "wb") as file:
-            file.write(content)
-        loader = _loader_for(extension, path, content, file_name)
-        try:
-            documents = loader.load()
-        except ImportError:
-            raise  # a missing parser package is the deployment's fault, not the file's
-        except Exception as exc:
-            raise UnreadableDocument(file_name, _reason(exc, path)) from exc
+    if extension == ".docx":
+        _check_docx_size(file_name, content, max_text_chars)
+    path = os.path.join(folder, "upload" + extension)
+    with open(path, "wb") as file:
+        file.write(content)
+    loader = _loader_for(extension, path, content, file_name)
+    documents: list[Document] = []
+    chars = 0
+    try:
+        for document in loader.lazy_load():
+            chars += len(document.page_content)
+            if chars > max_text_chars:
+                raise FileTooLarge(file_name, f"its text is over {max_text_chars} characters, "
+                                   "the most one file may have",
+                                   "kb.max_file_text_chars")
+            documents.append(document)
+    except (ImportError, FileTooLarge):
+        raise  # a missing parser package is the deployment's fault, not the file's
+    except Exception as exc:
+        raise UnreadableDocument(file_name, _reason(exc, path)) from exc
+    finally:
+        os.remove(path)
     if not any(document.page_content.strip() for document in documents):
         raise EmptyDocument(file_name)
     for document in documents:
@@ -127,6 +169,23 @@ def load_document(file_name: str, content: bytes) -> LoadedDocument:
         if isinstance(loader, BSHTMLLoader):
             document.page_content = _tidy_whitespace(document.page_content)
     return LoadedDocument(documents=documents, loader=type(loader).__name__)
+
+
+def _check_docx_size(file_name: str, content: bytes, max_text_chars: int) -> None:
+    """Refuse a .docx whose XML parts unpack to more than the text limit allows, before
+    docx2txt unpacks them into memory (it reads each part whole)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist()
+                           if info.filename.endswith(".xml"))
+    except zipfile.BadZipFile as exc:
+        raise UnreadableDocument(file_name, f"BadZipFile: {exc}") from None
+    limit = _DOCX_XML_PER_TEXT_CHAR * max_text_chars
+    if unpacked > limit:
+        raise FileTooLarge(file_name, f"its XML unpacks to {unpacked} bytes, over {limit} "
+                           f"({_DOCX_XML_PER_TEXT_CHAR} bytes per character of the text one file may "
+                           "have)",
+                           "kb.max_file_text_chars")
 
 
 def _loader_for(extension: str, path: str, content: bytes, file_name: str) -> BaseLoader:

@@ -1,6 +1,6 @@
 """Cuts loaded Documents into the chunks that get embedded, indexed and put into prompts.
 
-The ingestion pipeline (``rag/ingest.py``) calls ``split_documents`` in a worker thread, right after
+The ingestion pipeline (``rag/ingest.py``) calls ``split_documents`` in a worker process, right after
 ``rag/loaders.py``; sizes are ``kb.chunk_size`` and ``kb.chunk_overlap`` (Chatchat's CHUNK_SIZE 750
 and OVERLAP_SIZE 150), in characters.
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from langchain_core.documents import Document
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
+from chatfleet.rag.loaders import FileTooLarge
 from chatfleet.rag.markdown import HEADINGS, heading_paths
 
 __all__ = ["SENTENCE_SEPARATORS", "SplitResult", "split_documents"]
@@ -41,8 +42,10 @@ class SplitResult:
 
 
 def split_documents(documents: Sequence[Document], *, chunk_size: int = 750,
-                    chunk_overlap: int = 150, file_name: str) -> SplitResult:
+                    chunk_overlap: int = 150, file_name: str,
+                    max_chunks: int | None = None) -> SplitResult:
     """Split the Documents of the file ``file_name``; chunks empty after strip are dropped.
+    More than ``max_chunks`` (kb.max_file_chunks) raises ``FileTooLarge``.
 
     Markdown (``.md``) is cut at headings, code fences and rules first (langchain's Markdown
     separators, which keep a heading at the start of its section's chunk); everything else uses
@@ -64,6 +67,10 @@ def split_documents(documents: Sequence[Document], *, chunk_size: int = 750,
             if path:
                 metadata[HEADINGS] = path
             chunks.append(Document(page_content=piece.page_content, metadata=metadata))
+        if max_chunks is not None and len(chunks) > max_chunks:
+            raise FileTooLarge(file_name, f"it splits into more than {max_chunks} chunks, "
+                               "the most one file may have",
+                               "kb.max_file_chunks")
     return SplitResult(chunks=chunks, splitter=type(splitter).__name__)
 
 
