@@ -25,6 +25,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from chatfleet.http_limits import HttpLimits, bounded_protocol
 from chatfleet.logs import FIELDS
 
 __all__ = ["DrainingServer", "listen_url", "listening_socket", "serve_app"]
@@ -97,7 +98,7 @@ def listen_url(sock: socket.socket) -> str:
 
 
 def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeout_s: float,
-              keep_alive_s: float, slow_callback_s: float | None = None,
+              keep_alive_s: float, http_limits: HttpLimits, slow_callback_s: float | None = None,
               describe: Mapping[str, object] | None = None) -> None:
     """Serve ``app`` on ``sock`` (from ``listening_socket``: the caller binds it first, so an
     address in use is its error to explain, before anything starts) until SIGTERM has drained it
@@ -106,14 +107,16 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
     ``slow_callback_s`` turns on asyncio's debug mode on the stdlib loop (uvloop does not report
     slow callbacks): every callback that holds the loop longer is logged, to find blocking calls.
     ``describe``: what the start-up line says about the app besides its address (None values are
-    left out of the text).
+    left out of the text). ``http_limits``: what a connection may send, and how slowly
+    (``http_limits.py``).
     """
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on",
-                            timeout_keep_alive=keep_alive_s, loop="asyncio" if debug else "auto")
+                            timeout_keep_alive=keep_alive_s, http=bounded_protocol(http_limits),
+                            loop="asyncio" if debug else "auto")
     server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s, describe=describe)
     with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:
         if slow_callback_s is not None:
