@@ -91,6 +91,7 @@ def serve(
 ) -> None:
     """Run the gateway (default engine: the embedded simulated engine)."""
     from chatfleet.app import create_app, startup_fields
+    from chatfleet.http_limits import HttpLimits
     from chatfleet.server import serve_app
 
     settings = _load_settings(**{"server.host": host, "server.port": port})
@@ -102,6 +103,8 @@ def serve(
               drain_timeout_s=settings.server.drain_timeout_s,
               keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s,
               forwarded_allow_ips=settings.server.forwarded_allow_ips,
+              http_limits=HttpLimits(settings.server.max_header_bytes, settings.server.max_headers,
+                                     settings.server.header_timeout_s, settings.server.body_timeout_s),
               describe=startup_fields(gateway))
 
 

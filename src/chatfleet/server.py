@@ -25,6 +25,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from chatfleet.http_limits import HttpLimits, bounded_protocol
 from chatfleet.logs import FIELDS
 
 __all__ = ["DrainingServer", "listen_url", "listening_socket", "serve_app"]
@@ -97,7 +98,7 @@ def listen_url(sock: socket.socket) -> str:
 
 
 def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeout_s: float,
-              keep_alive_s: float, slow_callback_s: float | None = None,
+              keep_alive_s: float, http_limits: HttpLimits, slow_callback_s: float | None = None,
               forwarded_allow_ips: Sequence[str] = (),
               describe: Mapping[str, object] | None = None) -> None:
     """Serve ``app`` on ``sock`` (from ``listening_socket``: the caller binds it first, so an
@@ -109,14 +110,16 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
     ``forwarded_allow_ips``: the proxies whose X-Forwarded-For/-Proto uvicorn believes; none
     (the default) turns its proxy headers off, where uvicorn would believe any on 127.0.0.1.
     ``describe``: what the start-up line says about the app besides its address (None values are
-    left out of the text).
+    left out of the text). ``http_limits``: what a connection may send, and how slowly
+    (``http_limits.py``).
     """
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on",
-                            timeout_keep_alive=keep_alive_s, loop="asyncio" if debug else "auto",
+                            timeout_keep_alive=keep_alive_s, http=bounded_protocol(http_limits),
+                            loop="asyncio" if debug else "auto",
                             proxy_headers=bool(forwarded_allow_ips),
                             forwarded_allow_ips=list(forwarded_allow_ips) or None)
     server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s, describe=describe)

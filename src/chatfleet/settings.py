@@ -137,8 +137,9 @@ class ServerSettings(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight and queued requests may take to finish before the process exits."""
     keep_alive_s: float = Field(75.0, gt=0)
-    """Idle keep-alive of client connections. Keep it above the load balancer's idle timeout
-    (60 s on common cloud LBs), or the proxy may reuse a connection the gateway is closing."""
+    """Idle keep-alive of client connections, and how long a new connection may send nothing.
+    Keep it above the load balancer's idle timeout (60 s on common cloud LBs), or the proxy may
+    reuse a connection the gateway is closing."""
     send_timeout_s: float = Field(30.0, gt=0)
     """A streamed answer whose client has read nothing for this long (its connection's buffers
     full) is ended: the connection is closed, the engine request aborted and the slot freed."""
@@ -147,6 +148,18 @@ class ServerSettings(BaseModel):
     (up to net.ipv4.tcp_wmem's maximum, 4 MiB by default), so a client that reads nothing pins up
     to that much memory, and ``send_timeout_s`` starts only once it is full. Token streams need
     little: 256 KiB bounds both."""
+    max_header_bytes: int = Field(65536, ge=1024)
+    """Longest request line and headers of one request; longer gets 431 and the connection
+    closes. Clients send a few hundred bytes; 64 KiB is twice nginx's largest default (4 x 8 KiB)."""
+    max_headers: int = Field(100, ge=1)
+    """Most headers in one request; more gets 431 (Apache's LimitRequestFields default)."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A request's line and headers must arrive within this of its first byte, else 408 and the
+    connection closes. They come in one packet from a real client; 10 s allows a slow link."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body that pauses this long between reads (time the gateway holds it back not
+    counted) gets 408, the connection closes, the app sees a disconnect. As ``send_timeout_s``,
+    the other way. A streamed answer is never timed: a request is complete once its body is read."""
     log_level: str = "info"
     slow_callback_s: float | None = Field(None, gt=0)
     """Turn on asyncio debug mode and log every event-loop callback slower than this (diagnostics)."""

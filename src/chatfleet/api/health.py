@@ -30,11 +30,13 @@ class NotReady(BaseModel):
     reason: str
 
 
+@router.head("/livez", include_in_schema=False)
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")
 async def livez() -> dict[str, str]:
     return {"status": "alive"}
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", summary="Readiness: the engine lists the model and the replica is not draining",
             responses={200: {"model": Ready},
                        503: {"model": NotReady, "description": "Not ready, or draining"}})
@@ -46,6 +48,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get("/metrics", summary="Prometheus metrics (text exposition)",
             response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
