@@ -65,13 +65,14 @@ async def _leave_together(gw: Server, streams: int, max_tokens: int) -> float:
         async with client.stream("POST", gw.v1 + "/chat/completions", json={
                 "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
                 "stream": True, "ignore_eos": True}) as r:
-            seen = 0
+            seen, lines = 0, []
             async for line in r.aiter_lines():
                 seen += line.startswith("data: ")
+                lines.append(line[:200])
                 if seen == 5:
                     await all_read_5.wait()
                     return  # leaving the block closes the connection mid-answer
-        raise AssertionError(f"the stream ended after {seen} events")
+            raise AssertionError(f"HTTP {r.status_code}: the stream ended after {seen} events: {lines[-3:]}")
 
     sent_at = time.monotonic()
     async with httpx.AsyncClient(timeout=60) as client, asyncio.timeout(60):
