@@ -1,4 +1,4 @@
-"""Integration fixtures: one real vLLM (CPU) server per test session.
+"""Integration fixtures: one real vLLM (CPU) server per test session; PostgreSQL; knowledge stores.
 
 Tests that use ``vllm_server`` are marked ``vllm`` automatically, so ``-m "not vllm"`` skips
 them (and the ~40 s start and ~3 GB it costs).
@@ -7,12 +7,14 @@ them (and the ~40 s start and ~3 GB it costs).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from chatfleet.rag.stores.base import KnowledgeStore
 from tests.support.postgres import PostgresServer, running_postgres
+from tests.support.stores import STORES
 from tests.support.vllm_cpu import VLLMServer, ensure_vllm_env
 
 
@@ -53,3 +55,12 @@ def pg_dsn(postgres_server: PostgresServer) -> Iterator[str]:
     name = f"test_{uuid.uuid4().hex[:16]}"
     yield postgres_server.create_database(name)
     postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=list(STORES))
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[KnowledgeStore]:
+    """A started, empty store of each kind (pgvector on a database of its own); closed after."""
+    instance = STORES[request.param](request)
+    await instance.start()
+    yield instance
+    await instance.aclose()

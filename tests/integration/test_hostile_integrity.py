@@ -37,6 +37,7 @@ from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import PgVectorStore
 from tests.conftest import Server, start_gateway
 from tests.support.procs import free_port
+from tests.support.stores import STORES
 
 MARKER = "zymurgyheld"
 """A word only the held file's text has: its embedding request is the one held."""
@@ -313,19 +314,6 @@ async def test_deleting_a_kb_gives_its_space_back_to_the_file_system(
 # The contract behind it, on both stores -------------------------------------------------------
 
 KB = "kb1"
-STORES = {
-    "pgvector": lambda request: PgVectorStore(request.getfixturevalue("pg_dsn")),
-    "local": lambda request: LocalStore(request.getfixturevalue("tmp_path") / "kb"),
-}
-
-
-@pytest.fixture(params=list(STORES))
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[KnowledgeStore]:
-    instance = STORES[request.param](request)
-    await instance.start()
-    yield instance
-    await instance.aclose()
-
 
 def _drafts(text: str) -> list[ChunkDraft]:
     return [ChunkDraft(text=text, metadata={})]

@@ -15,7 +15,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 
 import asyncpg
@@ -34,32 +34,16 @@ from chatfleet.rag.stores.base import (
     StoredChunk,
     Vector,
 )
-from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import (
     PgVectorStore,
     dense_search_sql,
     hnsw_index_name,
 )
+from tests.support.stores import STORES
 
 DIM = 8
 KB = "kb1"
 MISSING = "no_such_kb"
-
-StoreFactory = Callable[[pytest.FixtureRequest], KnowledgeStore]
-
-STORES: dict[str, StoreFactory] = {
-    "pgvector": lambda request: PgVectorStore(request.getfixturevalue("pg_dsn")),
-    "local": lambda request: LocalStore(request.getfixturevalue("tmp_path") / "kb"),
-}
-
-
-@pytest.fixture(params=list(STORES))
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[KnowledgeStore]:
-    """A started, empty store; closed after the test."""
-    instance = STORES[request.param](request)
-    await instance.start()
-    yield instance
-    await instance.aclose()
 
 
 def unit(*components: float) -> Vector:

@@ -137,12 +137,13 @@ class ApiKeyAuth:
             return
         address = client_key((scope.get("client") or (None, 0))[0])
         if self.failures is not None and (wait_s := self.failures.wait(address, self.clock())) > 0:
-            retry_after = retry_after_header_s(wait_s)
-            message = (f"too many wrong API keys from this address (more than "
-                       f"{self.failures.burst} at once, or {self.failures.rate:g} a second): "
-                       f"retry after {retry_after} s with a key this deployment issued")
-            await self._refuse(scope, receive, send, AuthRejection.TOO_MANY_FAILURES, 429, message,
-                               "rate_limit_exceeded", {"Retry-After": str(retry_after)})
+            failures = self.failures
+            await self._over_limit(scope, receive, send, AuthRejection.TOO_MANY_FAILURES, wait_s,
+                                   lambda retry_after: (
+                                       f"too many wrong API keys from this address (more than "
+                                       f"{failures.burst} at once, or {failures.rate:g} a "
+                                       f"second): retry after {retry_after} s with a key this "
+                                       f"deployment issued"))
             return
         token, had_header = bearer_token(scope.get("headers", ()))
         index = self.keys.match(token) if token is not None else None
@@ -159,14 +160,23 @@ class ApiKeyAuth:
         if self.limiter is not None:
             wait_s = self.limiter.take(index, self.clock())
             if wait_s > 0:
-                retry_after = retry_after_header_s(wait_s)
-                message = (f"this API key is over its rate limit of {self.limiter.rate:g} "
-                           f"requests/s (bursts of {self.limiter.burst}) on this gateway replica: "
-                           f"retry after {retry_after} s, or send fewer requests per second")
-                await self._refuse(scope, receive, send, AuthRejection.RATE_LIMITED, 429, message,
-                                   "rate_limit_exceeded", {"Retry-After": str(retry_after)})
+                limiter = self.limiter
+                await self._over_limit(scope, receive, send, AuthRejection.RATE_LIMITED, wait_s,
+                                       lambda retry_after: (
+                                           f"this API key is over its rate limit of "
+                                           f"{limiter.rate:g} requests/s (bursts of "
+                                           f"{limiter.burst}) on this gateway replica: retry "
+                                           f"after {retry_after} s, or send fewer requests per "
+                                           f"second"))
                 return
         await self.app(scope, receive, send)
+
+    async def _over_limit(self, scope: Scope, receive: Receive, send: Send, reason: AuthRejection,
+                          wait_s: float, message: Callable[[int], str]) -> None:
+        """429 with a Retry-After (whole seconds) that covers ``wait_s``; ``message`` is given it."""
+        retry_after = retry_after_header_s(wait_s)
+        await self._refuse(scope, receive, send, reason, 429, message(retry_after),
+                           "rate_limit_exceeded", {"Retry-After": str(retry_after)})
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, reason: AuthRejection,
                       status: int, message: str, error_type: str, headers: dict[str, str]) -> None:
