@@ -8,6 +8,11 @@ until the file was read. Here each worker runs one job at a time over its own pi
 that dies or overruns is that worker's job only: the worker is killed, the job fails with
 ``WorkerDied`` or ``WorkerTimeout``, and a fresh worker takes its place on the next job.
 Workers are daemon processes (spawned: the gateway has threads), killed by ``stop`` and at exit.
+
+Why not ``pebble.ProcessPool`` (5.2.3, evaluated): a worker that dies while the pool knows of no
+running job (an idle worker, one still importing, or one just handed a job: killed within 200 ms
+of a 64 MB file being scheduled) breaks the whole pool for good ("All workers expired"), so every
+later upload failed until the gateway restarted; and its ``stop`` leaves running jobs unresolved.
 """
 
 from __future__ import annotations
