@@ -27,9 +27,10 @@ arrived; a run that fails is recorded, not fitted. Writes ``docs/benchmarks/rela
 
 Usage: python bench/relay_cpu/run.py [--quick | --smoke] [--gateways chatfleet,vllm-router,litellm]
        [--install] [--out DIR]
-  full: 3 rounds, about 6-8 minutes on two cores (LiteLLM's runs dominate); --quick: 1 round of
-  64 streams x 32/128 tokens, about 1.5 minutes; --smoke: 8 streams x 8/32 tokens, ChatFleet alone
-  by default, about 15 s.
+  full: 3 rounds, about 4.5 minutes on two cores (LiteLLM's runs most of it; a run's client
+  timeout is 30 s + 4 ms a token, and no run starts after 9 minutes: the JSON says "truncated");
+  --quick: 1 round of 64 streams x 32/128 tokens, about 30 s; --smoke: 8 streams x 8/32 tokens,
+  ChatFleet alone by default, about 5 s.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ class Plan:
     levels: tuple[int, ...]
     lengths: tuple[int, int]
     rounds: int
+    budget_s: float = 540.0
+    """No run starts after this many seconds; a run's client gives up 30 s past it."""
     pace_ms: float = 20.0
 
 
 FULL = Plan(levels=(64, 256), lengths=(32, 256), rounds=3)
-QUICK = Plan(levels=(64,), lengths=(32, 128), rounds=1)
-SMOKE = Plan(levels=(8,), lengths=(8, 32), rounds=1)
+QUICK = Plan(levels=(64,), lengths=(32, 128), rounds=1, budget_s=90.0)
+SMOKE = Plan(levels=(8,), lengths=(8, 32), rounds=1, budget_s=30.0)
 
 
 def free_port() -> int:
@@ -369,9 +372,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
     plan = SMOKE if args.smoke else QUICK if args.quick else FULL
+    out = args.out or (REPO / "docs" / "benchmarks" if plan is FULL else Path(tempfile.mkdtemp(prefix="relay-cpu-")))
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
-    out = args.out or (REPO / "docs" / "benchmarks" if plan is FULL else Path(tempfile.mkdtemp(prefix="relay-cpu-")))
     out.mkdir(parents=True, exist_ok=True)
     wanted = args.gateways.split(",") if args.gateways else (["chatfleet"] if args.smoke else list(ALL_GATEWAYS))
     skipped: dict[str, str] = {}
@@ -393,6 +396,7 @@ def main() -> None:
     procs: list[Proc] = []
     runs: list[dict[str, Any]] = []
     versions: dict[str, str | None] = {}
+    truncated = False
     try:
         stub_port = free_port()
         stub = Proc("stub", [sys.executable, str(HERE / "stub.py"), "--port", str(stub_port), "--model",
@@ -422,7 +426,11 @@ def main() -> None:
             for level in plan.levels:
                 for tokens in plan.lengths:
                     for name in order:
-                        timeout = 30 + level * tokens * 0.004  # LiteLLM at ~0.7 ms a token, with room
+                        left = started + plan.budget_s - time.monotonic()
+                        if left <= 0:
+                            truncated = True
+                            continue
+                        timeout = min(30 + level * tokens * 0.004, left + 30)  # LiteLLM ~0.7 ms a token
                         result = run_client(by_name[name], stub, urls[name], level, tokens, timeout)
                         result.update(gateway=name, round=round_)
                         runs.append(result)
@@ -453,6 +461,7 @@ def main() -> None:
         "skipped": skipped,
         "stub_stats": stub_stats,
         "elapsed_s": round(time.monotonic() - started, 1),
+        "truncated": truncated,
         "summary": summary,
         "runs": runs,
     }
