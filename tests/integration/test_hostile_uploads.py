@@ -223,19 +223,6 @@ def test_a_killed_worker_blames_its_own_file_the_next_upload_works_no_temp_left(
     assert list(tmp_path.glob("chatfleet-load-*")) == []
 
 
-def test_a_worker_killed_while_idle_is_replaced_and_the_next_upload_is_not_blamed(
-        gateway: Callable[..., Server], api_of: Callable[[Server], httpx.Client]) -> None:
-    server = gateway({**FAST_STOP, "CHATFLEET_KB__INGEST_WORKERS": "1"})
-    api = api_of(server)
-    _create_kb(api)
-    assert _failed(_upload(api, SMALL_FILE)) == {}  # the worker is up, and idle now
-    [idle] = _ingest_workers(server.proc.pid)
-    os.kill(idle, signal.SIGKILL)  # as the OOM killer would
-    wait_until(lambda: idle not in _ingest_workers(server.proc.pid), timeout=10)
-    assert _failed(_upload(api, ("after.txt", SMALL_FILE[1]))) == {}
-    assert [idle] != _ingest_workers(server.proc.pid)
-
-
 def test_sigterm_during_an_ingestion_stops_the_worker_answers_the_envelope_and_exits(
         gateway: Callable[..., Server], api_of: Callable[[Server], httpx.Client]) -> None:
     server = gateway(FAST_STOP)

@@ -119,13 +119,6 @@ class WorkerPool:
         try:
             if self._stopped:
                 raise WorkersStopped
-            if worker is not None and not worker.process.is_alive():
-                # Died while idle (the OOM killer picks the largest process, busy or not): this
-                # job is not the one it was reading, so it gets a fresh worker, not the blame.
-                self._live.discard(worker)
-                worker.kill()
-                worker.conn.close()
-                worker = None
             if worker is None:
                 worker = await asyncio.to_thread(_Worker, self._preload)
                 self._live.add(worker)
