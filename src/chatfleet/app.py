@@ -9,6 +9,8 @@ KnowledgeService: knowledge bases and retrieval) and ``started_at``.
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,11 +31,12 @@ from chatfleet.engines.engine_model import load_profile
 from chatfleet.engines.openai_compat import OpenAICompatEngine
 from chatfleet.engines.simulated import SimulatedEngine
 from chatfleet.rag.knowledge import KnowledgeService
-from chatfleet.serving.admission import AdmissionController, Priority
+from chatfleet.serving.admission import Admission, AdmissionController, Priority
 from chatfleet.serving.completions import CompletionService
 from chatfleet.serving.engine_metrics import EngineMetricsCache
 from chatfleet.serving.lifecycle import Lifecycle
 from chatfleet.serving.model_names import ModelNames
+from chatfleet.serving.pod_admission import PodAdmission
 from chatfleet.settings import EngineKind, Settings
 from chatfleet.telemetry.metrics import AuthRejection, GatewayMetrics
 
@@ -54,7 +57,17 @@ def build_engine(settings: Settings) -> Engine:
                            seed=engine.seed, max_num_seqs=settings.admission.engine_slots)
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+def _stop_this_worker() -> None:
+    """The pod's coordinator is gone, so is the pod: drain this worker and exit (SIGTERM is what
+    ``server.py`` drains on)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None,
+               pod_admission_socket: str | None = None) -> FastAPI:
+    """The gateway app. ``pod_admission_socket``: this process is one of the pod's workers, and
+    takes its engine slots (and the API keys' rate limits) from the coordinator listening there
+    (``serving/pod_coordinator.py``) instead of owning them."""
     engine = engine if engine is not None else build_engine(settings)
     model = settings.served_model
     metrics = GatewayMetrics(model=model, engine_kind=engine.kind, version=__version__)
@@ -82,11 +95,22 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         metrics.ready.set(1 if lifecycle.ready else 0)
         metrics.draining.set(1 if lifecycle.draining else 0)
 
+    pod = (PodAdmission(max_queue=settings.admission.max_queue, on_lost=_stop_this_worker)
+           if pod_admission_socket else None)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        admission = AdmissionController(
-            slots=settings.admission.engine_slots, max_queue=settings.admission.max_queue,
-            max_queue_wait_s=settings.admission.max_queue_wait_s, on_change=admission_changed)
+        admission: Admission
+        if pod is not None:
+            assert pod_admission_socket is not None
+            await pod.connect(pod_admission_socket)
+            admission = pod
+        else:
+            admission = AdmissionController(
+                slots=settings.admission.engine_slots, max_queue=settings.admission.max_queue,
+                max_queue_wait_s=settings.admission.max_queue_wait_s,
+                interactive_reserved=settings.admission.reserved_for_interactive,
+                on_change=admission_changed)
         lifecycle = Lifecycle(engine=engine, admission=admission, model=model,
                               health_interval_s=settings.engine.health_interval_s,
                               on_change=lifecycle_changed,
@@ -110,6 +134,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             await lifecycle.stop()
             await engine.aclose()
             await knowledge_service.aclose()
+            if pod is not None:
+                await pod.aclose()
 
     app = FastAPI(
         title="ChatFleet",
@@ -144,7 +170,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                            rate_limit_burst=settings.auth.rate_limit_burst,
                            failed_keys_per_s=settings.auth.failed_keys_per_s,
                            failed_keys_burst=settings.auth.failed_keys_burst,
-                           on_reject=lambda reason: rejections[reason].inc())
+                           on_reject=lambda reason: rejections[reason].inc(), pod=pod)
     if settings.log.access:  # outermost: it logs what the others refuse, with their status
         app.add_middleware(AccessLog)
     return app

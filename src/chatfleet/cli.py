@@ -93,12 +93,13 @@ def serve(
     from chatfleet.app import create_app, startup_fields
     from chatfleet.http_limits import HttpLimits
     from chatfleet.server import serve_app
+    from chatfleet.serving.pod_admission import POD_ADMISSION_SOCKET_ENV
 
     settings = _load_settings(**{"server.host": host, "server.port": port})
     sock = _listen(settings.server.host, settings.server.port, settings.server.send_buffer_bytes,
                    env_hint="CHATFLEET_SERVER__HOST, CHATFLEET_SERVER__PORT")
     configure_logging(settings.server.log_level, settings.log.format)
-    gateway = create_app(settings)
+    gateway = create_app(settings, pod_admission_socket=os.environ.get(POD_ADMISSION_SOCKET_ENV))
     serve_app(gateway, sock, log_level=settings.server.log_level,
               drain_timeout_s=settings.server.drain_timeout_s,
               keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s,

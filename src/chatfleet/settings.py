@@ -128,6 +128,27 @@ class AdmissionSettings(BaseModel):
     heartbeat_interval_s: float = Field(5.0, gt=0)
     """A queued stream gets its response headers and an SSE comment line this often while it waits.
     Until the first one, a queue timeout is a real HTTP 429; after it, an SSE error event."""
+    interactive_reserved_slots: int | None = Field(None, ge=0)
+    """Engine slots batch requests may never hold, so an interactive request does not wait behind
+    a pod full of long batch answers. Default: an eighth of engine_slots, at least 1 (0 when
+    engine_slots is 1). Must leave batch at least one slot."""
+
+    @model_validator(mode="after")
+    def _check_reserved(self) -> AdmissionSettings:
+        if self.interactive_reserved_slots is not None and \
+                self.interactive_reserved_slots >= self.engine_slots:
+            raise ValueError(
+                f"admission.interactive_reserved_slots ({self.interactive_reserved_slots}) must be "
+                f"smaller than admission.engine_slots ({self.engine_slots}), or batch requests could "
+                "never run: lower CHATFLEET_ADMISSION__INTERACTIVE_RESERVED_SLOTS")
+        return self
+
+    @property
+    def reserved_for_interactive(self) -> int:
+        """``interactive_reserved_slots``, or its default for ``engine_slots``."""
+        if self.interactive_reserved_slots is not None:
+            return self.interactive_reserved_slots
+        return 0 if self.engine_slots == 1 else max(1, self.engine_slots // 8)
 
 
 class ServerSettings(BaseModel):

@@ -27,9 +27,9 @@ class FakeClock:
 
 
 def controller(slots: int = 2, max_queue: int = 3, wait: float = 10.0,
-               clock: FakeClock | None = None) -> AdmissionController:
+               clock: FakeClock | None = None, reserved: int = 0) -> AdmissionController:
     return AdmissionController(slots=slots, max_queue=max_queue, max_queue_wait_s=wait,
-                               clock=clock or FakeClock())
+                               interactive_reserved=reserved, clock=clock or FakeClock())
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Case:
     """Indexes refused with QueueFull (on arrival, or displaced later)."""
     order_after: list[int] = field(default_factory=list)
     """Indexes granted, in order, as the slots are released one by one."""
+    reserved: int = 0
+    """Slots batch requests may not take (interactive_reserved)."""
 
 
 CASES = [
@@ -62,12 +64,20 @@ CASES = [
          granted=[0], rejected=[2], order_after=[1]),
     Case("zero queue refuses everything beyond the slots", 2, 0, [I, B, I], granted=[0, 1],
          rejected=[2]),
+    Case("batch stops at its share, leaving the reserved slots free", 3, 5, [B, B, B], reserved=1,
+         granted=[0, 1], order_after=[2]),
+    Case("an interactive arrival takes a reserved slot past queued batch", 3, 5, [B, B, B, I],
+         reserved=1, granted=[0, 1, 3], order_after=[2]),
+    Case("interactive may take every slot", 2, 5, [I, I, B], reserved=1, granted=[0, 1],
+         order_after=[2]),
+    Case("a freed interactive slot goes to queued batch only within its share", 3, 5,
+         [I, B, B, B, B], reserved=1, granted=[0, 1, 2], order_after=[3, 4]),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 async def test_admission_rules(case: Case) -> None:
-    adm = controller(case.slots, case.max_queue)
+    adm = controller(case.slots, case.max_queue, reserved=case.reserved)
     waiters: dict[int, object] = {}
     refused: set[int] = set()
     for i, priority in enumerate(case.arrivals):
@@ -201,3 +211,27 @@ async def test_retry_after_follows_the_recent_drain_rate(release_times: list[flo
     for _ in range(queued):
         adm.enqueue(B)
     assert adm.retry_after_s() == expected
+
+
+async def test_batch_never_holds_the_reserved_slots() -> None:
+    """Long batch answers fill the pod; interactive arrivals still start at once, and batch never
+    holds more than its share however releases and arrivals interleave."""
+    adm = controller(slots=4, max_queue=50, reserved=1)
+    batch = [adm.enqueue(B) for _ in range(10)]
+    assert adm.running_batch == 3 and adm.queued(B) == 7
+    for _ in range(5):
+        interactive = adm.enqueue(I)
+        assert interactive.granted
+        assert adm.running_batch <= 3
+        interactive.release()
+    for waiter in batch:
+        waiter.release()
+        assert adm.running_batch <= 3
+    assert adm.running == 0 and adm.queued() == 0
+
+
+@pytest.mark.parametrize("reserved", [-1, 2])
+def test_reserved_slots_must_leave_batch_a_slot(reserved: int) -> None:
+    with pytest.raises(ValueError, match="interactive_reserved"):
+        AdmissionController(slots=2, max_queue=1, max_queue_wait_s=1.0,
+                            interactive_reserved=reserved)

@@ -16,6 +16,9 @@ routing or validation, and learns nothing about the deployment but that it needs
   ``WWW-Authenticate: Bearer`` (RFC 6750). A valid key over ``auth.rate_limit_rps``: 429 with
   Retry-After (``rate_limited``). Bodies are OpenAI's error envelope, or Chatchat's
   ``{code, msg, data}`` on its routes with the same HTTP status, as for 413 and 429 elsewhere.
+- Both limits are per pod: with ``server.workers`` above 1 the buckets live in the pod's admission
+  coordinator (``serving/pod_coordinator.py``; a key's take is one round trip to it, a blocked
+  address is broadcast to every worker), else in this process.
 - Wrong keys are limited per client address (``auth.failed_keys_per_s``, ``failed_keys_burst``):
   an address over it gets 429 with Retry-After (``too_many_failures``) before its key is even
   compared, whatever key it sends, until it is back under the rate. The address is the
@@ -36,6 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatfleet.api.access_log import loggable_path
 from chatfleet.api.errors import error_response
+from chatfleet.serving.pod_admission import PodAdmission
 from chatfleet.serving.rate_limit import (
     FailureLimiter,
     KeyRateLimiter,
@@ -111,8 +115,10 @@ class ApiKeyAuth:
                  rate_limit_burst: int = 1, failed_keys_per_s: float = 0.0,
                  failed_keys_burst: int = 1, public_paths: frozenset[str] = PUBLIC_PATHS,
                  on_reject: Callable[[AuthRejection], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 pod: PodAdmission | None = None) -> None:
         self.app = app
+        self.pod = pod
         self.keys = KeyRing(keys)
         self.public_paths = public_paths
         self.on_reject = on_reject
@@ -125,7 +131,7 @@ class ApiKeyAuth:
         log.info("API keys required on every route but %s: %d key(s), %s",
                  ", ".join(sorted(public_paths)), len(self.keys),
                  f"each limited to {rate_limit_rps:g} requests/s (burst {rate_limit_burst}) per "
-                 "gateway process" if self.limiter else "no rate limit")
+                 f"{'pod' if pod else 'gateway process'}" if self.limiter else "no rate limit")
         if self.failures:
             log.info("wrong API keys limited to %g/s (burst %d) per client address", failed_keys_per_s,
                      failed_keys_burst)
@@ -136,7 +142,7 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         address = client_key((scope.get("client") or (None, 0))[0])
-        if self.failures is not None and (wait_s := self.failures.wait(address, self.clock())) > 0:
+        if self.failures is not None and (wait_s := self._address_wait(address)) > 0:
             failures = self.failures
             await self._over_limit(scope, receive, send, AuthRejection.TOO_MANY_FAILURES, wait_s,
                                    lambda retry_after: (
@@ -149,7 +155,10 @@ class ApiKeyAuth:
         index = self.keys.match(token) if token is not None else None
         if index is None:
             if token is not None and self.failures is not None:
-                self.failures.failed(address, self.clock())
+                if self.pod is not None:
+                    self.pod.address_failed(address)
+                else:
+                    self.failures.failed(address, self.clock())
             reason = AuthRejection.MISSING if token is None else AuthRejection.INVALID
             message = (INVALID_MESSAGE if token is not None else
                        MALFORMED_MESSAGE if had_header else MISSING_MESSAGE)
@@ -158,7 +167,8 @@ class ApiKeyAuth:
                                {"WWW-Authenticate": challenge})
             return
         if self.limiter is not None:
-            wait_s = self.limiter.take(index, self.clock())
+            wait_s = (await self.pod.key_wait(index) if self.pod is not None
+                      else self.limiter.take(index, self.clock()))
             if wait_s > 0:
                 limiter = self.limiter
                 await self._over_limit(scope, receive, send, AuthRejection.RATE_LIMITED, wait_s,
@@ -170,6 +180,14 @@ class ApiKeyAuth:
                                            f"second"))
                 return
         await self.app(scope, receive, send)
+
+    def _address_wait(self, address: str) -> float:
+        """Seconds ``address`` must wait after too many wrong keys: counted by the pod's
+        coordinator when there is one (``server.workers`` above 1), else in this process."""
+        if self.pod is not None:
+            return self.pod.address_wait(address)
+        assert self.failures is not None
+        return self.failures.wait(address, self.clock())
 
     async def _over_limit(self, scope: Scope, receive: Receive, send: Send, reason: AuthRejection,
                           wait_s: float, message: Callable[[int], str]) -> None:

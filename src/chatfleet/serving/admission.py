@@ -3,8 +3,10 @@
 The queue is the autoscaler's signal, so its gauge is updated on every change and counts exactly the
 requests waiting now. Rules:
 
-- A request takes a free slot at once if nobody is queued; otherwise it queues.
+- A request takes a free slot at once if nobody of its priority is queued; otherwise it queues.
 - Interactive requests are granted before batch ones, first-come first-served within a priority.
+- Batch requests hold at most ``slots - interactive_reserved`` slots at once: the rest are kept for
+  interactive ones, so an interactive arrival never waits behind a pod full of long batch answers.
 - The queue holds at most ``max_queue`` requests. When it is full, an interactive arrival displaces the
   newest queued batch request (which gets 429); otherwise the arrival itself gets 429.
 - A queued request that waits ``max_queue_wait_s`` gets 429.
@@ -23,15 +25,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum, StrEnum, auto
+from typing import Protocol
 
 __all__ = [
+    "Admission",
     "AdmissionController",
+    "Ticket",
     "AdmissionRejected",
     "Draining",
     "Priority",
     "QueueFull",
     "QueueTimeout",
     "Waiter",
+    "draining_rejection",
+    "queue_full_rejection",
 ]
 
 _RETRY_AFTER_MIN_S = 1
@@ -45,6 +52,14 @@ _DRAINING_MESSAGE = "this replica is shutting down; retry, another replica will 
 
 def _queue_full_message(max_queue: int) -> str:
     return f"the queue is full ({max_queue} requests waiting, max_queue); retry later"
+
+
+def queue_full_rejection(max_queue: int, retry_after_s: int) -> QueueFull:
+    return QueueFull(_queue_full_message(max_queue), retry_after_s=retry_after_s)
+
+
+def draining_rejection(retry_after_s: int) -> Draining:
+    return Draining(_DRAINING_MESSAGE, retry_after_s=retry_after_s)
 
 
 class Priority(StrEnum):
@@ -132,9 +147,12 @@ class Waiter:
         """
         if self._state == Waiter._GRANTED:
             return True
+        future = self._future
         if self._state == Waiter._DONE:
+            if future is not None and future.done() and not future.cancelled():
+                future.result()  # displaced before its first wait: raises QueueFull
             raise RuntimeError("wait() on a released waiter")
-        assert self._future is not None
+        assert future is not None
         remaining = self.deadline - self._controller.clock()
         # Decided before waiting: the loop's timer may fire a hair before ``clock()`` reaches
         # the deadline, and that must still count as the deadline.
@@ -156,7 +174,7 @@ class Waiter:
         """Give the slot back, or leave the queue. Idempotent."""
         if self._state == Waiter._GRANTED:
             self._state = Waiter._DONE
-            self._controller._release_slot()
+            self._controller._release_slot(self.priority)
         elif self._state == Waiter._QUEUED:
             self._controller._leave_queue(self)
 
@@ -165,6 +183,40 @@ class Waiter:
         self.granted_at = now
         if self._future is not None and not self._future.done():
             self._future.set_result(None)
+
+
+class Ticket(Protocol):
+    """One request's claim on a slot: ``Waiter`` here, ``pod_admission.PodWaiter`` in a worker."""
+
+    priority: Priority
+
+    @property
+    def granted(self) -> bool: ...
+
+    async def wait(self, timeout: float | None = None) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class Admission(Protocol):
+    """What the completion service and the lifecycle need of admission: this process's
+    ``AdmissionController``, or a worker's handle on the pod's (``pod_admission.PodAdmission``)."""
+
+    @property
+    def running(self) -> int: ...
+
+    def queued(self, priority: Priority | None = None) -> int: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def certain_rejection(self, priority: Priority | None) -> AdmissionRejected | None: ...
+
+    def enqueue(self, priority: Priority) -> Ticket: ...
+
+    def begin_drain(self) -> None: ...
+
+    async def wait_idle(self) -> None: ...
 
 
 class AdmissionController:
@@ -176,6 +228,7 @@ class AdmissionController:
         slots: int,
         max_queue: int,
         max_queue_wait_s: float,
+        interactive_reserved: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[AdmissionController], None] | None = None,
     ) -> None:
@@ -183,13 +236,18 @@ class AdmissionController:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if not 0 <= interactive_reserved < slots:
+            raise ValueError(f"interactive_reserved must be in [0, slots), got {interactive_reserved}")
         self.slots = slots
+        self.batch_slots = slots - interactive_reserved
+        """The most slots batch requests may hold at once."""
         self.max_queue = max_queue
         self.max_queue_wait_s = max_queue_wait_s
         self.clock = clock
         self._on_change = on_change
         self._queues: dict[Priority, deque[Waiter]] = {p: deque() for p in Priority}
         self._running = 0
+        self._running_batch = 0
         self._draining = False
         self._releases: deque[float] = deque(maxlen=_DRAIN_RATE_WINDOW)
         self._idle = asyncio.Event()
@@ -200,6 +258,10 @@ class AdmissionController:
     @property
     def running(self) -> int:
         return self._running
+
+    @property
+    def running_batch(self) -> int:
+        return self._running_batch
 
     def queued(self, priority: Priority | None = None) -> int:
         if priority is None:
@@ -235,10 +297,9 @@ class AdmissionController:
         may still say interactive), so an arrival that could displace a batch request is assumed."""
         if self._draining:
             return _Entry.DRAINING
-        queued = self.queued()
-        if self._running < self.slots and queued == 0:
+        if self._can_start(priority or Priority.INTERACTIVE):
             return _Entry.GRANT
-        if queued < self.max_queue:
+        if self.queued() < self.max_queue:
             return _Entry.QUEUE
         if priority is not Priority.BATCH and self._queues[Priority.BATCH]:
             return _Entry.DISPLACE
@@ -268,9 +329,8 @@ class AdmissionController:
         now = self.clock()
         waiter = Waiter(self, priority, now, now + self.max_queue_wait_s)
         if entry is _Entry.GRANT:
-            self._running += 1
+            self._take_slot(waiter, now)
             self._idle.clear()
-            waiter._grant(now)
             self._changed()
             return waiter
         if entry is _Entry.DISPLACE:
@@ -298,24 +358,37 @@ class AdmissionController:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _release_slot(self) -> None:
+    def _can_start(self, priority: Priority) -> bool:
+        """Whether a request of ``priority`` at the head of its line may take a slot now."""
+        if self._running >= self.slots or self._queues[priority]:
+            return False
+        return priority is Priority.INTERACTIVE or self._running_batch < self.batch_slots
+
+    def _take_slot(self, waiter: Waiter, now: float) -> None:
+        self._running += 1
+        if waiter.priority is Priority.BATCH:
+            self._running_batch += 1
+        waiter._grant(now)
+
+    def _release_slot(self, priority: Priority) -> None:
         now = self.clock()
         self._releases.append(now)
-        nxt = self._pop_next()
-        if nxt is not None:
-            nxt._grant(now)
-        else:
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
+        self._running -= 1
+        if priority is Priority.BATCH:
+            self._running_batch -= 1
+        self._grant_waiting(now)
+        if self._running == 0:
+            self._idle.set()
         self._changed()
 
-    def _pop_next(self) -> Waiter | None:
+    def _grant_waiting(self, now: float) -> None:
+        """Give free slots to the heads of the queues: interactive first, then batch up to its
+        share."""
         for priority in (Priority.INTERACTIVE, Priority.BATCH):
             queue = self._queues[priority]
-            if queue:
-                return queue.popleft()
-        return None
+            while queue and self._running < self.slots and (
+                    priority is Priority.INTERACTIVE or self._running_batch < self.batch_slots):
+                self._take_slot(queue.popleft(), now)
 
     def _leave_queue(self, waiter: Waiter) -> None:
         try:

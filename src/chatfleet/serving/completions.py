@@ -25,10 +25,10 @@ from chatfleet.engines.base import (
     Usage,
 )
 from chatfleet.serving.admission import (
-    AdmissionController,
+    Admission,
     AdmissionRejected,
     Priority,
-    Waiter,
+    Ticket,
 )
 from chatfleet.serving.admission_record import AdmissionRecord, current_admission
 from chatfleet.serving.openai_format import (
@@ -111,7 +111,7 @@ class _Tracker:
         self.admitted = False
         self.granted_at = 0.0
 
-    def granted(self, waiter: Waiter) -> None:
+    def granted(self, waiter: Ticket) -> None:
         self.admitted = True
         self.granted_at = time.perf_counter()
         self._waited(waiter.priority, self.granted_at - self.job.queued_at)
@@ -156,7 +156,7 @@ class _Tracker:
 
 
 class CompletionService:
-    def __init__(self, *, engine: Engine, admission: AdmissionController, metrics: GatewayMetrics,
+    def __init__(self, *, engine: Engine, admission: Admission, metrics: GatewayMetrics,
                  model: str, heartbeat_interval_s: float) -> None:
         self.engine = engine
         self.admission = admission
@@ -185,7 +185,7 @@ class CompletionService:
         """Count a request refused before admission (bad body, unknown model)."""
         self._series.finished(route, Outcome.INVALID)
 
-    async def _admit(self, job: CompletionJob, tracker: _Tracker, timeout: float | None) -> tuple[Waiter, bool]:
+    async def _admit(self, job: CompletionJob, tracker: _Tracker, timeout: float | None) -> tuple[Ticket, bool]:
         """Enqueue and wait up to ``timeout`` for a slot. Raises AdmissionRejected (counted)."""
         try:
             waiter = self.admission.enqueue(job.priority)
@@ -240,7 +240,7 @@ class CompletionService:
         # slot) runs on close, cancellation or garbage collection, even if the response never starts.
         return await anext(events), events
 
-    async def _events(self, job: CompletionJob, tracker: _Tracker, waiter: Waiter,
+    async def _events(self, job: CompletionJob, tracker: _Tracker, waiter: Ticket,
                       granted: bool) -> AsyncIterator[str | object]:
         answer = Answer()
         responded = False

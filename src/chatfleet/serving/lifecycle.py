@@ -18,7 +18,7 @@ from typing import Protocol
 
 from chatfleet.aio import cancel_and_wait
 from chatfleet.engines.base import Engine, EngineError
-from chatfleet.serving.admission import AdmissionController
+from chatfleet.serving.admission import Admission
 
 __all__ = ["BackgroundWork", "Lifecycle"]
 
@@ -35,7 +35,7 @@ class BackgroundWork(Protocol):
 
 
 class Lifecycle:
-    def __init__(self, *, engine: Engine, admission: AdmissionController, model: str,
+    def __init__(self, *, engine: Engine, admission: Admission, model: str,
                  health_interval_s: float,
                  on_change: Callable[[Lifecycle], None] | None = None,
                  background: Sequence[BackgroundWork] = ()) -> None:
