@@ -92,3 +92,31 @@ async def test_disconnects_and_a_killed_worker_leak_no_slot(engine_sim, gateway)
         await watcher
     assert most_in_engine <= 8, f"the engine had {most_in_engine} requests at once"
     assert "chatfleet_worker_restarts_total" in gw.metrics()
+
+
+async def test_api_key_limits_are_the_pods_not_each_workers(engine_sim, gateway) -> None:
+    """A key's rate and an address's wrong-key tries are counted once for the pod: with two
+    workers, per-process buckets would let twice as many through."""
+    key, wrong = "sk-test-" + "a" * 32, "sk-test-" + "b" * 32
+    sim: Server = engine_sim()
+    gw: Server = gateway({**upstream_env(sim, server__workers=2, auth__rate_limit_rps=0.05,
+                                         auth__rate_limit_burst=4, auth__failed_keys_per_s=0.05,
+                                         auth__failed_keys_burst=4),
+                          "CHATFLEET_API_KEYS": key})
+    await poll_until(lambda: asyncio.sleep(0, len(worker_pids(gw.proc.pid)) == 2), 30)
+
+    async def statuses(token: str, n: int) -> list[int]:
+        found = []
+        for _ in range(n):  # one connection each: the kernel spreads them over both workers
+            async with httpx.AsyncClient(timeout=30) as client:
+                r = await client.get(gw.v1 + "/models", headers={"Authorization": f"Bearer {token}"})
+                found.append(r.status_code)
+                if r.status_code == 429:
+                    assert int(r.headers["retry-after"]) >= 1
+        return found
+
+    assert await statuses(key, 12) == [200] * 4 + [429] * 8
+    assert await statuses(wrong, 12) == [401] * 4 + [429] * 8
+    metrics = gw.metrics()
+    assert value(metrics, "chatfleet_auth_rejections_total", reason="rate_limited") == 8
+    assert value(metrics, "chatfleet_auth_rejections_total", reason="too_many_failures") == 8
