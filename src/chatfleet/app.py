@@ -31,7 +31,8 @@ from chatfleet.engines.engine_model import load_profile
 from chatfleet.engines.openai_compat import OpenAICompatEngine
 from chatfleet.engines.simulated import SimulatedEngine
 from chatfleet.rag.knowledge import KnowledgeService
-from chatfleet.serving.admission import Admission, AdmissionController, Priority
+from chatfleet.serving.admission import Admission
+from chatfleet.serving.admission_metrics import measured_admission
 from chatfleet.serving.completions import CompletionService
 from chatfleet.serving.engine_metrics import EngineMetricsCache
 from chatfleet.serving.lifecycle import Lifecycle
@@ -72,14 +73,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     model = settings.served_model
     metrics = GatewayMetrics(model=model, engine_kind=engine.kind, version=__version__)
     metrics.engine_slots.labels(model).set(settings.admission.engine_slots)
-    queue_gauges = {p: metrics.queue_depth.labels(model, p.value) for p in Priority}
-    running_gauge = metrics.requests_running.labels(model)
-
-    def admission_changed(admission: AdmissionController) -> None:
-        for priority, gauge in queue_gauges.items():
-            gauge.set(admission.queued(priority))
-        running_gauge.set(admission.running)
-
     store_kind = settings.kb.store.value
     ingest_chunks = metrics.ingest_chunks_total.labels(store_kind)
     knowledge_service = KnowledgeService(
@@ -106,11 +99,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
             await pod.connect(pod_admission_socket)
             admission = pod
         else:
-            admission = AdmissionController(
-                slots=settings.admission.engine_slots, max_queue=settings.admission.max_queue,
-                max_queue_wait_s=settings.admission.max_queue_wait_s,
-                interactive_reserved=settings.admission.reserved_for_interactive,
-                on_change=admission_changed)
+            admission = measured_admission(settings.admission, metrics)
         lifecycle = Lifecycle(engine=engine, admission=admission, model=model,
                               health_interval_s=settings.engine.health_interval_s,
                               on_change=lifecycle_changed,

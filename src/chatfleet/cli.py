@@ -21,7 +21,8 @@ from chatfleet.bench.cli import bench_app
 from chatfleet.exits import EXIT_CODES_HELP, ExitCode, fail
 from chatfleet.logs import configure_logging
 from chatfleet.rag.cli import kb_app
-from chatfleet.settings import Settings, masked_dump
+from chatfleet.pod.cpu import auto_workers
+from chatfleet.settings import EngineKind, Settings, masked_dump
 from chatfleet.sim.cli import simulate_command
 
 __all__ = ["app"]
@@ -88,25 +89,40 @@ def _listen(host: str, port: int, send_buffer_bytes: int | None, *, env_hint: st
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [env CHATFLEET_SERVER__HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [env CHATFLEET_SERVER__PORT]")] = None,
+    workers: Annotated[str | None, typer.Option(
+        help="Worker processes on the one port: a number, or auto (the container's CPU limit) "
+             "[env CHATFLEET_SERVER__WORKERS; default 1]")] = None,
 ) -> None:
     """Run the gateway (default engine: the embedded simulated engine)."""
-    from chatfleet.app import create_app, startup_fields
-    from chatfleet.http_limits import HttpLimits
-    from chatfleet.server import serve_app
-    from chatfleet.serving.pod_admission import POD_ADMISSION_SOCKET_ENV
-
-    settings = _load_settings(**{"server.host": host, "server.port": port})
+    settings = _load_settings(**{"server.host": host, "server.port": port,
+                                 "server.workers": workers})
+    count = _worker_count(settings)
     sock = _listen(settings.server.host, settings.server.port, settings.server.send_buffer_bytes,
                    env_hint="CHATFLEET_SERVER__HOST, CHATFLEET_SERVER__PORT")
     configure_logging(settings.server.log_level, settings.log.format)
-    gateway = create_app(settings, pod_admission_socket=os.environ.get(POD_ADMISSION_SOCKET_ENV))
-    serve_app(gateway, sock, log_level=settings.server.log_level,
-              drain_timeout_s=settings.server.drain_timeout_s,
-              keep_alive_s=settings.server.keep_alive_s, slow_callback_s=settings.server.slow_callback_s,
-              forwarded_allow_ips=settings.server.forwarded_allow_ips,
-              http_limits=HttpLimits(settings.server.max_header_bytes, settings.server.max_headers,
-                                     settings.server.header_timeout_s, settings.server.body_timeout_s),
-              describe=startup_fields(gateway))
+    if count > 1:
+        from chatfleet.pod.launch import run_pod
+
+        raise typer.Exit(run_pod(settings, sock, count))
+    from chatfleet.pod.worker import serve_gateway
+
+    serve_gateway(settings, sock)
+
+
+def _worker_count(settings: Settings) -> int:
+    """``server.workers`` as a number (``auto`` resolved); exits 2 when the simulated engine is
+    asked to run in more than one process."""
+    wanted = settings.server.workers
+    simulated = settings.engine.kind is EngineKind.SIMULATED
+    if wanted == "auto":
+        return 1 if simulated else auto_workers()
+    if simulated and wanted > 1:
+        fail(f"server.workers is {wanted} but the engine is the embedded simulated one, which "
+             "lives in one process: run the engine apart with `chatfleet engine-sim` and set "
+             "CHATFLEET_ENGINE__KIND=openai and CHATFLEET_ENGINE__URL=http://127.0.0.1:8001/v1 "
+             "(and CHATFLEET_ENGINE__MODEL=chatfleet-sim/tiny-cpu), or use one worker",
+             ExitCode.USAGE)
+    return wanted
 
 
 @app.command("engine-sim")

@@ -27,6 +27,7 @@ from fastapi import FastAPI
 
 from chatfleet.http_limits import HttpLimits, bounded_protocol
 from chatfleet.logs import FIELDS
+from chatfleet.pod.heartbeat import Heartbeat
 
 __all__ = ["DrainingServer", "listen_url", "listening_socket", "serve_app"]
 
@@ -35,9 +36,11 @@ log = logging.getLogger(__name__)
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, *, app: FastAPI, drain_timeout_s: float,
-                 describe: Mapping[str, object] | None = None) -> None:
+                 describe: Mapping[str, object] | None = None,
+                 heartbeat: Heartbeat | None = None) -> None:
         super().__init__(config)
         self._app = app
+        self._heartbeat = heartbeat
         self._drain_timeout_s = drain_timeout_s
         self._describe = dict(describe or {})
         self._drain_task: asyncio.Task[None] | None = None
@@ -45,6 +48,8 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
         self._loop = asyncio.get_running_loop()
+        if self._heartbeat is not None:
+            self._heartbeat.start(self._loop)
         await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -100,7 +105,8 @@ def listen_url(sock: socket.socket) -> str:
 def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeout_s: float,
               keep_alive_s: float, http_limits: HttpLimits, slow_callback_s: float | None = None,
               forwarded_allow_ips: Sequence[str] = (),
-              describe: Mapping[str, object] | None = None) -> None:
+              describe: Mapping[str, object] | None = None,
+              heartbeat: Heartbeat | None = None) -> None:
     """Serve ``app`` on ``sock`` (from ``listening_socket``: the caller binds it first, so an
     address in use is its error to explain, before anything starts) until SIGTERM has drained it
     (or SIGINT). One worker, one event loop.
@@ -111,7 +117,8 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
     (the default) turns its proxy headers off, where uvicorn would believe any on 127.0.0.1.
     ``describe``: what the start-up line says about the app besides its address (None values are
     left out of the text). ``http_limits``: what a connection may send, and how slowly
-    (``http_limits.py``).
+    (``http_limits.py``). ``heartbeat``: this process is a pod's worker, and tells its supervisor
+    from the event loop that the loop turns (``pod/heartbeat.py``).
     """
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -122,7 +129,8 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
                             loop="asyncio" if debug else "auto",
                             proxy_headers=bool(forwarded_allow_ips),
                             forwarded_allow_ips=list(forwarded_allow_ips) or None)
-    server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s, describe=describe)
+    server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s, describe=describe,
+                            heartbeat=heartbeat)
     with asyncio.Runner(debug=debug, loop_factory=config.get_loop_factory()) as runner:
         if slow_callback_s is not None:
             runner.get_loop().slow_callback_duration = slow_callback_s

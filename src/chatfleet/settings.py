@@ -157,6 +157,15 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight and queued requests may take to finish before the process exits."""
+    workers: int | Literal["auto"] = 1
+    """Gateway worker processes serving one port. 1 (the default): one process, no supervisor.
+    Above 1: a supervisor starts that many, restarts one that dies and drains all on SIGTERM
+    (docs/operations.md, "Worker processes"). ``auto``: the container's CPU limit (cgroups),
+    rounded up, else the CPUs this process may run on, at most 16; 1 with the simulated engine,
+    which lives in one process."""
+    worker_hang_timeout_s: float = Field(30.0, ge=1)
+    """With workers above 1: a worker whose event loop sends the supervisor no heartbeat for this
+    long (a blocking call, a deadlock, SIGSTOP) is killed and replaced."""
     keep_alive_s: float = Field(75.0, gt=0)
     """Idle keep-alive of client connections, and how long a new connection may send nothing.
     Keep it above the load balancer's idle timeout (60 s on common cloud LBs), or the proxy may
@@ -209,6 +218,18 @@ class ServerSettings(BaseModel):
             raise ValueError("it has a query or a fragment: give the URL clients reach the gateway "
                              "at, e.g. https://chat.example.com")
         return value.rstrip("/")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: Any) -> Any:
+        """A whole number from 1 to 256, or ``auto``: one message for either mistake."""
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 256:
+            raise ValueError("give a number of worker processes from 1 to 256, or auto (the "
+                             "container's CPU limit)")
+        return int(text)
 
     @field_validator("forwarded_allow_ips", mode="before")
     @classmethod

@@ -52,7 +52,7 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics (text exposition)",
             response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
-    return Response(render(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(render(request.app.state.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics/engine", summary="The engine's own Prometheus metrics (vLLM's names), relayed",

@@ -48,8 +48,9 @@ class LineProtocol(asyncio.Protocol):
         self._partial = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports (a worker's loop) do not derive from asyncio.Transport, so no
+        # isinstance check: a stream transport is all this protocol is ever given.
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         data = self._partial + data if self._partial else data

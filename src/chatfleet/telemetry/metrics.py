@@ -12,6 +12,19 @@ Two families live here:
   floor it decided, its inputs), on the operator's own port.
 
 Each class owns a private ``CollectorRegistry`` so several apps can live in one process (tests).
+
+A pod of worker processes (``server.workers`` above 1) runs prometheus-client's multiprocess
+mode: the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory) before anything imports
+prometheus_client, every process writes its values to files there, and a ``/metrics`` scrape of any
+worker renders the files of all (``GatewayMetrics.exposition``): the pod's totals, with the labels
+a single process has. A dead worker's counter and histogram files stay, so totals never go back.
+Each gauge says how its values combine (``multiprocess_mode``, ignored in a single process): the
+live processes' sum where each counts its own share (queue depth, requests running: the pod's
+coordinator in the supervisor counts them, the workers' stay 0), the live maximum where every
+process holds the same value or the pod's is "any" (engine slots, build info, ready: some worker
+serves; draining: some worker drains). A dead worker's gauges leave with it
+(``mark_process_dead``). In that mode every family's HELP text is prometheus-client's
+"Multiprocess metric"; names, types and labels are the same.
 Labels are closed sets: model (one per process), route (the endpoint template), priority, outcome,
 reason (of an authentication refusal; never the key).
 docs/metrics.md documents every name; tests check that /metrics matches that page.
@@ -19,6 +32,7 @@ docs/metrics.md documents every name; tests check that /metrics matches that pag
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 
 from prometheus_client import (
@@ -30,6 +44,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -39,6 +54,8 @@ __all__ = [
     "OperatorMetrics",
     "Outcome",
     "TickOutcome",
+    "WorkerRestartReason",
+    "multiprocess_dir",
     "render",
 ]
 
@@ -97,26 +114,48 @@ class AuthRejection(StrEnum):
     """429: the client's address sent too many wrong keys (auth.failed_keys_per_s); not compared."""
 
 
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, when this process is one of a pod's
+    (its own variable, which prometheus-client reads when it is first imported)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class WorkerRestartReason(StrEnum):
+    """Why the supervisor replaced a worker (``reason`` of chatfleet_worker_restarts_total)."""
+
+    EXITED = "exited"
+    """The worker exited or was killed by a signal (a crash, the OOM killer, ``kill -9``)."""
+    HUNG = "hung"
+    """Its event loop sent no heartbeat for ``server.worker_hang_timeout_s``: killed, replaced."""
+
+
 class GatewayMetrics:
-    """The gateway's metrics. One instance per app; ``model`` is fixed for the process."""
+    """The gateway's metrics. One instance per app; ``model`` is fixed for the process.
+
+    ``registry`` holds this instance's metrics; ``exposition`` is what /metrics renders: the same
+    registry in a single process, every process's files in a pod's multiprocess mode."""
 
     def __init__(self, *, model: str, engine_kind: str, version: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.model = model
+        self.exposition = r
+        if (shared := multiprocess_dir()) is not None:
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition, path=shared)
 
         self.queue_depth = Gauge(
             "chatfleet_queue_depth",
             "Requests waiting in the gateway's admission queue for an engine slot.",
-            ["model", "priority"], registry=r)
+            ["model", "priority"], registry=r, multiprocess_mode="livesum")
         self.requests_running = Gauge(
             "chatfleet_requests_running",
             "Requests holding an engine slot (sent to the engine, not finished).",
-            ["model"], registry=r)
+            ["model"], registry=r, multiprocess_mode="livesum")
         self.engine_slots = Gauge(
             "chatfleet_engine_slots",
             "Engine slots: the most requests the gateway lets through to the engine at once.",
-            ["model"], registry=r)
+            ["model"], registry=r, multiprocess_mode="livemax")
         self.requests_total = Counter(
             "chatfleet_requests",
             "Requests finished, by route and outcome.",
@@ -148,11 +187,11 @@ class GatewayMetrics:
         self.ready = Gauge(
             "chatfleet_ready",
             "1 when the engine lists the served model and the gateway is not draining, else 0.",
-            registry=r)
+            registry=r, multiprocess_mode="livemax")
         self.draining = Gauge(
             "chatfleet_draining",
             "1 after SIGTERM while in-flight requests finish, else 0.",
-            registry=r)
+            registry=r, multiprocess_mode="livemax")
         self.retrieval_seconds = Histogram(
             "chatfleet_retrieval_seconds",
             "Time to retrieve a knowledge-base question's chunks (query embedding, both searches "
@@ -181,7 +220,12 @@ class GatewayMetrics:
         self.build_info = Gauge(
             "chatfleet_build_info",
             "Always 1; labels say the ChatFleet version, engine kind and served model.",
-            ["version", "engine_kind", "model"], registry=r)
+            ["version", "engine_kind", "model"], registry=r, multiprocess_mode="livemax")
+        self.worker_restarts_total = Counter(
+            "chatfleet_worker_restarts",
+            "Gateway worker processes the supervisor replaced, by reason (exited: it exited or "
+            "was killed; hung: its event loop stopped answering). Always 0 with one process.",
+            ["reason"], registry=r)
 
         self.build_info.labels(version=version, engine_kind=engine_kind, model=model).set(1)
         for priority in ("interactive", "batch"):
@@ -195,6 +239,8 @@ class GatewayMetrics:
             self.knowledge_chat_ttft_seconds.labels(model=model, phase=phase)
         for reason in AuthRejection:
             self.auth_rejections_total.labels(reason=reason.value)
+        for why in WorkerRestartReason:
+            self.worker_restarts_total.labels(reason=why.value)
 
 
 class EngineSimMetrics:

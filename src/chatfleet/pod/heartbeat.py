@@ -1,0 +1,44 @@
+"""A worker's proof of life: one byte to the supervisor from its event loop, every interval.
+
+It is written by a loop callback, so it stops when the loop stops turning (a blocking call, a
+deadlock, a process stopped by SIGSTOP) even while the process lives and its socket accepts: the
+supervisor sees no byte for ``server.worker_hang_timeout_s`` and replaces the worker. No HTTP
+probe: it would queue behind the very requests that hold the loop, and cost a request per beat.
+The pipe also tells the worker when the supervisor is gone (the write fails): then the worker
+drains and exits as on SIGTERM, instead of serving on without a supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+__all__ = ["Heartbeat"]
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, fd: int, interval_s: float) -> None:
+        """``fd``: the write end of the supervisor's pipe, non-blocking."""
+        self._fd = fd
+        self._interval_s = interval_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.call_soon(self._beat)
+
+    def _beat(self) -> None:
+        try:
+            os.write(self._fd, b".")
+        except BlockingIOError:  # the supervisor is behind on reading: it is alive
+            pass
+        except BrokenPipeError:
+            log.error("the supervisor is gone: draining this worker and exiting")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        assert self._loop is not None
+        self._loop.call_later(self._interval_s, self._beat)
