@@ -10,7 +10,7 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -79,13 +79,15 @@ def start_engine_sim(*, profile: str = "tiny-cpu", max_num_seqs: int | None = No
     return Server(proc, port)
 
 
-def start_gateway(env: dict[str, str] | None = None, *, wait_ready: bool = True) -> Server:
+def start_gateway(env: dict[str, str] | None = None, *, wait_ready: bool = True,
+                  args: Sequence[str] = ()) -> Server:
+    """``args``: more ``chatfleet serve`` flags, e.g. ``["--workers", "2"]``."""
     port = free_port()
     # Knowledge bases go to a fresh directory, never the working directory's ./data.
     full_env = {"CHATFLEET_SERVER__LOG_LEVEL": "warning",
                 "CHATFLEET_KB__DATA_DIR": tempfile.mkdtemp(prefix="chatfleet-kb-"), **(env or {})}
     proc = ManagedProcess([sys.executable, "-m", "chatfleet", "serve", "--host", "127.0.0.1",
-                           "--port", str(port)], env=full_env, name="gateway").start()
+                           "--port", str(port), *args], env=full_env, name="gateway").start()
     proc.wait_http(f"http://127.0.0.1:{port}/readyz" if wait_ready else
                    f"http://127.0.0.1:{port}/livez", timeout=30)
     return Server(proc, port)
