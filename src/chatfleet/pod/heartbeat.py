@@ -15,9 +15,20 @@ import logging
 import os
 import signal
 
-__all__ = ["Heartbeat"]
+__all__ = ["HEARTBEAT_FD_ENV", "LISTEN_FD_ENV", "Heartbeat", "heartbeat_interval_s"]
 
 log = logging.getLogger(__name__)
+
+LISTEN_FD_ENV = "CHATFLEET_WORKER_LISTEN_FD"
+"""The inherited listening socket's descriptor, set by the supervisor for a worker."""
+HEARTBEAT_FD_ENV = "CHATFLEET_WORKER_HEARTBEAT_FD"
+"""The inherited heartbeat pipe's write end, set by the supervisor for a worker."""
+
+
+def heartbeat_interval_s(hang_timeout_s: float) -> float:
+    """A beat a second, or five per hang bound when that is shorter: a late beat or two (a slow
+    callback, a busy machine) never looks like a hang."""
+    return min(1.0, hang_timeout_s / 5)
 
 
 class Heartbeat:

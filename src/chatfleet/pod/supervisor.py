@@ -39,7 +39,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from chatfleet import __version__
 from chatfleet.pod.backoff import RestartBackoff
-from chatfleet.pod.worker import HEARTBEAT_FD_ENV, LISTEN_FD_ENV, heartbeat_interval_s
+from chatfleet.pod.heartbeat import HEARTBEAT_FD_ENV, LISTEN_FD_ENV, heartbeat_interval_s
 from chatfleet.serving.admission_metrics import measured_admission
 from chatfleet.serving.pod_admission import POD_ADMISSION_SOCKET_ENV
 from chatfleet.serving.pod_coordinator import AdmissionCoordinator

@@ -15,23 +15,12 @@ import socket
 from chatfleet.app import create_app, startup_fields
 from chatfleet.http_limits import HttpLimits
 from chatfleet.logs import configure_logging
-from chatfleet.pod.heartbeat import Heartbeat
+from chatfleet.pod.heartbeat import HEARTBEAT_FD_ENV, LISTEN_FD_ENV, Heartbeat, heartbeat_interval_s
 from chatfleet.server import serve_app
 from chatfleet.serving.pod_admission import POD_ADMISSION_SOCKET_ENV
 from chatfleet.settings import Settings
 
-__all__ = ["HEARTBEAT_FD_ENV", "LISTEN_FD_ENV", "heartbeat_interval_s", "main", "serve_gateway"]
-
-LISTEN_FD_ENV = "CHATFLEET_WORKER_LISTEN_FD"
-"""The inherited listening socket's descriptor, set by the supervisor."""
-HEARTBEAT_FD_ENV = "CHATFLEET_WORKER_HEARTBEAT_FD"
-"""The inherited heartbeat pipe's write end, set by the supervisor."""
-
-
-def heartbeat_interval_s(hang_timeout_s: float) -> float:
-    """A beat a second, or five per hang bound when that is shorter: a late beat or two (a slow
-    callback, a busy machine) never looks like a hang."""
-    return min(1.0, hang_timeout_s / 5)
+__all__ = ["main", "serve_gateway"]
 
 
 def serve_gateway(settings: Settings, sock: socket.socket, *, heartbeat: Heartbeat | None = None,
