@@ -132,6 +132,8 @@ processes' uploads queue for the one write lock."""
 _CHANGE_LOG_KEEP = 10_000
 """Entries ``change_log`` keeps (a few hundred KB). A process further behind than that (one that
 served no knowledge-base request meanwhile) reloads every KB when it next catches up."""
+_PRUNE_EVERY = 100
+"""Writes between two prunings of ``change_log``."""
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -270,7 +272,7 @@ class _Write:
         seq = self.db.execute("INSERT INTO change_log (kb, file_name) VALUES (?, ?)",
                               (kb, file_name)).lastrowid
         assert seq is not None
-        if seq > _CHANGE_LOG_KEEP and seq % 100 == 0:
+        if seq > _CHANGE_LOG_KEEP and seq % _PRUNE_EVERY == 0:
             self.db.execute("DELETE FROM change_log WHERE seq <= ?", (seq - _CHANGE_LOG_KEEP,))
 
     def kb_uid(self, kb: str) -> str:
