@@ -226,7 +226,7 @@ class _KbIndex:
     anew when a KB whose vectors were all removed gets vectors of another one)."""
     chunks: dict[int, StoredChunk] = field(default_factory=dict)
     tokens: dict[int, list[str]] = field(default_factory=dict)
-    files: dict[str, list[int]] = field(default_factory=dict)
+    files: dict[str, set[int]] = field(default_factory=dict)
     """Each file's chunk ids."""
 
     def add(self, rows: Sequence[_Row]) -> None:
@@ -235,7 +235,7 @@ class _KbIndex:
             self.bm25.add(row.row_id, row.tokens)
             self.tokens[row.row_id] = row.tokens
             self.chunks[row.row_id] = row.chunk
-            self.files.setdefault(row.chunk.file_name, []).append(row.row_id)
+            self.files.setdefault(row.chunk.file_name, set()).add(row.row_id)
         if with_vectors:
             dim = len(with_vectors[0].vector)
             if self.vectors is None or (self.vectors.ntotal == 0 and self.vectors.d != dim):
@@ -244,13 +244,38 @@ class _KbIndex:
                 np.stack([row.vector for row in with_vectors]),
                 np.array([row.row_id for row in with_vectors], dtype=np.int64))
 
-    def remove_file(self, file_name: str) -> None:
-        row_ids = self.files.pop(file_name, [])
+    def remove(self, row_ids: Sequence[int]) -> None:
         for row_id in row_ids:
             self.bm25.remove(row_id, self.tokens.pop(row_id))
-            del self.chunks[row_id]
+            chunk = self.chunks.pop(row_id)
+            held = self.files[chunk.file_name]
+            held.discard(row_id)
+            if not held:
+                del self.files[chunk.file_name]
         if self.vectors is not None and row_ids:
             self.vectors.remove_ids(np.asarray(row_ids, dtype=np.int64))
+
+    def changes(self, file_name: str, rows: Sequence[_Row]) -> tuple[list[int], list[_Row]]:
+        """What turns this file's chunks here into ``rows`` (the file as stored now): the ids to
+        remove and the rows to add. A chunk whose text, metadata and vector are unchanged stays
+        (an edit keeps ids: only the edited chunks move)."""
+        stored = {row.row_id: row for row in rows}
+        stale = []
+        for row_id in self.files.get(file_name, ()):
+            row = stored.get(row_id)
+            if row is None or row.chunk != self.chunks[row_id] or not self._same_vector(row):
+                stale.append(row_id)
+        kept = set(self.files.get(file_name, ())).difference(stale)
+        return stale, [row for row in rows if row.row_id not in kept]
+
+    def _same_vector(self, row: _Row) -> bool:
+        try:
+            held = None if self.vectors is None else self.vectors.reconstruct(row.row_id)
+        except RuntimeError:  # no embedding for that chunk
+            held = None
+        if held is None or row.vector is None:
+            return held is None and row.vector is None
+        return bool(np.array_equal(held, row.vector))
 
 
 def _vector_bytes(embedding: Vector | None) -> bytes | None:
@@ -440,6 +465,8 @@ class LocalStore:
                for kb in whole}
         files = {(kb, file_name): self._file_rows(watch, kb, file_name, prepared)
                  for kb, file_name in entries if kb not in whole}
+        changes = [(self._indexes[kb], *self._indexes[kb].changes(file_name, rows))
+                   for (kb, file_name), rows in files.items()]
         with self._indexes_lock.writing():
             for kb, index in kbs.items():
                 if index is None:
@@ -448,10 +475,10 @@ class LocalStore:
                     self._indexes[kb] = index
             # All removals first: a file replaced by vectors of another dimension empties the
             # FAISS index before the new ones go in.
-            for kb, file_name in files:
-                self._indexes[kb].remove_file(file_name)
-            for (kb, _), rows in files.items():
-                self._indexes[kb].add(rows)
+            for index, stale, _ in changes:
+                index.remove(stale)
+            for index, _, fresh in changes:
+                index.add(fresh)
 
     def _file_rows(self, db: sqlite3.Connection, kb: str, file_name: str,
                    prepared: Mapping[int, _Row]) -> list[_Row]:
