@@ -434,8 +434,10 @@ class LocalStore:
             return
         watch.execute("BEGIN")
         try:
-            head, oldest = watch.execute(
-                "SELECT coalesce(max(seq), 0), min(seq) FROM change_log").fetchone()
+            # Two statements: SQLite answers a lone min() or max() from the index's end, both
+            # together by a scan of the log.
+            head = watch.execute("SELECT coalesce(max(seq), 0) FROM change_log").fetchone()[0]
+            oldest = watch.execute("SELECT min(seq) FROM change_log").fetchone()[0]
             if head == self._applied:
                 pass
             elif self._applied < 0 or (oldest is not None and oldest > self._applied + 1):
