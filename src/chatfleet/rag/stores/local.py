@@ -16,9 +16,10 @@ the KB or file it changed in ``change_log`` in its own transaction (``BEGIN IMME
 of all processes take turns on SQLite's write lock, waiting up to ``_BUSY_TIMEOUT_S``, and check
 the KB, the file's revision and the embedding dimension inside it, so ``FileChanged`` and the
 other refusals hold across processes). Before every search, and as each of its own writes
-commits, a process catches up (``_catch_up``): ``PRAGMA data_version`` (about 2 us) says whether
-any other connection committed since it last looked; if so it reads the log past the position it
-applied and reloads just the files (or KBs) named there. So a write acknowledged by one process
+commits, a process catches up (``_catch_up``): ``PRAGMA data_version`` (2 us alone, 10-50 us
+added to a search: docs/architecture.md) says whether any other connection committed since it
+last looked; if so it reads the log past the position it applied and reloads just the files (or
+KBs) named there, moving only the chunks that changed. So a write acknowledged by one process
 is seen by the next search of every other, with no delay. Listings and downloads read SQLite
 directly. The log keeps its last ``_CHANGE_LOG_KEEP`` entries; a process that fell further
 behind reloads everything (reusing the terms of unchanged chunks).
