@@ -26,7 +26,10 @@ arrived; a run that fails is recorded, not fitted. Writes ``docs/benchmarks/rela
 ``relay-cpu.png`` (``--quick``: a temporary directory unless ``--out`` is given).
 
 Usage: python bench/relay_cpu/run.py [--quick | --smoke] [--gateways chatfleet,vllm-router,litellm]
-       [--install] [--out DIR]
+       [--install] [--out DIR] [--before SRC]
+  --before SRC: also run ``chatfleet-before``, ChatFleet from another checkout's ``src`` directory
+  (e.g. ``git archive main src | tar -x -C /tmp/before``), interleaved with the rest: before and
+  after in the same run.
   full: 3 rounds, about 4.5 minutes on two cores (LiteLLM's runs most of it; a run's client
   timeout is 30 s + 4 ms a token, and no run starts after 9 minutes: the JSON says "truncated");
   --quick: 1 round of 64 streams x 32/128 tokens, about 30 s; --smoke: 8 streams x 8/32 tokens,
@@ -61,7 +64,7 @@ PEERS = Path.home() / ".cache" / "chatfleet" / "peers"
 HOST = "127.0.0.1"
 MODEL = "relay-stub"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ALL_GATEWAYS = ("chatfleet", "vllm-router", "litellm")
+ALL_GATEWAYS = ("chatfleet", "chatfleet-before", "vllm-router", "litellm")
 REFERENCE = "vllm-router"
 LITELLM_KEY = "sk-" + secrets.token_hex(32)
 """LiteLLM's proxy refuses to start without a master key; the client sends it (from the
@@ -192,13 +195,17 @@ def peer_version(name: str) -> str | None:
     return out.stdout.strip() or None
 
 
-def start_gateway(name: str, stub_url: str, top: int, log_dir: Path) -> tuple[Proc, str]:
+def start_gateway(name: str, stub_url: str, top: int, log_dir: Path,
+                  before_src: Path | None = None) -> tuple[Proc, str]:
     """Start one gateway relaying to the stub; returns it and its OpenAI base URL once ready."""
     port = free_port()
     base = f"http://{HOST}:{port}"
-    if name == "chatfleet":
+    if name in ("chatfleet", "chatfleet-before"):
+        src = before_src if name == "chatfleet-before" else REPO / "src"
+        if src is None:
+            raise ValueError("chatfleet-before needs --before SRC")
         env = {
-            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
             "CHATFLEET_ENGINE__KIND": "openai",
             "CHATFLEET_ENGINE__URL": f"{stub_url}/v1",
             "CHATFLEET_ENGINE__MODEL": MODEL,
@@ -327,7 +334,7 @@ def plot(summary: dict[str, Any], plan: Plan, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     gateways = list(summary)
-    colors = {"chatfleet": "tab:blue", "vllm-router": "tab:green", "litellm": "tab:red"}
+    colors = {"chatfleet": "tab:blue", "chatfleet-before": "tab:gray", "vllm-router": "tab:green", "litellm": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(gateways))
     for ax, key, label in ((axes[0], "per_token_us", "CPU per relayed token (µs)"),
@@ -370,13 +377,18 @@ def main() -> None:
     parser.add_argument("--install", action="store_true", help="pip-install missing peers into their venvs")
     parser.add_argument("--out", type=Path, default=None, help="directory for relay-cpu.json and .png")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--before", type=Path, default=None, help="another checkout's src directory: "
+                        "also run it as chatfleet-before")
     args = parser.parse_args()
     plan = SMOKE if args.smoke else QUICK if args.quick else FULL
     out = args.out or (REPO / "docs" / "benchmarks" if plan is FULL else Path(tempfile.mkdtemp(prefix="relay-cpu-")))
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     out.mkdir(parents=True, exist_ok=True)
-    wanted = args.gateways.split(",") if args.gateways else (["chatfleet"] if args.smoke else list(ALL_GATEWAYS))
+    wanted = args.gateways.split(",") if args.gateways else (
+        ["chatfleet"] if args.smoke else [g for g in ALL_GATEWAYS if g != "chatfleet-before"])
+    if args.before is not None and "chatfleet-before" not in wanted:
+        wanted.insert(1, "chatfleet-before")
     skipped: dict[str, str] = {}
     gateways: list[str] = []
     for name in wanted:
@@ -408,7 +420,8 @@ def main() -> None:
         by_name: dict[str, Proc] = {}
         for name in list(gateways):
             try:
-                proc, url = start_gateway(name, stub_url, top, log_dir)
+                proc, url = start_gateway(name, stub_url, top, log_dir,
+                                          args.before.resolve() if args.before else None)
             except RuntimeError as exc:
                 skipped[name] = f"did not start: {str(exc).splitlines()[0]}"
                 print(exc, file=sys.stderr)
@@ -416,7 +429,9 @@ def main() -> None:
                 continue
             procs.append(proc)
             urls[name], by_name[name] = url, proc
-            versions[name] = peer_version(name) if name in VENVS else _chatfleet_version()
+            versions[name] = (peer_version(name) if name in VENVS else
+                              _chatfleet_version(args.before.resolve() if name == "chatfleet-before" and args.before
+                                                 else REPO / "src"))
             # Warm up: first requests import lazily (LiteLLM) and open the upstream pool.
             for _ in range(2):
                 run_client(proc, stub, url, 8, 8, 60)
@@ -493,9 +508,9 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _chatfleet_version() -> str | None:
+def _chatfleet_version(src: Path) -> str | None:
     out = subprocess.run([sys.executable, "-c", "import chatfleet; print(chatfleet.__version__)"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(src)})
     return out.stdout.strip() or None
 
 

@@ -300,7 +300,8 @@ class StoreKind(StrEnum):
     """Where knowledge bases live."""
 
     LOCAL = "local"
-    """Files, chunks and indexes under ``kb.data_dir``, in this process. One replica only."""
+    """Files, chunks and indexes under ``kb.data_dir``, shared by the pod's worker processes
+    (each keeps the search indexes in memory). One replica only."""
     PGVECTOR = "pgvector"
     """PostgreSQL with pgvector at ``kb.pg_dsn``: every replica sees every upload at once."""
 
@@ -353,7 +354,7 @@ class KnowledgeSettings(BaseModel):
     """Most files in one upload_docs request."""
     max_queued_uploads: int = Field(16, ge=0, le=10_000)
     """Upload, update and rebuild requests that may wait for an ingestion slot (two run per
-    ingest worker); one more gets 429 with Retry-After."""
+    ingest worker), per gateway worker process; one more gets 429 with Retry-After."""
     temp_ttl_s: float = Field(3600.0, gt=0)
     """File chat (Chatchat's upload_temp_docs): a temporary knowledge base is deleted this long
     after its upload; a chat with it afterwards gets a clear 404 asking to upload again. Expired
@@ -363,8 +364,9 @@ class KnowledgeSettings(BaseModel):
     it, an upload that stored something deletes the oldest by upload time (Chatchat keeps 10 in
     one process's memory and drops the least recently used)."""
     ingest_workers: int = Field(1, ge=1, le=64)
-    """Processes that load and split uploaded files, started on the first upload (each imports
-    the document loaders: about 100-150 MB). Uploads beyond this many at once wait their turn."""
+    """Processes that load and split uploaded files, per gateway worker process, started on its
+    first upload (each imports the document loaders: about 100-150 MB). Uploads beyond this many
+    at once wait their turn."""
     max_file_text_chars: int = Field(20_000_000, ge=1000)
     """Most characters of text one file may hold once parsed (about a 10,000-page book); a file
     with more is refused with the reason, found while it is read (a .docx is checked before:

@@ -66,20 +66,26 @@ def operator_variant(mode: str, existing: bool, ingress: bool) -> tuple[str, dic
     return "-operator-peering", OPERATOR_PEERING
 
 
+WORKERS = {"gateway.workers": 4, "gateway.admission.interactiveReservedSlots": 4}
+
+
 def matrix() -> list[Any]:
     """engine gpu/sim x autoscaling hpa/keda/none x existing claim+secret or chart-made x ingress,
-    with the operator (operator_variant) on in the existing-claim half and a knowledge-base store
-    (kb_variant) in 18 of the 24."""
+    with the operator (operator_variant) on in the existing-claim half, a knowledge-base store
+    (kb_variant) in 18 of the 24, and a number of gateway workers (WORKERS) with ingress and no
+    autoscaler."""
     cases = []
     for engine, mode, existing, ingress in itertools.product(
             ("gpu", "sim"), ("hpa", "keda", "none"), (False, True), (False, True)):
         suffix, operator = operator_variant(mode, existing, ingress)
         kb_suffix, kb = kb_variant(engine, existing, ingress)
+        workers = WORKERS if mode == "none" and ingress else {}
         values: dict[str, Any] = {**(GPU if engine == "gpu" else SIM), "autoscaling.mode": mode,
                                   **(EXISTING if existing else TOKEN_VALUE), **(INGRESS if ingress else {}),
-                                  **operator, **kb}
+                                  **operator, **kb, **workers}
         case_id = (f"{engine}-{mode}-{'existing' if existing else 'created'}-"
-                   f"{'ingress' if ingress else 'noingress'}{suffix}{kb_suffix}")
+                   f"{'ingress' if ingress else 'noingress'}{suffix}{kb_suffix}"
+                   f"{'-workers4' if workers else ''}")
         cases.append(pytest.param(values, id=case_id))
     return cases
 

@@ -110,8 +110,10 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
                        "embeddings": {"url": "http://embeddings.llm.svc:8080/v1", "model": "BAAI/bge-m3",
                                       "existingSecret": "embeddings-key"}}},
     {"auth": {"existingSecret": "chatfleet-api-keys", "rateLimit": {"requestsPerSecond": 5}}},
+    {"gateway": {"workers": 4, "admission": {"interactiveReservedSlots": 4},
+                 "resources": {"limits": {"cpu": "5"}}}},
 ], ids=["defaults", "sim-keda-operator", "operator-peering-namespaces", "kb-local-claim",
-        "kb-pgvector-embeddings", "auth-rate-limit"])
+        "kb-pgvector-embeddings", "auth-rate-limit", "workers-cpu-limit"])
 def test_checkov_passes_with_only_written_waivers(values: dict[str, Any], tmp_path: Path) -> None:
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))

@@ -2,8 +2,8 @@
 KB deleted during a rebuild ends its stream with a 404 event, and the SQLite file shrinks when a
 knowledge base is deleted.
 
-The races are made deterministic, not timed: the gateway embeds through ``GatedEmbeddings``, a
-small embeddings endpoint in this process that holds the request for one file's chunks until the
+The races are made deterministic, not timed: the gateway embeds through ``GatedEmbeddings``
+(tests/support/gated_embeddings.py), which holds the request for one file's chunks until the
 test has done its delete. Store-level tests check the contract behind it
 (``put_file(replaces=...)``) on both stores.
 """
@@ -11,14 +11,10 @@ test has done its delete. Store-level tests check the contract behind it
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,81 +32,8 @@ from chatfleet.rag.stores.base import (
 from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import PgVectorStore
 from tests.conftest import Server, start_gateway
-from tests.support.procs import free_port
+from tests.support.gated_embeddings import MARKER, GatedEmbeddings
 from tests.support.stores import STORES
-
-MARKER = "zymurgyheld"
-"""A word only the held file's text has: its embedding request is the one held."""
-DIM = 8
-
-
-class GatedEmbeddings(AbstractContextManager["GatedEmbeddings"]):
-    """An OpenAI-style ``/v1/embeddings`` on 127.0.0.1 (hashed 8-dimensional vectors) that, while
-    ``hold()`` is in effect, holds a request whose texts contain ``MARKER`` until the block
-    ends. ``held`` is set when such a request arrives: the gateway is then inside that file's
-    ingestion, after reading it and before storing it."""
-
-    def __init__(self) -> None:
-        self.held = threading.Event()
-        self._armed = False
-        self._release = threading.Event()
-        gate = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
-                if gate._armed and any(MARKER in text for text in texts):
-                    gate.held.set()
-                    gate._release.wait(30)
-                data = [{"object": "embedding", "index": i, "embedding": _vector(text)}
-                        for i, text in enumerate(texts)]
-                payload = json.dumps({"object": "list", "data": data, "model": body["model"]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload.encode())
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def v1(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> GatedEmbeddings:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        self.held.clear()
-        self._release.clear()
-        self._armed = True
-        try:
-            yield
-        finally:
-            self._armed = False
-            self._release.set()
-
-    async def wait_held(self) -> None:
-        assert await asyncio.to_thread(self.held.wait, 30), "the held file was never embedded"
-
-
-def _vector(text: str) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    return [b / 255 + 0.01 for b in digest[:DIM]]
-
 
 @pytest.fixture(scope="module")
 def embeddings() -> Iterator[GatedEmbeddings]:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.chart.render import one, render
 from tests.conftest import Server, start_gateway
-from tests.support.bad_upstream import BAD_PAYLOADS, MODEL, bad_upstream_env, start_bad_upstream
+from tests.support.bad_upstream import BAD_PAYLOADS, ESCAPED, MODEL, bad_upstream_env, start_bad_upstream
 from tests.support.metrics import value
 
 KEY = "hostile-upstream-test-key"
@@ -107,6 +107,66 @@ def test_the_openai_sdk_raises_on_bad_data_mid_stream_after_the_tokens(gw: Serve
     with pytest.raises(openai.InternalServerError, match=BAD_DATA) as raised:
         client.completions.create(model=MODEL, prompt="script=bad:choices_string", max_tokens=4)
     assert raised.value.status_code == 502
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
+def test_escaped_token_text_is_relayed_exactly(gw: Server, chat: bool) -> None:
+    """Tokens after the first are read by their bytes (upstream_wire.ContentTemplate): their
+    escapes (quotes, a tab, \\u00e9, \\/) decode to the same text a full parse gives."""
+    if chat:
+        response = httpx.post(gw.v1 + "/chat/completions", json=_chat("escaped", stream=True),
+                              headers=AUTH, timeout=10)
+        pieces = [json.loads(e)["choices"][0]["delta"].get("content") or ""
+                  for e in _events(response)[:-1] if json.loads(e)["choices"]]
+    else:
+        response = httpx.post(gw.v1 + "/completions", headers=AUTH, timeout=10, json={
+            "model": MODEL, "max_tokens": 8, "prompt": "script=escaped", "stream": True})
+        pieces = [json.loads(e)["choices"][0]["text"] for e in _events(response)[:-1]
+                  if json.loads(e)["choices"]]
+    assert response.status_code == 200
+    assert "".join(pieces) == "".join(ESCAPED)
+    whole = httpx.post(gw.v1 + "/chat/completions", json=_chat("escaped"), headers=AUTH, timeout=10)
+    assert whole.json()["choices"][0]["message"]["content"] == "".join(ESCAPED)
+
+
+def test_a_bad_chunk_shaped_like_the_good_ones_is_still_bad_data(gw: Server) -> None:
+    """A chunk with the same bytes as the stream's text chunks around a text that is no JSON
+    string (a raw control character) is not relayed by its bytes: it is parsed, and refused."""
+    before = _outcomes(gw)
+    response = httpx.post(gw.v1 + "/chat/completions", json=_chat("bad_templated", stream=True),
+                          headers=AUTH, timeout=10)
+    events = _events(response)
+    assert events[-1] == "[DONE]", events
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-2])
+    assert text == "hello world"
+    error = json.loads(events[-2])["error"]
+    assert BAD_DATA in error["message"] and error["code"] == 502
+    _counted_as_engine_error(gw, before)
+
+
+def test_an_upstream_that_stalls_past_the_read_timeout_ends_the_stream(upstream: Server) -> None:
+    """The read timeout holds without a cancel scope per read (http_pools.WatchedBackend): a
+    stall longer than it ends the answer with an error event; shorter stalls, and reads on a
+    reused connection, are not cut."""
+    gw = start_gateway(bad_upstream_env(upstream, CHATFLEET_ENGINE__READ_TIMEOUT_S="1"))
+    try:
+        for _ in range(2):  # the second on a reused connection
+            ok = httpx.post(gw.v1 + "/chat/completions", json=_chat("stall:400", stream=True),
+                            timeout=10)
+            assert _events(ok)[-1] == "[DONE]" and "error" not in ok.text, ok.text
+        before = _outcomes(gw)
+        response = httpx.post(gw.v1 + "/chat/completions", json=_chat("stall:5000", stream=True),
+                              timeout=10)
+        assert response.elapsed.total_seconds() < 4, response.elapsed
+        events = _events(response)
+        assert events[-1] == "[DONE]", events
+        assert json.loads(events[1])["choices"][0]["delta"]["content"] == "hello"
+        error = json.loads(events[-2])["error"]
+        assert "engine sent nothing for too long" in error["message"] and error["code"] == 503
+        after = _outcomes(gw)
+        assert after["engine_error"] - before["engine_error"] == 1, (before, after)
+    finally:
+        gw.proc.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import asyncpg
 import numpy as np
@@ -24,8 +25,10 @@ import pytest
 from pgvector.asyncpg import register_vector
 
 from chatfleet.rag.lexical import ANALYZER, BM25S_DEFAULTS, Analyzer
+from chatfleet.rag.stores import local
 from chatfleet.rag.stores.base import (
     ChunkDraft,
+    FileChanged,
     Hit,
     KnowledgeBaseExists,
     KnowledgeBaseNotFound,
@@ -34,6 +37,7 @@ from chatfleet.rag.stores.base import (
     StoredChunk,
     Vector,
 )
+from chatfleet.rag.stores.local import LocalStore
 from chatfleet.rag.stores.pgvector import (
     PgVectorStore,
     dense_search_sql,
@@ -811,3 +815,112 @@ async def test_a_chinese_question_finds_the_chunk_that_shares_its_words(store) -
                          loader="TextLoader", splitter="RecursiveCharacterTextSplitter")
     hits = await store.lexical_search(KB, "如何检索", 5)
     assert [hit.chunk.text for hit in hits] == ["中文检索很好"]
+
+
+# Two instances on one store: a pod's worker processes ------------------------------------------
+
+async def started_pair(kind: str, request: pytest.FixtureRequest) -> tuple[KnowledgeStore, ...]:
+    """Two instances of ``kind`` on one store (one ``data_dir``, or one database), as two worker
+    processes of a pod hold them; closed by the test's finalizer."""
+    pair = tuple(STORES[kind](request) for _ in range(2))
+    for instance in pair:
+        await instance.start()
+    return pair
+
+
+async def close(*stores: KnowledgeStore) -> None:
+    for instance in stores:
+        await instance.aclose()
+
+
+@pytest.mark.parametrize("kind", list(STORES))
+async def test_two_instances_on_one_store_see_each_others_writes_at_once(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    one, two = await started_pair(kind, request)
+    try:
+        await one.create_kb(KB, info="", embed_model="m")
+        await put(one, "a.txt", drafts("alpha", "zebra", vectors=[axis(0), axis(1)]))
+        assert texts(await two.lexical_search(KB, "zebra", 5)) == ["zebra"]
+        assert texts(await two.dense_search(KB, axis(0), 1)) == ["alpha"]
+        chunks = await two.list_chunks(KB, "a.txt")
+        await two.edit_chunks(KB, "a.txt", {chunks[1].id: ChunkDraft(
+            text="yak", metadata={}, embedding=axis(1))})
+        assert texts(await one.lexical_search(KB, "yak zebra", 5)) == ["yak"]
+        assert [c.id for c in await one.list_chunks(KB, "a.txt")] == [c.id for c in chunks]
+        await put(two, "b.txt", drafts("bravo", vectors=[axis(2)]))
+        await one.delete_file(KB, "a.txt")
+        assert texts(await two.dense_search(KB, axis(0), 5)) == ["bravo"]
+        await two.delete_kb(KB)
+        with pytest.raises(KnowledgeBaseNotFound):
+            await one.lexical_search(KB, "bravo", 5)
+        await two.create_kb(KB, info="", embed_model="m")
+        await put(two, "c.txt", drafts("charlie", vectors=[axis(3)]))
+        assert texts(await one.dense_search(KB, axis(2), 5)) == ["charlie"]
+    finally:
+        await close(one, two)
+
+
+@pytest.mark.parametrize("kind", list(STORES))
+async def test_two_instances_writing_one_kb_at_once_lose_nothing(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """The KB exists before both start (each knows it): 40 uploads, 20 through each, at once."""
+    first = STORES[kind](request)
+    await first.start()
+    await first.create_kb(KB, info="", embed_model="m")
+    await first.aclose()
+    one, two = await started_pair(kind, request)
+    try:
+        await asyncio.gather(*(put((one, two)[i % 2], f"f{i}.txt", drafts(
+            *(f"word{i} chunk{n}" for n in range(50)), vectors=[unit(1, i)] * 50))
+            for i in range(40)))
+        for instance in (one, two):
+            assert len(await instance.list_files(KB)) == 40
+            for i in range(40):
+                hits = await instance.lexical_search(KB, f"word{i}", 100)
+                assert {hit.chunk.file_name for hit in hits} == {f"f{i}.txt"}
+                assert len(hits) == 50
+    finally:
+        await close(one, two)
+
+
+@pytest.mark.parametrize("kind", list(STORES))
+async def test_a_conditional_write_loses_to_another_instances_write_in_between(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    one, two = await started_pair(kind, request)
+    try:
+        await one.create_kb(KB, info="", embed_model="m")
+        await put(one, "a.txt", drafts("alpha"))
+        record_one, = await one.list_files(KB)
+        record_two, = await two.list_files(KB)
+        await one.put_file(KB, "a.txt", b"v2", drafts("bravo"), loader="l", splitter="s",
+                           replaces=record_one)
+        with pytest.raises(FileChanged) as raised:
+            await two.put_file(KB, "a.txt", b"v3", drafts("charlie"), loader="l", splitter="s",
+                               replaces=record_two)
+        assert not raised.value.deleted
+        for instance in (one, two):
+            assert texts(await instance.lexical_search(KB, "alpha bravo charlie", 5)) == ["bravo"]
+    finally:
+        await close(one, two)
+
+
+async def test_a_local_store_further_behind_than_the_change_log_reloads_everything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "_CHANGE_LOG_KEEP", 3)
+    monkeypatch.setattr(local, "_PRUNE_EVERY", 1)
+    one, two = LocalStore(tmp_path), LocalStore(tmp_path)
+    await one.start()
+    await two.start()
+    try:
+        await one.create_kb(KB, info="", embed_model="")
+        await one.create_kb("other", info="", embed_model="")
+        await put(one, "gone.txt", drafts("kilo"), kb="other")
+        assert texts(await two.lexical_search("other", "kilo", 5)) == ["kilo"]
+        for n in range(6):
+            await put(one, f"f{n}.txt", drafts(f"lima{n}"))
+        await one.delete_kb("other")
+        assert texts(await two.lexical_search(KB, "lima0 lima5", 5)) == ["lima0", "lima5"]
+        with pytest.raises(KnowledgeBaseNotFound):
+            await two.lexical_search("other", "kilo", 5)
+    finally:
+        await close(one, two)

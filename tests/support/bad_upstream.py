@@ -12,6 +12,9 @@ works too), as ``script=<name>`` with optional ``:<arg>``:
 - ``finish:<reason>``: a token, then that finish reason;
 - ``error_body:<bytes>``: HTTP 500 with a body of that many bytes, sent in 1 MiB pieces;
 - ``long_line:<bytes>``: HTTP 200, then one line of that many bytes without an end;
+- ``stall:<ms>``: a token, then nothing for that many milliseconds, then the rest of the answer;
+- ``escaped``: tokens whose JSON has escapes (quotes, a tab, ``\\u00e9``, ``\\/``): :data:`ESCAPED`;
+- ``bad_templated``: two tokens, then a chunk alike but for a raw control character in its text;
 - no script: a short normal answer.
 Nothing big is held in memory here: bodies are generated piece by piece.
 """
@@ -57,6 +60,10 @@ BAD_PAYLOADS: dict[str, str] = {
 }
 """Payloads (the text after ``data: ``) that are no OpenAI stream chunk."""
 
+ESCAPED = ["hello", ' "quoted"', "\ttab", " caf\u00e9", " a/b", " back\\slash", " 日本"]
+"""The texts of the ``escaped`` script's tokens, each sent JSON-escaped as ``json.dumps`` does
+(non-ASCII as ``\\u`` escapes), the "/" as ``\\/``."""
+
 _SCRIPT = re.compile(r"script=([a-z_]+)(?::([A-Za-z0-9_]+))?")
 _scrapes = 0
 
@@ -95,9 +102,12 @@ async def _filler(size: int, end: bytes = b"") -> AsyncIterator[bytes]:
         yield end
 
 
-async def _events(frames: list[bytes]) -> AsyncIterator[bytes]:
-    for frame in frames:
+async def _events(frames: list[bytes], stall_after: int = -1, stall_s: float = 0.0
+                  ) -> AsyncIterator[bytes]:
+    for i, frame in enumerate(frames):
         yield frame
+        if i == stall_after:
+            await asyncio.sleep(stall_s)
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -118,6 +128,15 @@ async def completions(request: Request) -> Response:
         frames.append(_event(BAD_PAYLOADS[arg]))
         frames.append(_event("[DONE]"))
         return StreamingResponse(_events(frames), **sse)
+    if name == "stall":
+        return StreamingResponse(_events(_normal(chat), 0, int(arg) / 1000), **sse)
+    if name == "escaped":
+        texts = [_event(_chunk(chat, text=t).replace("a/b", "a\\/b")) for t in ESCAPED]
+        return StreamingResponse(_events([*texts, *_normal(chat)[2:]]), **sse)
+    if name == "bad_templated":
+        good = [_event(_chunk(chat, text=t)) for t in ("hello", " world")]
+        bad = _event(_chunk(chat, text="bad\x01")).replace(b"\\u0001", b"\x01")
+        return StreamingResponse(_events([*good, bad, *_normal(chat)[2:]]), **sse)
     if name == "finish":
         return StreamingResponse(_events(_normal(chat, arg)), **sse)
     if name == "error_body":

@@ -16,7 +16,7 @@ async def _pieces(*pieces: bytes) -> AsyncIterator[bytes]:
 
 
 async def _lines(*pieces: bytes, limit: int = 1 << 20) -> list[bytes]:
-    return [line async for line in bounded_lines(_pieces(*pieces), limit)]
+    return [line async for lines in bounded_lines(_pieces(*pieces), limit) for line in lines]
 
 
 async def test_lines_end_at_lf_crlf_or_cr_wherever_the_pieces_split() -> None:

@@ -172,3 +172,89 @@ fix, so a bad install fails here and not as a crash loop. The schema cannot say 
 {{- .Values.autoscaling.maxReplicas | int }}
 {{- end }}
 {{- end }}
+
+{{/* Millicores of a CPU quantity (2, 1.5, "2", "1500m"); 0 for none or one it cannot read. */}}
+{{- define "chatfleet.cpuMillis" -}}
+{{- $q := toString (default "" .) -}}
+{{- if hasSuffix "m" $q }}
+{{- trimSuffix "m" $q | int }}
+{{- else }}
+{{- mulf (float64 $q) 1000 | ceil | int }}
+{{- end }}
+{{- end }}
+
+{{/* A CPU quantity as a count of cores, or fail saying which value to fix. */}}
+{{- define "chatfleet.gatewayCpuCores" -}}
+{{- $millis := include "chatfleet.cpuMillis" .cpu | int }}
+{{- if le $millis 0 }}
+{{- fail (printf "%s (%v) is no CPU quantity the chart can count cores in: give it as cores (2) or millicores (1500m)" .name .cpu) }}
+{{- end }}
+{{- divf $millis 1000 }}
+{{- end }}
+
+{{/* The gateway's worker processes: gateway.workers, or with auto what the gateway's own auto
+would take from a CPU limit (its whole cores, at least 1), else one per core of the CPU request
+(rounded up), else 2. The chart resolves auto itself: it sets no CPU limit by default, and the
+gateway's auto would then see the whole node. */}}
+{{- define "chatfleet.gatewayWorkers" -}}
+{{- $gw := .Values.gateway -}}
+{{- if eq (toString $gw.workers) "auto" }}
+{{- $workers := 2 }}
+{{- with dig "limits" "cpu" "" $gw.resources }}
+{{- $workers = include "chatfleet.gatewayCpuCores" (dict "cpu" . "name" "gateway.resources.limits.cpu") | float64 | floor | int | max 1 }}
+{{- else }}
+{{- with dig "requests" "cpu" "" $gw.resources }}
+{{- $workers = include "chatfleet.gatewayCpuCores" (dict "cpu" . "name" "gateway.resources.requests.cpu") | float64 | ceil | int }}
+{{- end }}
+{{- end }}
+{{- if gt $workers 64 }}
+{{- fail (printf "gateway.workers is auto and the gateway's CPU makes %d workers, more than the 64 a pod may run: set gateway.workers to a number (docs/operations.md#gateway-workers sizes it)" $workers) }}
+{{- end }}
+{{- $workers }}
+{{- else }}
+{{- $gw.workers | int }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway container's resources: gateway.resources, completed from the workers. CPU: the
+request given, else one core per worker (a worker is one event loop), never above a given limit;
+no limit unless given. Memory: neither given, 256Mi per worker plus 256Mi for the supervisor as
+the request and twice that as the limit; one given, the other equal to it. */}}
+{{- define "chatfleet.gatewayResources" -}}
+{{- $workers := include "chatfleet.gatewayWorkers" . | int -}}
+{{- $given := .Values.gateway.resources -}}
+{{- $requests := deepCopy (default dict $given.requests) -}}
+{{- $limits := deepCopy (default dict $given.limits) -}}
+{{- if not $requests.cpu }}
+{{- $_ := set $requests "cpu" (toString $workers) }}
+{{- end }}
+{{- with $limits.cpu }}
+{{- $limitCores := include "chatfleet.gatewayCpuCores" (dict "cpu" . "name" "gateway.resources.limits.cpu") | float64 }}
+{{- if lt $limitCores (float64 $workers) }}
+{{- if ne (toString $.Values.gateway.workers) "auto" }}
+{{- fail (printf "gateway.resources.limits.cpu (%v) is below gateway.workers (%d) cores: each worker is an event loop that may use a whole core, and a CPU limit under that throttles them all (stalled streams). Raise the limit to %d, remove it, or lower gateway.workers" . $workers $workers) }}
+{{- end }}
+{{- if not (dig "requests" "cpu" "" $given) }}
+{{- $_ := set $requests "cpu" . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (not $requests.memory) (not $limits.memory) }}
+{{- $_ := set $requests "memory" (printf "%dMi" (mul 256 (add1 $workers))) }}
+{{- $_ := set $limits "memory" (printf "%dMi" (mul 512 (add1 $workers))) }}
+{{- else if not $requests.memory }}
+{{- $_ := set $requests "memory" $limits.memory }}
+{{- else if not $limits.memory }}
+{{- $_ := set $limits "memory" $requests.memory }}
+{{- end }}
+{{- toYaml (dict "requests" $requests "limits" $limits) }}
+{{- end }}
+
+{{/* Refuse admission values the gateway would refuse at start (AdmissionSettings), with the fix. */}}
+{{- define "chatfleet.validateAdmission" -}}
+{{- $reserved := .Values.gateway.admission.interactiveReservedSlots -}}
+{{- $slots := include "chatfleet.engineSlots" . | int -}}
+{{- if and (not (kindIs "invalid" $reserved)) (ge (int $reserved) $slots) }}
+{{- fail (printf "gateway.admission.interactiveReservedSlots (%d) must be smaller than the engine slots (%d: gateway.admission.engineSlots, else engine.maxNumSeqs), or batch requests could never run: lower it" (int $reserved) $slots) }}
+{{- end }}
+{{- end }}

@@ -32,6 +32,7 @@ from chatfleet.engines.base import (
 )
 from chatfleet.engines.upstream_wire import (
     MAX_ERROR_BODY_BYTES,
+    ContentTemplate,
     bounded_lines,
     finish_reason,
     parse_chunk,
@@ -164,7 +165,7 @@ class OpenAICompatEngine:
                     if 400 <= response.status_code < 500 and response.status_code != 429:
                         raise EngineRequestRejected(message, status=response.status_code)
                     raise EngineUnavailable(message)
-                async for delta in self._deltas(response):
+                async for delta in self._deltas(response, request.is_chat):
                     yield delta
         except EngineError:
             raise
@@ -175,26 +176,46 @@ class OpenAICompatEngine:
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"engine connection failed mid-request: {exc!r}") from exc
 
-    async def _deltas(self, response: httpx.Response) -> AsyncIterator[GenerationDelta]:
+    async def _deltas(self, response: httpx.Response, chat: bool) -> AsyncIterator[GenerationDelta]:
         """The deltas of an SSE stream; what is not OpenAI's stream (upstream_wire) raises
-        EngineBadData."""
+        EngineBadData.
+
+        The text of all the chunks that arrived in one read is one delta (``tokens``: how many
+        chunks): when the gateway or its client falls behind, it relays what is waiting as one
+        event instead of one per token, in order, nothing dropped. Plain text chunks after the
+        first are read by their bytes (``ContentTemplate``), the others parsed in full."""
         reason: str | None = None
         usage: Usage | None = None
-        async for line in bounded_lines(response.aiter_raw()):
-            if not line.startswith(b"data:"):
+        template = ContentTemplate(chat=chat)
+        async for lines in bounded_lines(response.aiter_raw()):
+            texts: list[str] = []
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                text = template.text(data)
+                if text is not None:
+                    texts.append(text)
+                    continue
+                if data == b"[DONE]":
+                    break
+                chunk = parse_chunk(data)
+                for choice in chunk.choices or ():
+                    text = choice.delta.content if choice.delta is not None else choice.text
+                    if text:
+                        texts.append(text)
+                    if choice.finish_reason:
+                        reason = choice.finish_reason
+                if chunk.usage is not None:
+                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                template.learn(data, chunk, text)
+            else:
+                if texts:
+                    yield GenerationDelta(texts[0] if len(texts) == 1 else "".join(texts), tokens=len(texts))
                 continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = parse_chunk(data)
-            for choice in chunk.choices or ():
-                text = choice.delta.content if choice.delta is not None else choice.text
-                if text:
-                    yield GenerationDelta(text)
-                if choice.finish_reason:
-                    reason = choice.finish_reason
-            if chunk.usage is not None:
-                usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+            if texts:  # [DONE] ended this read
+                yield GenerationDelta("".join(texts), tokens=len(texts))
+            break
         else:
             raise EngineUnavailable("engine closed the stream before it finished")
         if reason is None:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, get_args
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatfleet.engines.base import (
@@ -26,8 +27,8 @@ from chatfleet.engines.base import (
     FinishReason,
 )
 
-__all__ = ["MAX_ERROR_BODY_BYTES", "MAX_LINE_BYTES", "StreamChunk", "bounded_lines",
-           "finish_reason", "parse_chunk", "read_at_most"]
+__all__ = ["MAX_ERROR_BODY_BYTES", "MAX_LINE_BYTES", "ContentTemplate", "StreamChunk",
+           "bounded_lines", "finish_reason", "parse_chunk", "read_at_most"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,80 @@ def parse_chunk(data: bytes) -> StreamChunk:
     return chunk
 
 
+class ContentTemplate:
+    """The bytes of one stream's plain text chunks around their text, learnt from one of them, so
+    that the next ones are read without parsing the whole chunk.
+
+    An engine renders every token chunk of a stream alike: the same id, created, model and fields,
+    only the text differs. Once a chunk with exactly one choice, text and nothing else that
+    matters (no finish reason, usage or error) has been parsed and checked (``parse_chunk``), its
+    bytes before and after the text are kept; a later payload with that prefix and suffix is the
+    same chunk with another text, and only its text is decoded (orjson, a JSON string: escapes,
+    UTF-8 and control characters checked as the full parse checks them). Anything else (the role
+    chunk, the finish, usage, errors, another shape) returns None from ``text`` and is parsed in
+    full. A chunk whose key is ambiguous (two ``"content":"``) teaches nothing.
+    """
+
+    __slots__ = ("_key", "_prefix", "_suffix", "_trimmed")
+
+    def __init__(self, *, chat: bool) -> None:
+        self._key = b'"content":"' if chat else b'"text":"'
+        self._prefix = b""
+        self._suffix = b""
+        self._trimmed = 0
+        """len(prefix) + len(suffix); 0 until a chunk was learnt."""
+
+    def text(self, data: bytes) -> str | None:
+        """The text of ``data`` if it is the learnt chunk with another text, else None."""
+        trimmed = self._trimmed
+        if (not trimmed or len(data) <= trimmed or not data.startswith(self._prefix)
+                or not data.endswith(self._suffix)):
+            return None
+        try:
+            text = orjson.loads(b'"' + data[len(self._prefix):len(data) - len(self._suffix)] + b'"')
+        except orjson.JSONDecodeError:
+            return None  # a quote in the middle (another shape) or a bad string: parse in full
+        return text if text else None
+
+    def learn(self, data: bytes, chunk: StreamChunk, text: str | None) -> None:
+        """Keep ``data``'s bytes around its text, if ``chunk`` (parsed from it) is a plain text
+        chunk whose text ``text`` sits in exactly one place a changed text can take."""
+        if self._trimmed or not text or chunk.usage is not None or not chunk.choices:
+            return
+        if len(chunk.choices) != 1 or chunk.choices[0].finish_reason is not None:
+            return
+        start = data.find(self._key)
+        if start < 0 or data.find(self._key, start + 1) >= 0:
+            return
+        start += len(self._key)
+        end = start
+        while True:  # the closing quote: one not escaped by an odd run of backslashes
+            end = data.find(b'"', end)
+            if end < 0:
+                return
+            run = 0
+            while data[end - 1 - run] == 0x5C:  # a backslash
+                run += 1
+            if run % 2 == 0:
+                break
+            end += 1
+        prefix, suffix = data[:start], data[end:]
+        try:  # the text found is the one parsed, and a probe text in its place is read as text
+            if orjson.loads(b'"' + data[start:end] + b'"') != text:
+                return
+            probe = parse_chunk(prefix + b"probe" + suffix)
+        except (orjson.JSONDecodeError, EngineError):
+            return
+        choice = probe.choices[0] if probe.choices and len(probe.choices) == 1 else None
+        if choice is None or _text_of(choice) != "probe" or choice.finish_reason is not None:
+            return
+        self._prefix, self._suffix, self._trimmed = prefix, suffix, len(prefix) + len(suffix)
+
+
+def _text_of(choice: _Choice) -> str | None:
+    return choice.delta.content if choice.delta is not None else choice.text
+
+
 _OPENAI_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
 
 
@@ -122,10 +197,12 @@ def finish_reason(reason: str) -> FinishReason:
 
 
 async def bounded_lines(chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_LINE_BYTES
-                        ) -> AsyncIterator[bytes]:
-    """The lines (without their ends: LF, CRLF or CR, as SSE has them) of a byte stream, never
-    holding more than ``max_line_bytes`` of one line: a longer one is EngineBadData. A last line
-    without an end is dropped (an SSE event is complete only at its end)."""
+                        ) -> AsyncIterator[list[bytes]]:
+    """The lines (without their ends: LF, CRLF or CR, as SSE has them) of a byte stream, a list
+    per piece read that ends at least one line, never holding more than ``max_line_bytes`` of one
+    line: a longer one is EngineBadData. A last line without an end is dropped (an SSE event is
+    complete only at its end). One list per read lets the caller relay all the events that
+    arrived together as one (``openai_compat``): a gateway that fell behind catches up."""
     too_long = f"a stream line is longer than {max_line_bytes} bytes"
     pending = bytearray()  # an unended line, grown in place: a line sent a byte at a time
     async for piece in chunks:  # costs linear time, not quadratic
@@ -137,10 +214,11 @@ async def bounded_lines(chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_
         data = bytes(pending) + piece if pending else piece
         lines = data.splitlines()
         pending = bytearray(lines.pop() if data[-1:] not in (b"\n", b"\r") else b"")
-        if len(pending) > max_line_bytes or any(len(line) > max_line_bytes for line in lines):
+        if len(pending) > max_line_bytes or (len(data) > max_line_bytes
+                                             and any(len(line) > max_line_bytes for line in lines)):
             raise _bad(too_long)
-        for line in lines:
-            yield line
+        if lines:
+            yield lines
 
 
 async def read_at_most(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes, bool]:

@@ -55,8 +55,8 @@ class IngestBusy(Exception):
 
     def __init__(self, running: int, waiting: int) -> None:
         super().__init__(f"{running} ingestions are running and {waiting} are waiting, the most "
-                         f"this replica takes (kb.max_queued_uploads); retry in "
-                         f"{self.retry_after_s} s")
+                         f"this gateway process takes (kb.max_queued_uploads, per worker "
+                         f"process); retry in {self.retry_after_s} s")
 
 
 class IngestStopped(Exception):

@@ -141,6 +141,8 @@ class _Tracker:
                 engine.observe(now - self.granted_at)
         else:
             self.series.itl.observe(now - self.last_token_at)
+        for _ in range(tokens - 1):  # relayed together (one event): no gap between them
+            self.series.itl.observe(0.0)
         self.last_token_at = now
         self.completion_tokens += tokens
 

@@ -1,29 +1,46 @@
-"""The embedded knowledge store: one process, everything under a data directory.
+"""The embedded knowledge store: everything under a data directory, shared by the gateway's
+worker processes.
 
 Layout of ``data_dir``: ``kb.sqlite3`` (knowledge bases, files with their original bytes, chunks
-with their embeddings) and nothing else; it is the one source of truth and every change is one
-SQLite transaction, so a crash leaves a KB either before or after an upload. The indexes are kept
-in memory and rebuilt from it at start (``tests`` and docs/benchmarks.md give the time for 20k
-chunks): a ``Bm25Index`` of each chunk's terms (``rag/lexical.py``'s analyzer over its text and
-headings; made anew at every start, so a changed analyzer needs no migration) and, once a KB has
-embeddings, a FAISS inner-product index over unit vectors (``IndexIDMap2(IndexFlatIP)``: exact
-search, and vectors can be read back for ``distances``). Both are updated in place on every
-upload or delete, never rebuilt per query.
+with their embeddings, and a log of which files changed) and ``kb.lock`` (held while a process
+creates or migrates the schema at start); the database is the one source of truth and every
+change is one SQLite transaction, so a crash leaves a KB either before or after an upload. The
+indexes are kept in each process's memory: a ``Bm25Index`` of each chunk's terms
+(``rag/lexical.py``'s analyzer over its text and headings; made anew at every start, so a changed
+analyzer needs no migration) and, once a KB has embeddings, a FAISS inner-product index over unit
+vectors (``IndexIDMap2(IndexFlatIP)``: exact search, and vectors can be read back for
+``distances``). Both are updated in place, file by file, never rebuilt per query.
+
+Several processes (``chatfleet serve --workers N``) share one ``data_dir``. Every write records
+the KB or file it changed in ``change_log`` in its own transaction (``BEGIN IMMEDIATE``: writers
+of all processes take turns on SQLite's write lock, waiting up to ``_BUSY_TIMEOUT_S``, and check
+the KB, the file's revision and the embedding dimension inside it, so ``FileChanged`` and the
+other refusals hold across processes). Before every search, and as each of its own writes
+commits, a process catches up (``_catch_up``): ``PRAGMA data_version`` (2 us alone, 10-50 us
+added to a search: docs/architecture.md) says whether any other connection committed since it
+last looked; if so it reads the log past the position it applied and reloads just the files (or
+KBs) named there, moving only the chunks that changed. So a write acknowledged by one process
+is seen by the next search of every other, with no delay. Listings and downloads read SQLite
+directly. The log keeps its last ``_CHANGE_LOG_KEEP`` entries; a process that fell further
+behind reloads everything (reusing the terms of unchanged chunks).
 
 Deletes give their space back to the file system: the file uses ``auto_vacuum = INCREMENTAL``
 (a file made before that is converted by one VACUUM at start), and after a delete the freed
 pages are vacuumed in turns of 8 MiB on the write connection, then the WAL is checkpointed
 and truncated (``_reclaim_space``).
 
-All SQLite, FAISS and BM25 work runs in worker threads, and three locks keep it apart:
+All SQLite, FAISS and BM25 work runs in worker threads, and four locks keep it apart:
 
 - writers (uploads, deletes, KB changes) take turns on the write connection (``_write_lock``);
   a file's chunks are tokenized and written to SQLite without stopping anything else;
-- searches share the in-memory indexes (a read-write lock), and a writer holds them alone only
-  for the moment it swaps a file's chunks in (a plain lock made concurrent searches queue behind
+- catching up (``_catch_up_lock``) is one thread at a time, on its own connection; it is the only
+  thing that changes the indexes, and a write commits under it, so its own chunks go in as it
+  commits, with the terms it already made;
+- searches share the in-memory indexes (a read-write lock), and catching up holds them alone only
+  for the moment it swaps files' chunks in (a plain lock made concurrent searches queue behind
   each other while each waited for the GIL: held 90% of the time at 32 concurrent searches,
   docs/benchmarks.md; and an upload held it for the whole SQLite write);
-- listings and downloads read through a second connection (``_read_lock``), which WAL mode lets
+- listings and downloads read through a further connection (``_read_lock``), which WAL mode lets
   read the last commit while a writer is in its transaction.
 FAISS runs one OpenMP thread: its searches are 20k-row scans, concurrency comes from requests,
 and with two threads on two busy cores a scan took twice as long (p95 28 ms against 1 ms).
@@ -32,6 +49,7 @@ and with two threads on two busy cores a scan took twice as long (p95 28 ms agai
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import sqlite3
@@ -88,7 +106,12 @@ CREATE TABLE IF NOT EXISTS chunk (
     seq INTEGER NOT NULL, text TEXT NOT NULL, metadata TEXT NOT NULL, embedding BLOB,
     FOREIGN KEY (kb, file_name) REFERENCES file(kb, file_name) ON DELETE CASCADE);
 CREATE INDEX IF NOT EXISTS chunk_by_file ON chunk (kb, file_name, seq);
+CREATE TABLE IF NOT EXISTS change_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kb TEXT NOT NULL, file_name TEXT);
 """
+"""``change_log``: one row per write that changed what searches see, ``file_name`` NULL when the
+KB itself was created or deleted. AUTOINCREMENT: ``seq`` (and a chunk's ``id``) is never reused,
+so a process's position in the log, and the chunk ids in its indexes, keep their meaning."""
 
 _MIGRATIONS = (
     ("file", "custom_docs", "ALTER TABLE file ADD COLUMN custom_docs INTEGER NOT NULL DEFAULT 0"),
@@ -103,6 +126,15 @@ _RECLAIM_MIN_PAGES = 256
 _RECLAIM_STEP_PAGES = 2048
 """Pages given back per turn on the write connection (8 MiB, about 10-40 ms), so that uploads
 and deletes wait for one turn, not for a whole large KB's space."""
+_BUSY_TIMEOUT_S = 60.0
+"""How long a connection waits for another process's write transaction (SQLite's busy timeout)
+before a write fails: a 20k-chunk upload's transaction takes about a second, and N worker
+processes' uploads queue for the one write lock."""
+_CHANGE_LOG_KEEP = 10_000
+"""Entries ``change_log`` keeps (a few hundred KB). A process further behind than that (one that
+served no knowledge-base request meanwhile) reloads every KB when it next catches up."""
+_PRUNE_EVERY = 100
+"""Writes between two prunings of ``change_log``."""
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -128,6 +160,11 @@ def _enable_reclaim(db: sqlite3.Connection, path: Path) -> None:
         return
     log.info("converted %s to incremental vacuum in %.1f s (once)", path,
              time.perf_counter() - started)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                           timeout=_BUSY_TIMEOUT_S)
 
 
 class _ReadWriteLock:
@@ -186,9 +223,12 @@ class _KbIndex:
 
     bm25: Bm25Index = field(default_factory=Bm25Index)
     vectors: Any = None
-    """faiss.IndexIDMap2 over IndexFlatIP, created with the first embedding's dimension."""
+    """faiss.IndexIDMap2 over IndexFlatIP, created with the first embedding's dimension (and
+    anew when a KB whose vectors were all removed gets vectors of another one)."""
     chunks: dict[int, StoredChunk] = field(default_factory=dict)
     tokens: dict[int, list[str]] = field(default_factory=dict)
+    files: dict[str, set[int]] = field(default_factory=dict)
+    """Each file's chunk ids."""
 
     def add(self, rows: Sequence[_Row]) -> None:
         with_vectors = [row for row in rows if row.vector is not None]
@@ -196,9 +236,11 @@ class _KbIndex:
             self.bm25.add(row.row_id, row.tokens)
             self.tokens[row.row_id] = row.tokens
             self.chunks[row.row_id] = row.chunk
+            self.files.setdefault(row.chunk.file_name, set()).add(row.row_id)
         if with_vectors:
-            if self.vectors is None:
-                self.vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(len(with_vectors[0].vector)))
+            dim = len(with_vectors[0].vector)
+            if self.vectors is None or (self.vectors.ntotal == 0 and self.vectors.d != dim):
+                self.vectors = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
             self.vectors.add_with_ids(
                 np.stack([row.vector for row in with_vectors]),
                 np.array([row.row_id for row in with_vectors], dtype=np.int64))
@@ -206,13 +248,78 @@ class _KbIndex:
     def remove(self, row_ids: Sequence[int]) -> None:
         for row_id in row_ids:
             self.bm25.remove(row_id, self.tokens.pop(row_id))
-            del self.chunks[row_id]
+            chunk = self.chunks.pop(row_id)
+            held = self.files[chunk.file_name]
+            held.discard(row_id)
+            if not held:
+                del self.files[chunk.file_name]
         if self.vectors is not None and row_ids:
             self.vectors.remove_ids(np.asarray(row_ids, dtype=np.int64))
+
+    def changes(self, file_name: str, rows: Sequence[_Row]) -> tuple[list[int], list[_Row]]:
+        """What turns this file's chunks here into ``rows`` (the file as stored now): the ids to
+        remove and the rows to add. A chunk whose text, metadata and vector are unchanged stays
+        (an edit keeps ids: only the edited chunks move)."""
+        stored = {row.row_id: row for row in rows}
+        stale = []
+        for row_id in self.files.get(file_name, ()):
+            row = stored.get(row_id)
+            if row is None or row.chunk != self.chunks[row_id] or not self._same_vector(row):
+                stale.append(row_id)
+        kept = set(self.files.get(file_name, ())).difference(stale)
+        return stale, [row for row in rows if row.row_id not in kept]
+
+    def _same_vector(self, row: _Row) -> bool:
+        try:
+            held = None if self.vectors is None else self.vectors.reconstruct(row.row_id)
+        except RuntimeError:  # no embedding for that chunk
+            held = None
+        if held is None or row.vector is None:
+            return held is None and row.vector is None
+        return bool(np.array_equal(held, row.vector))
 
 
 def _vector_bytes(embedding: Vector | None) -> bytes | None:
     return None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
+
+
+_CHUNK_COLUMNS = "id, file_name, seq, text, metadata, embedding"
+
+
+class _Write:
+    """One write transaction on the write connection: what it changed goes to ``change_log``,
+    and the rows it prepared (with their terms) to the indexes as it commits."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.prepared: dict[int, _Row] = {}
+
+    def changed(self, kb: str, file_name: str | None = None) -> None:
+        seq = self.db.execute("INSERT INTO change_log (kb, file_name) VALUES (?, ?)",
+                              (kb, file_name)).lastrowid
+        assert seq is not None
+        if seq > _CHANGE_LOG_KEEP and seq % _PRUNE_EVERY == 0:
+            self.db.execute("DELETE FROM change_log WHERE seq <= ?", (seq - _CHANGE_LOG_KEEP,))
+
+    def kb_uid(self, kb: str) -> str:
+        """The KB's uid, read in this transaction. Raises ``KnowledgeBaseNotFound``."""
+        row = self.db.execute("SELECT uid FROM kb WHERE name = ?", (kb,)).fetchone()
+        if row is None:
+            raise KnowledgeBaseNotFound(kb)
+        return row[0]
+
+    def check_dimension(self, kb: str, file_name: str, dims: set[int]) -> None:
+        """Raise ValueError when the KB's other files hold embeddings of another dimension (as
+        the pgvector store does)."""
+        if not dims:
+            return
+        row = self.db.execute(
+            "SELECT length(embedding) FROM chunk WHERE kb = ? AND file_name <> ? "
+            "AND embedding IS NOT NULL LIMIT 1", (kb, file_name)).fetchone()
+        if row is not None and row[0] // 4 not in dims:
+            raise ValueError(
+                f"embeddings of dimension {dims.pop()} cannot join knowledge base '{kb}', whose "
+                f"vectors have dimension {row[0] // 4}: recreate its vector store")
 
 
 class LocalStore:
@@ -224,14 +331,20 @@ class LocalStore:
         self._data_dir = data_dir
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._watch: sqlite3.Connection | None = None
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._catch_up_lock = threading.Lock()
         self._indexes_lock = _ReadWriteLock()
         self._indexes: dict[str, _KbIndex] = {}
+        self._data_version: int | None = None
+        """``PRAGMA data_version`` of ``_watch`` when this process last caught up."""
+        self._applied = -1
+        """The last ``change_log`` seq the indexes reflect; -1 before the first load."""
 
     async def _write(self, work: Callable[[], T]) -> T:
-        """``work`` in a worker thread, after the writers before it; it may use ``db`` and change
-        indexes, but only inside ``self._indexes_lock.writing()``."""
+        """``work`` in a worker thread, after this process's writers before it; it may use
+        ``db`` and ``_transaction``."""
         def locked() -> T:
             with self._write_lock:
                 return work()
@@ -247,8 +360,10 @@ class LocalStore:
         return await asyncio.to_thread(locked)
 
     async def _search(self, work: Callable[[], T]) -> T:
-        """``work`` in a worker thread, beside other searches (it only reads the indexes)."""
+        """``work`` in a worker thread, once the indexes have every commit made before it (by
+        any process), beside other searches (it only reads the indexes)."""
         def locked() -> T:
+            self._catch_up()
             with self._indexes_lock.reading():
                 return work()
         return await asyncio.to_thread(locked)
@@ -260,49 +375,163 @@ class LocalStore:
             raise RuntimeError("LocalStore.start() was not called")
         return self._db
 
+    @contextmanager
+    def _transaction(self) -> Iterator[_Write]:
+        """A write transaction (inside ``_write``). ``BEGIN IMMEDIATE`` takes SQLite's write
+        lock at once, so what it reads (the KB's uid, the file's revision) no other process
+        changes before it commits; the commit and its catching up are one step, so no search
+        of this process sees the commit before its own chunks are in."""
+        write = _Write(self.db)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield write
+            with self._catch_up_lock:
+                self.db.execute("COMMIT")
+                self._catch_up_locked(write.prepared)
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
     async def start(self) -> None:
         faiss.omp_set_num_threads(1)
 
         def open_and_load() -> None:
             self._data_dir.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-            db.executescript(_SCHEMA)
-            _migrate(db)
-            _enable_reclaim(db, self._path)
+            # Processes starting together take turns: a migration or the VACUUM of
+            # ``_enable_reclaim`` checks, then changes, what another might be changing.
+            with open(self._data_dir / "kb.lock", "a") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                db = _connect(self._path)
+                db.executescript(_SCHEMA)
+                _migrate(db)
+                _enable_reclaim(db, self._path)
             self._db = db
-            self._reader = sqlite3.connect(self._path, check_same_thread=False,
-                                           isolation_level=None)
-            for (name,) in db.execute("SELECT name FROM kb").fetchall():
-                self._indexes[name] = self._load_kb(name)
+            self._reader = _connect(self._path)
+            self._watch = _connect(self._path)
+            self._catch_up()
         await self._write(open_and_load)
-
-    def _load_kb(self, kb: str) -> _KbIndex:
-        index = _KbIndex()
-        rows = self.db.execute(
-            "SELECT id, file_name, seq, text, metadata, embedding FROM chunk WHERE kb = ? "
-            "ORDER BY id", (kb,))
-        chunks = [(row_id, StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
-                                       text=text, metadata=json.loads(metadata)), embedding)
-                  for row_id, file_name, seq, text, metadata, embedding in rows]
-        index.add([_Row(row_id=row_id, chunk=chunk,
-                        tokens=self._analyzer.chunk_terms(chunk.text, chunk.metadata),
-                        vector=None if embedding is None else np.frombuffer(embedding, np.float32))
-                   for row_id, chunk, embedding in chunks])
-        return index
 
     async def aclose(self) -> None:
         def close() -> None:
-            for connection in (self._db, self._reader):
-                if connection is not None:
-                    connection.close()
-            self._db = self._reader = None
+            with self._catch_up_lock:
+                for connection in (self._db, self._reader, self._watch):
+                    if connection is not None:
+                        connection.close()
+                self._db = self._reader = self._watch = None
         await self._write(close)
+
+    def _catch_up(self) -> None:
+        """Bring the indexes up to the last commit of any process (see the module's doc)."""
+        with self._catch_up_lock:
+            self._catch_up_locked({})
+
+    def _catch_up_locked(self, prepared: Mapping[int, _Row]) -> None:
+        watch = self._watch
+        if watch is None:
+            raise RuntimeError("LocalStore.start() was not called")
+        version = watch.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return
+        watch.execute("BEGIN")
+        try:
+            # Two statements: SQLite answers a lone min() or max() from the index's end, both
+            # together by a scan of the log.
+            head = watch.execute("SELECT coalesce(max(seq), 0) FROM change_log").fetchone()[0]
+            oldest = watch.execute("SELECT min(seq) FROM change_log").fetchone()[0]
+            if head == self._applied:
+                pass
+            elif self._applied < 0 or (oldest is not None and oldest > self._applied + 1):
+                kbs = {name: self._load_kb(watch, name, prepared)
+                       for (name,) in watch.execute("SELECT name FROM kb").fetchall()}
+                with self._indexes_lock.writing():
+                    self._indexes = kbs
+            else:
+                self._apply_log(watch, head, prepared)
+            self._applied = head
+        finally:
+            watch.execute("COMMIT")
+        # The version read before the snapshot: a commit made in between is in the snapshot
+        # and read again (as nothing new) next time, never missed.
+        self._data_version = version
+
+    def _apply_log(self, watch: sqlite3.Connection, head: int,
+                   prepared: Mapping[int, _Row]) -> None:
+        """Reload what the log names past ``_applied``: a KB created or deleted there wholly,
+        each other named file by itself. Read and analyzed first, then swapped in at once."""
+        entries = watch.execute(
+            "SELECT DISTINCT kb, file_name FROM change_log WHERE seq > ? AND seq <= ?",
+            (self._applied, head)).fetchall()
+        whole = {kb for kb, file_name in entries if file_name is None or kb not in self._indexes}
+        kbs = {kb: (self._load_kb(watch, kb, prepared) if watch.execute(
+                    "SELECT 1 FROM kb WHERE name = ?", (kb,)).fetchone() else None)
+               for kb in whole}
+        files = {(kb, file_name): self._file_rows(watch, kb, file_name, prepared)
+                 for kb, file_name in entries if kb not in whole}
+        changes = [(self._indexes[kb], *self._indexes[kb].changes(file_name, rows))
+                   for (kb, file_name), rows in files.items()]
+        with self._indexes_lock.writing():
+            for kb, index in kbs.items():
+                if index is None:
+                    self._indexes.pop(kb, None)
+                else:
+                    self._indexes[kb] = index
+            # All removals first: a file replaced by vectors of another dimension empties the
+            # FAISS index before the new ones go in.
+            for index, stale, _ in changes:
+                index.remove(stale)
+            for index, _, fresh in changes:
+                index.add(fresh)
+
+    def _file_rows(self, db: sqlite3.Connection, kb: str, file_name: str,
+                   prepared: Mapping[int, _Row]) -> list[_Row]:
+        """A file's chunks as stored now (none once it is deleted): this process's own write
+        hands them over ready (``prepared``), anything else is read back."""
+        ids = [row_id for (row_id,) in db.execute(
+            "SELECT id FROM chunk WHERE kb = ? AND file_name = ? ORDER BY id", (kb, file_name))]
+        if all(row_id in prepared for row_id in ids):
+            return [prepared[row_id] for row_id in ids]
+        return self._rows(kb, db.execute(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunk WHERE kb = ? AND file_name = ? ORDER BY id",
+            (kb, file_name)), prepared)
+
+    def _load_kb(self, db: sqlite3.Connection, kb: str, prepared: Mapping[int, _Row]) -> _KbIndex:
+        index = _KbIndex()
+        index.add(self._rows(kb, db.execute(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunk WHERE kb = ? ORDER BY id", (kb,)), prepared))
+        return index
+
+    def _rows(self, kb: str, rows: Iterator[tuple[Any, ...]],
+              prepared: Mapping[int, _Row]) -> list[_Row]:
+        """Stored chunks ready for the indexes. Terms are made anew only for chunks the
+        indexes lack, or hold with another text or metadata (an edit keeps ids)."""
+        known = self._indexes.get(kb)
+        out: list[_Row] = []
+        for row_id, file_name, seq, text, metadata, embedding in rows:
+            chunk = StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq, text=text,
+                                metadata=json.loads(metadata))
+            ready = prepared.get(row_id)
+            if ready is not None and ready.chunk == chunk:
+                out.append(ready)
+                continue
+            held = None if known is None else known.chunks.get(row_id)
+            tokens = (known.tokens[row_id] if known is not None and held == chunk
+                      else self._analyzer.chunk_terms(text, chunk.metadata))
+            out.append(_Row(row_id=row_id, chunk=chunk, tokens=tokens,
+                            vector=None if embedding is None
+                            else np.frombuffer(embedding, np.float32)))
+        return out
 
     def _index(self, kb: str) -> _KbIndex:
         index = self._indexes.get(kb)
         if index is None:
             raise KnowledgeBaseNotFound(kb)
         return index
+
+    @staticmethod
+    def _check_kb(db: sqlite3.Connection, kb: str) -> None:
+        if db.execute("SELECT 1 FROM kb WHERE name = ?", (kb,)).fetchone() is None:
+            raise KnowledgeBaseNotFound(kb)
 
     def _kb_record(self, db: sqlite3.Connection, kb: str) -> KnowledgeBaseRecord | None:
         row = db.execute(
@@ -327,27 +556,25 @@ class LocalStore:
 
     async def create_kb(self, kb: str, *, info: str, embed_model: str) -> KnowledgeBaseRecord:
         def work() -> KnowledgeBaseRecord:
-            try:
-                self.db.execute("INSERT INTO kb (name, info, embed_model, created_at, uid) "
-                                "VALUES (?, ?, ?, ?, ?)",
-                                (kb, info, embed_model, time.time(), uuid.uuid4().hex))
-            except sqlite3.IntegrityError:
-                raise KnowledgeBaseExists(kb) from None
-            with self._indexes_lock.writing():
-                self._indexes[kb] = _KbIndex()
-            record = self._kb_record(self.db, kb)
+            with self._transaction() as write:
+                try:
+                    write.db.execute("INSERT INTO kb (name, info, embed_model, created_at, uid) "
+                                     "VALUES (?, ?, ?, ?, ?)",
+                                     (kb, info, embed_model, time.time(), uuid.uuid4().hex))
+                except sqlite3.IntegrityError:
+                    raise KnowledgeBaseExists(kb) from None
+                write.changed(kb)
+                record = self._kb_record(write.db, kb)
             assert record is not None
             return record
         return await self._write(work)
 
     async def delete_kb(self, kb: str) -> None:
         def work() -> None:
-            self._index(kb)
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.execute("DELETE FROM kb WHERE name = ?", (kb,))
-            with self._indexes_lock.writing():
-                del self._indexes[kb]
+            with self._transaction() as write:
+                if not write.db.execute("DELETE FROM kb WHERE name = ?", (kb,)).rowcount:
+                    raise KnowledgeBaseNotFound(kb)
+                write.changed(kb)
         await self._write(work)
         await self._reclaim_space()
 
@@ -372,8 +599,10 @@ class LocalStore:
 
     async def update_kb_info(self, kb: str, info: str) -> None:
         def work() -> None:
-            self._index(kb)
-            self.db.execute("UPDATE kb SET info = ? WHERE name = ?", (info, kb))
+            with self._transaction() as write:
+                if not write.db.execute("UPDATE kb SET info = ? WHERE name = ?",
+                                        (info, kb)).rowcount:
+                    raise KnowledgeBaseNotFound(kb)
         await self._write(work)
 
     @staticmethod
@@ -397,32 +626,29 @@ class LocalStore:
 
     async def list_files(self, kb: str) -> list[FileRecord]:
         def work(db: sqlite3.Connection) -> list[FileRecord]:
-            self._index(kb)
+            self._check_kb(db, kb)
             return self._file_records(db, kb)
         return await self._read(work)
 
     async def get_file(self, kb: str, file_name: str) -> bytes | None:
         def work(db: sqlite3.Connection) -> bytes | None:
-            self._index(kb)
+            self._check_kb(db, kb)
             row = db.execute("SELECT content FROM file WHERE kb = ? AND file_name = ?",
                              (kb, file_name)).fetchone()
             return None if row is None else row[0]
         return await self._read(work)
 
-    def _chunk_ids(self, kb: str, file_name: str) -> list[int]:
-        return [row_id for (row_id,) in self.db.execute(
-            "SELECT id FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))]
-
-    def _check_replaces(self, kb: str, record: FileRecord) -> None:
+    @staticmethod
+    def _check_replaces(write: _Write, kb: str, record: FileRecord) -> None:
         """Raise unless the KB and the file are still those ``record`` was read from (inside
         the write's transaction)."""
-        row = self.db.execute(
-            "SELECT k.uid, f.revision FROM kb k LEFT JOIN file f ON f.kb = k.name "
-            "AND f.file_name = ? WHERE k.name = ?", (record.file_name, kb)).fetchone()
-        if row is None or row[0] != record.kb_uid:
+        if write.kb_uid(kb) != record.kb_uid:
             raise KnowledgeBaseNotFound(kb)
-        if row[1] != record.revision:
-            raise FileChanged(record.file_name, deleted=row[1] is None)
+        row = write.db.execute("SELECT revision FROM file WHERE kb = ? AND file_name = ?",
+                               (kb, record.file_name)).fetchone()
+        revision = None if row is None else row[0]
+        if revision != record.revision:
+            raise FileChanged(record.file_name, deleted=revision is None)
 
     async def put_file(self, kb: str, file_name: str, content: bytes, chunks: Sequence[ChunkDraft],
                        *, loader: str, splitter: str, custom_docs: bool = False,
@@ -432,21 +658,16 @@ class LocalStore:
             raise ValueError(f"chunks of one file have embeddings of different dimensions {dims}")
 
         def work() -> FileRecord:
-            index = self._index(kb)
-            if dims and index.vectors is not None and index.vectors.d not in dims:
-                raise ValueError(
-                    f"embeddings of dimension {dims.pop()} cannot join knowledge base '{kb}', "
-                    f"whose vectors have dimension {index.vectors.d}: recreate its vector store")
             tokens = [self._analyzer.chunk_terms(draft.text, draft.metadata) for draft in chunks]
             now = time.time()
-            rows: list[_Row] = []
-            with self.db:
-                self.db.execute("BEGIN")
+            with self._transaction() as write:
+                db = write.db
+                write.kb_uid(kb)
                 if replaces is not None:
-                    self._check_replaces(kb, replaces)
-                old_ids = self._chunk_ids(kb, file_name)
-                self.db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))
-                self.db.execute(
+                    self._check_replaces(write, kb, replaces)
+                write.check_dimension(kb, file_name, set(dims))
+                db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name))
+                db.execute(
                     "INSERT INTO file (kb, file_name, content, size, loader, splitter, version, "
                     "created_at, modified_at, custom_docs, revision) "
                     "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?) "
@@ -457,89 +678,80 @@ class LocalStore:
                     (kb, file_name, content, len(content), loader, splitter, now, now,
                      int(custom_docs), uuid.uuid4().hex))
                 for seq, draft in enumerate(chunks):
-                    cursor = self.db.execute(
+                    metadata = json.dumps(draft.metadata)
+                    row_id = db.execute(
                         "INSERT INTO chunk (kb, file_name, seq, text, metadata, embedding) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        (kb, file_name, seq, draft.text, json.dumps(draft.metadata),
-                         _vector_bytes(draft.embedding)))
-                    row_id = cursor.lastrowid
+                        (kb, file_name, seq, draft.text, metadata,
+                         _vector_bytes(draft.embedding))).lastrowid
                     assert row_id is not None
-                    rows.append(_Row(
+                    write.prepared[row_id] = _Row(
                         row_id=row_id, tokens=tokens[seq],
                         chunk=StoredChunk(id=str(row_id), kb=kb, file_name=file_name, seq=seq,
-                                          text=draft.text, metadata=dict(draft.metadata)),
+                                          text=draft.text, metadata=json.loads(metadata)),
                         vector=(None if draft.embedding is None
-                                else np.asarray(draft.embedding, dtype=np.float32))))
-            # Committed: the indexes follow, in one step no search sees half of.
-            with self._indexes_lock.writing():
-                index.remove(old_ids)
-                index.add(rows)
-            return self._file_records(self.db, kb, file_name)[0]
+                                else np.asarray(draft.embedding, dtype=np.float32)))
+                write.changed(kb, file_name)
+                record = self._file_records(db, kb, file_name)[0]
+            return record
         return await self._write(work)
 
     async def edit_chunks(self, kb: str, file_name: str,
                           edits: Mapping[str, ChunkDraft | None]) -> FileRecord:
         def work() -> FileRecord:
-            index = self._index(kb)
             dims = {len(d.embedding) for d in edits.values()
                     if d is not None and d.embedding is not None}
-            if dims and index.vectors is not None and index.vectors.d not in dims:
-                raise ValueError(
-                    f"embeddings of dimension {dims.pop()} cannot join knowledge base '{kb}', "
-                    f"whose vectors have dimension {index.vectors.d}: recreate its vector store")
-            rows: list[_Row] = []
-            with self.db:
-                self.db.execute("BEGIN")
-                seqs = dict(self.db.execute(
+            with self._transaction() as write:
+                db = write.db
+                write.kb_uid(kb)
+                write.check_dimension(kb, "", set(dims))
+                seqs = dict(db.execute(
                     "SELECT id, seq FROM chunk WHERE kb = ? AND file_name = ?", (kb, file_name)))
                 stale = [i for i in edits if not i.isdigit() or int(i) not in seqs]
                 if stale:
                     raise StaleChunks(file_name, stale)
                 for chunk_id, draft in edits.items():
                     if draft is None:
-                        self.db.execute("DELETE FROM chunk WHERE id = ?", (int(chunk_id),))
+                        db.execute("DELETE FROM chunk WHERE id = ?", (int(chunk_id),))
                         continue
-                    self.db.execute(
+                    metadata = json.dumps(draft.metadata)
+                    db.execute(
                         "UPDATE chunk SET text = ?, metadata = ?, embedding = ? WHERE id = ?",
-                        (draft.text, json.dumps(draft.metadata), _vector_bytes(draft.embedding),
-                         int(chunk_id)))
-                    rows.append(_Row(
+                        (draft.text, metadata, _vector_bytes(draft.embedding), int(chunk_id)))
+                    write.prepared[int(chunk_id)] = _Row(
                         row_id=int(chunk_id),
                         tokens=self._analyzer.chunk_terms(draft.text, draft.metadata),
                         chunk=StoredChunk(id=chunk_id, kb=kb, file_name=file_name,
                                           seq=seqs[int(chunk_id)], text=draft.text,
-                                          metadata=dict(draft.metadata)),
+                                          metadata=json.loads(metadata)),
                         vector=(None if draft.embedding is None
-                                else np.asarray(draft.embedding, dtype=np.float32))))
-                self.db.execute(
+                                else np.asarray(draft.embedding, dtype=np.float32)))
+                db.execute(
                     "UPDATE file SET custom_docs = 1, loader = ?, splitter = ?, "
                     "version = version + 1, modified_at = ?, revision = ? "
                     "WHERE kb = ? AND file_name = ?",
                     (CUSTOM_DOCS, CUSTOM_DOCS, time.time(), uuid.uuid4().hex, kb, file_name))
-            with self._indexes_lock.writing():
-                index.remove([int(chunk_id) for chunk_id in edits])
-                index.add(rows)
-            return self._file_records(self.db, kb, file_name)[0]
+                write.changed(kb, file_name)
+                record = self._file_records(db, kb, file_name)[0]
+            return record
         return await self._write(work)
 
     async def delete_file(self, kb: str, file_name: str, *, keep_content: bool = False) -> bool:
         def work() -> bool:
-            index = self._index(kb)
-            with self.db:
-                self.db.execute("BEGIN")
-                old_ids = self._chunk_ids(kb, file_name)
+            with self._transaction() as write:
+                db = write.db
+                write.kb_uid(kb)
                 if keep_content:
-                    self.db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?",
-                                    (kb, file_name))
-                    existed = self.db.execute(
+                    db.execute("DELETE FROM chunk WHERE kb = ? AND file_name = ?",
+                               (kb, file_name))
+                    existed = db.execute(
                         "UPDATE file SET revision = ? WHERE kb = ? AND file_name = ?",
                         (uuid.uuid4().hex, kb, file_name)).rowcount > 0
                 else:
-                    existed = self.db.execute(
+                    existed = db.execute(
                         "DELETE FROM file WHERE kb = ? AND file_name = ?",
                         (kb, file_name)).rowcount > 0
-            with self._indexes_lock.writing():
-                index.remove(old_ids)
+                write.changed(kb, file_name)
             return existed
         existed = await self._write(work)
         await self._reclaim_space()
@@ -548,7 +760,7 @@ class LocalStore:
     async def list_chunks(self, kb: str, file_name: str) -> list[StoredChunk]:
         def work() -> list[StoredChunk]:
             index = self._index(kb)
-            return sorted((c for c in index.chunks.values() if c.file_name == file_name),
+            return sorted((index.chunks[row_id] for row_id in index.files.get(file_name, ())),
                           key=lambda c: c.seq)
         return await self._search(work)
 
