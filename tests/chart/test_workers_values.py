@@ -93,9 +93,8 @@ def test_the_gateway_reads_the_worker_variables_the_chart_sets(monkeypatch: pyte
     settings = Settings()
     assert settings.admission.interactive_reserved_slots == 6
     assert settings.admission.reserved_for_interactive == 6
-    if hasattr(settings.server, "workers"):  # the setting lands with the gateway's --workers
-        assert settings.server.workers == 3
-        assert settings.server.worker_hang_timeout_s == 12.5
+    assert settings.server.workers == 3
+    assert settings.server.worker_hang_timeout_s == 12.5
 
 
 def test_interactive_reserved_slots_reach_the_gateway_only_when_set() -> None:
