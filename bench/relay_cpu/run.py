@@ -196,8 +196,9 @@ def peer_version(name: str) -> str | None:
 
 
 def start_gateway(name: str, stub_url: str, top: int, log_dir: Path,
-                  before_src: Path | None = None) -> tuple[Proc, str]:
-    """Start one gateway relaying to the stub; returns it and its OpenAI base URL once ready."""
+                  before_src: Path | None = None, workers: int = 1) -> tuple[Proc, str]:
+    """Start one gateway relaying to the stub; returns it and its OpenAI base URL once ready.
+    ``workers``: ChatFleet's worker processes (``server.workers``)."""
     port = free_port()
     base = f"http://{HOST}:{port}"
     if name in ("chatfleet", "chatfleet-before"):
@@ -215,6 +216,7 @@ def start_gateway(name: str, stub_url: str, top: int, log_dir: Path,
             "CHATFLEET_SERVER__HOST": HOST,
             "CHATFLEET_SERVER__PORT": str(port),
             "CHATFLEET_SERVER__LOG_LEVEL": "warning",
+            "CHATFLEET_SERVER__WORKERS": str(workers),
         }
         proc = Proc(name, [sys.executable, "-m", "chatfleet", "serve"], env, log_dir)
         proc.wait_ready(f"{base}/readyz", 60)
