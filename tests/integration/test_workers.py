@@ -83,6 +83,9 @@ def test_two_workers_serve_one_port_and_are_replaced_when_killed_or_hung(engine_
     text = gw.metrics()
     assert value(text, "chatfleet_requests_total", outcome="ok") == 4
     assert value(text, "chatfleet_completion_tokens_total") == 12
+    # the pod's exposition reads as one process's: the HELP texts dashboards show are ours
+    assert "# HELP chatfleet_queue_depth Requests waiting in the gateway's admission queue" in text
+    assert "Multiprocess metric" not in text
     replacement = (set(worker_pids(gw.proc.pid)) - {workers[1]}).pop()
 
     # a worker whose event loop stops (SIGSTOP: no heartbeat, though the socket still takes its

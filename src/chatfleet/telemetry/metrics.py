@@ -23,8 +23,8 @@ live processes' sum where each counts its own share (queue depth, requests runni
 coordinator in the supervisor counts them, the workers' stay 0), the live maximum where every
 process holds the same value or the pod's is "any" (engine slots, build info, ready: some worker
 serves; draining: some worker drains). A dead worker's gauges leave with it
-(``mark_process_dead``). In that mode every family's HELP text is prometheus-client's
-"Multiprocess metric"; names, types and labels are the same.
+(``mark_process_dead``). The files keep no HELP text; ``_PodCollector`` puts back this process's
+own, so a pod's exposition reads as a single process's.
 Labels are closed sets: model (one per process), route (the endpoint template), priority, outcome,
 reason (of an authentication refusal; never the key).
 docs/metrics.md documents every name; tests check that /metrics matches that page.
@@ -33,6 +33,7 @@ docs/metrics.md documents every name; tests check that /metrics matches that pag
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from enum import StrEnum
 
 from prometheus_client import (
@@ -44,6 +45,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
@@ -129,6 +132,24 @@ class WorkerRestartReason(StrEnum):
     """Its event loop sent no heartbeat for ``server.worker_hang_timeout_s``: killed, replaced."""
 
 
+class _PodCollector(Collector):
+    """Every process's files (``MultiProcessCollector``), with the HELP text of the metrics as
+    defined here: the files carry none, and prometheus-client would say "Multiprocess metric"."""
+
+    def __init__(self, path: str, definitions: CollectorRegistry) -> None:
+        self._files = MultiProcessCollector(None, path=path)
+        self._definitions = definitions
+        self._help: dict[str, str] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self._help is None:  # every metric is defined by the first scrape
+            self._help = {family.name: family.documentation
+                          for family in self._definitions.collect()}
+        for family in self._files.collect():
+            family.documentation = self._help.get(family.name, family.documentation)
+            yield family
+
+
 class GatewayMetrics:
     """The gateway's metrics. One instance per app; ``model`` is fixed for the process.
 
@@ -142,7 +163,7 @@ class GatewayMetrics:
         self.exposition = r
         if (shared := multiprocess_dir()) is not None:
             self.exposition = CollectorRegistry()
-            MultiProcessCollector(self.exposition, path=shared)
+            self.exposition.register(_PodCollector(shared, r))
 
         self.queue_depth = Gauge(
             "chatfleet_queue_depth",
