@@ -72,12 +72,13 @@ class IngestStopped(Exception):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class IngestLimits:
-    """Per-file and per-KB bounds (the ``kb.max_*`` settings of the same names)."""
+    """Per-file and per-KB bounds: the ``kb.max_*`` settings of the same names, whose defaults
+    live in settings.py only."""
 
-    max_file_text_chars: int = 20_000_000
-    max_file_chunks: int = 50_000
-    max_kb_chunks: int = 1_000_000
-    max_parse_s: float = 120.0
+    max_file_text_chars: int
+    max_file_chunks: int
+    max_kb_chunks: int
+    max_parse_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +121,12 @@ class Ingestor:
     ``max_waiting`` more wait, and beyond that ``IngestBusy``: uploads are bounded like chat
     requests, so a burst of them cannot pile up files in memory and on disk without limit."""
 
-    def __init__(self, store: KnowledgeStore, embedder: Embedder | None, *, workers: int = 1,
-                 max_waiting: int = 16, limits: IngestLimits | None = None,
+    def __init__(self, store: KnowledgeStore, embedder: Embedder | None, *, limits: IngestLimits,
+                 workers: int = 1, max_waiting: int = 16,
                  on_chunks: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.embedder = embedder
-        self.limits = limits or IngestLimits()
+        self.limits = limits
         self._pool = WorkerPool(workers, preload=__name__)
         self._on_chunks = on_chunks
         self._running = 2 * workers
