@@ -7,6 +7,7 @@ with the given CHATFLEET_* environment. Both are real subprocesses, stopped at t
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -27,6 +28,18 @@ def chat(max_tokens: int, **extra: object) -> dict:
     """A chat request body for engine-sim that generates exactly ``max_tokens`` tokens."""
     return {"model": SIM_MODEL, "messages": [{"role": "user", "content": "hello"}],
             "max_tokens": max_tokens, "ignore_eos": True, **extra}
+
+
+def streamed_tokens(sse: str) -> int:
+    """engine-sim's tokens (one word each) in the content of an SSE chat stream's data lines.
+
+    Words, not events: the gateway relays the tokens that reached it together as one event."""
+    tokens = 0
+    for line in sse.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices", ()):
+                tokens += len(((choice.get("delta") or {}).get("content") or "").split())
+    return tokens
 
 
 async def poll_until(predicate: Callable[[], Awaitable[bool]], timeout: float,

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SIM_MODEL, Server, chat, poll_until, upstream_env
+from tests.conftest import SIM_MODEL, Server, chat, poll_until, streamed_tokens, upstream_env
 from tests.support.metrics import value
 from tests.support.procs import wait_until
 
@@ -77,7 +77,7 @@ async def test_ten_times_overload_for_sixty_seconds(engine_sim, gateway) -> None
                 status, elapsed, body, retry_after = await timed(stream)
                 if status == 200:
                     if stream:
-                        tokens = body.count('"content":" ')
+                        tokens = streamed_tokens(body)
                         complete = body.rstrip().endswith("data: [DONE]")
                     else:
                         tokens, complete = json.loads(body)["usage"]["completion_tokens"], True
@@ -240,7 +240,7 @@ async def test_sigterm_under_load_finishes_every_running_and_queued_request(engi
             async with client.stream("POST", gw.v1 + "/chat/completions",
                                      json=chat(300, stream=True)) as r:
                 lines = [ln async for ln in r.aiter_lines() if ln.startswith("data: ")]
-                streamed.append((sum('"content":" ' in ln for ln in lines), lines[-1]))
+                streamed.append((streamed_tokens("\n".join(lines)), lines[-1]))
 
         async def whole_one() -> None:
             r = await client.post(gw.v1 + "/chat/completions", json=chat(300))

@@ -3,12 +3,16 @@
 Every request goes upstream as a stream (``stream: true`` with ``include_usage``), also when the
 client asked for a single answer: the gateway then measures time to first token the same way for
 both, and a client that goes away aborts the upstream request at once. Closing the iterator closes
-the HTTP response; an unfinished response cannot go back to the pool, so httpx closes the
-connection, and vLLM aborts the request when its client connection drops.
+the HTTP response; an unfinished response cannot go back to the pool, so its connection is closed,
+and vLLM aborts the request when its client connection drops.
 
-One ``httpx.AsyncClient`` is shared by all requests; its connections are split over small pools
-(``http_pools.ShardedTransport``), because one large httpcore pool costs CPU per request that grows
-with the square of its size.
+Generations stream through one ``aiohttp.ClientSession``: its C HTTP parser and asyncio-native
+reads cost a fraction of httpx's pure-Python h11 and its layers of async generators per chunk (the
+largest part of the gateway's CPU per relayed token, docs/benchmarks.md), its read timeout is one
+timer per read that data re-arms, and a read returns everything that has arrived, so the events
+that arrived together are relayed as one when the gateway is behind. The other calls (/models, the
+engine's /metrics) are rare and use one shared ``httpx.AsyncClient`` whose connections are split
+over small pools (``http_pools.ShardedTransport``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
+from yarl import URL
 
 from chatfleet.engines.base import (
     EngineBadData,
@@ -77,8 +83,16 @@ class OpenAICompatEngine:
         self._api_key = api_key
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
                                       write=connect_timeout_s, pool=read_timeout_s)
+        # aiohttp's ``connect`` bounds the wait for a free connection (httpx's pool timeout) and
+        # the connection's setup; ``sock_read`` is the gap allowed between two reads.
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=read_timeout_s,
+                                                     sock_connect=connect_timeout_s,
+                                                     sock_read=read_timeout_s)
         self._max_connections = max_connections
         self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._urls = {True: URL(self.base_url + "/chat/completions"),
+                      False: URL(self.base_url + "/completions")}
 
     def __repr__(self) -> str:
         return f"OpenAICompatEngine(base_url={self.base_url!r}, api_key={'***' if self._api_key else None})"
@@ -93,11 +107,21 @@ class OpenAICompatEngine:
         transport = await asyncio.to_thread(ShardedTransport, connections=self._max_connections)
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout,
                                          transport=transport, headers=headers)
+        tls = await asyncio.to_thread(httpx.create_ssl_context)  # the same CA bundle as httpx's
+        # keepalive_timeout: httpx's default keep-alive expiry; no env proxies (trust_env off), as
+        # the httpx pools; no decompression (identity above).
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ssl=tls,
+                                         keepalive_timeout=5.0)
+        self._session = aiohttp.ClientSession(connector=connector, headers=headers,
+                                              timeout=self._stream_timeout, auto_decompress=False)
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -142,7 +166,13 @@ class OpenAICompatEngine:
                                     f"{_MAX_METRICS_BYTES} bytes")
         return body, content_type or "text/plain; version=0.0.4"
 
-    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("OpenAICompatEngine.start() was not called")
+        return self._session
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = dict(request.sampling)
         body["model"] = request.model
         body["stream"] = True
@@ -151,32 +181,35 @@ class OpenAICompatEngine:
             body["max_tokens"] = request.max_tokens
         if request.messages is not None:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-            return "/chat/completions", body
-        body["prompt"] = request.prompt
-        return "/completions", body
+        else:
+            body["prompt"] = request.prompt
+        return body
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        path, body = self._body(request)
+        # As httpx encodes ``json=``: compact, UTF-8, no NaN.
+        data = json.dumps(self._body(request), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()
         try:
-            async with self.client.stream("POST", path, json=body) as response:
-                if response.status_code != 200:
-                    raw, _ = await read_at_most(response.aiter_raw(), MAX_ERROR_BODY_BYTES)
-                    message = _upstream_message(response.status_code, raw)
-                    if 400 <= response.status_code < 500 and response.status_code != 429:
-                        raise EngineRequestRejected(message, status=response.status_code)
+            async with self.session.post(self._urls[request.is_chat], data=data,
+                                         headers={"Content-Type": "application/json"}) as response:
+                if response.status != 200:
+                    raw, _ = await read_at_most(response.content.iter_any(), MAX_ERROR_BODY_BYTES)
+                    message = _upstream_message(response.status, raw)
+                    if 400 <= response.status < 500 and response.status != 429:
+                        raise EngineRequestRejected(message, status=response.status)
                     raise EngineUnavailable(message)
-                async for delta in self._deltas(response, request.is_chat):
+                async for delta in self._deltas(response.content.iter_any(), request.is_chat):
                     yield delta
         except EngineError:
             raise
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise EngineUnavailable(f"engine at {self.base_url} is not reachable: {exc!r}") from exc
-        except httpx.TimeoutException as exc:
+        except aiohttp.ServerTimeoutError as exc:
             raise EngineUnavailable(f"engine sent nothing for too long ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise EngineUnavailable(f"engine connection failed mid-request: {exc!r}") from exc
 
-    async def _deltas(self, response: httpx.Response, chat: bool) -> AsyncIterator[GenerationDelta]:
+    async def _deltas(self, reads: AsyncIterator[bytes], chat: bool) -> AsyncIterator[GenerationDelta]:
         """The deltas of an SSE stream; what is not OpenAI's stream (upstream_wire) raises
         EngineBadData.
 
@@ -187,7 +220,7 @@ class OpenAICompatEngine:
         reason: str | None = None
         usage: Usage | None = None
         template = ContentTemplate(chat=chat)
-        async for lines in bounded_lines(response.aiter_raw()):
+        async for lines in bounded_lines(reads):
             texts: list[str] = []
             for line in lines:
                 if not line.startswith(b"data:"):
@@ -199,7 +232,12 @@ class OpenAICompatEngine:
                     continue
                 if data == b"[DONE]":
                     break
-                chunk = parse_chunk(data)
+                try:
+                    chunk = parse_chunk(data)
+                except EngineError:  # what arrived before the bad chunk is relayed first
+                    if texts:
+                        yield GenerationDelta("".join(texts), tokens=len(texts))
+                    raise
                 for choice in chunk.choices or ():
                     text = choice.delta.content if choice.delta is not None else choice.text
                     if text:
