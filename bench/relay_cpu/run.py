@@ -217,6 +217,7 @@ def start_gateway(name: str, stub_url: str, top: int, log_dir: Path,
             "CHATFLEET_SERVER__PORT": str(port),
             "CHATFLEET_SERVER__LOG_LEVEL": "warning",
             "CHATFLEET_SERVER__WORKERS": str(workers),
+            "CHATFLEET_KB__DATA_DIR": str(log_dir / f"kb-{name}"),  # never ./data of the cwd
         }
         proc = Proc(name, [sys.executable, "-m", "chatfleet", "serve"], env, log_dir)
         proc.wait_ready(f"{base}/readyz", 60)

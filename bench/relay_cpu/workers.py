@@ -1,8 +1,11 @@
 """Relayed tokens/s with 1 and 2 ChatFleet worker processes, and what one core relays.
 
-The relay-CPU stub (``stub.py``) paced fast enough (``--pace-ms``, default 1 ms per chunk per
-stream) that the gateway, not the stub, limits throughput; ``--streams`` (256) streams of
-``--tokens`` (256) tokens from the aiohttp client (``client.py``), through ``chatfleet serve``
+The relay-CPU stub (``stub.py``) paces each stream at ``--pace-ms`` (default 10 ms: one H200
+decode step at batch 256, 24,700 tokens/s, shared/reference/h200-step-profile.md) and
+``--streams`` (512) of them offer about 51,000 tokens/s, more than one worker relays, so the
+gateway, not the stub, limits throughput (a gateway behind sends what arrived together as one
+event, as it would behind a real engine); ``--tokens`` (128) tokens a stream from the aiohttp
+client (``client.py``), through ``chatfleet serve``
 with ``server.workers`` 1 and 2, interleaved over ``--rounds``. Per run: tokens/s (tokens over
 the client's wall time), the gateway's CPU seconds (every process of its tree, from /proc) and
 the share each worker spent, the stub's and the client's CPU. Per core: tokens relayed per CPU
@@ -12,7 +15,7 @@ On a machine where the stub and the client share the gateway's cores (this one h
 2-worker run cannot have two free cores: the JSON says how much CPU the others took.
 Writes docs/benchmarks/relay-workers.json and .png (``--out``).
 
-Usage: python bench/relay_cpu/workers.py [--rounds 3] [--streams 256] [--tokens 256] [--pace-ms 1]
+Usage: python bench/relay_cpu/workers.py [--rounds 3] [--streams 512] [--tokens 128] [--pace-ms 10]
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def one_run(workers: int, stub_url: str, streams: int, tokens: int, log_dir: Pat
     }
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
+def plot(summary: dict[str, Any], path: Path, pace_ms: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,8 +77,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 f"{summary[w]['tokens_per_gateway_cpu_s']['median']:,.0f} per CPU-s",
                 ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("relayed tokens/s (median)")
-    ax.set_title("ChatFleet relayed tokens/s by worker processes (2-core machine,\n"
-                 "stub and client on the same cores)", fontsize=9)
+    ax.set_title(f"ChatFleet relayed tokens/s by worker processes, {pace_ms:g} ms pacing\n"
+                 "(2-core machine, stub and client on the same cores)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -83,9 +86,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--streams", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--pace-ms", type=float, default=1.0)
+    parser.add_argument("--streams", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--pace-ms", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     args = parser.parse_args()
 
@@ -120,7 +123,7 @@ def main() -> None:
               "cores_for_25000_tokens_per_s": round(25000 / per_core, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "relay-workers.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(summary, args.out / "relay-workers.png")
+    plot(summary, args.out / "relay-workers.png", args.pace_ms)
     for workers, s in summary.items():
         print(f"{workers} worker(s): {s['tokens_per_s']['median']:,.0f} tokens/s (min {s['tokens_per_s']['min']:,}), "
               f"{s['tokens_per_gateway_cpu_s']['median']:,.0f} tokens per gateway CPU-second; "
