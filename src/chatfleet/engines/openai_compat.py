@@ -40,6 +40,7 @@ from chatfleet.engines.upstream_wire import (
     MAX_ERROR_BODY_BYTES,
     ContentTemplate,
     bounded_lines,
+    choice_text,
     finish_reason,
     parse_chunk,
     read_at_most,
@@ -222,6 +223,7 @@ class OpenAICompatEngine:
         template = ContentTemplate(chat=chat)
         async for lines in bounded_lines(reads):
             texts: list[str] = []
+            done = False
             for line in lines:
                 if not line.startswith(b"data:"):
                     continue
@@ -231,6 +233,7 @@ class OpenAICompatEngine:
                     texts.append(text)
                     continue
                 if data == b"[DONE]":
+                    done = True
                     break
                 try:
                     chunk = parse_chunk(data)
@@ -239,7 +242,7 @@ class OpenAICompatEngine:
                         yield GenerationDelta("".join(texts), tokens=len(texts))
                     raise
                 for choice in chunk.choices or ():
-                    text = choice.delta.content if choice.delta is not None else choice.text
+                    text = choice_text(choice)
                     if text:
                         texts.append(text)
                     if choice.finish_reason:
@@ -247,13 +250,10 @@ class OpenAICompatEngine:
                 if chunk.usage is not None:
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 template.learn(data, chunk, text)
-            else:
-                if texts:
-                    yield GenerationDelta(texts[0] if len(texts) == 1 else "".join(texts), tokens=len(texts))
-                continue
-            if texts:  # [DONE] ended this read
+            if texts:
                 yield GenerationDelta("".join(texts), tokens=len(texts))
-            break
+            if done:
+                break
         else:
             raise EngineUnavailable("engine closed the stream before it finished")
         if reason is None:

@@ -28,7 +28,7 @@ from chatfleet.engines.base import (
 )
 
 __all__ = ["MAX_ERROR_BODY_BYTES", "MAX_LINE_BYTES", "ContentTemplate", "StreamChunk",
-           "bounded_lines", "finish_reason", "parse_chunk", "read_at_most"]
+           "bounded_lines", "choice_text", "finish_reason", "parse_chunk", "read_at_most"]
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +165,13 @@ class ContentTemplate:
         except (orjson.JSONDecodeError, EngineError):
             return
         choice = probe.choices[0] if probe.choices and len(probe.choices) == 1 else None
-        if choice is None or _text_of(choice) != "probe" or choice.finish_reason is not None:
+        if choice is None or choice_text(choice) != "probe" or choice.finish_reason is not None:
             return
         self._prefix, self._suffix, self._trimmed = prefix, suffix, len(prefix) + len(suffix)
 
 
-def _text_of(choice: _Choice) -> str | None:
+def choice_text(choice: _Choice) -> str | None:
+    """A choice's text: its delta's content (chat) or its ``text`` (completions)."""
     return choice.delta.content if choice.delta is not None else choice.text
 
 
