@@ -134,6 +134,32 @@ def test_sigterm_drains_every_worker_and_exits_0(engine_sim, gateway) -> None:
     assert time.monotonic() - t0 < 20
 
 
+def test_workers_finish_their_streams_and_exit_when_the_supervisor_dies(engine_sim, gateway) -> None:
+    """No orphan serves the port after the supervisor is killed: each worker loses its admission
+    link, refuses new work, lets its running stream end, and exits."""
+    sim: Server = engine_sim()
+    gw: Server = gateway(upstream_env(sim, server__drain_timeout_s=20), args=["--workers", "2"])
+    workers = two_workers(gw)
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", gw.v1 + "/chat/completions",
+                           json=chat(300, stream=True)) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            gw.proc.popen.send_signal(signal.SIGKILL)
+            rest = list(lines)
+    assert "data: [DONE]" in rest, rest[-3:]
+    wait_until(lambda: not any(running(pid) for pid in workers), 30, message="the workers exited")
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting for its parent)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def test_auto_is_one_process_with_the_simulated_engine(gateway) -> None:
     gw: Server = gateway({"CHATFLEET_SERVER__WORKERS": "auto"})
     assert worker_pids(gw.proc.pid) == []

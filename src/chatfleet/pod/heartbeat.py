@@ -4,20 +4,19 @@ It is written by a loop callback, so it stops when the loop stops turning (a blo
 deadlock, a process stopped by SIGSTOP) even while the process lives and its socket accepts: the
 supervisor sees no byte for ``server.worker_hang_timeout_s`` and replaces the worker. No HTTP
 probe: it would queue behind the very requests that hold the loop, and cost a request per beat.
-The pipe also tells the worker when the supervisor is gone (the write fails): then the worker
-drains and exits as on SIGTERM, instead of serving on without a supervisor.
+When the supervisor is gone (the write fails) the beats stop; the worker's connection to the
+pod's admission coordinator, which lived in the supervisor, closed at the same moment, and that
+is what drains and exits the worker (``serving/pod_admission.py``, ``app.py``): one signal, not a
+second SIGTERM that would cut its drain short.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import signal
 
 __all__ = ["HEARTBEAT_FD_ENV", "LISTEN_FD_ENV", "Heartbeat", "heartbeat_interval_s"]
 
-log = logging.getLogger(__name__)
 
 LISTEN_FD_ENV = "CHATFLEET_WORKER_LISTEN_FD"
 """The inherited listening socket's descriptor, set by the supervisor for a worker."""
@@ -47,9 +46,7 @@ class Heartbeat:
             os.write(self._fd, b".")
         except BlockingIOError:  # the supervisor is behind on reading: it is alive
             pass
-        except BrokenPipeError:
-            log.error("the supervisor is gone: draining this worker and exiting")
-            os.kill(os.getpid(), signal.SIGTERM)
+        except BrokenPipeError:  # the supervisor is gone: the admission link stops this worker
             return
         assert self._loop is not None
         self._loop.call_later(self._interval_s, self._beat)
