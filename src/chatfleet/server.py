@@ -25,6 +25,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from chatfleet.api.sse import DirectBodySend
 from chatfleet.http_limits import HttpLimits, bounded_protocol
 from chatfleet.logs import FIELDS
 from chatfleet.pod.heartbeat import Heartbeat
@@ -123,7 +124,7 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
+    config = uvicorn.Config(DirectBodySend(app), host=host, port=port, log_config=None, log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on",
                             timeout_keep_alive=keep_alive_s, http=bounded_protocol(http_limits),
                             loop="asyncio" if debug else "auto",

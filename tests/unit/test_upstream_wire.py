@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from chatfleet.engines.base import EngineBadData
-from chatfleet.engines.upstream_wire import bounded_lines, read_at_most
+from chatfleet.engines.upstream_wire import StreamLines, read_at_most
 
 
 async def _pieces(*pieces: bytes) -> AsyncIterator[bytes]:
@@ -16,7 +16,8 @@ async def _pieces(*pieces: bytes) -> AsyncIterator[bytes]:
 
 
 async def _lines(*pieces: bytes, limit: int = 1 << 20) -> list[bytes]:
-    return [line async for lines in bounded_lines(_pieces(*pieces), limit) for line in lines]
+    lines = StreamLines(limit)
+    return [line for piece in pieces for line in lines.feed(piece)]
 
 
 async def test_lines_end_at_lf_crlf_or_cr_wherever_the_pieces_split() -> None:

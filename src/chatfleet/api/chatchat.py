@@ -46,7 +46,7 @@ from chatfleet.api.openai import (
 )
 from chatfleet.api.responses import chatchat_errors, json_content, sse_content
 from chatfleet.api.schemas import ErrorResponse
-from chatfleet.api.sse import crlf_data_frame, relay_frames, sse_response
+from chatfleet.api.sse import CompletionStream, crlf_data_frame, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.rag.embeddings import EmbeddingError
 from chatfleet.rag.knowledge import KnowledgeService
@@ -178,8 +178,8 @@ async def _answer(request: Request, *, route: str, messages: tuple[ChatMessage, 
     try:
         if stream:
             first, rest = await cancel_on_disconnect(request, service.open_stream(job))
-            return sse_response(relay_frames(first, rest, crlf_data_frame), headers,
-                                send_timeout_s=request.app.state.settings.server.send_timeout_s)
+            return CompletionStream(first, rest, frame=crlf_data_frame, headers=headers,
+                                    send_timeout_s=request.app.state.settings.server.send_timeout_s)
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)

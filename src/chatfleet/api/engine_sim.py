@@ -36,12 +36,13 @@ from chatfleet.api.schemas import (
     ModelCard,
     ModelList,
 )
-from chatfleet.api.sse import data_frame, sse_response
+from chatfleet.api.sse import frames_of, sse_response
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.engines.engine_model import EngineProfile
 from chatfleet.engines.hashed_embeddings import DEFAULT_DIM, hashed_embeddings
 from chatfleet.engines.simulated import SimulatedEngine
 from chatfleet.serving.openai_format import (
+    Payloads,
     StreamFormatter,
     collect,
     completion_response,
@@ -76,14 +77,14 @@ async def _answer(request: Request, generation: GenerationRequest, stream: bool,
     if stream:
         fmt = StreamFormatter(request_id=generation.request_id, model=engine.model,
                               chat=generation.is_chat, include_usage=include_usage)
-        payloads: AsyncIterator[str] = stream_payloads(fmt, deltas)
+        payloads: AsyncIterator[Payloads] = stream_payloads(fmt, deltas)
         # Start the engine request now, so a rejection (prompt too long) is an HTTP error.
         first = await anext(payloads)
 
         async def frames() -> AsyncIterator[bytes]:
-            yield data_frame(first)
+            yield frames_of(first)
             async for payload in payloads:
-                yield data_frame(payload)
+                yield frames_of(payload)
 
         return sse_response(frames())
     answer = await collect(deltas)

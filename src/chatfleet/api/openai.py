@@ -34,7 +34,7 @@ from chatfleet.api.schemas import (
     ModelCard,
     ModelList,
 )
-from chatfleet.api.sse import relay_frames, sse_response
+from chatfleet.api.sse import CompletionStream
 from chatfleet.engines.base import ChatMessage, GenerationRequest
 from chatfleet.logs import name_list
 from chatfleet.rag.embeddings import EmbeddingError
@@ -166,8 +166,8 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     try:
         if body.stream:
             first, rest = await cancel_on_disconnect(request, service.open_stream(job))
-            return sse_response(relay_frames(first, rest), headers,
-                                send_timeout_s=request.app.state.settings.server.send_timeout_s)
+            return CompletionStream(first, rest, headers=headers,
+                                    send_timeout_s=request.app.state.settings.server.send_timeout_s)
         answer = await cancel_on_disconnect(request, service.complete(job))
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)

@@ -1,14 +1,15 @@
 """Server-sent events for streamed completions: framing, and the response that carries them.
 
-The response is Starlette's ``StreamingResponse``: one task listens for the client's disconnect
-and cancels the stream (closing the payload iterator, which frees the slot and aborts the
-engine request), and each event costs one ASGI ``send``. sse-starlette's ``EventSourceResponse``
-was used first; it opens an anyio cancel scope around every send, which was about 15% of the
-gateway's CPU per relayed token (py-spy, docs/benchmarks.md), and its keep-alive pings are not
-needed: queued streams get heartbeats from admission and running ones get tokens.
+``CompletionStream`` relays a completion: a task of its own per stream, which the request's task
+cancels when the client disconnects (closing the payload iterator, which frees the slot and aborts
+the engine request), and one call of the server's ``send`` per event. sse-starlette's
+``EventSourceResponse`` was used first; it opens an anyio cancel scope around every send, which
+was about 15% of the gateway's CPU per relayed token (py-spy, docs/benchmarks.md), and its
+keep-alive pings are not needed: queued streams get heartbeats from admission and running ones
+get tokens.
 
 A client that stops reading (its socket buffers full) would block ``send`` forever and hold its
-engine slot; ``send_timeout_s`` ends such a stream (see ``StalledSendGuard``).
+engine slot; ``send_timeout_s`` ends such a stream (see ``_StallTimer``).
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from typing import Any
 
-from starlette.responses import StreamingResponse
-from starlette.types import Message, Send
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from chatfleet.serving.completions import HEARTBEAT
+from chatfleet.serving.openai_format import LastPayloads, Payloads
 
-__all__ = ["SSE_HEADERS", "GuardedStreamingResponse", "StalledSendGuard", "comment_frame",
-           "crlf_data_frame", "data_frame", "relay_frames", "sse_response"]
+__all__ = ["BODY_SEND_EXTENSION", "SSE_HEADERS", "CompletionStream", "DirectBodySend", "comment_frame",
+           "crlf_data_frame", "data_frame", "frames_of", "sse_response"]
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +48,74 @@ def comment_frame(text: str) -> bytes:
     return b": " + text.encode() + b"\n\n"
 
 
-class StalledSendGuard:
-    """Cancels the sending task when one ``send`` has waited ``timeout_s`` for the client to read.
+def sse_response(frames: AsyncIterable[bytes], headers: Mapping[str, str] | None = None
+                 ) -> StreamingResponse:
+    """An event stream of ready frames (the engine simulator's streams, one-event answers);
+    completions stream through ``CompletionStream``."""
+    return StreamingResponse(frames, media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **(headers or {})})
+
+
+def frames_of(payloads: Payloads) -> bytes:
+    """``data:`` events of one payload, or of several yielded together."""
+    return data_frame(payloads) if isinstance(payloads, str) else b"".join(map(data_frame, payloads))
+
+
+BODY_SEND_EXTENSION = "chatfleet.body_send"
+"""The ASGI scope extension that holds the server's own ``send`` (``DirectBodySend``)."""
+
+
+class DirectBodySend:
+    """Outermost ASGI wrapper: puts the server's ``send`` in the scope's extensions, so that a
+    completion stream sends its body events past the middlewares' send wrappers.
+
+    Every middleware here (Starlette's error and exception middlewares, the access log) wraps
+    ``send`` to look at ``http.response.start`` and at the final body event only; a token event
+    passing through them cost four coroutine calls, about a tenth of the gateway's CPU per relayed
+    token. ``CompletionStream`` still sends the start and the final event through them, so what
+    they see is unchanged. A middleware that needs every body event (compression) must not be
+    added to completion routes.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            extensions = scope.get("extensions")
+            if extensions is None:
+                scope["extensions"] = extensions = {}
+            extensions[BODY_SEND_EXTENSION] = send
+        await self.app(scope, receive, send)
+
+
+class _StallTimer:
+    """Cancels a stream's task when one ``send`` has waited ``timeout_s`` for the client to read.
 
     uvicorn's ``send`` waits while the connection's write buffer is full, that is while the client
     reads nothing. ``asyncio.timeout`` around every send would bound that too, but it costs about
     9 µs a send (a timer armed and cancelled per token, measured), 5% of the gateway's CPU per
-    relayed token; this guard keeps one timer per stream that fires every ``timeout_s`` and checks
-    the send in progress (about 0.3 µs a send).
+    relayed token; this keeps one timer per stream that fires every ``timeout_s`` and checks the
+    send in progress, whose start the stream notes in ``sending_since``.
     """
 
-    def __init__(self, send: Send, timeout_s: float) -> None:
-        self._send = send
+    __slots__ = ("_loop", "_task", "_timer", "sending_since", "stalled", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._sending_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.sending_since: float | None = None
         self.stalled = False
-        self._timer = self._loop.call_later(timeout_s, self._check)
+
+    def watch(self, task: asyncio.Task[None]) -> None:
+        self._task = task
+        self._timer = self._loop.call_later(self.timeout_s, self._check)
 
     def _check(self) -> None:
         now = self._loop.time()
-        since = self._sending_since
+        since = self.sending_since
         if since is not None and now - since >= self.timeout_s:
             self.stalled = True
             assert self._task is not None
@@ -78,64 +124,99 @@ class StalledSendGuard:
         self._timer = self._loop.call_at((since if since is not None else now) + self.timeout_s,
                                          self._check)
 
-    async def send(self, message: Message) -> None:
-        self._sending_since = self._loop.time()
-        await self._send(message)
-        self._sending_since = None
-
     def stop(self) -> None:
-        self._timer.cancel()
-
-
-class GuardedStreamingResponse(StreamingResponse):
-    """A ``StreamingResponse`` that gives up on a client which has read nothing for
-    ``send_timeout_s``: it closes the frames (freeing the request's slot and aborting its engine
-    request) and returns without finishing the response, so uvicorn closes the connection."""
-
-    def __init__(self, content: AsyncIterable[bytes], *, send_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.send_timeout_s = send_timeout_s
-
-    async def stream_response(self, send: Send) -> None:
-        guard = StalledSendGuard(send, self.send_timeout_s)
-        try:
-            await super().stream_response(guard.send)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not guard.stalled or task is None or task.uncancel() > 0:
-                raise
-            log.warning("closed a stream whose client read nothing for %.0f s "
-                        "(server.send_timeout_s); its engine slot is free", self.send_timeout_s)
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            guard.stop()
-
-
-def sse_response(frames: AsyncIterable[bytes], headers: Mapping[str, str] | None = None, *,
-                 send_timeout_s: float | None = None) -> StreamingResponse:
-    """An event stream; with ``send_timeout_s``, one that a client reading nothing cannot hold."""
-    merged = {**SSE_HEADERS, **(headers or {})}
-    if send_timeout_s is None:
-        return StreamingResponse(frames, media_type="text/event-stream", headers=merged)
-    return GuardedStreamingResponse(frames, send_timeout_s=send_timeout_s,
-                                    media_type="text/event-stream", headers=merged)
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 _HEARTBEAT_FRAME = comment_frame("queued: waiting for an engine slot")
 
 
-async def relay_frames(first: str | object, rest: AsyncIterator[str | object],
-                       frame: Callable[[str], bytes] = data_frame) -> AsyncIterator[bytes]:
-    """The frames of a completion stream (``CompletionService.open_stream``'s first payload and
-    the rest): each payload framed by ``frame``, a queued stream's heartbeats as comments. Closes
-    ``rest`` on any exit, which frees the request's slot."""
-    async with aclosing(rest):
-        item = first
-        while True:
-            yield _HEARTBEAT_FRAME if item is HEARTBEAT else frame(item)  # type: ignore[arg-type]
-            try:
-                item = await anext(rest)
+class CompletionStream(Response):
+    """The event stream of a streamed completion: ``first`` and ``rest`` as
+    ``CompletionService.open_stream`` returns them, each payload framed by ``frame``, a queued
+    stream's heartbeats as comments, payloads yielded together in one write, the last ones
+    (``LastPayloads``) as the final body event. ``rest`` is closed on any exit, which frees the
+    request's slot and aborts its engine request.
+
+    This is the relay's hot path, one event per token per client, so a token costs one framing and
+    one call of the server's ``send``: the stream runs in a task of its own, as Starlette's
+    ``StreamingResponse`` does (resuming it per token does not pass through every middleware's
+    frame), and body events go to the server's send directly (``DirectBodySend``). The request's
+    own task waits for the client to disconnect, and then cancels the stream. A client that has
+    read nothing for ``send_timeout_s`` is given up on: the stream is closed and the connection
+    too, without finishing the response.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, first: Payloads | object, rest: AsyncIterator[Payloads | object], *,
+                 frame: Callable[[str], bytes] = data_frame, headers: Mapping[str, str] | None = None,
+                 send_timeout_s: float) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**SSE_HEADERS, **(headers or {})})
+        self._first = first
+        self._rest = rest
+        self._frame = frame
+        self.send_timeout_s = send_timeout_s
+
+    def _framed(self, item: Payloads | object) -> bytes:
+        if isinstance(item, str):
+            return self._frame(item)
+        if isinstance(item, tuple):
+            return b"".join(map(self._frame, item))
+        return _HEARTBEAT_FRAME
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body_send = (scope.get("extensions") or {}).get(BODY_SEND_EXTENSION, send)
+        timer = _StallTimer(self.send_timeout_s)
+        stream = asyncio.create_task(self._stream(send, body_send, timer))
+        timer.watch(stream)
+        disconnect = asyncio.create_task(_disconnected(receive))
+        try:
+            await asyncio.wait((stream, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.stop()
+            disconnect.cancel()
+            if not stream.done():
+                stream.cancel()
+                await asyncio.wait((stream,))
+        if stream.cancelled():
+            if timer.stalled:
+                log.warning("closed a stream whose client read nothing for %.0f s "
+                            "(server.send_timeout_s); its engine slot is free", self.send_timeout_s)
+            return
+        stream.result()  # an exception of the stream is the request's
+
+    async def _stream(self, send: Send, body_send: Send, timer: _StallTimer) -> None:
+        loop = asyncio.get_running_loop()
+        rest, framed = self._rest, self._framed
+        async with aclosing(rest):  # type: ignore[type-var]
+            timer.sending_since = loop.time()
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            item = self._first
+            while not isinstance(item, LastPayloads):
+                timer.sending_since = loop.time()
+                await body_send({"type": "http.response.body", "body": framed(item), "more_body": True})
+                timer.sending_since = None
+                try:
+                    item = await anext(rest)
+                except StopAsyncIteration:
+                    timer.sending_since = loop.time()
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+            try:  # the stream's own end, so that its bookkeeping runs before the body ends
+                await anext(rest)
             except StopAsyncIteration:
-                return
+                pass
+            else:
+                raise RuntimeError("a completion stream yielded after its last payloads")
+            timer.sending_since = loop.time()
+            await send({"type": "http.response.body", "body": framed(item), "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -28,23 +28,13 @@ import httpx
 from yarl import URL
 
 from chatfleet.engines.base import (
-    EngineBadData,
     EngineError,
     EngineRequestRejected,
     EngineUnavailable,
     GenerationDelta,
     GenerationRequest,
-    Usage,
 )
-from chatfleet.engines.upstream_wire import (
-    MAX_ERROR_BODY_BYTES,
-    ContentTemplate,
-    bounded_lines,
-    choice_text,
-    finish_reason,
-    parse_chunk,
-    read_at_most,
-)
+from chatfleet.engines.upstream_wire import MAX_ERROR_BODY_BYTES, UpstreamStream, read_at_most
 from chatfleet.http_pools import ShardedTransport
 
 __all__ = ["OpenAICompatEngine"]
@@ -199,8 +189,19 @@ class OpenAICompatEngine:
                     if 400 <= response.status < 500 and response.status != 429:
                         raise EngineRequestRejected(message, status=response.status)
                     raise EngineUnavailable(message)
-                async for delta in self._deltas(response.content.iter_any(), request.is_chat):
-                    yield delta
+                # One loop over the reads, no generator per layer: this is the relay's hot path.
+                content = response.content
+                stream = UpstreamStream(chat=request.is_chat)
+                while not stream.done:
+                    piece = await content.readany()
+                    if not piece:
+                        raise EngineUnavailable("engine closed the stream before it finished")
+                    delta = stream.feed(piece)
+                    if delta is not None:
+                        yield delta
+                    if stream.failure is not None:
+                        raise stream.failure
+                yield stream.finish()
         except EngineError:
             raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
@@ -209,54 +210,3 @@ class OpenAICompatEngine:
             raise EngineUnavailable(f"engine sent nothing for too long ({type(exc).__name__})") from exc
         except aiohttp.ClientError as exc:
             raise EngineUnavailable(f"engine connection failed mid-request: {exc!r}") from exc
-
-    async def _deltas(self, reads: AsyncIterator[bytes], chat: bool) -> AsyncIterator[GenerationDelta]:
-        """The deltas of an SSE stream; what is not OpenAI's stream (upstream_wire) raises
-        EngineBadData.
-
-        The text of all the chunks that arrived in one read is one delta (``tokens``: how many
-        chunks): when the gateway or its client falls behind, it relays what is waiting as one
-        event instead of one per token, in order, nothing dropped. Plain text chunks after the
-        first are read by their bytes (``ContentTemplate``), the others parsed in full."""
-        reason: str | None = None
-        usage: Usage | None = None
-        template = ContentTemplate(chat=chat)
-        async for lines in bounded_lines(reads):
-            texts: list[str] = []
-            done = False
-            for line in lines:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                text = template.text(data)
-                if text is not None:
-                    texts.append(text)
-                    continue
-                if data == b"[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = parse_chunk(data)
-                except EngineError:  # what arrived before the bad chunk is relayed first
-                    if texts:
-                        yield GenerationDelta("".join(texts), tokens=len(texts))
-                    raise
-                for choice in chunk.choices or ():
-                    text = choice_text(choice)
-                    if text:
-                        texts.append(text)
-                    if choice.finish_reason:
-                        reason = choice.finish_reason
-                if chunk.usage is not None:
-                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                template.learn(data, chunk, text)
-            if texts:
-                yield GenerationDelta("".join(texts), tokens=len(texts))
-            if done:
-                break
-        else:
-            raise EngineUnavailable("engine closed the stream before it finished")
-        if reason is None:
-            raise EngineBadData("the upstream engine sent bad data: the stream ended ([DONE]) "
-                                "without a finish reason")
-        yield GenerationDelta("", tokens=0, finish_reason=finish_reason(reason), usage=usage)

@@ -25,10 +25,12 @@ from chatfleet.engines.base import (
     EngineError,
     EngineUnavailable,
     FinishReason,
+    GenerationDelta,
+    Usage,
 )
 
-__all__ = ["MAX_ERROR_BODY_BYTES", "MAX_LINE_BYTES", "ContentTemplate", "StreamChunk",
-           "bounded_lines", "choice_text", "finish_reason", "parse_chunk", "read_at_most"]
+__all__ = ["MAX_ERROR_BODY_BYTES", "MAX_LINE_BYTES", "ContentTemplate", "StreamChunk", "StreamLines",
+           "UpstreamStream", "choice_text", "finish_reason", "parse_chunk", "read_at_most"]
 
 log = logging.getLogger(__name__)
 
@@ -197,29 +199,106 @@ def finish_reason(reason: str) -> FinishReason:
     return "stop"
 
 
-async def bounded_lines(chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_LINE_BYTES
-                        ) -> AsyncIterator[list[bytes]]:
-    """The lines (without their ends: LF, CRLF or CR, as SSE has them) of a byte stream, a list
-    per piece read that ends at least one line, never holding more than ``max_line_bytes`` of one
-    line: a longer one is EngineBadData. A last line without an end is dropped (an SSE event is
-    complete only at its end). One list per read lets the caller relay all the events that
-    arrived together as one (``openai_compat``): a gateway that fell behind catches up."""
-    too_long = f"a stream line is longer than {max_line_bytes} bytes"
-    pending = bytearray()  # an unended line, grown in place: a line sent a byte at a time
-    async for piece in chunks:  # costs linear time, not quadratic
+class StreamLines:
+    """The lines (without their ends: LF, CRLF or CR, as SSE has them) of a byte stream fed a read
+    at a time, never holding more than ``max_line_bytes`` of one line: a longer one is
+    EngineBadData. A line without its end yet waits for the next read (an SSE event is complete
+    only at its end). Growing the unended line in place keeps a line sent a byte at a time linear."""
+
+    __slots__ = ("_limit", "_pending")
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._limit = max_line_bytes
+        self._pending = bytearray()
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """The lines that ``piece`` ends (none if it ends none)."""
         if b"\n" not in piece and b"\r" not in piece:
-            pending += piece
-            if len(pending) > max_line_bytes:
-                raise _bad(too_long)
-            continue
-        data = bytes(pending) + piece if pending else piece
+            self._pending += piece
+            if len(self._pending) > self._limit:
+                raise self._too_long()
+            return []
+        data = bytes(self._pending) + piece if self._pending else piece
         lines = data.splitlines()
-        pending = bytearray(lines.pop() if data[-1:] not in (b"\n", b"\r") else b"")
-        if len(pending) > max_line_bytes or (len(data) > max_line_bytes
-                                             and any(len(line) > max_line_bytes for line in lines)):
-            raise _bad(too_long)
-        if lines:
-            yield lines
+        if data[-1:] not in (b"\n", b"\r"):
+            self._pending = bytearray(lines.pop())
+        elif self._pending:
+            self._pending = bytearray()
+        limit = self._limit
+        if len(self._pending) > limit or (len(data) > limit
+                                         and any(len(line) > limit for line in lines)):
+            raise self._too_long()
+        return lines
+
+    def _too_long(self) -> EngineBadData:
+        return _bad(f"a stream line is longer than {self._limit} bytes")
+
+
+class UpstreamStream:
+    """What one streamed completion's upstream bytes say, read by ``feed`` a read at a time: the
+    text of all the chunks that arrived in one read as one delta (``tokens``: how many chunks), so
+    that a gateway or client that fell behind relays what is waiting as one event, in order,
+    nothing dropped; then the finish reason and usage. Plain text chunks after the first are read
+    by their bytes (``ContentTemplate``), the others parsed in full (``parse_chunk``). What is not
+    OpenAI's stream raises EngineBadData (or EngineUnavailable for an error payload).
+
+    A synchronous reader, so that the relay's loop is one generator deep: the read, the lines and
+    the chunks are one step per read, not a generator each (docs/benchmarks.md, "relay CPU").
+    """
+
+    __slots__ = ("_lines", "_template", "done", "failure", "reason", "usage")
+
+    def __init__(self, *, chat: bool, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._lines = StreamLines(max_line_bytes)
+        self._template = ContentTemplate(chat=chat)
+        self.done = False
+        """``data: [DONE]`` was read: the stream is over."""
+        self.failure: EngineError | None = None
+        """A bad chunk that came after text in the same read: that text is returned first, and
+        the caller raises this after relaying it."""
+        self.reason: str | None = None
+        self.usage: Usage | None = None
+
+    def feed(self, piece: bytes) -> GenerationDelta | None:
+        """The text that ``piece`` completes, as one delta (None if it completes no text)."""
+        texts: list[str] = []
+        template = self._template
+        for line in self._lines.feed(piece):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            text = template.text(data)
+            if text is not None:
+                texts.append(text)
+                continue
+            if data == b"[DONE]":
+                self.done = True
+                break
+            try:
+                chunk = parse_chunk(data)
+            except EngineError as exc:
+                if not texts:
+                    raise
+                self.failure = exc
+                break
+            for choice in chunk.choices or ():
+                text = choice_text(choice)
+                if text:
+                    texts.append(text)
+                if choice.finish_reason:
+                    self.reason = choice.finish_reason
+            if chunk.usage is not None:
+                self.usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+            template.learn(data, chunk, text)
+        return GenerationDelta("".join(texts), tokens=len(texts)) if texts else None
+
+    def finish(self) -> GenerationDelta:
+        """The last delta, once ``done``: the finish reason (OpenAI's) and the usage."""
+        if self.reason is None:
+            raise EngineBadData("the upstream engine sent bad data: the stream ended ([DONE]) "
+                                "without a finish reason")
+        return GenerationDelta("", tokens=0, finish_reason=finish_reason(self.reason),
+                               usage=self.usage)
 
 
 async def read_at_most(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes, bool]:

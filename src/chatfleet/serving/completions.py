@@ -34,10 +34,12 @@ from chatfleet.serving.admission_record import AdmissionRecord, current_admissio
 from chatfleet.serving.openai_format import (
     Answer,
     ChunkFormatter,
+    PayloadRenderer,
+    Payloads,
     StreamFormatter,
     collect,
     completion_response,
-    stream_payloads,
+    last_payloads,
 )
 from chatfleet.telemetry.metrics import GatewayMetrics, Outcome
 
@@ -227,13 +229,14 @@ class CompletionService:
                                    chat=job.request.is_chat, text=answer.text,
                                    finish_reason=answer.finish_reason, usage=answer.usage)
 
-    async def open_stream(self, job: CompletionJob) -> tuple[str | object, AsyncIterator[str | object]]:
+    async def open_stream(self, job: CompletionJob) -> tuple[Payloads | object, AsyncIterator[Payloads | object]]:
         """Admit the request (waiting up to one heartbeat interval); return its first SSE payload
         and the iterator of the rest, which the caller must close.
 
         Raises AdmissionRejected, or EngineError, when the request fails before the response
-        starts; payloads are JSON strings, ``HEARTBEAT`` while still queued, and ``[DONE]``;
-        later failures are an error payload in the stream.
+        starts; payloads are JSON strings (``Payloads``: several at once in a tuple, the last ones
+        in ``LastPayloads``, ending with ``[DONE]``), ``HEARTBEAT`` while still queued; later
+        failures are an error payload in the stream.
         """
         tracker = _Tracker(job, self._series)
         waiter, granted = await self._admit(job, tracker, self.heartbeat_interval_s)
@@ -243,7 +246,7 @@ class CompletionService:
         return await anext(events), events
 
     async def _events(self, job: CompletionJob, tracker: _Tracker, waiter: Ticket,
-                      granted: bool) -> AsyncIterator[str | object]:
+                      granted: bool) -> AsyncIterator[Payloads | object]:
         answer = Answer()
         responded = False
         fmt: ChunkFormatter = job.formatter or StreamFormatter(
@@ -257,29 +260,31 @@ class CompletionService:
                     granted = await waiter.wait(self.heartbeat_interval_s)
                 except AdmissionRejected as exc:
                     tracker.rejected(exc)
-                    yield fmt.error(exc.message, error_type=exc.reason, code=exc.status,
-                                    retry_after_s=exc.retry_after_s)
-                    done = fmt.done()
-                    if done is not None:
-                        yield done
+                    yield last_payloads(fmt.error(exc.message, error_type=exc.reason,
+                                                  code=exc.status, retry_after_s=exc.retry_after_s),
+                                        fmt.done())
                     return
                 if granted:
                     tracker.granted(waiter)
-            async with aclosing(stream_payloads(fmt, self.engine.generate(job.request),
-                                                tracker.token, answer)) as payloads:
-                async for payload in payloads:
-                    responded = True
-                    yield payload
+            # The engine's deltas are rendered here, not by another generator: one level less
+            # to resume per token on the relay's hot path.
+            render = PayloadRenderer(fmt, tracker.token, answer)
+            async with aclosing(self.engine.generate(job.request)) as deltas:  # type: ignore[type-var]
+                async for delta in deltas:
+                    payload = render.payload(delta)
+                    if payload is not None:
+                        responded = True
+                        yield payload
+            responded = True
+            yield render.last()
             tracker.outcome = Outcome.OK
         except EngineError as exc:
             tracker.failed(exc)
             if not responded:
                 raise  # nothing sent yet: the route answers with the engine's HTTP status
             log.warning("engine failed request %s mid-stream: %s", job.request.request_id, exc.message)
-            yield fmt.error(exc.message, error_type=exc.error_type, code=exc.status)
-            done = fmt.done()
-            if done is not None:
-                yield done
+            yield last_payloads(fmt.error(exc.message, error_type=exc.error_type, code=exc.status),
+                                fmt.done())
         finally:
             waiter.release()
             tracker.done(answer.usage)

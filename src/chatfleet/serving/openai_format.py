@@ -10,6 +10,7 @@ a final chunk with ``finish_reason``, then with ``stream_options.include_usage``
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,10 +20,13 @@ from typing import Any, Protocol
 
 from chatfleet.engines.base import GenerationDelta, Usage
 
-__all__ = ["Answer", "ChunkFormatter", "StreamFormatter", "collect", "completion_response",
-           "error_body", "new_request_id", "stream_payloads"]
+__all__ = ["Answer", "ChunkFormatter", "LastPayloads", "PayloadRenderer", "Payloads", "StreamFormatter",
+           "collect", "completion_response", "error_body", "last_payloads", "new_request_id",
+           "stream_payloads"]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_string: Callable[[str], str] = encode_basestring
+"""A string as JSON, as ``_dumps`` writes it (the C function behind it, without its dispatch)."""
 
 
 def new_request_id(chat: bool) -> str:
@@ -104,9 +108,10 @@ class StreamFormatter:
 
     def token(self, text: str) -> str:
         if self._chat:
-            return (self._head + '"delta":{"content":' + _dumps(text) +
+            return (self._head + '"delta":{"content":' + _json_string(text) +
                     '},"logprobs":null,"finish_reason":null}]' + self._tail)
-        return self._head + '"text":' + _dumps(text) + ',"logprobs":null,"finish_reason":null}]' + self._tail
+        return (self._head + '"text":' + _json_string(text) +
+                ',"logprobs":null,"finish_reason":null}]' + self._tail)
 
     def finish(self, finish_reason: str) -> str:
         body = '"delta":{}' if self._chat else '"text":""'
@@ -159,28 +164,71 @@ async def collect(deltas: AsyncIterator[GenerationDelta], on_token: OnToken | No
     return answer
 
 
-async def stream_payloads(fmt: ChunkFormatter, deltas: AsyncIterator[GenerationDelta],
-                          on_token: OnToken | None = None, answer: Answer | None = None) -> AsyncIterator[str]:
-    """The SSE payloads of a streamed answer, ending with ``fmt.done()``; fills ``answer`` if given.
+class LastPayloads(tuple[str, ...]):
+    """The payloads that end a stream (finish, usage and ``[DONE]``; or an error and ``[DONE]``):
+    the response sends them together as its final body event, one write with the end of the
+    chunked body, and the stream yields nothing after them."""
+
+    __slots__ = ()
+
+
+def last_payloads(*payloads: str | None) -> LastPayloads:
+    return LastPayloads(payload for payload in payloads if payload is not None)
+
+
+Payloads = str | tuple[str, ...]
+"""What a stream yields: one payload, or several to send as one event write (a tuple; the last
+ones a ``LastPayloads``)."""
+
+
+class PayloadRenderer:
+    """Turns one stream's deltas into its payloads: the opening payload (the role chunk) together
+    with the first text, a payload per delta with text (counting its tokens with ``on_token``), and
+    the last payloads; fills ``answer`` with the finish reason and usage. A plain method per delta,
+    so that a relay loop need not be one generator deeper for it."""
+
+    __slots__ = ("_fmt", "_on_token", "_opened", "answer")
+
+    def __init__(self, fmt: ChunkFormatter, on_token: OnToken | None = None,
+                 answer: Answer | None = None) -> None:
+        self._fmt = fmt
+        self._on_token = on_token
+        self._opened = False
+        self.answer = answer if answer is not None else Answer()
+
+    def payload(self, delta: GenerationDelta) -> Payloads | None:
+        payload: Payloads | None = None
+        if delta.text:
+            if self._on_token is not None:
+                self._on_token(delta.tokens)
+            payload = self._fmt.token(delta.text)
+        if not self._opened:
+            self._opened = True
+            first = self._fmt.first()
+            if first is not None:
+                payload = first if payload is None else (first, payload)
+        if delta.finish_reason is not None:
+            self.answer.finish_reason, self.answer.usage = delta.finish_reason, delta.usage
+        return payload
+
+    def last(self) -> LastPayloads:
+        fmt, answer = self._fmt, self.answer
+        return last_payloads(fmt.finish(answer.finish_reason), fmt.usage(answer.usage), fmt.done())
+
+
+async def stream_payloads(fmt: ChunkFormatter, deltas: AsyncIterator[GenerationDelta]
+                          ) -> AsyncIterator[Payloads]:
+    """The SSE payloads of a streamed answer (``PayloadRenderer``), ending with ``fmt.done()``.
 
     Nothing is yielded before the engine's first delta, so a caller that primes this iterator
-    sees an engine's refusal as an exception before any byte of the response is sent.
+    sees an engine's refusal as an exception before any byte of the response is sent. The opening
+    payload and the first text go out together, and so do the last payloads (``LastPayloads``): a
+    stream costs its tokens' writes and one more.
     """
-    answer = answer if answer is not None else Answer()
-    opened = False
+    render = PayloadRenderer(fmt)
     async with aclosing(deltas):  # type: ignore[type-var]
         async for delta in deltas:
-            if not opened:
-                opened = True
-                first = fmt.first()
-                if first is not None:
-                    yield first
-            if delta.text:
-                if on_token is not None:
-                    on_token(delta.tokens)
-                yield fmt.token(delta.text)
-            if delta.finish_reason is not None:
-                answer.finish_reason, answer.usage = delta.finish_reason, delta.usage
-    for payload in (fmt.finish(answer.finish_reason), fmt.usage(answer.usage), fmt.done()):
-        if payload is not None:
-            yield payload
+            payload = render.payload(delta)
+            if payload is not None:
+                yield payload
+    yield render.last()
