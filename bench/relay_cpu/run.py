@@ -7,6 +7,8 @@ same stub:
 
 - ``chatfleet``: ``python -m chatfleet serve`` from this checkout (``CHATFLEET_ENGINE__KIND=openai``,
   engine slots and queue larger than the most streams, log level warning), one uvicorn process;
+- ``python-floor``: ``floor_relay.py``, a raw ASGI app on the same uvicorn and aiohttp that forwards
+  the upstream's bytes and does nothing else: the floor of a relay on ChatFleet's Python stack;
 - ``vllm-router``: the production-stack's Rust router (PyPI ``vllm-router``, ``--policy round_robin``,
   the stub its one worker), from its venv ``~/.cache/chatfleet/peers/vllm-router``;
 - ``litellm``: LiteLLM's proxy (``litellm[proxy]``, one model ``openai/<stub model>`` at the stub,
@@ -64,7 +66,7 @@ PEERS = Path.home() / ".cache" / "chatfleet" / "peers"
 HOST = "127.0.0.1"
 MODEL = "relay-stub"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ALL_GATEWAYS = ("chatfleet", "chatfleet-before", "vllm-router", "litellm")
+ALL_GATEWAYS = ("chatfleet", "chatfleet-before", "python-floor", "vllm-router", "litellm")
 REFERENCE = "vllm-router"
 LITELLM_KEY = "sk-" + secrets.token_hex(32)
 """LiteLLM's proxy refuses to start without a master key; the client sends it (from the
@@ -221,6 +223,10 @@ def start_gateway(name: str, stub_url: str, top: int, log_dir: Path,
         }
         proc = Proc(name, [sys.executable, "-m", "chatfleet", "serve"], env, log_dir)
         proc.wait_ready(f"{base}/readyz", 60)
+    elif name == "python-floor":
+        proc = Proc(name, [sys.executable, str(HERE / "floor_relay.py"), "--port", str(port),
+                           "--upstream", stub_url], {}, log_dir)
+        proc.wait_ready(f"{base}/health", 60)
     elif name == "vllm-router":
         proc = Proc(name, [str(peer_bin(name, "vllm-router")), "--host", HOST, "--port", str(port),
                            "--worker-urls", stub_url, "--policy", "round_robin", "--log-level", "warning",
@@ -337,7 +343,8 @@ def plot(summary: dict[str, Any], plan: Plan, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     gateways = list(summary)
-    colors = {"chatfleet": "tab:blue", "chatfleet-before": "tab:gray", "vllm-router": "tab:green", "litellm": "tab:red"}
+    colors = {"chatfleet": "tab:blue", "chatfleet-before": "tab:gray", "python-floor": "tab:olive",
+              "vllm-router": "tab:green", "litellm": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(gateways))
     for ax, key, label in ((axes[0], "per_token_us", "CPU per relayed token (µs)"),
@@ -432,7 +439,7 @@ def main() -> None:
                 continue
             procs.append(proc)
             urls[name], by_name[name] = url, proc
-            versions[name] = (peer_version(name) if name in VENVS else
+            versions[name] = (peer_version(name) if name in VENVS else "floor_relay.py" if name == "python-floor" else
                               _chatfleet_version(args.before.resolve() if name == "chatfleet-before" and args.before
                                                  else REPO / "src"))
             # Warm up: first requests import lazily (LiteLLM) and open the upstream pool.

@@ -1,0 +1,96 @@
+"""The completion stream response: what reaches the server's send, through which path, and when."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from chatfleet.api.sse import BODY_SEND_EXTENSION, CompletionStream
+from chatfleet.serving.completions import HEARTBEAT
+from chatfleet.serving.openai_format import LastPayloads
+
+
+class _Server:
+    """Records what the response sends, by path: through the middlewares (``send``) or straight
+    to the server (``body_send``)."""
+
+    def __init__(self, disconnect: bool = False) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self._disconnect = disconnect
+        self.scope = {"type": "http", "extensions": {BODY_SEND_EXTENSION: self.body_send}}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(("send", message))
+
+    async def body_send(self, message: dict[str, Any]) -> None:
+        self.sent.append(("body_send", message))
+
+    async def receive(self) -> dict[str, Any]:
+        if self._disconnect:
+            return {"type": "http.disconnect"}
+        await asyncio.Event().wait()  # a client that stays
+        raise AssertionError
+
+
+async def test_each_item_is_one_send_and_the_last_payloads_end_the_body_in_one_event() -> None:
+    closed = []
+
+    async def rest() -> AsyncIterator[Any]:
+        try:
+            yield HEARTBEAT
+            yield "b"
+            yield LastPayloads(("stop", "[DONE]"))
+        finally:
+            closed.append(True)
+
+    server = _Server()
+    response = CompletionStream(("role", "a"), rest(), send_timeout_s=30)
+    await response(server.scope, server.receive, server.send)
+    assert [(path, m["type"], m.get("body"), m.get("more_body")) for path, m in server.sent] == [
+        ("send", "http.response.start", None, None),
+        ("body_send", "http.response.body", b"data: role\n\ndata: a\n\n", True),
+        ("body_send", "http.response.body", b": queued: waiting for an engine slot\n\n", True),
+        ("body_send", "http.response.body", b"data: b\n\n", True),
+        ("send", "http.response.body", b"data: stop\n\ndata: [DONE]\n\n", False),
+    ]
+    assert closed == [True]
+
+
+async def test_a_stream_that_goes_on_after_its_last_payloads_is_an_error() -> None:
+    async def rest() -> AsyncIterator[Any]:
+        yield "more"
+
+    server = _Server()
+    with pytest.raises(RuntimeError, match="after its last payloads"):
+        await CompletionStream(LastPayloads(("[DONE]",)), rest(), send_timeout_s=30)(
+            server.scope, server.receive, server.send)
+    assert all(m["type"] == "http.response.start" for _, m in server.sent)
+
+
+async def test_a_disconnect_closes_the_stream_and_ends_nothing() -> None:
+    closed = []
+
+    async def rest() -> AsyncIterator[Any]:
+        try:
+            await asyncio.Event().wait()  # the engine's next token never comes
+            yield "never"
+        finally:
+            closed.append(True)
+
+    server = _Server(disconnect=True)
+    await CompletionStream("a", rest(), send_timeout_s=30)(server.scope, server.receive, server.send)
+    assert closed == [True]
+    assert not any(m.get("more_body") is False for _, m in server.sent)
+
+
+async def test_without_the_extension_every_event_goes_through_the_middlewares() -> None:
+    async def rest() -> AsyncIterator[Any]:
+        yield LastPayloads(("[DONE]",))
+
+    server = _Server()
+    server.scope = {"type": "http"}
+    await CompletionStream("a", rest(), send_timeout_s=30)(server.scope, server.receive, server.send)
+    assert [path for path, _ in server.sent] == ["send", "send", "send"]
