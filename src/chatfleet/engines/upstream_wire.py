@@ -131,8 +131,8 @@ class ContentTemplate:
         if (not trimmed or len(data) <= trimmed or not data.startswith(self._prefix)
                 or not data.endswith(self._suffix)):
             return None
-        try:
-            text = orjson.loads(b'"' + data[len(self._prefix):len(data) - len(self._suffix)] + b'"')
+        try:  # the text with its quotes: the prefix ends with one, the suffix starts with one
+            text = orjson.loads(data[len(self._prefix) - 1:len(data) - len(self._suffix) + 1])
         except orjson.JSONDecodeError:
             return None  # a quote in the middle (another shape) or a bad string: parse in full
         return text if text else None
