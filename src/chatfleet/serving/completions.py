@@ -41,7 +41,7 @@ from chatfleet.serving.openai_format import (
     completion_response,
     last_payloads,
 )
-from chatfleet.telemetry.metrics import GatewayMetrics, Outcome
+from chatfleet.telemetry.metrics import GatewayMetrics, HistogramTally, Outcome
 
 __all__ = ["HEARTBEAT", "ROUTES", "CompletionJob", "CompletionService"]
 
@@ -98,8 +98,8 @@ class _Tracker:
     """Per-request bookkeeping for the latency and token metrics, and the request's admission
     record (``serving/admission_record.py``) when its recorder set one."""
 
-    __slots__ = ("admitted", "completion_tokens", "granted_at", "job", "last_token_at", "outcome",
-                 "record", "series")
+    __slots__ = ("admitted", "completion_tokens", "granted_at", "itl", "job", "last_token_at",
+                 "outcome", "record", "series")
 
     def __init__(self, job: CompletionJob, series: _Series) -> None:
         self.job = job
@@ -112,6 +112,8 @@ class _Tracker:
         self.completion_tokens = 0
         self.admitted = False
         self.granted_at = 0.0
+        self.itl = HistogramTally(series.itl)
+        """The answer's inter-token gaps, added to the histogram in batches (and at ``done``)."""
 
     def granted(self, waiter: Ticket) -> None:
         self.admitted = True
@@ -142,14 +144,15 @@ class _Tracker:
                 queue.observe(self.granted_at - job.retrieved_at)
                 engine.observe(now - self.granted_at)
         else:
-            self.series.itl.observe(now - self.last_token_at)
-        for _ in range(tokens - 1):  # relayed together (one event): no gap between them
-            self.series.itl.observe(0.0)
+            self.itl.observe(now - self.last_token_at)
+        if tokens > 1:  # relayed together (one event): no gap between them
+            self.itl.observe(0.0, tokens - 1)
         self.last_token_at = now
         self.completion_tokens += tokens
 
     def done(self, usage: Usage | None) -> None:
         series = self.series
+        self.itl.flush()
         series.finished(self.job.route, self.outcome)
         if self.admitted:
             series.duration[self.job.route].observe(time.perf_counter() - self.job.arrived_at)

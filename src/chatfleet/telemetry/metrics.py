@@ -33,6 +33,7 @@ docs/metrics.md documents every name; tests check that /metrics matches that pag
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Iterable
 from enum import StrEnum
 
@@ -54,6 +55,7 @@ __all__ = [
     "AuthRejection",
     "EngineSimMetrics",
     "GatewayMetrics",
+    "HistogramTally",
     "OperatorMetrics",
     "Outcome",
     "TickOutcome",
@@ -82,6 +84,50 @@ VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7
                     7.5, 10.0, 20.0, 40.0, 80.0)
 VLLM_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class HistogramTally:
+    """Observations of one histogram child, counted here and added to it in one go (``flush``).
+
+    The relay observes an inter-token gap per token. prometheus-client's ``observe`` takes a lock
+    and walks the buckets every time (about 1.6 µs a token in one process, 3.2 µs in multiprocess
+    mode, where each write goes to a file-mapped value), a few percent of the gateway's CPU per
+    relayed token. A stream's gaps are counted per bucket here and added to the child at most
+    ``flush_every`` observations apart and when the stream ends: one ``inc`` per bucket that moved.
+    The child is read as prometheus-client lays it out (its bounds, bucket values and sum);
+    tests/unit/test_metrics_tally.py checks that a tally's exposition is ``observe``'s.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_counts", "_flush_every", "_pending", "_sum", "_total")
+
+    def __init__(self, child: Histogram, flush_every: int = 64) -> None:
+        self._bounds: list[float] = child._upper_bounds  # type: ignore[attr-defined]
+        self._buckets = child._buckets  # type: ignore[attr-defined]
+        self._sum = child._sum  # type: ignore[attr-defined]
+        self._counts = [0] * len(self._bounds)
+        self._total = 0.0
+        self._pending = 0
+        self._flush_every = flush_every
+
+    def observe(self, amount: float, times: int = 1) -> None:
+        """``amount`` observed ``times`` times."""
+        self._counts[bisect_left(self._bounds, amount)] += times
+        self._total += amount * times
+        self._pending += times
+        if self._pending >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        counts = self._counts
+        for i, count in enumerate(counts):
+            if count:
+                self._buckets[i].inc(count)
+                counts[i] = 0
+        self._sum.inc(self._total)
+        self._total = 0.0
+        self._pending = 0
 
 
 class Outcome(StrEnum):
