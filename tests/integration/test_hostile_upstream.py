@@ -145,9 +145,9 @@ def test_a_bad_chunk_shaped_like_the_good_ones_is_still_bad_data(gw: Server) -> 
 
 
 def test_an_upstream_that_stalls_past_the_read_timeout_ends_the_stream(upstream: Server) -> None:
-    """The read timeout holds without a cancel scope per read (http_pools.WatchedBackend): a
-    stall longer than it ends the answer with an error event; shorter stalls, and reads on a
-    reused connection, are not cut."""
+    """The read timeout holds without a timer per read (openai_compat._ReadWatchdog): a stall
+    longer than it ends the answer with an error event; shorter stalls, and reads on a reused
+    connection, are not cut."""
     gw = start_gateway(bad_upstream_env(upstream, CHATFLEET_ENGINE__READ_TIMEOUT_S="1"))
     try:
         for _ in range(2):  # the second on a reused connection
@@ -165,6 +165,15 @@ def test_an_upstream_that_stalls_past_the_read_timeout_ends_the_stream(upstream:
         assert "engine sent nothing for too long" in error["message"] and error["code"] == 503
         after = _outcomes(gw)
         assert after["engine_error"] - before["engine_error"] == 1, (before, after)
+        # An engine that does not even answer with its head: the same bound, before the stream.
+        headless = httpx.post(gw.v1 + "/chat/completions", json=_chat("head_stall:5000", stream=True),
+                              timeout=10)
+        assert headless.elapsed.total_seconds() < 4, headless.elapsed
+        assert headless.status_code == 503, headless.text
+        assert "engine sent nothing for too long" in headless.json()["error"]["message"]
+        slow_head = httpx.post(gw.v1 + "/chat/completions", json=_chat("head_stall:400", stream=True),
+                               timeout=10)
+        assert _events(slow_head)[-1] == "[DONE]" and "error" not in slow_head.text, slow_head.text
     finally:
         gw.proc.terminate()
 

@@ -13,6 +13,8 @@ works too), as ``script=<name>`` with optional ``:<arg>``:
 - ``error_body:<bytes>``: HTTP 500 with a body of that many bytes, sent in 1 MiB pieces;
 - ``long_line:<bytes>``: HTTP 200, then one line of that many bytes without an end;
 - ``stall:<ms>``: a token, then nothing for that many milliseconds, then the rest of the answer;
+- ``head_stall:<ms>``: nothing at all (not even the response's head) for that many milliseconds,
+  then a normal answer;
 - ``escaped``: tokens whose JSON has escapes (quotes, a tab, ``\\u00e9``, ``\\/``): :data:`ESCAPED`;
 - ``bad_templated``: two tokens, then a chunk alike but for a raw control character in its text;
 - no script: a short normal answer.
@@ -130,6 +132,9 @@ async def completions(request: Request) -> Response:
         return StreamingResponse(_events(frames), **sse)
     if name == "stall":
         return StreamingResponse(_events(_normal(chat), 0, int(arg) / 1000), **sse)
+    if name == "head_stall":
+        await asyncio.sleep(int(arg) / 1000)
+        return StreamingResponse(_events(_normal(chat)), **sse)
     if name == "escaped":
         texts = [_event(_chunk(chat, text=t).replace("a/b", "a\\/b")) for t in ESCAPED]
         return StreamingResponse(_events([*texts, *_normal(chat)[2:]]), **sse)

@@ -9,8 +9,9 @@ and vLLM aborts the request when its client connection drops.
 Generations stream through one ``aiohttp.ClientSession``: its C HTTP parser and asyncio-native
 reads cost a fraction of httpx's pure-Python h11 and its layers of async generators per chunk (the
 largest part of the gateway's CPU per relayed token, docs/benchmarks.md), its read timeout is one
-timer per read that data re-arms, and a read returns everything that has arrived, so the events
-that arrived together are relayed as one when the gateway is behind. The other calls (/models, the
+timer per response that checks the time of the last read (``_ReadWatchdog``), and a read returns
+everything that has arrived, so the events that arrived together are relayed as one when the
+gateway is behind. The other calls (/models, the
 engine's /metrics) are rare and use one shared ``httpx.AsyncClient`` whose connections are split
 over small pools (``http_pools.ShardedTransport``).
 """
@@ -75,10 +76,12 @@ class OpenAICompatEngine:
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
                                       write=connect_timeout_s, pool=read_timeout_s)
         # aiohttp's ``connect`` bounds the wait for a free connection (httpx's pool timeout) and
-        # the connection's setup; ``sock_read`` is the gap allowed between two reads.
+        # the connection's setup. The gap allowed between two reads is ``read_timeout_s``, kept
+        # by ``generate`` (the response's head) and ``_ReadWatchdog`` (its body), not by aiohttp's
+        # ``sock_read``, which cancels and re-arms a timer on every read: one per token.
+        self._read_timeout_s = read_timeout_s
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=read_timeout_s,
-                                                     sock_connect=connect_timeout_s,
-                                                     sock_read=read_timeout_s)
+                                                     sock_connect=connect_timeout_s)
         self._max_connections = max_connections
         self._client: httpx.AsyncClient | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -180,9 +183,13 @@ class OpenAICompatEngine:
         # As httpx encodes ``json=``: compact, UTF-8, no NaN.
         data = json.dumps(self._body(request), ensure_ascii=False, separators=(",", ":"),
                           allow_nan=False).encode()
+        watchdog: _ReadWatchdog | None = None
         try:
-            async with self.session.post(self._urls[request.is_chat], data=data,
-                                         headers={"Content-Type": "application/json"}) as response:
+            async with asyncio.timeout(self._read_timeout_s):  # until the response's head
+                response = await self.session.post(self._urls[request.is_chat], data=data,
+                                                   headers={"Content-Type": "application/json"})
+            async with response:
+                watchdog = _ReadWatchdog(response, self._read_timeout_s)
                 if response.status != 200:
                     raw, _ = await read_at_most(response.content.iter_any(), MAX_ERROR_BODY_BYTES)
                     message = _upstream_message(response.status, raw)
@@ -196,17 +203,60 @@ class OpenAICompatEngine:
                     piece = await content.readany()
                     if not piece:
                         raise EngineUnavailable("engine closed the stream before it finished")
+                    watchdog.read()
                     delta = stream.feed(piece)
                     if delta is not None:
                         yield delta
                     if stream.failure is not None:
                         raise stream.failure
                 yield stream.finish()
-        except EngineError:
+        except EngineError as exc:
+            if watchdog is not None and watchdog.expired:
+                raise watchdog.timeout() from exc
             raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise EngineUnavailable(f"engine at {self.base_url} is not reachable: {exc!r}") from exc
-        except aiohttp.ServerTimeoutError as exc:
-            raise EngineUnavailable(f"engine sent nothing for too long ({type(exc).__name__})") from exc
         except aiohttp.ClientError as exc:
+            if watchdog is not None and watchdog.expired:
+                raise watchdog.timeout() from exc
             raise EngineUnavailable(f"engine connection failed mid-request: {exc!r}") from exc
+        except TimeoutError as exc:  # after aiohttp's own, which are TimeoutErrors too
+            raise EngineUnavailable("engine sent nothing for too long: no answer within "
+                                    f"{self._read_timeout_s:g} s (engine.read_timeout_s)") from exc
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+
+
+class _ReadWatchdog:
+    """Closes a response whose engine has sent nothing for ``timeout_s``: one timer per response
+    that looks at the time of its last read (``read``), where aiohttp's ``sock_read`` would
+    cancel and re-arm a timer on every read. The read then in progress fails, and ``generate``
+    answers ``timeout()`` for it."""
+
+    __slots__ = ("_loop", "_response", "_timer", "expired", "read_at", "timeout_s")
+
+    def __init__(self, response: aiohttp.ClientResponse, timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._response = response
+        self.timeout_s = timeout_s
+        self.read_at = self._loop.time()
+        self.expired = False
+        self._timer = self._loop.call_at(self.read_at + timeout_s, self._check)
+
+    def read(self) -> None:
+        self.read_at = self._loop.time()
+
+    def _check(self) -> None:
+        if self._loop.time() - self.read_at >= self.timeout_s:
+            self.expired = True
+            self._response.close()
+            return
+        self._timer = self._loop.call_at(self.read_at + self.timeout_s, self._check)
+
+    def timeout(self) -> EngineUnavailable:
+        return EngineUnavailable(f"engine sent nothing for too long: {self.timeout_s:g} s "
+                                 "without a byte (engine.read_timeout_s)")
+
+    def stop(self) -> None:
+        self._timer.cancel()
