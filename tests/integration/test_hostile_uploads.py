@@ -223,6 +223,19 @@ def test_a_killed_worker_blames_its_own_file_the_next_upload_works_no_temp_left(
     assert list(tmp_path.glob("chatfleet-load-*")) == []
 
 
+def test_a_worker_killed_while_idle_costs_the_next_upload_nothing(
+        gateway: Callable[..., Server], api_of: Callable[[Server], httpx.Client]) -> None:
+    server = gateway({**FAST_STOP, "CHATFLEET_KB__INGEST_WORKERS": "1"})
+    api = api_of(server)
+    _create_kb(api)
+    assert _failed(_upload(api, SMALL_FILE)) == {}  # the worker is up, and idle now
+    for round_ in range(2):
+        workers = _ingest_workers(server.proc.pid)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would, between two uploads
+        assert _failed(_upload(api, (f"after-{round_}.txt", SMALL_FILE[1]))) == {}
+
+
 def test_sigterm_during_an_ingestion_stops_the_worker_answers_the_envelope_and_exits(
         gateway: Callable[..., Server], api_of: Callable[[Server], httpx.Client]) -> None:
     server = gateway(FAST_STOP)

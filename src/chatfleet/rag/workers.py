@@ -6,7 +6,9 @@ blaming its own file; it cannot time out or stop a running job (a 30,000-page PD
 worker for minutes); and its exit hook waits for running jobs, so a stopping gateway stayed up
 until the file was read. Here each worker runs one job at a time over its own pipe, so a job
 that dies or overruns is that worker's job only: the worker is killed, the job fails with
-``WorkerDied`` or ``WorkerTimeout``, and a fresh worker takes its place on the next job.
+``WorkerDied`` or ``WorkerTimeout``, and a fresh worker takes its place on the next job. A worker
+says when it starts a job, so one that died idle (found dead before it took the job) costs the
+job nothing: the job runs on a fresh worker.
 Workers are daemon processes (spawned: the gateway has threads), killed by ``stop`` and at exit.
 
 Why not ``pebble.ProcessPool`` (5.2.3, evaluated): a worker that dies while the pool knows of no
@@ -27,6 +29,11 @@ from typing import Any
 __all__ = ["WorkerDied", "WorkerPool", "WorkerTimeout", "WorkersStopped"]
 
 _READY = "ready"
+_STARTED = "started"
+
+
+class _DeadBeforeStart(Exception):
+    """The worker was gone before it took the job (it died idle): the job never ran."""
 
 
 class WorkerDied(Exception):
@@ -50,7 +57,8 @@ class WorkersStopped(Exception):
 
 
 def _serve(conn: Connection, preload: str) -> None:
-    """The worker's loop: import ``preload``, say ready, then run jobs until the pipe closes."""
+    """The worker's loop: import ``preload``, say ready, then run jobs until the pipe closes,
+    saying ``_STARTED`` as each one starts."""
     importlib.import_module(preload)
     conn.send(_READY)
     while True:
@@ -58,6 +66,7 @@ def _serve(conn: Connection, preload: str) -> None:
             fn, args = conn.recv()
         except EOFError:
             return
+        conn.send(_STARTED)
         try:
             reply: tuple[str, Any] = ("ok", fn(*args))
         except Exception as exc:  # the caller re-raises it
@@ -86,8 +95,15 @@ class _Worker:
 
     def call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, Any]:
         """Blocking (run in a thread): the job's ("ok", result) or ("error", exception).
-        Raises EOFError or OSError when the process dies meanwhile."""
-        self.conn.send((fn, args))
+        Raises ``_DeadBeforeStart`` when the process was gone before it took the job, EOFError
+        or OSError when it died running it."""
+        try:
+            self.conn.send((fn, args))
+            started = self.conn.recv()
+        except (EOFError, OSError):
+            raise _DeadBeforeStart from None
+        if started != _STARTED:
+            raise RuntimeError(f"the worker process answered {started!r} to a job")
         return self.conn.recv()
 
     def kill(self) -> None:
@@ -119,32 +135,45 @@ class WorkerPool:
         try:
             if self._stopped:
                 raise WorkersStopped
-            if worker is None:
-                worker = await asyncio.to_thread(_Worker, self._preload)
-                self._live.add(worker)
-            call = asyncio.ensure_future(asyncio.to_thread(worker.call, fn, args))
-            done, _ = await asyncio.wait({call}, timeout=timeout_s)
-            if not done:
-                raise WorkerTimeout(timeout_s)
-            try:
-                status, value = call.result()
-            except (EOFError, OSError):
-                if self._stopped:
-                    raise WorkersStopped from None
-                raise WorkerDied(worker.process.exitcode) from None
+            for attempt in range(2):  # a worker found dead before the job: once more, fresh
+                if worker is None:
+                    worker = await asyncio.to_thread(_Worker, self._preload)
+                    self._live.add(worker)
+                call = asyncio.ensure_future(asyncio.to_thread(worker.call, fn, args))
+                done, _ = await asyncio.wait({call}, timeout=timeout_s)
+                if not done:
+                    raise WorkerTimeout(timeout_s)
+                try:
+                    status, value = call.result()
+                    break
+                except _DeadBeforeStart:
+                    if self._stopped:
+                        raise WorkersStopped from None
+                    if attempt:
+                        raise WorkerDied(worker.process.exitcode) from None
+                    self._discard(worker)
+                    worker, call = None, None
+                except (EOFError, OSError):
+                    if self._stopped:
+                        raise WorkersStopped from None
+                    raise WorkerDied(worker.process.exitcode) from None
             healthy = True
             if status == "error":
                 raise value
             return value
         finally:
             if worker is not None and not healthy:
-                self._live.discard(worker)
-                worker.kill()
-                if call is None or call.done():
-                    worker.conn.close()
-                else:  # its thread still reads the pipe: it gets EOF now, then the pipe closes
-                    call.add_done_callback(lambda _, conn=worker.conn: conn.close())
+                self._discard(worker, call)
             self._idle.put_nowait(worker if healthy else None)
+
+    def _discard(self, worker: _Worker, call: asyncio.Future[Any] | None = None) -> None:
+        """Kill ``worker`` and close its pipe (once ``call``, a thread still reading it, ends)."""
+        self._live.discard(worker)
+        worker.kill()
+        if call is None or call.done():
+            worker.conn.close()
+        else:  # its thread still reads the pipe: it gets EOF now, then the pipe closes
+            call.add_done_callback(lambda _, conn=worker.conn: conn.close())
 
     def stop(self) -> None:
         """Kill every worker (running jobs fail with ``WorkersStopped``); later jobs are refused."""
