@@ -15,6 +15,7 @@ gets no logging configuration of its own: its lines go through the process's (``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -86,6 +87,17 @@ that needed 1 ms took 166 ms (tests/integration/test_event_loop.py). 1 ms turns 
 for a small cost in switches."""
 
 
+GC_THRESHOLDS = (5000, 10, 10)
+"""The cyclic collector's thresholds (CPython's default: 700, 10, 10). A streamed request keeps a
+few hundred container objects alive (coroutines, frames, messages) for as long as it streams,
+and almost none of them are ever cyclic garbage (a collection during the relay benchmark freed
+about 40 objects). With the default, 256 concurrent streams promoted them through the young
+generations and into full collections: 0.10 ms of collector time per request, an eighth of the
+gateway's CPU per short request. A first generation of 5,000 allocations halves that (gen-1 and
+full collections become rare) and holds at most a few thousand short-lived objects more; a
+young collection then takes under 1 ms, a full one no longer runs every few hundred requests."""
+
+
 def listening_socket(host: str, port: int, send_buffer_bytes: int | None) -> socket.socket:
     """The listening socket; accepted connections inherit its ``SO_SNDBUF`` (Linux), so
     ``send_buffer_bytes`` bounds the kernel memory each client connection can fill."""
@@ -122,6 +134,7 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
     """
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    gc.set_threshold(*GC_THRESHOLDS)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on",
