@@ -86,8 +86,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         self._last_read = self.loop.time()
-        if self._in_head and self._head_timer is None and not self._answering():
-            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
         limit = self.limits.max_header_bytes
         view = memoryview(data)
         while view:
@@ -101,7 +99,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(431, f"Request header fields too large: the request line and headers "
                                   f"may be at most {limit} bytes.")
                 return
-        if self._in_body and self._body_timer is None:
+        # Timers are armed for what this read left unfinished, not before it: a head and body that
+        # arrive in one read (most requests) arm and cancel nothing.
+        if self._in_head:
+            if self._head_bytes and self._head_timer is None and not self._answering():
+                self._head_timer = self.loop.call_later(self.limits.header_timeout_s,
+                                                        self._head_timed_out)
+        elif self._in_body and self._body_timer is None:
             self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_check)
 
     def _feed(self, piece: memoryview) -> bool:

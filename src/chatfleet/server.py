@@ -15,6 +15,7 @@ gets no logging configuration of its own: its lines go through the process's (``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -87,6 +88,19 @@ that needed 1 ms took 166 ms (tests/integration/test_event_loop.py). 1 ms turns 
 for a small cost in switches."""
 
 
+GC_THRESHOLDS = (5000, 50, 10)
+"""The cyclic collector's thresholds (CPython's default: 700, 10, 10). A streamed request keeps a
+few hundred container objects alive (coroutines, frames, messages) while it streams, and almost
+none of them ever become cyclic garbage (about 40 objects freed by the collector per thousand
+requests in the relay benchmark). With the default, 256 concurrent streams pushed them through
+both young generations and into full collections: about 0.10 ms of collector time per short
+request, an eighth of the gateway's CPU for it. Young collections every 5,000 allocations and a
+middle one every 50 of those: about 0.04 ms (measured with gc.callbacks, 2,048 one-token
+streams, 256 at a time). A collection's pause is bounded by the objects alive, not by these
+numbers (under 1 ms young, about 7 ms middle with 256 streams open, as the default's full
+collections were); the little cyclic garbage there is waits longer to be freed."""
+
+
 def listening_socket(host: str, port: int, send_buffer_bytes: int | None) -> socket.socket:
     """The listening socket; accepted connections inherit its ``SO_SNDBUF`` (Linux), so
     ``send_buffer_bytes`` bounds the kernel memory each client connection can fill."""
@@ -123,6 +137,7 @@ def serve_app(app: FastAPI, sock: socket.socket, *, log_level: str, drain_timeou
     """
     debug = slow_callback_s is not None
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    gc.set_threshold(*GC_THRESHOLDS)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(DirectBodySend(app), host=host, port=port, log_config=None, log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on",

@@ -71,6 +71,16 @@ async def test_an_answer_without_a_request_id_gets_one_and_the_log_names_it(capl
     assert headers[b"x-request-id"].startswith(b"req-")
 
 
+async def test_with_the_line_filtered_out_an_answer_still_gets_a_request_id(caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    sent = await run(answer_without_id, scope("/x"))
+    assert dict(sent[0]["headers"])[b"x-request-id"].startswith(b"req-")
+    sent = await run(answer, scope("/v1/models"))
+    assert dict(sent[0]["headers"])[b"x-request-id"] == b"r-1"  # its own id, not a second one
+    assert len(sent[0]["headers"]) == 1 and sent[1]["body"] == b"{}"
+    assert fields(caplog) == []
+
+
 async def test_an_app_that_fails_is_logged_as_500_and_the_error_goes_on(caplog) -> None:
     caplog.set_level(logging.INFO)
     with pytest.raises(RuntimeError):

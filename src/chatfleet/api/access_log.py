@@ -29,6 +29,8 @@ would also hide a ``local_kb`` request's knowledge-base name, which is no secret
 With ``log.format=json`` the same fields are keys of the line (``logs.py``). The bookkeeping
 costs about 5 µs a request and one extra call per ``send`` (a streamed token); writing the line
 costs more, about as much as serving ``GET /v1/models`` (measurements: docs/operations.md#logs).
+Where the log level filters the line out (``server.log_level=warning``), none of that is done: an
+answer without an ``X-Request-Id`` still gets one, nothing else.
 """
 
 from __future__ import annotations
@@ -69,6 +71,30 @@ def loggable_path(path: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def _identified(start: Message) -> tuple[Message, str]:
+    """A response start with an ``X-Request-Id`` (the one it has, else a new ``req-<hex>`` one
+    added), and that id."""
+    headers = start.get("headers", ())
+    for name, value in headers:
+        if name == _REQUEST_ID:
+            return start, value.decode("latin-1")
+    request_id = "req-" + uuid.uuid4().hex
+    return {**start, "headers": [*headers, (_REQUEST_ID, request_id.encode())]}, request_id
+
+
+def _identifying(send: Send) -> Send:
+    """``send`` that gives a response without an ``X-Request-Id`` one: what the middleware does
+    to a request whose line the log level filters out. No timing, no admission record, no
+    wrapped ``receive``: that bookkeeping only feeds the line."""
+
+    async def identifying_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = _identified(message)[0]
+        await send(message)
+
+    return identifying_send
+
+
 class AccessLog:
     """Log each HTTP request once it is over: see the module docstring for the line."""
 
@@ -81,8 +107,11 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         level = logging.DEBUG if scope["path"] in self.quiet_paths else logging.INFO
-        if level == logging.DEBUG and not log.isEnabledFor(level):
-            await self.app(scope, receive, send)  # an unlogged probe costs nothing more
+        if not log.isEnabledFor(level):
+            if level == logging.DEBUG:
+                await self.app(scope, receive, send)  # an unlogged probe costs nothing more
+            else:  # no line to write (the level filters it out), but the answer keeps its id
+                await self.app(scope, receive, _identifying(send))
             return
         arrived_at = time.perf_counter()
         status = 0
@@ -101,14 +130,7 @@ class AccessLog:
                     return
             elif kind == "http.response.start":
                 status = message["status"]
-                headers = message.get("headers", ())
-                for name, value in headers:
-                    if name == _REQUEST_ID:
-                        request_id = value.decode("latin-1")
-                        break
-                else:
-                    request_id = "req-" + uuid.uuid4().hex
-                    message = {**message, "headers": [*headers, (_REQUEST_ID, request_id.encode())]}
+                message, request_id = _identified(message)
             await send(message)
 
         async def watched_receive() -> Message:

@@ -19,9 +19,11 @@ _PRIORITY_HEADER = b"x-chatfleet-priority"
 class BodySizeLimit:
     """Answer 413 to a request body over ``max_bytes``, by Content-Length or by counting the stream.
 
-    A declared length over the limit is refused before the app runs. A chunked body is counted as
-    it is read; crossing the limit raises a 413 HTTPException inside the route's body parsing,
-    which FastAPI re-raises as is, so the app's error handler answers it.
+    A declared length over the limit is refused before the app runs; one within it is all the
+    server reads as this request's body (more is the next request), so ``receive`` is left as it
+    is, without a counting wrapper per read. A chunked body is counted as it is read; crossing the
+    limit raises a 413 HTTPException inside the route's body parsing, which FastAPI re-raises as
+    is, so the app's error handler answers it.
     """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, upload_paths: tuple[str, ...] = (),
@@ -48,12 +50,19 @@ class BodySizeLimit:
             return
         path = scope["path"]
         limit = self._limit(path)[0]
+        bounded = chunked = False
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 declared = int(value) if value.isdigit() else 0
                 if declared > limit:
                     await self._reject(scope, receive, send, declared)
                     return
+                bounded = value.isdigit()
+            elif name == b"transfer-encoding":
+                chunked = True
+        if bounded and not chunked:  # the server reads no more than the declared length
+            await self.app(scope, receive, send)
+            return
         received = 0
 
         async def counting_receive() -> Message:

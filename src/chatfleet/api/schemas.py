@@ -67,8 +67,10 @@ class _Request(BaseModel):
     def _finite_numbers(self) -> _Request:
         """Python's JSON reader takes ``NaN`` and ``Infinity``; JSON has no such numbers, and a
         field passed to the engine holding one failed on the way out (a 500): refuse it here."""
+        values = self.__dict__
         for name in SAMPLING_FIELDS:
-            if _non_finite(self.__dict__.get(name)):
+            value = values.get(name)
+            if value is not None and _non_finite(value):
                 raise ValueError(f"{name} holds NaN or Infinity, which JSON has no numbers for: "
                                  "send a finite number")
         return self

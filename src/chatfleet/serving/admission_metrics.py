@@ -8,6 +8,8 @@ process that owns the pod's queue sets ``chatfleet_queue_depth`` and ``chatfleet
 
 from __future__ import annotations
 
+from prometheus_client import Gauge
+
 from chatfleet.serving.admission import AdmissionController, Priority
 from chatfleet.settings import AdmissionSettings
 from chatfleet.telemetry.metrics import GatewayMetrics
@@ -19,11 +21,17 @@ def measured_admission(settings: AdmissionSettings, metrics: GatewayMetrics) -> 
     """An ``AdmissionController`` as ``settings`` say, whose every change sets the gauges."""
     queue_gauges = {p: metrics.queue_depth.labels(metrics.model, p.value) for p in Priority}
     running_gauge = metrics.requests_running.labels(metrics.model)
+    shown: dict[Gauge, int] = {}
+
+    def show(gauge: Gauge, value: int) -> None:
+        if shown.get(gauge) != value:  # a change moves one or two values; a set takes a lock
+            gauge.set(value)
+            shown[gauge] = value
 
     def admission_changed(admission: AdmissionController) -> None:
         for priority, gauge in queue_gauges.items():
-            gauge.set(admission.queued(priority))
-        running_gauge.set(admission.running)
+            show(gauge, admission.queued(priority))
+        show(running_gauge, admission.running)
 
     return AdmissionController(
         slots=settings.engine_slots, max_queue=settings.max_queue,
