@@ -71,8 +71,8 @@ class DirectBodySend:
 
     Every middleware here (Starlette's error and exception middlewares, the access log) wraps
     ``send`` to look at ``http.response.start`` and at the final body event only; a token event
-    passing through them cost four coroutine calls, about a tenth of the gateway's CPU per relayed
-    token. ``CompletionStream`` still sends the start and the final event through them, so what
+    passing through them cost four coroutine calls, about 7% of the gateway's py-spy samples per
+    relayed token. ``CompletionStream`` still sends the start and the final event through them, so what
     they see is unchanged. A middleware that needs every body event (compression) must not be
     added to completion routes.
     """
