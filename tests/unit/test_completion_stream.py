@@ -20,19 +20,22 @@ class _Server:
     def __init__(self, disconnect: bool = False) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self._disconnect = disconnect
+        self._complete = asyncio.Event()
         self.scope = {"type": "http", "extensions": {BODY_SEND_EXTENSION: self.body_send}}
 
     async def send(self, message: dict[str, Any]) -> None:
         self.sent.append(("send", message))
+        if message.get("more_body") is False:
+            self._complete.set()
 
     async def body_send(self, message: dict[str, Any]) -> None:
         self.sent.append(("body_send", message))
 
     async def receive(self) -> dict[str, Any]:
-        if self._disconnect:
-            return {"type": "http.disconnect"}
-        await asyncio.Event().wait()  # a client that stays
-        raise AssertionError
+        """A client that stays; as uvicorn does, a disconnect once the response is complete."""
+        if not self._disconnect:
+            await self._complete.wait()
+        return {"type": "http.disconnect"}
 
 
 async def test_each_item_is_one_send_and_the_last_payloads_end_the_body_in_one_event() -> None:
@@ -59,15 +62,41 @@ async def test_each_item_is_one_send_and_the_last_payloads_end_the_body_in_one_e
     assert closed == [True]
 
 
-async def test_a_stream_that_goes_on_after_its_last_payloads_is_an_error() -> None:
+async def test_the_stream_finishes_after_its_last_payloads_are_sent() -> None:
+    """The stream's own end (where it counts the request as answered) comes after the final
+    event was handed to the server, never before: a client gone by then was not answered."""
+    server = _Server()
+    finished_after: list[int] = []
+
     async def rest() -> AsyncIterator[Any]:
+        yield LastPayloads(("[DONE]",))
+        finished_after.append(len(server.sent))
+
+    await CompletionStream("a", rest(), send_timeout_s=30)(server.scope, server.receive, server.send)
+    assert finished_after == [3]  # start, "a", and the final event
+
+    async def goes_on() -> AsyncIterator[Any]:
         yield "more"
 
-    server = _Server()
+    other = _Server()
     with pytest.raises(RuntimeError, match="after its last payloads"):
-        await CompletionStream(LastPayloads(("[DONE]",)), rest(), send_timeout_s=30)(
-            server.scope, server.receive, server.send)
-    assert all(m["type"] == "http.response.start" for _, m in server.sent)
+        await CompletionStream(LastPayloads(("[DONE]",)), goes_on(), send_timeout_s=30)(
+            other.scope, other.receive, other.send)
+
+
+async def test_the_end_reported_as_a_disconnect_does_not_cut_the_stream_short() -> None:
+    """uvicorn's ``receive`` answers a disconnect once the response is complete: the stream's
+    own end, which may still await, runs all the same."""
+    finished = []
+
+    async def rest() -> AsyncIterator[Any]:
+        yield LastPayloads(("[DONE]",))
+        await asyncio.sleep(0.05)
+        finished.append(True)
+
+    server = _Server()
+    await CompletionStream("a", rest(), send_timeout_s=30)(server.scope, server.receive, server.send)
+    assert finished == [True]
 
 
 async def test_a_disconnect_closes_the_stream_and_ends_nothing() -> None:

@@ -136,8 +136,9 @@ class CompletionStream(Response):
     """The event stream of a streamed completion: ``first`` and ``rest`` as
     ``CompletionService.open_stream`` returns them, each payload framed by ``frame``, a queued
     stream's heartbeats as comments, payloads yielded together in one write, the last ones
-    (``LastPayloads``) as the final body event. ``rest`` is closed on any exit, which frees the
-    request's slot and aborts its engine request.
+    (``LastPayloads``) as the final body event, after which ``rest`` runs to its end (counting the
+    request as answered: a client that leaves before the final event is sent is counted as gone).
+    ``rest`` is closed on any exit, which frees the request's slot and aborts its engine request.
 
     This is the relay's hot path, one event per token per client, so a token costs one framing and
     one call of the server's ``send``: the stream runs in a task of its own, as Starlette's
@@ -160,6 +161,8 @@ class CompletionStream(Response):
         self._rest = rest
         self._frame = frame
         self.send_timeout_s = send_timeout_s
+        self._delivered = False
+        """The final body event was sent: the answer is the client's."""
 
     def _framed(self, item: Payloads | object) -> bytes:
         if isinstance(item, str):
@@ -176,6 +179,8 @@ class CompletionStream(Response):
         disconnect = asyncio.create_task(_disconnected(receive))
         try:
             await asyncio.wait((stream, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            if not stream.done() and self._delivered:  # the server reports the end as a
+                await asyncio.wait((stream,))          # disconnect: let the stream finish
         finally:
             timer.stop()
             disconnect.cancel()
@@ -207,14 +212,15 @@ class CompletionStream(Response):
                     timer.sending_since = loop.time()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
-            try:  # the stream's own end, so that its bookkeeping runs before the body ends
-                await anext(rest)
-            except StopAsyncIteration:
-                pass
-            else:
-                raise RuntimeError("a completion stream yielded after its last payloads")
             timer.sending_since = loop.time()
             await send({"type": "http.response.body", "body": framed(item), "more_body": False})
+            timer.sending_since = None
+            self._delivered = True
+            try:  # the stream's own end, once its answer is delivered: its outcome is "ok" now
+                await anext(rest)
+            except StopAsyncIteration:
+                return
+            raise RuntimeError("a completion stream yielded after its last payloads")
 
 
 async def _disconnected(receive: Receive) -> None:
