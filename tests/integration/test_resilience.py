@@ -272,6 +272,44 @@ async def _running(gw: Server, n: int) -> bool:
         return value((await c.get(gw.url + "/metrics")).text, "chatfleet_requests_running") == n
 
 
+async def test_a_client_slow_to_read_is_not_an_engine_that_sent_nothing(engine_sim, gateway) -> None:
+    """The engine read timeout counts only time spent waiting for the engine: a client that reads
+    nothing for longer than it (but less than the send timeout), while the gateway's sends wait on
+    full buffers and the engine's next bytes wait in the gateway, still gets its whole answer."""
+    sim: Server = engine_sim(max_num_seqs=8)
+    gw: Server = gateway(upstream_env(sim, engine__read_timeout_s=1, server__send_timeout_s=10,
+                                      server__send_buffer_bytes=65536))
+    tokens = 1500
+    body = json.dumps(chat(tokens, stream=True)).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    try:
+        sock.sendall(request)
+        await gw.wait_for("chatfleet_requests_running", 1)
+        relayed, still_since, started = -1.0, time.perf_counter(), time.perf_counter()
+        while time.perf_counter() - still_since < 0.5:  # until the gateway relays nothing more
+            assert time.perf_counter() - started < 30, "the gateway never stalled"
+            count = value(gw.metrics(), "chatfleet_itl_seconds_count")
+            if count != relayed:
+                relayed, still_since = count, time.perf_counter()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2)  # twice the engine read timeout more, still reading nothing
+        sock.settimeout(30)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    finally:
+        sock.close()
+    assert b"data: [DONE]" in received and b'"error"' not in received, received[-300:]
+    assert b'"finish_reason":"length"' in received  # the answer ran to max_tokens
+    metrics = gw.metrics()
+    assert value(metrics, "chatfleet_requests_total", outcome="ok") == 1
+    assert value(metrics, "chatfleet_completion_tokens_total") == tokens
+
+
 async def test_a_client_that_reads_nothing_loses_its_slot_after_the_send_timeout(engine_sim, gateway) -> None:
     """A streaming client that never reads (slowloris-style, its receive buffer 4 KiB) fills the
     connection's buffers (a 64 KiB send buffer, ``server.send_buffer_bytes``) within a few hundred

@@ -9,11 +9,11 @@ and vLLM aborts the request when its client connection drops.
 Generations stream through one ``aiohttp.ClientSession``: its C HTTP parser and asyncio-native
 reads cost a fraction of httpx's pure-Python h11 and its layers of async generators per chunk (the
 largest part of the gateway's CPU per relayed token, docs/benchmarks.md), its read timeout is one
-timer per response that checks the time of the last read (``_ReadWatchdog``), and a read returns
-everything that has arrived, so the events that arrived together are relayed as one when the
-gateway is behind. The other calls (/models, the
-engine's /metrics) are rare and use one shared ``httpx.AsyncClient`` whose connections are split
-over small pools (``http_pools.ShardedTransport``).
+timer per response that checks how long the read in progress has waited (``_ReadWatchdog``), and
+a read returns everything that has arrived, so the events that arrived together are relayed as
+one when the gateway is behind. The other calls (/models, the engine's /metrics) are rare and use
+one shared ``httpx.AsyncClient`` whose connections are split over small pools
+(``http_pools.ShardedTransport``).
 """
 
 from __future__ import annotations
@@ -191,6 +191,7 @@ class OpenAICompatEngine:
             async with response:
                 watchdog = _ReadWatchdog(response, self._read_timeout_s)
                 if response.status != 200:
+                    watchdog.waiting()  # the whole error body, within the read timeout
                     raw, _ = await read_at_most(response.content.iter_any(), MAX_ERROR_BODY_BYTES)
                     message = _upstream_message(response.status, raw)
                     if 400 <= response.status < 500 and response.status != 429:
@@ -200,10 +201,11 @@ class OpenAICompatEngine:
                 content = response.content
                 stream = UpstreamStream(chat=request.is_chat)
                 while not stream.done:
+                    watchdog.waiting()
                     piece = await content.readany()
+                    watchdog.received()
                     if not piece:
                         raise EngineUnavailable("engine closed the stream before it finished")
-                    watchdog.read()
                     delta = stream.feed(piece)
                     if delta is not None:
                         yield delta
@@ -229,30 +231,37 @@ class OpenAICompatEngine:
 
 
 class _ReadWatchdog:
-    """Closes a response whose engine has sent nothing for ``timeout_s``: one timer per response
-    that looks at the time of its last read (``read``), where aiohttp's ``sock_read`` would
-    cancel and re-arm a timer on every read. The read then in progress fails, and ``generate``
-    answers ``timeout()`` for it."""
+    """Closes a response whose engine has sent nothing for ``timeout_s`` while it was waited for:
+    one timer per response that looks at when the wait in progress began (``waiting``,
+    ``received``), where aiohttp's ``sock_read`` would cancel and re-arm a timer on every read.
+    Time spent relaying (the client slow to take a token) is not the engine's: it does not count.
+    The read then in progress fails, and ``generate`` answers ``timeout()`` for it."""
 
-    __slots__ = ("_loop", "_response", "_timer", "expired", "read_at", "timeout_s")
+    __slots__ = ("_loop", "_response", "_timer", "expired", "timeout_s", "waiting_since")
 
     def __init__(self, response: aiohttp.ClientResponse, timeout_s: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._response = response
         self.timeout_s = timeout_s
-        self.read_at = self._loop.time()
+        self.waiting_since: float | None = None
         self.expired = False
-        self._timer = self._loop.call_at(self.read_at + timeout_s, self._check)
+        self._timer = self._loop.call_later(timeout_s, self._check)
 
-    def read(self) -> None:
-        self.read_at = self._loop.time()
+    def waiting(self) -> None:
+        self.waiting_since = self._loop.time()
+
+    def received(self) -> None:
+        self.waiting_since = None
 
     def _check(self) -> None:
-        if self._loop.time() - self.read_at >= self.timeout_s:
+        now = self._loop.time()
+        since = self.waiting_since
+        if since is not None and now - since >= self.timeout_s:
             self.expired = True
             self._response.close()
             return
-        self._timer = self._loop.call_at(self.read_at + self.timeout_s, self._check)
+        self._timer = self._loop.call_at((since if since is not None else now) + self.timeout_s,
+                                         self._check)
 
     def timeout(self) -> EngineUnavailable:
         return EngineUnavailable(f"engine sent nothing for too long: {self.timeout_s:g} s "

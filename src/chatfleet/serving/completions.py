@@ -279,7 +279,6 @@ class CompletionService:
                     if payload is not None:
                         responded = True
                         yield payload
-            responded = True
             yield render.last()
             tracker.outcome = Outcome.OK
         except EngineError as exc:
