@@ -272,6 +272,15 @@ async def _running(gw: Server, n: int) -> bool:
         return value((await c.get(gw.url + "/metrics")).text, "chatfleet_requests_running") == n
 
 
+def _read_rest(sock: socket.socket, timeout_s: float) -> bytes:
+    """What the socket still delivers, until the gateway closes the connection."""
+    sock.settimeout(timeout_s)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
 async def test_a_client_slow_to_read_is_not_an_engine_that_sent_nothing(engine_sim, gateway) -> None:
     """The engine read timeout counts only time spent waiting for the engine: a client that reads
     nothing for longer than it (but less than the send timeout), while the gateway's sends wait on
@@ -297,10 +306,7 @@ async def test_a_client_slow_to_read_is_not_an_engine_that_sent_nothing(engine_s
                 relayed, still_since = count, time.perf_counter()
             await asyncio.sleep(0.05)
         await asyncio.sleep(2)  # twice the engine read timeout more, still reading nothing
-        sock.settimeout(30)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+        received = _read_rest(sock, 30)
     finally:
         sock.close()
     assert b"data: [DONE]" in received and b'"error"' not in received, received[-300:]
@@ -338,10 +344,7 @@ async def test_a_client_that_reads_nothing_loses_its_slot_after_the_send_timeout
                 assert samples[-1][0] - samples[0][0] < 30, "the stalled stream kept its slot"
                 await asyncio.sleep(0.05)
             answered = await queued
-        sock.settimeout(5)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+        received = _read_rest(sock, 5)
     finally:
         sock.close()
     freed_at = samples[-1][0]
