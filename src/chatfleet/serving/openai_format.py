@@ -10,12 +10,12 @@ a final chunk with ``finish_reason``, then with ``stream_options.include_usage``
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any, Protocol
 
 from chatfleet.engines.base import GenerationDelta, Usage
@@ -25,8 +25,6 @@ __all__ = ["Answer", "ChunkFormatter", "LastPayloads", "PayloadRenderer", "Paylo
            "stream_payloads"]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_json_string: Callable[[str], str] = encode_basestring
-"""A string as JSON, as ``_dumps`` writes it (the C function behind it, without its dispatch)."""
 
 
 def new_request_id(chat: bool) -> str:
@@ -107,10 +105,11 @@ class StreamFormatter:
                 '"finish_reason":null}]' + self._tail)
 
     def token(self, text: str) -> str:
+        # encode_basestring: the text as JSON, as ``_dumps`` writes it, without its dispatch.
         if self._chat:
-            return (self._head + '"delta":{"content":' + _json_string(text) +
+            return (self._head + '"delta":{"content":' + encode_basestring(text) +
                     '},"logprobs":null,"finish_reason":null}]' + self._tail)
-        return (self._head + '"text":' + _json_string(text) +
+        return (self._head + '"text":' + encode_basestring(text) +
                 ',"logprobs":null,"finish_reason":null}]' + self._tail)
 
     def finish(self, finish_reason: str) -> str:
