@@ -53,11 +53,11 @@ class BodySizeLimit:
         bounded = chunked = False
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
-                declared = int(value) if value.isdigit() else 0
+                bounded = value.isdigit()
+                declared = int(value) if bounded else 0
                 if declared > limit:
                     await self._reject(scope, receive, send, declared)
                     return
-                bounded = value.isdigit()
             elif name == b"transfer-encoding":
                 chunked = True
         if bounded and not chunked:  # the server reads no more than the declared length
