@@ -201,6 +201,47 @@ def operator(
                        liveness_endpoint=liveness, namespaces=tuple(namespace or ())))
 
 
+@app.command()
+def epp(
+    endpoints: Annotated[str, typer.Option(
+        help="The pool's gateways, ip:port[,ip:port...] (their GET /load is polled)")],
+    host: Annotated[str, typer.Option(help="Bind address of the gRPC ext_proc service")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port of the gRPC ext_proc service")] = 9002,
+    metrics_host: Annotated[str, typer.Option(help="Bind address of /metrics")] = "0.0.0.0",
+    metrics_port: Annotated[int, typer.Option(help="Port of the picker's own /metrics")] = 9090,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between polls of each pod's load")] = 0.05,
+    stale_after: Annotated[float, typer.Option(
+        help="A pod whose load is older than this many seconds gets no request")] = 2.0,
+    batch_queue_share: Annotated[float, typer.Option(
+        help="Batch requests queue on a pod only while its queue is below this share of its bound")] = 0.5,
+    prefix_chars: Annotated[int, typer.Option(
+        help="Prefix affinity: requests whose prompts agree on this many leading characters go to "
+             "the same pod while it has room (0: off)")] = 0,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+) -> None:
+    """Run the endpoint picker (Gateway API Inference Extension, Envoy ext_proc) for a pool of pods."""
+    from chatfleet.routing.epp import EppConfig, run
+    from chatfleet.routing.scoring import RoutingSpec
+
+    pool = tuple(dict.fromkeys(e.strip() for e in endpoints.split(",") if e.strip()))
+    bad = [e for e in pool if not _is_endpoint(e)]
+    if bad or not pool:
+        raise typer.BadParameter(f"not ip:port: {', '.join(bad) or '(empty)'}", param_hint="--endpoints")
+    if not 0.0 <= batch_queue_share <= 1.0:
+        raise typer.BadParameter(f"{batch_queue_share} is not in [0, 1]", param_hint="--batch-queue-share")
+    if poll_interval <= 0 or stale_after <= 0 or prefix_chars < 0:
+        raise typer.BadParameter("--poll-interval and --stale-after must be positive, --prefix-chars >= 0")
+    configure_logging(log_level)
+    run(EppConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
+                  endpoints=pool, poll_interval_s=poll_interval, prefix_chars=prefix_chars,
+                  spec=RoutingSpec(stale_after_s=stale_after, batch_queue_share=batch_queue_share)))
+
+
+def _is_endpoint(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 app.command("simulate")(simulate_command)
 app.add_typer(kb_app, name="kb", help="Manage a running gateway's knowledge bases.")
 app.add_typer(bench_app, name="bench", help="Load-test an OpenAI-compatible server.")

@@ -11,6 +11,9 @@ Two families live here:
 - ``OperatorMetrics``: ``chatfleet operator``'s ``chatfleet_operator_*`` metrics (ticks, the
   floor it decided, its inputs), on the operator's own port.
 
+- ``EppMetrics``: ``chatfleet epp``'s ``chatfleet_epp_*`` metrics (picks and refusals, the time a
+  decision takes, the pods' load observations and their age), on the picker's own port.
+
 Each class owns a private ``CollectorRegistry`` so several apps can live in one process (tests).
 
 A pod of worker processes (``server.workers`` above 1) runs prometheus-client's multiprocess
@@ -54,6 +57,8 @@ __all__ = [
     "CONTENT_TYPE_LATEST",
     "AuthRejection",
     "EngineSimMetrics",
+    "EppMetrics",
+    "PickOutcome",
     "GatewayMetrics",
     "HistogramTally",
     "OperatorMetrics",
@@ -418,6 +423,48 @@ class OperatorMetrics:
     def tick(self, namespace: str, policy: str, outcome: TickOutcome) -> None:
         self.ticks_total.labels(policy_namespace=namespace, policy=policy,
                                 outcome=outcome.value).inc()
+
+
+class PickOutcome(StrEnum):
+    """How the endpoint picker answered a request, as the ``outcome`` label of
+    chatfleet_epp_picks_total: the tier the picked pod offered, or the refusal."""
+
+    SLOT = "slot"
+    QUEUE = "queue"
+    DISPLACE = "displace"
+    REFUSED_FULL = "refused_full"
+    REFUSED_UNAVAILABLE = "refused_unavailable"
+
+
+class EppMetrics:
+    """``chatfleet epp``'s own metrics, on its own /metrics port.
+
+    Endpoints are not a label: a pod's address changes with every restart, so per-endpoint
+    series would pile up; the pool's state is counted by ``state`` instead.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.picks_total = Counter(
+            "chatfleet_epp_picks", "Requests the picker answered, by priority and outcome.",
+            ["priority", "outcome"], registry=r)
+        self.decision_seconds = Histogram(
+            "chatfleet_epp_decision_seconds",
+            "Time from the request's last message from the proxy to the picker's answer.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=r)
+        self.endpoints = Gauge(
+            "chatfleet_epp_endpoints",
+            "The pool's endpoints by state: ready (fresh load, not draining), draining, stale "
+            "(no load within the staleness bound).", ["state"], registry=r)
+        self.load_age_seconds = Histogram(
+            "chatfleet_epp_load_age_seconds",
+            "Age of the picked pod's load observation at the moment of the pick.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0), registry=r)
+        self.load_polls_total = Counter(
+            "chatfleet_epp_load_polls", "Polls of the pods' GET /load, by result (ok or error).",
+            ["result"], registry=r)
 
 
 def render(registry: CollectorRegistry) -> bytes:

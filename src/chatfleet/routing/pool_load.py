@@ -1,0 +1,156 @@
+"""The pool's live load: every pod's ``GET /load`` polled on a short interval.
+
+A gateway's ``/load`` answers its pod's admission (slots, running, queued, draining) from
+memory; polling it every 50 ms per pod costs the pod a fraction of a millisecond of CPU a
+second. Between polls the picker counts what it sent each pod (``pending``), and a poll's
+answer replaces the counts it already includes: the requests sent before the poll went out.
+
+A pod whose ``/load`` cannot be reached (connection refused or reset: the pod stopped, its
+gateway is gone) or answers anything but 200 gets no request until a poll succeeds again, so a
+stopped pod stops receiving requests within one poll interval. A poll that times out leaves
+the last observation to age: a saturated gateway answers slowly and is still there, and the
+scoring's staleness bound (``RoutingSpec.stale_after_s``) retires it if it stays silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+import httpx
+
+from chatfleet.routing.scoring import PodLoad
+from chatfleet.telemetry.metrics import EppMetrics
+
+__all__ = ["PoolLoad", "parse_load"]
+
+log = logging.getLogger(__name__)
+
+_INT_FIELDS = ("slots", "batch_slots", "running", "running_batch", "queued_interactive",
+               "queued_batch", "max_queue", "retry_after_s")
+
+
+def parse_load(endpoint: str, answer: object) -> PodLoad:
+    """A gateway's ``/load`` JSON as a ``PodLoad``; ValueError when a field is missing or mistyped."""
+    if not isinstance(answer, dict):
+        raise ValueError("the load answer is not a JSON object")
+    values: dict[str, int] = {}
+    for name in _INT_FIELDS:
+        value = answer.get(name)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"the load answer's {name!r} is {value!r}, not a count")
+        values[name] = value
+    draining = answer.get("draining")
+    if type(draining) is not bool:
+        raise ValueError(f"the load answer's 'draining' is {draining!r}, not a boolean")
+    return PodLoad(endpoint=endpoint, draining=draining, **values)
+
+
+@dataclass(slots=True)
+class _Pod:
+    load: PodLoad | None = None
+    observed_at: float = 0.0
+    pending: int = 0
+    pending_batch: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+class PoolLoad:
+    """The latest load of each endpoint in the pool, kept fresh by one polling task per pod."""
+
+    def __init__(self, client: httpx.AsyncClient, metrics: EppMetrics, *, interval_s: float = 0.05,
+                 timeout_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._pods: dict[str, _Pod] = {}
+        self.polled = asyncio.Event()
+        """Set once every endpoint known so far has been polled at least once (the picker's
+        readiness: before, an empty pool would refuse everything for no reason)."""
+        self._unpolled: set[str] = set()
+
+    def set_endpoints(self, endpoints: Iterable[str]) -> None:
+        """Poll exactly these endpoints (``ip:port``) from now on."""
+        wanted = set(endpoints)
+        for endpoint in self._pods.keys() - wanted:
+            pod = self._pods.pop(endpoint)
+            if pod.task is not None:
+                pod.task.cancel()
+            self._unpolled.discard(endpoint)
+        for endpoint in wanted - self._pods.keys():
+            pod = _Pod()
+            self._pods[endpoint] = pod
+            self._unpolled.add(endpoint)
+            pod.task = asyncio.create_task(self._poll(endpoint, pod), name=f"load {endpoint}")
+        self._check_polled()
+
+    def snapshot(self) -> list[PodLoad]:
+        """Every pod with a current observation, its age and what was sent to it since."""
+        now = self._clock()
+        return [replace(pod.load, age_s=now - pod.observed_at, pending=pod.pending,
+                        pending_batch=pod.pending_batch)
+                for pod in self._pods.values() if pod.load is not None]
+
+    def sent(self, endpoint: str, *, batch: bool) -> None:
+        """Count a request sent to ``endpoint`` until a poll's answer includes it."""
+        pod = self._pods.get(endpoint)
+        if pod is not None:
+            pod.pending += 1
+            pod.pending_batch += batch
+
+    def count_states(self, stale_after_s: float) -> dict[str, int]:
+        """Endpoints by state, for the ``chatfleet_epp_endpoints`` gauge."""
+        now = self._clock()
+        states = {"ready": 0, "draining": 0, "stale": 0}
+        for pod in self._pods.values():
+            if pod.load is None or now - pod.observed_at > stale_after_s:
+                states["stale"] += 1
+            elif pod.load.draining:
+                states["draining"] += 1
+            else:
+                states["ready"] += 1
+        return states
+
+    async def aclose(self) -> None:
+        tasks = [pod.task for pod in self._pods.values() if pod.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pods.clear()
+
+    def _check_polled(self) -> None:
+        if not self._unpolled:
+            self.polled.set()
+
+    async def _poll(self, endpoint: str, pod: _Pod) -> None:
+        url = f"http://{endpoint}/load"
+        polls = self._metrics.load_polls_total
+        while True:
+            sent_before, batch_before = pod.pending, pod.pending_batch
+            asked_at = self._clock()
+            try:
+                response = await self._client.get(url, timeout=self._timeout_s)
+                if response.status_code != 200:
+                    raise ValueError(f"GET /load answered {response.status_code}")
+                load = parse_load(endpoint, response.json())
+            except httpx.TimeoutException:
+                polls.labels(result="error").inc()
+            except (httpx.HTTPError, ValueError) as exc:
+                polls.labels(result="error").inc()
+                if pod.load is not None:
+                    log.warning("epp: %s is out of the pool until its load answers: %s", endpoint, exc)
+                pod.load = None
+            else:
+                polls.labels(result="ok").inc()
+                pod.load, pod.observed_at = load, asked_at
+                pod.pending -= sent_before
+                pod.pending_batch -= batch_before
+            if endpoint in self._unpolled:
+                self._unpolled.discard(endpoint)
+                self._check_polled()
+            await asyncio.sleep(self._interval_s)
