@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+import httpx
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -25,6 +26,9 @@ class EppServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10.0).text
 
     def health(self, service: str) -> int:
         with grpc.insecure_channel(self.address) as channel:

@@ -65,6 +65,7 @@ class EppConfig:
     spec: RoutingSpec = RoutingSpec()
     poll_interval_s: float = 0.05
     poll_timeout_s: float = 1.0
+    engine_metrics_port: int | None = None
     prefix_chars: int = 0
 
 
@@ -190,9 +191,11 @@ async def _report_states(pool: PoolLoad, metrics: EppMetrics, spec: RoutingSpec,
 
 async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set; then stop taking streams and finish the open ones (5 s)."""
-    limits = httpx.Limits(max_connections=max(len(config.endpoints), 1) * 2, max_keepalive_connections=None)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
-        pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s)
+        pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s,
+                        engine_metrics_port=config.engine_metrics_port,
+                        kv_stale_after_s=config.spec.stale_after_s)
         pool.set_endpoints(config.endpoints)
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(
