@@ -66,9 +66,18 @@ def start_epp(endpoints: Sequence[str], *, args: Sequence[str] = ()) -> EppServe
                            "--log-level", "warning", *args], name="epp").start()
     proc.wait_http(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     server = EppServer(proc, port, metrics_port)
-    wait_until(lambda: server.health("readiness") == health_pb2.HealthCheckResponse.SERVING,
-               timeout=10, message="epp readiness")
+    wait_until(lambda: _serving(server), timeout=20, message="epp readiness")
     return server
+
+
+def _serving(server: EppServer) -> bool:
+    """The metrics port opens before the gRPC one: refused is "not yet"."""
+    try:
+        return server.health("readiness") == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        if server.proc.returncode is not None:
+            raise RuntimeError(f"epp exited ({server.proc.returncode}):\n{server.proc.log_tail()}") from None
+        return False
 
 
 def destination(responses: Sequence[pb.ProcessingResponse]) -> str:

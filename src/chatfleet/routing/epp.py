@@ -1,12 +1,14 @@
 """``chatfleet epp``: the Gateway API Inference Extension's endpoint picker, as an Envoy
 external-processing (ext_proc) gRPC service.
 
-The proxy (Envoy, or a Gateway implementation built on it) calls the picker once per request:
-it sends the request's headers and, with the body mode BUFFERED the Inference Extension
-configures, the whole body. The picker answers the headers with "continue" and, once the body
-is in (or at once, for a request without one), names a pod in the ``x-gateway-destination-endpoint``
+The proxy (Envoy, or a Gateway implementation built on it) calls the picker once per request,
+one gRPC stream each: it sends the request's headers and, with the body mode BUFFERED the
+Inference Extension configures, then the whole body. The picker answers the headers with
+"continue" and, once the body is in, names a pod in the ``x-gateway-destination-endpoint``
 header and in the dynamic metadata ``envoy.lb``; the proxy's ORIGINAL_DST cluster connects to
-that address. When no pod is eligible it answers 503, and when every pod would refuse, 429
+that address. A request without a body, or on a route whose body the proxy does not send first
+(body mode NONE, as deploy/envoy/epp-envoy.yaml sets for knowledge-base uploads larger than
+Envoy's buffer), is picked at its headers, on the priority header alone. When no pod is eligible it answers 503, and when every pod would refuse, 429
 with Retry-After, as an immediate response: the request never reaches a pod. The protocol:
 docs/proposals/004-endpoint-picker-protocol in kubernetes-sigs/gateway-api-inference-extension.
 
@@ -28,6 +30,7 @@ import grpc
 import httpx
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3.http_status_pb2 import HttpStatus
@@ -52,6 +55,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 _TIER_OUTCOME = {Tier.SLOT: PickOutcome.SLOT, Tier.QUEUE: PickOutcome.QUEUE,
                  Tier.DISPLACE: PickOutcome.DISPLACE}
+_BODY_SENT = (ProcessingMode.BUFFERED, ProcessingMode.BUFFERED_PARTIAL)
+"""Body modes in which the proxy sends the body before it needs the pick. In others (NONE: a route
+that streams large uploads past the picker) the pick is made at the headers."""
 _HEALTH_SERVICES = ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 
@@ -83,25 +89,34 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         headers: dict[str, str] = {}
         subset: frozenset[str] | None = None
         body = bytearray()
+        picked = False
+        body_buffered = True  # a proxy that does not say otherwise sends the body (ext_proc's default)
         async for request in request_iterator:
             kind = request.WhichOneof("request")
             if request.HasField("metadata_context"):
                 hint = _subset(request.metadata_context.filter_metadata)
                 subset = subset if hint is None else hint
+            if request.HasField("protocol_config"):  # on the first message only
+                body_buffered = request.protocol_config.request_body_mode in _BODY_SENT
             if kind == "request_headers":
                 headers = _header_map(request.request_headers.headers.headers)
-                if request.request_headers.end_of_stream:
+                if request.request_headers.end_of_stream or not body_buffered:
+                    picked = True
                     yield self._answer(headers, b"", subset, phase="request_headers")
                 else:
                     yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             elif kind == "request_body":
+                if picked:  # a body the proxy streams after the pick: pass it on
+                    yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                    continue
                 body += request.request_body.body
                 if len(body) > MAX_BODY_BYTES:
                     yield _immediate(413, None, f"the request body is over {MAX_BODY_BYTES} bytes")
                     return
                 if request.request_body.end_of_stream:
+                    picked = True
                     yield self._answer(headers, bytes(body), subset, phase="request_body")
-                else:  # a proxy streaming the body: nothing to decide until its end
+                else:
                     yield pb.ProcessingResponse(request_body=pb.BodyResponse())
             elif kind is not None:  # a phase the Inference Extension's configuration skips
                 yield _continue(kind)
