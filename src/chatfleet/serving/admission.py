@@ -228,8 +228,9 @@ class Ticket(Protocol):
 
 
 class Admission(Protocol):
-    """What the completion service and the lifecycle need of admission: this process's
-    ``AdmissionController``, or a worker's handle on the pod's (``pod_admission.PodAdmission``)."""
+    """What the completion service, the lifecycle and ``GET /load`` need of admission: this
+    process's ``AdmissionController``, or a worker's handle on the pod's
+    (``pod_admission.PodAdmission``)."""
 
     @property
     def running(self) -> int: ...
