@@ -83,6 +83,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self._metrics = metrics
         self._spec = spec
         self._prefix_chars = prefix_chars
+        self._turn = 0
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -126,7 +127,9 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         started = time.perf_counter()
         facts = request_facts(headers, body, prefix_chars=self._prefix_chars)
         pods = self._pool.snapshot()
-        result = pick(pods, batch=facts.batch, spec=self._spec, subset=subset, prefix_key=facts.prefix_key)
+        self._turn += 1
+        result = pick(pods, batch=facts.batch, spec=self._spec, subset=subset, prefix_key=facts.prefix_key,
+                      turn=self._turn)
         if isinstance(result, Pick):
             self._metrics.load_age_seconds.observe(
                 next(pod.age_s for pod in pods if pod.endpoint == result.endpoint))
