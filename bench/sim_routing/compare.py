@@ -35,9 +35,9 @@ from pathlib import Path
 from chatfleet.bench.workload import load_trace
 from chatfleet.engines.engine_model import load_profile
 from chatfleet.sim.experiment import Experiment, prepare
-from chatfleet.sim.fleet import Autoscaler, StaticReplicas, simulate
+from chatfleet.sim.fleet import RequestOutcome, StaticReplicas, simulate
 from chatfleet.sim.picker import Routing
-from chatfleet.sim.report import meets_slo
+from chatfleet.sim.report import meets_slo, ttft_quantile
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = ROOT.parent / "shared" / "traces" / "azure2023_conv.csv"
@@ -51,7 +51,7 @@ ROUTINGS = {"random": Routing("random"), "epp": Routing("epp"),
 @dataclass(frozen=True)
 class Case:
     fleet: str
-    """"static N", "static N, pod 0 at 0.5x" or "hpa"."""
+    """``static N``, ``static N, pod 0 at 0.5x`` or ``hpa``."""
     replicas: int | None
     slow: bool
     routing: str
@@ -80,22 +80,17 @@ def _init(trace: Path, speed: float, profile: str, slots: int, duration_s: float
 
 
 def run(case: Case) -> Outcome:
-    from chatfleet.sim.fleet import RequestOutcome
-    from chatfleet.sim.report import ttft_quantile
-
     assert _experiment is not None
     experiment = replace(_experiment, routing=ROUTINGS[case.routing])
     started = time.perf_counter()
-    autoscaler: Autoscaler
     if case.replicas is None:
         result = experiment.run("hpa")
     else:
-        autoscaler = StaticReplicas(case.replicas)
         end_s = max(experiment.arrivals) + TAIL_S
         config = replace(experiment.fleet_config(case.replicas), end_s=end_s)
         if case.slow:
             config = replace(config, pod_speed=lambda index: SLOW_SPEED if index == 0 else 1.0)
-        result = simulate(config, experiment.requests, autoscaler)
+        result = simulate(config, experiment.requests, StaticReplicas(case.replicas))
     met = meets_slo(result, experiment.slo)
     outcomes = list(result.outcome)
     return Outcome(slo_attainment=sum(met) / len(met), missed=len(met) - sum(met),
@@ -213,7 +208,8 @@ def main() -> None:
         smallest[routing] = None if best is None else {"replicas": best["replicas"],
                                                        "gpu_seconds": best["gpu_seconds"]}
         print(f"smallest equal fleet at >= {TARGET:.0%}, {routing}: "
-              + ("none" if best is None else f"{best['replicas']} pods, {best['gpu_seconds']:,.0f} GPU-s"))
+              + ("none" if best is None
+                 else f"{best['replicas']} pods, {best['gpu_seconds']:,.0f} GPU-s"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps({
         "trace": args.trace.name, "speed": args.speed, "duration_s": duration_s,

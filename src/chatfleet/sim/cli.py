@@ -151,8 +151,8 @@ def simulate_command(
     table = Table(title=f"{trace.name} x{speed:g}, cold start {cold_start:g} s, {requests} requests, "
                         f"{profile} with {engine_slots} slots: {capacity:.2f} req/s per replica, "
                         f"{routing} routing")
-    for column in ("policy", "SLO", "TTFT p99 s", "GPU-s", "vs oracle", "429s", "peak", "overshoot", "reversals/h",
-                   "reaction s", "recovery s"):
+    for column in ("policy", "SLO", "TTFT p99 s", "GPU-s", "vs oracle", "429s", "peak", "overshoot",
+                   "reversals/h", "reaction s", "recovery s"):
         table.add_column(column, justify="right")
     for name in chosen:
         r = reports[name]
