@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart.render import CHART, ROOT, by_kind, helm, one, render, set_args
+from tests.chart.render import CHART, ROOT, by_kind, helm, notes, one, render, set_args
 from tests.chart.test_chart import INFERENCEPOOL, INFERENCEPOOL_FULL
 from tests.support.crd import openapi_schema, problems
 
@@ -329,6 +329,14 @@ def test_the_example_values_render_the_whole_inferencepool_setup() -> None:
     assert crd_problems(one(docs, "InferencePool")) == [] and crd_problems(one(docs, "HTTPRoute")) == []
     assert {"Deployment", "Service", "Role", "RoleBinding", "ServiceAccount", "NetworkPolicy",
             "PodMonitor"} <= set(picker_objects(docs))
+
+
+def test_the_install_notes_say_how_to_check_the_pool() -> None:
+    assert "InferencePool" not in notes()
+    text = notes(ROUTE)
+    assert "InferencePool chatfleet, picked per request by chatfleet-epp (failureMode FailOpen)" in text
+    assert "HTTPRoute chatfleet sends Gateway inference-gateway's traffic to it" in text
+    assert "kubectl -n llm get inferencepool chatfleet" in text
 
 
 @pytest.mark.parametrize(("values", "message"), [
