@@ -210,10 +210,12 @@ def test_network_policies_let_the_picker_poll_each_gateway_and_nothing_else(valu
     # EPP -> gateway:8000 (GET /load): out of the picker, into the gateway pods.
     assert admits(epp_policy, "egress", gateway_labels, ports["http"])
     assert admits(gateway_policy, "ingress", epp_labels, ports["http"], "http")
-    # ...and not to the engine's port, nor to any other pod of the namespace.
-    assert not admits(gateway_policy, "ingress", epp_labels, 8001)
-    assert not admits(epp_policy, "egress", gateway_labels, 8001)
-    assert not admits(epp_policy, "egress", {"app": "something-else"}, ports["http"])
+    # EPP -> the engine's /metrics (its KV-cache usage): the one peer that reaches that port.
+    assert admits(epp_policy, "egress", gateway_labels, ports["engine"])
+    assert admits(gateway_policy, "ingress", epp_labels, ports["engine"], "engine")
+    assert not admits(gateway_policy, "ingress", {"app": "any-other-pod"}, ports["engine"], "engine")
+    assert not admits(epp_policy, "egress", {"app": "any-other-pod"}, ports["http"])
+    assert not admits(epp_policy, "egress", gateway_labels, 9999)
     # The Kubernetes API server, on its ports only.
     api_rules = [r for r in epp_policy["spec"]["egress"] if "to" not in r]
     assert [[p["port"] for p in r["ports"]] for r in api_rules] == [[443, 6443]]
@@ -223,6 +225,18 @@ def test_network_policies_let_the_picker_poll_each_gateway_and_nothing_else(valu
     assert set(rules) == {("grpc",), ("metrics",)}
     assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
     assert rules[("grpc",)].get("from") == values.get("routing.epp.networkPolicy.from")
+
+
+def test_without_engine_metrics_the_engine_port_stays_closed() -> None:
+    docs = render({**INFERENCEPOOL, "routing.epp.engineMetrics": False})
+    epp_labels, epp_pod = pod_template(named(docs, "Deployment", "chatfleet-epp"))
+    gateway_labels, _ = pod_template(named(docs, "Deployment", "chatfleet"))
+    assert "engine-metrics-port" not in flags(epp_pod["containers"][0])
+    assert not admits(named(docs, "NetworkPolicy", "chatfleet"), "ingress", epp_labels, 8001, "engine")
+    assert not admits(named(docs, "NetworkPolicy", "chatfleet-epp"), "egress", gateway_labels, 8001)
+    engine = render({**INFERENCEPOOL, "engine.port": 8101})
+    (container,) = pod_template(named(engine, "Deployment", "chatfleet-epp"))[1]["containers"]
+    assert flags(container)["engine-metrics-port"] == "8101"
 
 
 def test_the_api_server_can_be_named() -> None:
