@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.envoy import (EXAMPLE_CONFIG, Envoy, envoy_config, start_envoy,
+from tests.support.envoy import (EXAMPLE_CONFIG, Envoy, envoy_config, round_robin_config, start_envoy,
                                  validate_config, write_config)
 from tests.support.procs import ManagedProcess, free_port
 
@@ -51,6 +51,14 @@ def test_generated_configs_validate(tmp_path: Path, options: dict) -> None:
     path = write_config(tmp_path, envoy_config(listen_port=18080, picker=PICKER,
                                                admin_port=18081, **options))
     result = validate_config(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_round_robin_baseline_validates(tmp_path: Path) -> None:
+    """The benchmark's baseline (bench/epp_routing/run.py): the example without the picker."""
+    config = round_robin_config(listen_port=18080, admin_port=18081,
+                                endpoints=["127.0.0.1:8001", "127.0.0.1:8002"])
+    result = validate_config(write_config(tmp_path, config))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -22,8 +22,8 @@ import yaml
 
 from tests.support.procs import LOCALHOST, ManagedProcess, free_port
 
-__all__ = ["EXAMPLE_CONFIG", "Envoy", "envoy_binary", "envoy_config", "start_envoy",
-           "validate_config", "write_config"]
+__all__ = ["EXAMPLE_CONFIG", "Envoy", "envoy_binary", "envoy_config", "round_robin_config", "run_envoy",
+           "start_envoy", "start_round_robin_envoy", "validate_config", "write_config"]
 
 EXAMPLE_CONFIG = Path(__file__).parents[2] / "deploy" / "envoy" / "epp-envoy.yaml"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
@@ -70,10 +70,11 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _load_assignment(cluster: str, endpoint: str) -> dict[str, Any]:
-    host, _, port = endpoint.rpartition(":")
-    return {"cluster_name": cluster,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, int(port))}}]}]}
+def _load_assignment(cluster: str, *endpoints: str) -> dict[str, Any]:
+    """``ip:port`` endpoints as a cluster's static hosts."""
+    hosts = [endpoint.rpartition(":") for endpoint in endpoints]
+    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": _address(host, int(port))}} for host, _, port in hosts]}]}
 
 
 def _add_fallback(config: dict[str, Any], hcm: dict[str, Any], fallback: str) -> None:
@@ -175,19 +176,52 @@ class Envoy:
         return 0
 
 
+def round_robin_config(*, listen_port: int, admin_port: int, endpoints: Sequence[str]) -> dict[str, Any]:
+    """The example without the picker: its listener and routes sending to ``endpoints`` in turn
+    (Envoy's ROUND_ROBIN), the baseline a picker is measured against."""
+    config = copy.deepcopy(_example())
+    config["admin"]["address"] = _address(LOCALHOST, admin_port)
+    (listener,) = config["static_resources"]["listeners"]
+    listener["address"] = _address(LOCALHOST, listen_port)
+    hcm = _http_connection_manager(config)
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    (virtual_host,) = hcm["route_config"]["virtual_hosts"]
+    for route in virtual_host["routes"]:
+        route.pop("typed_per_filter_config", None)
+        route["route"]["cluster"] = "pods"
+    pods = copy.deepcopy(_cluster(config, "original_destination_cluster"))
+    pods.update(name="pods", type="STATIC", lb_policy="ROUND_ROBIN",
+                load_assignment=_load_assignment("pods", *endpoints))
+    del pods["original_dst_lb_config"]
+    config["static_resources"]["clusters"] = [pods]
+    return config
+
+
 def start_envoy(workdir: Path, *, picker: str, failure_mode_allow: bool = False,
                 message_timeout_s: float = 1.0, subset_hint: Sequence[str] | None = None,
                 fallback: str | None = None, log_level: str = "warn") -> Envoy:
     """Start Envoy with :func:`envoy_config` on free ports; return it once the admin ``/ready``
-    answers LIVE (the listener is open by then). The caller stops ``proc``.
-
-    One worker thread (``--concurrency 1``), no hot-restart shared memory (so Envoys started in
-    parallel never clash on a base id), its log in ``workdir/envoy.log``."""
+    answers LIVE (the listener is open by then). The caller stops ``proc``."""
     port, admin_port = free_port(), free_port()
-    config_path = write_config(workdir, envoy_config(
+    return run_envoy(workdir, envoy_config(
         listen_port=port, picker=picker, admin_port=admin_port,
         failure_mode_allow=failure_mode_allow, message_timeout_s=message_timeout_s,
-        subset_hint=subset_hint, fallback=fallback))
+        subset_hint=subset_hint, fallback=fallback), port, admin_port, log_level=log_level)
+
+
+def start_round_robin_envoy(workdir: Path, endpoints: Sequence[str]) -> Envoy:
+    """Start Envoy with :func:`round_robin_config`; as :func:`start_envoy`."""
+    port, admin_port = free_port(), free_port()
+    return run_envoy(workdir, round_robin_config(listen_port=port, admin_port=admin_port, endpoints=endpoints),
+                     port, admin_port)
+
+
+def run_envoy(workdir: Path, config: dict[str, Any], port: int, admin_port: int, *,
+              log_level: str = "warn") -> Envoy:
+    """Envoy on ``config`` (listening on ``port``, admin on ``admin_port``): one worker thread
+    (``--concurrency 1``), no hot-restart shared memory (so Envoys started in parallel never clash
+    on a base id), its log in ``workdir/envoy.log``; returned once the admin ``/ready`` says LIVE."""
+    config_path = write_config(workdir, config)
     proc = ManagedProcess([envoy_binary(), "-c", str(config_path), "--concurrency", "1",
                            "--disable-hot-restart", "--log-level", log_level],
                           log_path=workdir / "envoy.log", name="envoy").start()

@@ -214,6 +214,8 @@ class _Simulation:
         self.sequence = itertools.count()
         self.pods: list[_Pod] = []
         self.by_name: dict[str, _Pod] = {}
+        self.picks = 0
+        """Requests the endpoint picker has answered: its turn counter among equal pods."""
         self.epp = config.routing.kind == "epp"
         self.pod_names = itertools.count()
         n = len(requests)
@@ -310,7 +312,8 @@ class _Simulation:
             assert pod.polled is not None
             pod.polled.observe(self.now)
             views.append(pod.polled.view(self.now))
-        result = scoring.pick(views, batch=False, spec=self.config.routing.spec)
+        self.picks += 1
+        result = scoring.pick(views, batch=False, spec=self.config.routing.spec, turn=self.picks)
         if isinstance(result, scoring.Refusal):
             return result
         pod = self.by_name[result.endpoint]
