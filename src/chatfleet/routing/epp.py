@@ -34,6 +34,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from chatfleet.routing.kube_pool import PoolRef, watch_pool
 from chatfleet.routing.pool_load import PoolLoad
 from chatfleet.routing.request_facts import RequestFacts, request_facts
 from chatfleet.routing.scoring import Pick, Refusal, RoutingSpec, Tier, pick
@@ -66,6 +67,8 @@ class EppConfig:
     poll_interval_s: float = 0.05
     poll_timeout_s: float = 1.0
     prefix_chars: int = 0
+    pool_ref: PoolRef | None = None
+    """The InferencePool whose ready pods are the endpoints (then ``endpoints`` is empty)."""
 
 
 class EndpointPicker(pb_grpc.ExternalProcessorServicer):
@@ -190,10 +193,13 @@ async def _report_states(pool: PoolLoad, metrics: EppMetrics, spec: RoutingSpec,
 
 async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set; then stop taking streams and finish the open ones (5 s)."""
-    limits = httpx.Limits(max_connections=max(len(config.endpoints), 1) * 2, max_keepalive_connections=None)
+    # A pool from the Kubernetes API has no size known in advance; each pod's poll holds one connection.
+    bound = max(len(config.endpoints), 1) * 2 if config.pool_ref is None else None
+    limits = httpx.Limits(max_connections=bound, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
         pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s)
-        pool.set_endpoints(config.endpoints)
+        if config.pool_ref is None:
+            pool.set_endpoints(config.endpoints)
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(
             EndpointPicker(pool, metrics, spec=config.spec, prefix_chars=config.prefix_chars), server)
@@ -207,7 +213,13 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
             raise OSError(f"cannot listen on {address}")
         await server.start()
         reporter = asyncio.create_task(_report_states(pool, metrics, config.spec, 1.0))
-        log.info("epp: listening on %s (gRPC ext_proc), %d endpoint(s)", address, len(config.endpoints))
+        # Readiness waits for ``pool.polled``, set only once endpoints are given: with a pool
+        # from the API, after its pods were first listed (the protocol's "datastore synced").
+        watcher = None if config.pool_ref is None else asyncio.create_task(
+            watch_pool(config.pool_ref, pool.set_endpoints), name="watch the InferencePool")
+        log.info("epp: listening on %s (gRPC ext_proc), endpoints: %s", address,
+                 len(config.endpoints) if config.pool_ref is None
+                 else f"InferencePool {config.pool_ref.namespace}/{config.pool_ref.name}")
         try:
             polled = asyncio.create_task(pool.polled.wait())
             await asyncio.wait([polled, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -219,6 +231,9 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
             await server.stop(grace=5.0)
         finally:
             reporter.cancel()
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await pool.aclose()
 
 
