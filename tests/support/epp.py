@@ -54,17 +54,28 @@ def _messages(headers: Mapping[str, str], body: bytes | None,
         yield pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
 
 
-def start_epp(endpoints: Sequence[str], *, args: Sequence[str] = ()) -> EppServer:
+def start_epp(endpoints: Sequence[str] | None, *, args: Sequence[str] = (), ready: bool = True) -> EppServer:
+    """``chatfleet epp`` on ``endpoints`` (None: its pool comes from ``args``), once it is ready
+    (``ready=False``: once it is live)."""
     port, metrics_port = free_port(), free_port()
+    pool = [] if endpoints is None else ["--endpoints", ",".join(endpoints)]
     proc = ManagedProcess([sys.executable, "-m", "chatfleet", "epp", "--host", "127.0.0.1",
                            "--port", str(port), "--metrics-host", "127.0.0.1",
-                           "--metrics-port", str(metrics_port), "--endpoints", ",".join(endpoints),
+                           "--metrics-port", str(metrics_port), *pool,
                            "--log-level", "warning", *args], name="epp").start()
     proc.wait_http(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     server = EppServer(proc, port, metrics_port)
-    wait_until(lambda: server.health("readiness") == health_pb2.HealthCheckResponse.SERVING,
-               timeout=10, message="epp readiness")
+    service = "readiness" if ready else "liveness"
+    wait_until(lambda: _serving(server, service), timeout=10, message=f"epp {service}")
     return server
+
+
+def _serving(server: EppServer, service: str) -> bool:
+    """The health service says SERVING (its gRPC port opens a moment after /metrics)."""
+    try:
+        return server.health(service) == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
 
 
 def destination(responses: Sequence[pb.ProcessingResponse]) -> str:

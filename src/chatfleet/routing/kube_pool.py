@@ -47,6 +47,7 @@ PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
 WATCH_TIMEOUT_S = 60
 """The API server ends each watch after this long and the watch resumes from its last version:
 a connection that died without a word (no bookmark either) is noticed within this plus 30 s."""
+USER_AGENT = "chatfleet-epp"
 BACKOFF_S = (0.25, 5.0)
 """First and longest wait before retrying a failed list or watch."""
 
@@ -208,7 +209,7 @@ class _TokenFile(httpx.Auth):
 
 def _client(api: KubeApi) -> httpx.AsyncClient:
     verify: str | bool = str(api.ca_file) if api.ca_file is not None else True
-    return httpx.AsyncClient(base_url=api.url.rstrip("/"), headers={"Accept": "application/json"},
+    return httpx.AsyncClient(base_url=api.url.rstrip("/"), headers={"Accept": "application/json", "User-Agent": USER_AGENT},
                              auth=_TokenFile(api.token_file) if api.token_file is not None else None,
                              verify=verify, timeout=httpx.Timeout(10.0, read=WATCH_TIMEOUT_S + 30.0),
                              trust_env=False)
