@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import kmock
@@ -93,9 +94,9 @@ def cluster() -> Iterator[Cluster]:
         api.close()
 
 
-def start(cluster: Cluster, *, ready: bool = True) -> EppServer:
+def start(cluster: Cluster, *args: str, ready: bool = True) -> EppServer:
     return start_epp(None, args=["--pool-name", POOL, "--pool-namespace", NS, "--kube-api", cluster.api.url,
-                                 "--poll-interval", "0.02", "--log-level", "info"], ready=ready)
+                                 "--poll-interval", "0.02", "--log-level", "info", *args], ready=ready)
 
 
 @pytest.fixture
@@ -187,6 +188,22 @@ def test_the_pool_keeps_serving_while_the_api_server_is_away_and_catches_up(
     eventually(lambda: picks(epp, 1) == [cluster.endpoint("b")], "the change made while away, seen")
 
 
+def test_a_watch_too_old_to_resume_lists_again(cluster: Cluster, epp: EppServer) -> None:
+    def pod_lists() -> int:
+        return sum(1 for r in cluster.api.requests() if r.headers.get("User-Agent") == "chatfleet-epp"
+                   and r.url.path == PODS and r.params.get("watch") != "true")
+
+    listed = pod_lists()
+    cluster.api.expire_next_watch("pods")
+    cluster.api.cut()
+    cluster.api.request("PATCH", f"{PODS}/c", readiness(True))
+    cluster.api.restore()
+
+    eventually(lambda: pod_lists() == listed + 1, "the pods listed again after 410 Expired")
+    eventually(lambda: cluster.endpoint("c") in picks(epp, 6), "pod c, ready meanwhile, in the pool")
+    assert "410 Gone" in epp.proc.log_text()
+
+
 def test_not_ready_until_the_pool_is_read(cluster: Cluster) -> None:
     cluster.api.request("DELETE", f"{POOLS}/{POOL}")
     epp = start(cluster, ready=False)
@@ -219,6 +236,24 @@ def test_the_picker_only_lists_and_watches_pods_and_its_pool(cluster: Cluster, e
             assert request.params["fieldSelector"] == f"metadata.name={POOL}"
         if request.params.get("watch") == "true":
             assert request.params["allowWatchBookmarks"] == "true" and request.params["resourceVersion"]
+
+
+def test_the_token_is_read_again_when_it_rotates(cluster: Cluster, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    epp = start(cluster, "--kube-token-file", str(token))
+    try:
+        def tokens() -> set[str]:
+            return {r.headers.get("Authorization", "") for r in cluster.api.requests()
+                    if r.headers.get("User-Agent") == "chatfleet-epp"}
+
+        assert tokens() == {"Bearer first-token"}
+        token.write_text("second-token\n")  # the kubelet's rotation, before the old one expires
+        cluster.api.cut()
+        cluster.api.restore()
+        eventually(lambda: "Bearer second-token" in tokens(), "the resumed watch with the new token")
+    finally:
+        epp.proc.terminate()
 
 
 @pytest.mark.parametrize(("args", "says"), [

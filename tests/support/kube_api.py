@@ -10,13 +10,16 @@ change reaches the watches as an event, as a kubelet's or a controller's change 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any
 
+import attrs
 import httpx
 import kmock
+from aiohttp import web
 
 from tests.support.procs import LOCALHOST, free_port
 
@@ -68,6 +71,24 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.transport.abort()
 
 
+@attrs.define(kw_only=True)
+class _Emulator(kmock.KubernetesEmulator):
+    """kmock, whose next watch of a resource named in ``expire`` ends at once with the ERROR event
+    an API server sends for a resourceVersion it no longer keeps (410 Expired)."""
+
+    expire: set[str] = attrs.field(factory=set)
+
+    async def _handle(self, request: kmock.Request) -> web.StreamResponse:
+        plural = request.resource.plural if request.resource is not None else None
+        if request.action == kmock.action.WATCH and plural in self.expire:
+            self.expire.discard(plural)
+            event = {"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                                                 "reason": "Expired", "code": 410,
+                                                 "message": "too old resource version"}}
+            return web.Response(body=json.dumps(event).encode() + b"\n", content_type="application/json")
+        return await super()._handle(request)
+
+
 class KubeApiServer:
     """kmock's emulator on its own loop, behind a relay; ``url`` is the relay's."""
 
@@ -76,8 +97,9 @@ class KubeApiServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="kmock", daemon=True)
         self._thread.start()
         self._done = asyncio.Event()
-        self._started: Future[tuple[kmock.KubernetesEmulator, int]] = Future()
+        self._started: Future[tuple[_Emulator, int]] = Future()
         self._serving = asyncio.run_coroutine_threadsafe(self._serve(resources), self._loop)
+        self.emulator: _Emulator
         self.emulator, kmock_port = self._started.result(15)
         self.direct_url = f"http://{LOCALHOST}:{kmock_port}"
         self._relay = _Relay(kmock_port)
@@ -86,7 +108,7 @@ class KubeApiServer:
         self.client = httpx.Client(base_url=self.direct_url, timeout=5, trust_env=False)
 
     async def _serve(self, resources: dict[str, kmock.ResourceInfo]) -> None:
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+        async with _Emulator() as emulator, kmock.Server(emulator) as server:
             for name, info in resources.items():
                 emulator.resources[name] = info
             self._started.set_result((emulator, server.port))
@@ -109,6 +131,10 @@ class KubeApiServer:
 
     def restore(self) -> None:
         self._run(self._relay.start())
+
+    def expire_next_watch(self, plural: str) -> None:
+        """The next watch of ``plural`` gets 410 Expired, as after a long disconnection."""
+        self._loop.call_soon_threadsafe(self.emulator.expire.add, plural)
 
     def requests(self) -> list[kmock.Request]:
         """Every request kmock has had, the test's own included."""
