@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kmock
 import pytest
+import trustme
 from grpc_health.v1 import health_pb2
 
 from tests.support.epp import EppServer, destination, start_epp
@@ -74,12 +76,14 @@ class Cluster:
         self.api.request("POST", PODS, pod_object(name, ip, ready=ready, labels=labels))
 
 
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    api = KubeApiServer({
-        "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True),
-        "inference.networking.k8s.io/v1/inferencepools": kmock.ResourceInfo(
-            kind="InferencePool", namespaced=True)})
+RESOURCES = {"v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True),
+             "inference.networking.k8s.io/v1/inferencepools": kmock.ResourceInfo(
+                 kind="InferencePool", namespaced=True)}
+
+
+@contextmanager
+def populated(api: KubeApiServer) -> Iterator[Cluster]:
+    """The pool and its pods put into ``api``; all stopped after."""
     state = Cluster(api, free_port(), {})
     try:
         api.request("POST", POOLS, pool_object(state.port))
@@ -92,6 +96,12 @@ def cluster() -> Iterator[Cluster]:
         for pod in state.pods.values():
             pod.close()
         api.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with populated(KubeApiServer(RESOURCES)) as state:
+        yield state
 
 
 def start(cluster: Cluster, *args: str, ready: bool = True) -> EppServer:
@@ -238,6 +248,26 @@ def test_the_picker_only_lists_and_watches_pods_and_its_pool(cluster: Cluster, e
             assert request.params["allowWatchBookmarks"] == "true" and request.params["resourceVersion"]
 
 
+def test_over_tls_the_api_server_is_checked_against_the_cluster_ca(tmp_path: Path) -> None:
+    ca, stranger = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+    stranger.cert_pem.write_to_path(str(tmp_path / "other.crt"))
+    with populated(KubeApiServer(RESOURCES, ca)) as cluster:
+        assert cluster.api.url.startswith("https://")
+        wrong = start(cluster, "--kube-ca-file", str(tmp_path / "other.crt"), ready=False)
+        try:
+            eventually(lambda: "CERTIFICATE_VERIFY_FAILED" in wrong.proc.log_text(), "the certificate refused")
+            assert wrong.health("readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            wrong.proc.terminate()
+
+        right = start(cluster, "--kube-ca-file", str(tmp_path / "ca.crt"))
+        try:
+            assert set(picks(right, 4)) <= {cluster.endpoint("a"), cluster.endpoint("b")}
+        finally:
+            right.proc.terminate()
+
+
 def test_the_token_is_read_again_when_it_rotates(cluster: Cluster, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("first-token\n")
@@ -262,6 +292,9 @@ def test_the_token_is_read_again_when_it_rotates(cluster: Cluster, tmp_path: Pat
     (["--pool-name", POOL], "name the API server with --kube-api"),
     (["--pool-name", POOL, "--kube-api", "http://127.0.0.1:1"], "name the InferencePool's namespace"),
     (["--pool-name", POOL, "--pool-namespace", NS, "--kube-api", "127.0.0.1:1"], "not an http(s) URL"),
+    (["--pool-name", POOL, "--kube-token-file", __file__], "only with --kube-api"),
+    (["--pool-name", POOL, "--pool-namespace", NS, "--kube-api", "https://127.0.0.1:1", "--kube-ca-file",
+      __file__], "is not a PEM CA certificate"),
 ])
 def test_a_pool_that_cannot_be_found_is_a_usage_error_saying_what_to_add(args: list[str], says: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}

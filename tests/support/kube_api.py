@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -19,22 +20,25 @@ from typing import Any
 import attrs
 import httpx
 import kmock
+import trustme
 from aiohttp import web
 
 from tests.support.procs import LOCALHOST, free_port
 
 
 class _Relay:
-    """Forwards every TCP connection on ``port`` to ``target``; ``cut`` resets them all."""
+    """Forwards every TCP connection on ``port`` to ``target`` (TLS ends here when ``tls`` is
+    given); ``cut`` resets them all."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, tls: ssl.SSLContext | None) -> None:
         self.port = free_port()
         self._target = target
+        self._tls = tls
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, LOCALHOST, self.port)
+        self._server = await asyncio.start_server(self._relay, LOCALHOST, self.port, ssl=self._tls)
 
     @property
     def serving(self) -> bool:
@@ -90,9 +94,10 @@ class _Emulator(kmock.KubernetesEmulator):
 
 
 class KubeApiServer:
-    """kmock's emulator on its own loop, behind a relay; ``url`` is the relay's."""
+    """kmock's emulator on its own loop, behind a relay; ``url`` is the relay's: HTTPS with a
+    certificate for 127.0.0.1 from ``ca`` when one is given, as an API server's."""
 
-    def __init__(self, resources: dict[str, kmock.ResourceInfo]) -> None:
+    def __init__(self, resources: dict[str, kmock.ResourceInfo], ca: trustme.CA | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kmock", daemon=True)
         self._thread.start()
@@ -102,9 +107,13 @@ class KubeApiServer:
         self.emulator: _Emulator
         self.emulator, kmock_port = self._started.result(15)
         self.direct_url = f"http://{LOCALHOST}:{kmock_port}"
-        self._relay = _Relay(kmock_port)
+        tls = None
+        if ca is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert(LOCALHOST).configure_cert(tls)
+        self._relay = _Relay(kmock_port, tls)
         self._run(self._relay.start())
-        self.url = f"http://{LOCALHOST}:{self._relay.port}"
+        self.url = f"{'http' if tls is None else 'https'}://{LOCALHOST}:{self._relay.port}"
         self.client = httpx.Client(base_url=self.direct_url, timeout=5, trust_env=False)
 
     async def _serve(self, resources: dict[str, kmock.ResourceInfo]) -> None:

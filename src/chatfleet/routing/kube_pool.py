@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
@@ -77,7 +78,16 @@ class KubeApi:
             raise KubeError("KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set: not in a "
                             "pod, so name the API server with --kube-api")
         host = f"[{host}]" if ":" in host else host
-        return cls(f"https://{host}:{port}", SERVICE_ACCOUNT / "token", SERVICE_ACCOUNT / "ca.crt")
+        token, ca = SERVICE_ACCOUNT / "token", SERVICE_ACCOUNT / "ca.crt"
+        if not token.is_file() or not ca.is_file():
+            raise KubeError(f"{token} or {ca} is missing: mount the service account's token "
+                            "(automountServiceAccountToken), or name the API server with --kube-api")
+        return cls(f"https://{host}:{port}", token, ca)
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """How the API server's certificate is checked: against ``ca_file`` (the cluster's CA),
+        else against the system's CAs. OSError (ssl.SSLError) when the CA file cannot be used."""
+        return True if self.ca_file is None else ssl.create_default_context(cafile=str(self.ca_file))
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +218,10 @@ class _TokenFile(httpx.Auth):
 
 
 def _client(api: KubeApi) -> httpx.AsyncClient:
-    verify: str | bool = str(api.ca_file) if api.ca_file is not None else True
-    return httpx.AsyncClient(base_url=api.url.rstrip("/"), headers={"Accept": "application/json", "User-Agent": USER_AGENT},
+    return httpx.AsyncClient(base_url=api.url.rstrip("/"),
+                             headers={"Accept": "application/json", "User-Agent": USER_AGENT},
                              auth=_TokenFile(api.token_file) if api.token_file is not None else None,
-                             verify=verify, timeout=httpx.Timeout(10.0, read=WATCH_TIMEOUT_S + 30.0),
+                             verify=api.verify(), timeout=httpx.Timeout(10.0, read=WATCH_TIMEOUT_S + 30.0),
                              trust_env=False)
 
 
