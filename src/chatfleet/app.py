@@ -88,7 +88,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         metrics.ready.set(1 if lifecycle.ready else 0)
         metrics.draining.set(1 if lifecycle.draining else 0)
 
-    pod = (PodAdmission(max_queue=settings.admission.max_queue, on_lost=_stop_this_worker)
+    slots = settings.admission.engine_slots
+    pod = (PodAdmission(slots=slots, batch_slots=slots - settings.admission.reserved_for_interactive,
+                        max_queue=settings.admission.max_queue, on_lost=_stop_this_worker)
            if pod_admission_socket else None)
 
     @asynccontextmanager

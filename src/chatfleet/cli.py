@@ -229,6 +229,9 @@ def epp(
         help="A pod whose load is older than this many seconds gets no request")] = 2.0,
     batch_queue_share: Annotated[float, typer.Option(
         help="Batch requests queue on a pod only while its queue is below this share of its bound")] = 0.5,
+    engine_metrics_port: Annotated[int | None, typer.Option(
+        help="Also read each pod's engine KV-cache usage from its /metrics on this port of the "
+             "pod's IP (vLLM: 8001); a fuller cache counts as more load")] = None,
     prefix_chars: Annotated[int, typer.Option(
         help="Prefix affinity: requests whose prompts agree on this many leading characters go to "
              "the same pod while it has room (0: off)")] = 0,
@@ -256,6 +259,7 @@ def epp(
     configure_logging(log_level)
     run(EppConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
                   endpoints=pool, pool_ref=pool_ref, poll_interval_s=poll_interval, prefix_chars=prefix_chars,
+                  engine_metrics_port=engine_metrics_port,
                   spec=RoutingSpec(stale_after_s=stale_after, batch_queue_share=batch_queue_share)))
 
 

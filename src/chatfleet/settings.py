@@ -258,8 +258,8 @@ class LogSettings(BaseModel):
     logger, message, and an access line's fields as keys) for every log line of the process,
     uvicorn's included, for a log collector. The chart sets ``json``."""
     access: bool = True
-    """One access-log line per request at INFO (probes and /metrics scrapes at DEBUG): method,
-    path, status, latency, request id, priority and queue wait; never keys, query strings,
+    """One access-log line per request at INFO (probes, /load and /metrics scrapes at DEBUG):
+    method, path, status, latency, request id, priority and queue wait; never keys, query strings,
     bodies or prompt text. Off: no line, and no X-Request-Id on answers that have none."""
 
 
@@ -279,8 +279,8 @@ class AuthSettings(BaseModel):
     Service, one key may send up to N times the rate to the fleet."""
 
     rate_limit_rps: float = Field(0.0, ge=0)
-    """Requests per second one API key may send, sustained (every route but the probes, /metrics
-    and the API docs counts). 0 (the default): no limit. Needs ``api_keys``."""
+    """Requests per second one API key may send, sustained (every route but the probes, /load,
+    /metrics and the API docs counts). 0 (the default): no limit. Needs ``api_keys``."""
     rate_limit_burst: int = Field(20, ge=1, le=1_000_000)
     """Requests one API key may send at once above the rate: the bucket's size; a key that has
     been idle starts with this many. Past it the key gets 429 with Retry-After. Used only when
@@ -408,7 +408,7 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     """API keys clients must send as ``Authorization: Bearer <key>`` on every route but /livez,
-    /readyz, /metrics and the API docs. ``CHATFLEET_API_KEYS`` is a comma-separated list
+    /readyz, /load, /metrics and the API docs. ``CHATFLEET_API_KEYS`` is a comma-separated list
     (spaces around keys and empty items are dropped); list two to rotate one. Empty (the default):
     no authentication. Never logged, never in /metrics or in error messages."""
     auth: AuthSettings = AuthSettings()

@@ -68,24 +68,42 @@ def operator_variant(mode: str, existing: bool, ingress: bool) -> tuple[str, dic
 
 WORKERS = {"gateway.workers": 4, "gateway.admission.interactiveReservedSlots": 4}
 
+INFERENCEPOOL = {"routing.mode": "inferencepool"}
+INFERENCEPOOL_FULL = {**INFERENCEPOOL, "routing.epp.replicas": 2, "routing.httpRoute.enabled": True,
+                      "routing.httpRoute.gatewayName": "inference-gateway",
+                      "routing.httpRoute.hostnames": ["chat.example.com"],
+                      "networkPolicy.from": [{"namespaceSelector": {"matchLabels": {
+                          "kubernetes.io/metadata.name": "envoy-gateway-system"}}}],
+                      "routing.epp.networkPolicy.from": [{"namespaceSelector": {"matchLabels": {
+                          "kubernetes.io/metadata.name": "envoy-gateway-system"}}}]}
+
+
+def routing_variant(mode: str, existing: bool, ingress: bool) -> tuple[str, dict[str, Any]]:
+    """routing.mode inferencepool in the created-claim cases with an ingress: with every routing
+    option (two pickers, the HTTPRoute, NetworkPolicy peers) without an autoscaler, else plain."""
+    if existing or not ingress:
+        return "", {}
+    return ("-inferencepool-full", INFERENCEPOOL_FULL) if mode == "none" else ("-inferencepool", INFERENCEPOOL)
+
 
 def matrix() -> list[Any]:
     """engine gpu/sim x autoscaling hpa/keda/none x existing claim+secret or chart-made x ingress,
     with the operator (operator_variant) on in the existing-claim half, a knowledge-base store
-    (kb_variant) in 18 of the 24, and a number of gateway workers (WORKERS) with ingress and no
-    autoscaler."""
+    (kb_variant) in 18 of the 24, a number of gateway workers (WORKERS) with ingress and no
+    autoscaler, and routing.mode inferencepool (routing_variant) in 6."""
     cases = []
     for engine, mode, existing, ingress in itertools.product(
             ("gpu", "sim"), ("hpa", "keda", "none"), (False, True), (False, True)):
         suffix, operator = operator_variant(mode, existing, ingress)
         kb_suffix, kb = kb_variant(engine, existing, ingress)
         workers = WORKERS if mode == "none" and ingress else {}
+        routing_suffix, routing = routing_variant(mode, existing, ingress)
         values: dict[str, Any] = {**(GPU if engine == "gpu" else SIM), "autoscaling.mode": mode,
                                   **(EXISTING if existing else TOKEN_VALUE), **(INGRESS if ingress else {}),
-                                  **operator, **kb, **workers}
+                                  **operator, **kb, **workers, **routing}
         case_id = (f"{engine}-{mode}-{'existing' if existing else 'created'}-"
                    f"{'ingress' if ingress else 'noingress'}{suffix}{kb_suffix}"
-                   f"{'-workers4' if workers else ''}")
+                   f"{'-workers4' if workers else ''}{routing_suffix}")
         cases.append(pytest.param(values, id=case_id))
     return cases
 

@@ -25,14 +25,18 @@ def test_k8s_is_what_the_chart_renders_now() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize(("overlay", "kind"), [("gpu", "vllm"), ("sim", "sim")])
-def test_kustomize_builds_exactly_the_helm_objects(overlay: str, kind: str) -> None:
+@pytest.mark.parametrize(("overlay", "values"), [
+    ("gpu", {"engine.kind": "vllm"}), ("sim", {"engine.kind": "sim"}),
+    ("inferencepool", {"engine.kind": "vllm", "routing.mode": "inferencepool", "routing.httpRoute.enabled": True,
+                       "routing.httpRoute.gatewayName": "inference-gateway"}),
+])
+def test_kustomize_builds_exactly_the_helm_objects(overlay: str, values: dict[str, object]) -> None:
     built = subprocess.run([tool_path("kubectl"), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
                            capture_output=True, text=True, timeout=60, check=False)
     assert built.returncode == 0, built.stderr
     from_kustomize = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout) if d}
     from_helm = {(d["kind"], d["metadata"]["name"]): d
-                 for d in render({"engine.kind": kind}, namespace="chatfleet")
+                 for d in render(values, namespace="chatfleet")
                  if "helm.sh/hook" not in d["metadata"].get("annotations", {})}
     assert from_kustomize.keys() == from_helm.keys()
     for key, doc in from_helm.items():

@@ -1,6 +1,6 @@
 """Every rendering of the chart validated by real tools: kubernetes-validate --strict (built-in
-kinds, Kubernetes 1.30 and the newest schema it ships), the CRDs' own models (custom resources),
-and checkov on the chart itself."""
+kinds, Kubernetes 1.30 and the newest schema it ships), the CRDs' own models (custom resources) or
+their vendored schemas (the routing objects: tests/fixtures/crds/), and checkov on the chart itself."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tests.chart.render import CHART, render_text
 from tests.chart.test_chart import MATRIX
+from tests.chart.test_routing import CRD_SCHEMAS, crd_problems
 from tests.support.tools import tool_path
 
 
@@ -65,8 +66,8 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, l
     out = {}
     for case in MATRIX:
         docs = [d for d in yaml.safe_load_all(render_text(case.values[0])) if d]
-        custom = [d for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS]
-        builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS]
+        custom = [d for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS | CRD_SCHEMAS.keys()]
+        builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS | CRD_SCHEMAS.keys()]
         path = folder / f"{case.id}.yaml"
         path.write_text(yaml.safe_dump_all(builtin))
         out[case.id] = (path, custom)
@@ -91,6 +92,8 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
     seen: set[str] = set()
     for case_id, (_, custom) in renders.items():
         for doc in custom:
+            if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+                continue
             model = CUSTOM_KINDS[(doc["apiVersion"], doc["kind"])]
             parsed = model.model_validate(doc)
             again = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
@@ -100,9 +103,23 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
                     "ClusterKopfPeering", "KopfPeering"}
 
 
+def test_routing_resources_match_their_vendored_crds(renders) -> None:
+    """The InferencePool and HTTPRoute of every inferencepool rendering, as the API server with
+    those CRDs would check them (OpenAPI schema, then CEL rules)."""
+    seen = set()
+    for case_id, (_, custom) in renders.items():
+        for doc in custom:
+            if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+                assert crd_problems(doc) == [], case_id
+                seen.add(doc["kind"])
+    assert seen == {"InferencePool", "HTTPRoute"}
+
+
 @pytest.mark.parametrize("values", [
     {},
-    {"engine": {"kind": "sim"}, "autoscaling": {"mode": "keda"}, "operator": {"enabled": True}},
+    {"engine": {"kind": "sim"}, "autoscaling": {"mode": "keda"}, "operator": {"enabled": True},
+     "routing": {"mode": "inferencepool", "epp": {"replicas": 2},
+                 "httpRoute": {"enabled": True, "gatewayName": "inference-gateway"}}},
     {"operator": {"enabled": True, "replicas": 2, "peering": {"enabled": True},
                   "watchNamespaces": ["llm", "team-b"]}},
     {"knowledgeBase": {"local": {"persistence": {"enabled": True}}}},
@@ -112,7 +129,7 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
     {"auth": {"existingSecret": "chatfleet-api-keys", "rateLimit": {"requestsPerSecond": 5}}},
     {"gateway": {"workers": 4, "admission": {"interactiveReservedSlots": 4},
                  "resources": {"limits": {"cpu": "5"}}}},
-], ids=["defaults", "sim-keda-operator", "operator-peering-namespaces", "kb-local-claim",
+], ids=["defaults", "sim-keda-operator-inferencepool", "operator-peering-namespaces", "kb-local-claim",
         "kb-pgvector-embeddings", "auth-rate-limit", "workers-cpu-limit"])
 def test_checkov_passes_with_only_written_waivers(values: dict[str, Any], tmp_path: Path) -> None:
     values_file = tmp_path / "values.yaml"

@@ -17,7 +17,7 @@ from chatfleet.cli import app
 from tests.conftest import SIM_MODEL, Server, chat, upstream_env
 from tests.support.metrics import value
 
-PUBLIC = ["/livez", "/readyz", "/metrics", "/openapi.json", "/docs"]
+PUBLIC = ["/livez", "/readyz", "/load", "/metrics", "/openapi.json", "/docs"]
 PROTECTED = [
     ("POST", "/v1/chat/completions", chat(3)),
     ("GET", "/v1/models", None),

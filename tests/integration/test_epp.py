@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 
+from tests.conftest import start_engine_sim
 from tests.support.epp import EppServer, destination, start_epp
 from tests.support.load_pods import LoadPod, load
 from tests.support.metrics import documented, families, family_name
@@ -41,9 +41,9 @@ def epp(pods: list[LoadPod]) -> Iterator[EppServer]:
 
 def settle(epp: EppServer) -> None:
     """Two poll intervals and then some: every pod's new load has been read."""
-    polls = metric_value(httpx.get(f"http://127.0.0.1:{epp.metrics_port}/metrics").text,
+    polls = metric_value(epp.metrics_text(),
                          "chatfleet_epp_load_polls_total", result="ok")
-    wait_until(lambda: metric_value(httpx.get(f"http://127.0.0.1:{epp.metrics_port}/metrics").text,
+    wait_until(lambda: metric_value(epp.metrics_text(),
                                     "chatfleet_epp_load_polls_total", result="ok") >= polls + 9,
                timeout=10, interval=0.02, message="three more polls of each pod")
 
@@ -137,6 +137,20 @@ def test_the_proxy_subset_hint_limits_the_pick(epp: EppServer, pods: list[LoadPo
     assert "subset is empty" in json.loads(empty.immediate_response.body)["error"]["message"]
 
 
+def test_engine_kv_usage_is_read_from_the_engine_metrics_port(pods: list[LoadPod]) -> None:
+    """Every pod here shares 127.0.0.1, so one real engine-sim stands for each pod's engine."""
+    engine = start_engine_sim()
+    epp = start_epp([pod.endpoint for pod in pods], args=["--engine-metrics-port", str(engine.port)])
+    try:
+        wait_until(lambda: metric_value(epp.metrics_text(), "chatfleet_epp_load_polls_total", source="engine",
+                                        result="ok") >= 3, timeout=10, message="three KV reads")
+        assert destination(epp.ask(HEADERS, CHAT)) in {pod.endpoint for pod in pods}
+        assert metric_value(epp.metrics_text(), "chatfleet_epp_load_polls_total", source="engine", result="error") == 0
+    finally:
+        epp.proc.terminate()
+        engine.proc.terminate()
+
+
 def test_health_and_metrics_say_what_the_picker_did(epp: EppServer, pods: list[LoadPod]) -> None:
     pods[2].load = load(0, draining=True)
     settle(epp)
@@ -144,10 +158,10 @@ def test_health_and_metrics_say_what_the_picker_did(epp: EppServer, pods: list[L
 
     for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
         assert epp.health(service) == health_pb2.HealthCheckResponse.SERVING
-    wait_until(lambda: metric_value(httpx.get(f"http://127.0.0.1:{epp.metrics_port}/metrics").text,
+    wait_until(lambda: metric_value(epp.metrics_text(),
                                     "chatfleet_epp_endpoints", state="draining") == 1,
                timeout=5, message="the draining pod counted")
-    text = httpx.get(f"http://127.0.0.1:{epp.metrics_port}/metrics").text
+    text = epp.metrics_text()
     assert metric_value(text, "chatfleet_epp_endpoints", state="ready") == 2
     assert metric_value(text, "chatfleet_epp_picks_total", priority="interactive", outcome="slot") >= 1
     assert metric_value(text, "chatfleet_epp_decision_seconds_count") >= 1

@@ -26,6 +26,7 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2
 
+from tests.chart.render import render
 from tests.support.epp import EppServer, destination, start_epp
 from tests.support.kube_api import KubeApiServer
 from tests.support.load_pods import LoadPod, load
@@ -33,6 +34,7 @@ from tests.support.procs import free_port, wait_until
 
 NS = "llm"
 POOL = "chatfleet"
+INFERENCE = "inference.networking.k8s.io"
 POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools"
 PODS = "/api/v1/namespaces/llm/pods"
 SELECTOR = {"app": "chatfleet", "tier": "gpu"}
@@ -229,16 +231,22 @@ def test_not_ready_until_the_pool_is_read(cluster: Cluster) -> None:
         epp.proc.terminate()
 
 
-def test_the_picker_only_lists_and_watches_pods_and_its_pool(cluster: Cluster, epp: EppServer) -> None:
-    """What the chart's RBAC must grant: list and watch of pods and inferencepools in the
-    namespace; and every watch resumes from a version, with bookmarks."""
+def test_the_charts_role_allows_every_call_the_picker_makes(cluster: Cluster, epp: EppServer) -> None:
+    """Lists and watches of pods and of the pool only, each with its selector, every watch
+    resumable (a version, bookmarks), and all of it granted by the chart's Role for the picker."""
     cluster.api.request("PATCH", f"{PODS}/c", readiness(True))
     eventually(lambda: cluster.endpoint("c") in picks(epp, 6), "pod c in the pool")
 
     ours = [r for r in cluster.api.requests() if r.headers.get("User-Agent") == "chatfleet-epp"]
-    calls = {(str(r.method.value).upper(), r.url.path, "watch" if r.params.get("watch") == "true" else "list")
-             for r in ours}
-    assert calls == {("GET", POOLS, "list"), ("GET", POOLS, "watch"), ("GET", PODS, "list"), ("GET", PODS, "watch")}
+    asked = {(r.resource.group or "", r.resource.plural, "watch" if r.params.get("watch") == "true" else
+              "list" if r.name is None else "get") for r in ours if r.resource is not None}
+    assert asked == {("", "pods", "list"), ("", "pods", "watch"),
+                     (INFERENCE, "inferencepools", "list"), (INFERENCE, "inferencepools", "watch")}
+    (role,) = [d for d in render({"routing.mode": "inferencepool"}, namespace=NS) if d["kind"] == "Role"
+               and d["metadata"]["labels"].get("app.kubernetes.io/component") == "endpoint-picker"]
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert asked <= granted
     for request in ours:
         if request.url.path == PODS:
             assert request.params["labelSelector"] == "app=chatfleet,tier=gpu"

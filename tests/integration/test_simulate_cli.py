@@ -59,8 +59,31 @@ def test_simulate_compares_every_policy_and_writes_its_report_and_plot(tmp_path:
     assert (plots / "replicas-queue-ttft.png").stat().st_size > 10_000
 
 
+def test_simulate_routes_through_the_endpoint_picker_with_routing_epp(tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "step.csv")
+    reports = {}
+    for routing in ("random", "epp"):
+        report = tmp_path / f"{routing}.json"
+        run = simulate("--trace", trace, "--cold-start", "60", "--profile", "llama-3-8b-l4",
+                       "--engine-slots", "16", "--policies", "static", "--routing", routing,
+                       "--poll-interval", "0.1", "--report", report)
+        assert run.returncode == 0, run.stderr
+        assert f"{routing} routing" in " ".join(run.stdout.split())
+        reports[routing] = json.loads(report.read_text())
+    assert reports["epp"]["routing"] == {"kind": "epp", "poll_interval_s": 0.1,
+                                         "kv_poll_interval_s": 0.5}
+    assert reports["random"]["routing"]["kind"] == "random"
+    random_row, epp_row = (reports[r]["policies"]["static"] for r in ("random", "epp"))
+    # The same fleet (static at peak), so the same GPUs; the picker queues less than chance.
+    assert epp_row["gpu_seconds"] == pytest.approx(random_row["gpu_seconds"], rel=0.02)
+    assert epp_row["slo_attainment"] >= random_row["slo_attainment"]
+    assert 0 < epp_row["ttft_p99_s"] <= random_row["ttft_p99_s"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--policies", "hpa,magic"), "unknown policies ['magic']"),
+    (("--routing", "magic"), "unknown routing 'magic'"),
+    (("--routing", "epp", "--poll-interval", "0"), "--poll-interval"),
     (("--profile", "gpt-5"), "unknown engine profile 'gpt-5'"),
     (("--duration", "1", "--speed", "0.01"), "no requests left"),
 ])

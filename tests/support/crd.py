@@ -1,4 +1,5 @@
-"""The ChatFleetPolicy CRD's schema applied as an API server applies it, for tests: the OpenAPI
+"""A CRD's schema applied as an API server applies it, for tests (the ChatFleetPolicy CRD's by
+default; the vendored InferencePool and HTTPRoute CRDs for the chart's routing objects): the OpenAPI
 v3 schema (with nullable, and unknown fields refused as ``kubectl apply``'s strict field
 validation refuses them) through jsonschema, then its ``x-kubernetes-validations`` CEL rules
 through a CEL interpreter (cel-python)."""
@@ -24,9 +25,10 @@ def crd() -> dict[str, Any]:
     return doc
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The served version's openAPIV3Schema."""
-    (version,) = crd()["spec"]["versions"]
+def openapi_schema(path: Path = CRD_FILE) -> dict[str, Any]:
+    """The openAPIV3Schema of the one version the CRD file at ``path`` holds (default: the
+    ChatFleetPolicy CRD; tests/fixtures/crds/ holds vendored ones of other projects)."""
+    (version,) = yaml.safe_load(path.read_text())["spec"]["versions"]
     schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
     return schema
 
@@ -70,8 +72,8 @@ def _cel_rules(schema: Mapping[str, Any], value: Any, path: str) -> Iterator[str
 
 
 def problems(obj: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> list[str]:
-    """Why the API server would refuse ``obj`` (a whole ChatFleetPolicy, or the part ``schema``
-    describes); empty when it would store it."""
+    """Why the API server would refuse ``obj`` (a whole ChatFleetPolicy, or what ``schema``
+    describes: a part of one, or another CRD's object); empty when it would store it."""
     schema = schema if schema is not None else openapi_schema()
     errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
               for e in Draft4Validator(json_schema(schema)).iter_errors(obj)]

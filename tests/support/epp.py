@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+import httpx
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -25,6 +26,9 @@ class EppServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10.0).text
 
     def health(self, service: str) -> int:
         with grpc.insecure_channel(self.address) as channel:
@@ -66,15 +70,17 @@ def start_epp(endpoints: Sequence[str] | None, *, args: Sequence[str] = (), read
     proc.wait_http(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     server = EppServer(proc, port, metrics_port)
     service = "readiness" if ready else "liveness"
-    wait_until(lambda: _serving(server, service), timeout=10, message=f"epp {service}")
+    wait_until(lambda: _serving(server, service), timeout=20, message=f"epp {service}")
     return server
 
 
 def _serving(server: EppServer, service: str) -> bool:
-    """The health service says SERVING (its gRPC port opens a moment after /metrics)."""
+    """The metrics port opens before the gRPC one: refused is "not yet"."""
     try:
         return server.health(service) == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
+        if server.proc.returncode is not None:
+            raise RuntimeError(f"epp exited ({server.proc.returncode}):\n{server.proc.log_tail()}") from None
         return False
 
 

@@ -102,7 +102,7 @@ async def test_a_path_with_control_characters_cannot_forge_a_line(caplog) -> Non
     assert "\n" not in record.getMessage() and "\\n" in record.getMessage()
 
 
-@pytest.mark.parametrize("path", ["/livez", "/readyz", "/metrics", "/metrics/engine"])
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/load", "/metrics", "/metrics/engine"])
 async def test_probes_and_scrapes_are_logged_at_debug_only(path: str, caplog) -> None:
     caplog.set_level(logging.INFO)
     await run(answer, scope(path))

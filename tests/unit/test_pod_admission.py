@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from chatfleet.serving.admission import AdmissionController, Draining, Priority, QueueFull, QueueTimeout
+from chatfleet.serving.admission import (
+    AdmissionController,
+    Draining,
+    Load,
+    LoadUnavailable,
+    Priority,
+    QueueFull,
+    QueueTimeout,
+)
 from chatfleet.serving.pod_admission import PodAdmission
 from chatfleet.serving.pod_coordinator import AdmissionCoordinator
 from chatfleet.serving.rate_limit import FailureLimiter, KeyRateLimiter
@@ -24,7 +32,9 @@ class Pod:
         self.workers: list[PodAdmission] = []
 
     async def worker(self) -> PodAdmission:
-        handle = PodAdmission(max_queue=self.coordinator.admission.max_queue)
+        admission = self.coordinator.admission
+        handle = PodAdmission(slots=admission.slots, batch_slots=admission.batch_slots,
+                              max_queue=admission.max_queue)
         await handle.connect(self.path)
         self.workers.append(handle)
         return handle
@@ -173,7 +183,7 @@ async def test_draining_the_pod_refuses_new_work_on_every_worker(pod: Pod) -> No
 
 async def test_a_worker_whose_coordinator_is_gone_refuses_and_says_so(pod: Pod) -> None:
     lost = asyncio.Event()
-    handle = PodAdmission(max_queue=3, on_lost=lost.set)
+    handle = PodAdmission(slots=2, batch_slots=2, max_queue=3, on_lost=lost.set)
     await handle.connect(pod.path)
     pod.workers.append(handle)
     handle.enqueue(I), handle.enqueue(I)
@@ -185,6 +195,28 @@ async def test_a_worker_whose_coordinator_is_gone_refuses_and_says_so(pod: Pod) 
         await queued.wait(1.0)
     with pytest.raises(Draining):
         handle.enqueue(I)
+    with pytest.raises(LoadUnavailable, match="coordinator"):
+        await handle.load()
+
+
+@pytest.mark.parametrize("pod", [{"slots": 3, "max_queue": 5, "reserved": 1}], indirect=True)
+async def test_every_worker_reports_the_pods_load(pod: Pod) -> None:
+    a, b = await pod.worker(), await pod.worker()
+    tickets = []
+    for handle, priority in ((a, B), (b, B), (a, I), (b, B), (a, I), (b, I)):
+        tickets.append(handle.enqueue(priority))
+        await settle()
+    expected = Load(slots=3, batch_slots=2, running=3, running_batch=2, queued_interactive=2,
+                    queued_batch=1, max_queue=5, draining=False,
+                    retry_after_s=pod.coordinator.admission.retry_after_s())
+    assert await a.load() == await b.load() == await pod.coordinator.admission.load() == expected
+    for ticket in tickets:
+        ticket.release()
+    pod.coordinator.begin_drain()
+    await settle()
+    loads = await asyncio.gather(a.load(), b.load(), a.load())
+    assert {(load.running, load.queued_interactive + load.queued_batch, load.draining)
+            for load in loads} == {(0, 0, True)}
 
 
 @pytest.mark.parametrize("pod", [{"keys": True}], indirect=True)

@@ -47,6 +47,14 @@ def test_pending_picks_spread_a_burst_between_two_polls() -> None:
     assert sent == {"a:1": 4, "b:1": 4, "c:1": 4}
 
 
+def test_equal_pods_take_turns_for_one_request_after_another() -> None:
+    pods = [pod("a:1", running=1), pod("b:1", running=1), pod("c:1", running=1), pod("d:1", running=3)]
+
+    picked_in_turn = [picked(pick(pods, batch=False, turn=turn)) for turn in range(6)]
+
+    assert picked_in_turn == ["a:1", "b:1", "c:1", "a:1", "b:1", "c:1"]
+
+
 def test_with_every_slot_taken_the_shortest_queue_gets_the_request() -> None:
     pods = [pod("a:1", running=8, queued_i=6), pod("b:1", running=8, queued_i=2)]
 

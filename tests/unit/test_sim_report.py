@@ -8,7 +8,7 @@ from array import array
 import pytest
 
 from chatfleet.sim.fleet import FleetResult, RequestOutcome, TimelinePoint
-from chatfleet.sim.report import Slo, biggest_step, meets_slo, summarize
+from chatfleet.sim.report import Slo, biggest_step, meets_slo, summarize, ttft_quantile
 
 OK, REJECTED, CUT, INVALID = (RequestOutcome.OK, RequestOutcome.REJECTED, RequestOutcome.CUT,
                               RequestOutcome.INVALID)
@@ -70,3 +70,11 @@ def test_cost_is_reported_against_the_oracle() -> None:
     assert summarize("p", run, slo=Slo(), replica_capacity=1.0,
                      oracle_gpu_seconds=1000.0).gpu_seconds_vs_oracle == pytest.approx(1.15)
     assert summarize("p", run, slo=Slo(), replica_capacity=1.0).gpu_seconds_vs_oracle is None
+
+
+def test_ttft_p99_is_over_answered_requests_only() -> None:
+    answered = [(i, OK, 0.1 * (i + 1), 0.05) for i in range(100)]  # TTFT 0.1 .. 10.0 s
+    run = result([*answered, (100, REJECTED, math.nan, math.nan), (101, CUT, 50.0, math.nan)], [1])
+    assert ttft_quantile(run, 0.99) == pytest.approx(9.9)
+    assert summarize("p", run, slo=Slo(), replica_capacity=1.0).ttft_p99_s == pytest.approx(9.9)
+    assert ttft_quantile(result([(0, REJECTED, math.nan, math.nan)], [1]), 0.99) is None

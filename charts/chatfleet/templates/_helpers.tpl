@@ -258,3 +258,23 @@ the request and twice that as the limit; one given, the other equal to it. */}}
 {{- fail (printf "gateway.admission.interactiveReservedSlots (%d) must be smaller than the engine slots (%d: gateway.admission.engineSlots, else engine.maxNumSeqs), or batch requests could never run: lower it" (int $reserved) $slots) }}
 {{- end }}
 {{- end }}
+
+{{/* routing.mode inferencepool: the InferencePool is named like the release's gateway objects;
+the endpoint picker's Deployment, Service, ServiceAccount and RBAC share <fullname>-epp. */}}
+{{- define "chatfleet.eppName" -}}
+{{- printf "%s-epp" (include "chatfleet.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The picker pods' labels: apart from the gateway's, so no gateway selector (nor the
+InferencePool) picks them up. */}}
+{{- define "chatfleet.eppSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatfleet.name" . | trunc 59 | trimSuffix "-" }}-epp
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The InferencePool's selector: the gateway pods' selector labels and their component, so
+neither the helm test pod (component test) nor any other release pod joins the pool. */}}
+{{- define "chatfleet.poolSelectorLabels" -}}
+{{ include "chatfleet.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}

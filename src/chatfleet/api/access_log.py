@@ -14,8 +14,9 @@ like one a route answered. The line, on logger ``chatfleet.access`` at INFO:
   ``serving/admission_record.py``, which this middleware sets up per request); absent otherwise.
 - ``disconnected``: the client went away before the last byte. The status is then the one the
   answer had started with, or 499 (nginx's "client closed request") if none had started.
-- ``/livez``, ``/readyz`` and ``/metrics(/engine)`` are logged at DEBUG: a kubelet probing every few
-  seconds, or a Prometheus scrape, would otherwise flood the log.
+- ``/livez``, ``/readyz``, ``/load`` and ``/metrics(/engine)`` are logged at DEBUG: a kubelet
+  probing every few seconds, the endpoint picker polling many times a second, or a Prometheus
+  scrape, would otherwise flood the log.
 
 Never logged: headers (Authorization and API keys among them), the query string (values there
 may be secrets; the path is logged without it), request and response bodies, prompt text, and the
@@ -49,8 +50,8 @@ __all__ = ["QUIET_PATHS", "AccessLog", "loggable_path"]
 
 log = logging.getLogger("chatfleet.access")
 
-QUIET_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/metrics/engine"})
-"""Probes and scrapes: logged at DEBUG, not INFO."""
+QUIET_PATHS = frozenset({"/livez", "/readyz", "/load", "/metrics", "/metrics/engine"})
+"""Probes, the endpoint picker's polls and scrapes: logged at DEBUG, not INFO."""
 
 _REQUEST_ID = b"x-request-id"
 _CLIENT_CLOSED = 499

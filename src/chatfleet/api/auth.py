@@ -4,8 +4,8 @@
 ChatFleet's middleware: a request without a valid key is answered before admission, body reading,
 routing or validation, and learns nothing about the deployment but that it needs a key.
 
-- Every path needs a key except :data:`PUBLIC_PATHS` (probes, Prometheus' scrape of /metrics, the
-  API docs). Unknown paths need one too, so a caller without a key cannot tell which routes exist.
+- Every path needs a key except :data:`PUBLIC_PATHS` (probes, the endpoint picker's /load,
+  Prometheus' scrape of /metrics, the API docs). Unknown paths need one too, so a caller without a key cannot tell which routes exist.
   /metrics/engine needs one: each call of it can reach the engine (the chart's ServiceMonitor
   sends a key there, ``auth.scrapeSecretKey``).
 - The key comes in ``Authorization: Bearer <key>`` (what the openai SDK sends; the scheme is
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({
     "/livez", "/readyz",                    # kubelet probes
+    "/load",                                # the endpoint picker's poll (counts only, no user data)
     "/metrics",                             # Prometheus' scrape of the gateway's own metrics
     "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",  # the API's own description
 })

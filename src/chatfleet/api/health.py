@@ -1,7 +1,9 @@
-"""Probes and metrics: /livez (the process answers), /readyz (send it traffic), /metrics."""
+"""Probes and metrics: /livez (the process answers), /readyz (send it traffic), /load (the pod's
+slots and queue, for the endpoint picker), /metrics."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response
@@ -11,6 +13,7 @@ from pydantic import BaseModel
 from chatfleet.api.responses import json_content
 from chatfleet.api.schemas import ErrorResponse
 from chatfleet.engines.base import Engine, EngineUnavailable
+from chatfleet.serving.admission import Admission, Load, LoadUnavailable
 from chatfleet.serving.engine_metrics import EngineMetricsCache
 from chatfleet.serving.openai_format import error_body
 from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, render
@@ -18,6 +21,10 @@ from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, render
 __all__ = ["router"]
 
 router = APIRouter(tags=["health"])
+
+
+_LOAD_FIELDS = tuple(field.name for field in fields(Load))
+"""``Load``'s fields, read one by one: ``dataclasses.asdict`` took 7 µs (it deep-copies), this 0.7."""
 
 
 class Ready(BaseModel):
@@ -46,6 +53,22 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ready", "model": lifecycle.model})
     reason = "draining: shutting down" if lifecycle.draining else lifecycle.reason
     return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
+
+
+@router.get("/load", summary="The pod's engine slots and queue now, for the endpoint picker",
+            responses={200: {"model": Load},
+                       503: {"content": json_content(ErrorResponse),
+                             "description": "The pod's admission cannot be read (it is going away)"}})
+async def load(request: Request) -> JSONResponse:
+    """Counted over the whole pod, whichever worker answers. Polled many times a second per pod:
+    no key needed, no access-log line at INFO, no request metric; no engine call."""
+    admission: Admission = request.app.state.admission
+    try:
+        now = await admission.load()
+    except LoadUnavailable as exc:
+        return JSONResponse(error_body(exc.message, error_type="load_unavailable", code=503),
+                            status_code=503)
+    return JSONResponse({name: getattr(now, name) for name in _LOAD_FIELDS})
 
 
 @router.head("/metrics", include_in_schema=False)

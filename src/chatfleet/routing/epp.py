@@ -1,12 +1,14 @@
 """``chatfleet epp``: the Gateway API Inference Extension's endpoint picker, as an Envoy
 external-processing (ext_proc) gRPC service.
 
-The proxy (Envoy, or a Gateway implementation built on it) calls the picker once per request:
-it sends the request's headers and, with the body mode BUFFERED the Inference Extension
-configures, the whole body. The picker answers the headers with "continue" and, once the body
-is in (or at once, for a request without one), names a pod in the ``x-gateway-destination-endpoint``
+The proxy (Envoy, or a Gateway implementation built on it) calls the picker once per request,
+one gRPC stream each: it sends the request's headers and, with the body mode BUFFERED the
+Inference Extension configures, then the whole body. The picker answers the headers with
+"continue" and, once the body is in, names a pod in the ``x-gateway-destination-endpoint``
 header and in the dynamic metadata ``envoy.lb``; the proxy's ORIGINAL_DST cluster connects to
-that address. When no pod is eligible it answers 503, and when every pod would refuse, 429
+that address. A request without a body, or on a route whose body the proxy does not send first
+(body mode NONE, as deploy/envoy/epp-envoy.yaml sets for knowledge-base uploads larger than
+Envoy's buffer), is picked at its headers, on the priority header alone. When no pod is eligible it answers 503, and when every pod would refuse, 429
 with Retry-After, as an immediate response: the request never reaches a pod. The protocol:
 docs/proposals/004-endpoint-picker-protocol in kubernetes-sigs/gateway-api-inference-extension.
 
@@ -28,6 +30,7 @@ import grpc
 import httpx
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3.http_status_pb2 import HttpStatus
@@ -53,6 +56,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 _TIER_OUTCOME = {Tier.SLOT: PickOutcome.SLOT, Tier.QUEUE: PickOutcome.QUEUE,
                  Tier.DISPLACE: PickOutcome.DISPLACE}
+_BODY_SENT = (ProcessingMode.BUFFERED, ProcessingMode.BUFFERED_PARTIAL)
+"""Body modes in which the proxy sends the body before it needs the pick. In others (NONE: a route
+that streams large uploads past the picker) the pick is made at the headers."""
 _HEALTH_SERVICES = ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 
@@ -66,6 +72,7 @@ class EppConfig:
     spec: RoutingSpec = RoutingSpec()
     poll_interval_s: float = 0.05
     poll_timeout_s: float = 1.0
+    engine_metrics_port: int | None = None
     prefix_chars: int = 0
     pool_ref: PoolRef | None = None
     """The InferencePool whose ready pods are the endpoints (then ``endpoints`` is empty)."""
@@ -79,31 +86,41 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self._metrics = metrics
         self._spec = spec
         self._prefix_chars = prefix_chars
+        self._turn = 0
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         headers: dict[str, str] = {}
         subset: frozenset[str] | None = None
         body = bytearray()
+        picked = False
+        body_buffered = True  # a proxy that does not say otherwise sends the body (ext_proc's default)
         async for request in request_iterator:
             kind = request.WhichOneof("request")
             if request.HasField("metadata_context"):
                 hint = _subset(request.metadata_context.filter_metadata)
                 subset = subset if hint is None else hint
+            if request.HasField("protocol_config"):  # on the first message only
+                body_buffered = request.protocol_config.request_body_mode in _BODY_SENT
             if kind == "request_headers":
                 headers = _header_map(request.request_headers.headers.headers)
-                if request.request_headers.end_of_stream:
+                if request.request_headers.end_of_stream or not body_buffered:
+                    picked = True
                     yield self._answer(headers, b"", subset, phase="request_headers")
                 else:
                     yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             elif kind == "request_body":
+                if picked:  # a body the proxy streams after the pick: pass it on
+                    yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                    continue
                 body += request.request_body.body
                 if len(body) > MAX_BODY_BYTES:
                     yield _immediate(413, None, f"the request body is over {MAX_BODY_BYTES} bytes")
                     return
                 if request.request_body.end_of_stream:
+                    picked = True
                     yield self._answer(headers, bytes(body), subset, phase="request_body")
-                else:  # a proxy streaming the body: nothing to decide until its end
+                else:
                     yield pb.ProcessingResponse(request_body=pb.BodyResponse())
             elif kind is not None:  # a phase the Inference Extension's configuration skips
                 yield _continue(kind)
@@ -113,7 +130,9 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         started = time.perf_counter()
         facts = request_facts(headers, body, prefix_chars=self._prefix_chars)
         pods = self._pool.snapshot()
-        result = pick(pods, batch=facts.batch, spec=self._spec, subset=subset, prefix_key=facts.prefix_key)
+        self._turn += 1
+        result = pick(pods, batch=facts.batch, spec=self._spec, subset=subset, prefix_key=facts.prefix_key,
+                      turn=self._turn)
         if isinstance(result, Pick):
             self._metrics.load_age_seconds.observe(
                 next(pod.age_s for pod in pods if pod.endpoint == result.endpoint))
@@ -193,11 +212,11 @@ async def _report_states(pool: PoolLoad, metrics: EppMetrics, spec: RoutingSpec,
 
 async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set; then stop taking streams and finish the open ones (5 s)."""
-    # A pool from the Kubernetes API has no size known in advance; each pod's poll holds one connection.
-    bound = max(len(config.endpoints), 1) * 2 if config.pool_ref is None else None
-    limits = httpx.Limits(max_connections=bound, max_keepalive_connections=None)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
-        pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s)
+        pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s,
+                        engine_metrics_port=config.engine_metrics_port,
+                        kv_stale_after_s=config.spec.stale_after_s)
         if config.pool_ref is None:
             pool.set_endpoints(config.endpoints)
         server = grpc.aio.server()

@@ -10,6 +10,11 @@ gateway is gone) or answers anything but 200 gets no request until a poll succee
 stopped pod stops receiving requests within one poll interval. A poll that times out leaves
 the last observation to age: a saturated gateway answers slowly and is still there, and the
 scoring's staleness bound (``RoutingSpec.stale_after_s``) retires it if it stays silent.
+
+With an engine metrics port, each pod's engine (vLLM, or engine-sim, on the pod's IP) is also
+read for ``vllm:kv_cache_usage_perc``, less often (its exposition is tens of kilobytes): the
+line is found by its name, not by parsing the whole text. A KV reading older than the
+staleness bound is dropped rather than trusted.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import httpx
 
 from chatfleet.routing.scoring import PodLoad
 from chatfleet.telemetry.metrics import EppMetrics
 
-__all__ = ["PoolLoad", "parse_load"]
+__all__ = ["PoolLoad", "kv_usage_of", "parse_load"]
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +54,49 @@ def parse_load(endpoint: str, answer: object) -> PodLoad:
     return PodLoad(endpoint=endpoint, draining=draining, **values)
 
 
+KV_USAGE = b"vllm:kv_cache_usage_perc"
+
+
+def kv_usage_of(exposition: bytes) -> float | None:
+    """The highest ``vllm:kv_cache_usage_perc`` sample in a Prometheus text exposition (one per
+    engine core), or None when there is none."""
+    usages = []
+    start = exposition.find(b"\n" + KV_USAGE)
+    while start >= 0:
+        end = exposition.find(b"\n", start + 1)
+        line = exposition[start + 1:end if end >= 0 else len(exposition)]
+        try:
+            usages.append(float(line.rsplit(b" ", 1)[-1]))
+        except ValueError:
+            pass
+        start = exposition.find(b"\n" + KV_USAGE, start + 1)
+    return max(usages) if usages else None
+
+
 @dataclass(slots=True)
 class _Pod:
     load: PodLoad | None = None
     observed_at: float = 0.0
     pending: int = 0
     pending_batch: int = 0
-    task: asyncio.Task[None] | None = None
+    kv_usage: float | None = None
+    kv_observed_at: float = 0.0
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class PoolLoad:
     """The latest load of each endpoint in the pool, kept fresh by one polling task per pod."""
 
     def __init__(self, client: httpx.AsyncClient, metrics: EppMetrics, *, interval_s: float = 0.05,
-                 timeout_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeout_s: float = 1.0, engine_metrics_port: int | None = None, kv_interval_s: float = 0.5,
+                 kv_stale_after_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._metrics = metrics
         self._interval_s = interval_s
         self._timeout_s = timeout_s
+        self._engine_metrics_port = engine_metrics_port
+        self._kv_interval_s = kv_interval_s
+        self._kv_stale_after_s = kv_stale_after_s
         self._clock = clock
         self._pods: dict[str, _Pod] = {}
         self.polled = asyncio.Event()
@@ -78,22 +108,25 @@ class PoolLoad:
         """Poll exactly these endpoints (``ip:port``) from now on."""
         wanted = set(endpoints)
         for endpoint in self._pods.keys() - wanted:
-            pod = self._pods.pop(endpoint)
-            if pod.task is not None:
-                pod.task.cancel()
+            for task in self._pods.pop(endpoint).tasks:
+                task.cancel()
             self._unpolled.discard(endpoint)
         for endpoint in wanted - self._pods.keys():
             pod = _Pod()
             self._pods[endpoint] = pod
             self._unpolled.add(endpoint)
-            pod.task = asyncio.create_task(self._poll(endpoint, pod), name=f"load {endpoint}")
+            pod.tasks.append(asyncio.create_task(self._poll(endpoint, pod), name=f"load {endpoint}"))
+            if self._engine_metrics_port is not None:
+                pod.tasks.append(asyncio.create_task(self._poll_kv(endpoint, pod), name=f"kv {endpoint}"))
         self._check_polled()
 
     def snapshot(self) -> list[PodLoad]:
         """Every pod with a current observation, its age and what was sent to it since."""
         now = self._clock()
+        kv_since = now - self._kv_stale_after_s
         return [replace(pod.load, age_s=now - pod.observed_at, pending=pod.pending,
-                        pending_batch=pod.pending_batch)
+                        pending_batch=pod.pending_batch,
+                        kv_usage=pod.kv_usage if pod.kv_observed_at >= kv_since else None)
                 for pod in self._pods.values() if pod.load is not None]
 
     def sent(self, endpoint: str, *, batch: bool) -> None:
@@ -117,7 +150,7 @@ class PoolLoad:
         return states
 
     async def aclose(self) -> None:
-        tasks = [pod.task for pod in self._pods.values() if pod.task is not None]
+        tasks = [task for pod in self._pods.values() for task in pod.tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -139,14 +172,14 @@ class PoolLoad:
                     raise ValueError(f"GET /load answered {response.status_code}")
                 load = parse_load(endpoint, response.json())
             except httpx.TimeoutException:
-                polls.labels(result="error").inc()
+                polls.labels(source="gateway", result="error").inc()
             except (httpx.HTTPError, ValueError) as exc:
-                polls.labels(result="error").inc()
+                polls.labels(source="gateway", result="error").inc()
                 if pod.load is not None:
                     log.warning("epp: %s is out of the pool until its load answers: %s", endpoint, exc)
                 pod.load = None
             else:
-                polls.labels(result="ok").inc()
+                polls.labels(source="gateway", result="ok").inc()
                 pod.load, pod.observed_at = load, asked_at
                 pod.pending -= sent_before
                 pod.pending_batch -= batch_before
@@ -154,3 +187,23 @@ class PoolLoad:
                 self._unpolled.discard(endpoint)
                 self._check_polled()
             await asyncio.sleep(self._interval_s)
+
+    async def _poll_kv(self, endpoint: str, pod: _Pod) -> None:
+        host = endpoint.rpartition(":")[0]
+        url = f"http://{host}:{self._engine_metrics_port}/metrics"
+        polls = self._metrics.load_polls_total
+        while True:
+            asked_at = self._clock()
+            try:
+                response = await self._client.get(url, timeout=self._timeout_s)
+                usage = kv_usage_of(response.content) if response.status_code == 200 else None
+                if usage is None:
+                    raise ValueError(f"no {KV_USAGE.decode()} in the engine's /metrics "
+                                     f"(status {response.status_code})")
+            except (httpx.HTTPError, ValueError) as exc:
+                polls.labels(source="engine", result="error").inc()
+                log.debug("epp: %s's engine KV usage unknown: %s", endpoint, exc)
+            else:
+                polls.labels(source="engine", result="ok").inc()
+                pod.kv_usage, pod.kv_observed_at = usage, asked_at
+            await asyncio.sleep(self._kv_interval_s)

@@ -115,9 +115,11 @@ def pick(
     spec: RoutingSpec = RoutingSpec(),
     subset: frozenset[str] | None = None,
     prefix_key: str | None = None,
+    turn: int = 0,
 ) -> Pick | Refusal:
     """The pod for one request, or why none. ``subset``: only these endpoints may be picked
-    (the proxy's subset hint); None means any pod."""
+    (the proxy's subset hint); None means any pod. ``turn``: the caller's request counter; equal
+    pods take turns by it, so requests that find the pool idle still spread over it."""
     eligible = [pod for pod in pods
                 if (subset is None or pod.endpoint in subset)
                 and not pod.draining and pod.age_s <= spec.stale_after_s and pod.slots > 0]
@@ -140,7 +142,7 @@ def pick(
                        f"every pod's queue is full for {kind} requests; retry after "
                        f"{retry_after_s} s")
     tier, ranked = best
-    return Pick(_choose(ranked, spec, prefix_key).endpoint, tier)
+    return Pick(_choose(ranked, spec, prefix_key, turn).endpoint, tier)
 
 
 def _offer(pod: PodLoad, batch: bool, spec: RoutingSpec) -> tuple[Tier, float] | None:
@@ -165,15 +167,18 @@ def _offer(pod: PodLoad, batch: bool, spec: RoutingSpec) -> tuple[Tier, float] |
     return None
 
 
-def _choose(ranked: list[tuple[float, PodLoad]], spec: RoutingSpec, prefix_key: str | None) -> PodLoad:
+def _choose(ranked: list[tuple[float, PodLoad]], spec: RoutingSpec, prefix_key: str | None,
+            turn: int) -> PodLoad:
     least = min(load for load, _ in ranked)
     if prefix_key is not None:
         near = [pod for load, pod in ranked if load <= least + spec.affinity_slack]
         return max(near, key=lambda pod: prefix_rank(prefix_key, pod.endpoint))
-    # Ties go to the pod with the fewest requests sent since its observation, then by name, so
-    # equal pods share a burst instead of one taking it whole.
-    return min((pod for load, pod in ranked if load == least),
-               key=lambda pod: (pod.pending, pod.endpoint))
+    # Among equals, the fewest requests sent since their observation, so equal pods share a
+    # burst; then in turn, so one request after another on an idle pool does too.
+    tied = [pod for load, pod in ranked if load == least]
+    fewest = min(pod.pending for pod in tied)
+    tied = sorted((pod for pod in tied if pod.pending == fewest), key=lambda pod: pod.endpoint)
+    return tied[turn % len(tied)]
 
 
 def _no_endpoint_message(subset: frozenset[str] | None) -> str:

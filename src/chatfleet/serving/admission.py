@@ -24,6 +24,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum, StrEnum, auto
 from typing import Protocol
 
@@ -33,6 +34,8 @@ __all__ = [
     "Ticket",
     "AdmissionRejected",
     "Draining",
+    "Load",
+    "LoadUnavailable",
     "Priority",
     "QueueFull",
     "QueueTimeout",
@@ -90,6 +93,32 @@ class QueueTimeout(AdmissionRejected):
 class Draining(AdmissionRejected):
     status = 503
     reason = "draining"
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """The pod's admission now, counted over the whole pod: what ``GET /load`` answers, for the
+    endpoint picker that polls it to choose a pod (the names are its contract, docs/api.md)."""
+
+    slots: int
+    batch_slots: int
+    """The most slots batch requests may hold at once (``slots - interactive_reserved``)."""
+    running: int
+    running_batch: int
+    queued_interactive: int
+    queued_batch: int
+    max_queue: int
+    draining: bool
+    retry_after_s: int
+    """What a refusal would say in ``Retry-After`` now."""
+
+
+class LoadUnavailable(Exception):
+    """The pod's load cannot be read (a worker whose admission coordinator is gone)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class _Entry(Enum):
@@ -199,8 +228,9 @@ class Ticket(Protocol):
 
 
 class Admission(Protocol):
-    """What the completion service and the lifecycle need of admission: this process's
-    ``AdmissionController``, or a worker's handle on the pod's (``pod_admission.PodAdmission``)."""
+    """What the completion service, the lifecycle and ``GET /load`` need of admission: this
+    process's ``AdmissionController``, or a worker's handle on the pod's
+    (``pod_admission.PodAdmission``)."""
 
     @property
     def running(self) -> int: ...
@@ -217,6 +247,10 @@ class Admission(Protocol):
     def begin_drain(self) -> None: ...
 
     async def wait_idle(self) -> None: ...
+
+    async def load(self) -> Load:
+        """The whole pod's slots and queue now; raises LoadUnavailable when they cannot be read."""
+        ...
 
 
 class AdmissionController:
@@ -289,6 +323,14 @@ class AdmissionController:
         else:
             estimate = (self.queued() + 1) / rate
         return int(min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, math.ceil(estimate))))
+
+    async def load(self) -> Load:
+        queues = self._queues
+        return Load(slots=self.slots, batch_slots=self.batch_slots, running=self._running,
+                    running_batch=self._running_batch,
+                    queued_interactive=len(queues[Priority.INTERACTIVE]),
+                    queued_batch=len(queues[Priority.BATCH]), max_queue=self.max_queue,
+                    draining=self._draining, retry_after_s=self.retry_after_s())
 
     # -- entering ----------------------------------------------------------------------------
 

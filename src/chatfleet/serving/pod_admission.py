@@ -5,7 +5,7 @@ in ``CHATFLEET_POD_ADMISSION_SOCKET`` and uses :class:`PodAdmission` where a sin
 its own ``AdmissionController``: the same calls (``enqueue``, ``certain_rejection``, the drain),
 each request a round trip to the coordinator (``serving/pod_coordinator.py``). ``running`` and
 ``queued`` here count this worker's own requests: the pod's are the coordinator's, and its
-metrics are the pod's queue gauges.
+metrics are the pod's queue gauges; ``load()`` asks the coordinator for the pod's.
 
 If the coordinator goes away (the supervisor died), the pod is gone: queued requests get 503,
 new ones too, and ``on_lost`` runs (the app drains and exits the worker).
@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from chatfleet.serving.admission import (
     AdmissionRejected,
     Draining,
+    Load,
+    LoadUnavailable,
     Priority,
     QueueFull,
     QueueTimeout,
@@ -112,13 +114,17 @@ class _CoordinatorLink(LineProtocol):
 class PodAdmission:
     """This worker's handle on the pod's admission; one per worker process."""
 
-    def __init__(self, *, max_queue: int, on_lost: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, slots: int, batch_slots: int, max_queue: int,
+                 on_lost: Callable[[], None] | None = None) -> None:
+        self.slots = slots
+        self.batch_slots = batch_slots
         self.max_queue = max_queue
         self._link = _CoordinatorLink(self)
         self._on_lost = on_lost
         self._next_id = 0
         self._held: dict[str, PodWaiter] = {}
         self._key_waits: dict[str, asyncio.Future[float]] = {}
+        self._load_waits: dict[str, asyncio.Future[Load]] = {}
         self._blocked_until: dict[str, float] = {}
         self._refusals: tuple[str, str] = ("-", "-")
         self._retry_after_s = 1
@@ -183,6 +189,29 @@ class PodAdmission:
         """Return once this worker holds no slot and has nothing queued."""
         await self._idle.wait()
 
+    async def load(self) -> Load:
+        """The whole pod's slots and queue, from the coordinator (one round trip)."""
+        if self._gone:
+            raise LoadUnavailable(_LOST_MESSAGE)
+        self._next_id += 1
+        rid = str(self._next_id)
+        future: asyncio.Future[Load] = asyncio.get_running_loop().create_future()
+        self._load_waits[rid] = future
+        self._link.send(f"L {rid}")
+        try:
+            return await future
+        finally:
+            self._load_waits.pop(rid, None)
+
+    def _load(self, fields: Sequence[str]) -> Load:
+        """The ``l`` line's counts (the wire splits a line into at most 5 fields, so rejoined)."""
+        running, running_batch, queued_i, queued_b, draining, retry_after_s = map(
+            int, " ".join(fields[2:]).split(" "))
+        return Load(slots=self.slots, batch_slots=self.batch_slots, running=running,
+                    running_batch=running_batch, queued_interactive=queued_i, queued_batch=queued_b,
+                    max_queue=self.max_queue, draining=bool(draining) or self._draining,
+                    retry_after_s=retry_after_s)
+
     # -- the pod's rate limits ---------------------------------------------------------------
 
     async def key_wait(self, key_index: int) -> float:
@@ -234,6 +263,10 @@ class PodAdmission:
                 future = self._key_waits.get(fields[1])
                 if future is not None and not future.done():
                     future.set_result(float(fields[2]))
+            elif kind == "l":
+                future = self._load_waits.get(fields[1])
+                if future is not None and not future.done():
+                    future.set_result(self._load(fields))
             elif kind == "S":
                 self._refusals = (fields[1], fields[2])
                 self._retry_after_s = max(1, int(fields[3]))
@@ -263,6 +296,9 @@ class PodAdmission:
         for future in self._key_waits.values():
             if not future.done():
                 future.set_result(0.0)
+        for load in self._load_waits.values():
+            if not load.done():
+                load.set_exception(LoadUnavailable(_LOST_MESSAGE))
         self._check_idle()
         if self._on_lost is not None:
             self._on_lost()

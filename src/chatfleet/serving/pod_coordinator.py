@@ -68,6 +68,10 @@ class _WorkerLink(LineProtocol):
                 self.send(f"k {fields[1]} {wait_s:.3f}")
             elif kind == "F":
                 coordinator._failed_key(fields[1])
+            elif kind == "L":
+                self.send(f"l {fields[1]} {admission.running} {admission.running_batch} "
+                          f"{admission.queued(Priority.INTERACTIVE)} {admission.queued(Priority.BATCH)} "
+                          f"{int(admission.draining)} {admission.retry_after_s()}")
         coordinator._publish()
 
     def _enqueue(self, admission: AdmissionController, rid: str, priority: Priority) -> None:

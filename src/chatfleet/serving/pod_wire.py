@@ -7,6 +7,7 @@ One Unix stream connection per worker, one ASCII line per message, fields separa
 - ``R <id>``: the worker is done with ``id``: frees its slot, or takes it out of the queue.
 - ``K <id> <key index>``: take one token of that API key's rate limit; answered by ``k``.
 - ``F <address>``: the client address sent a wrong API key.
+- ``L <id>``: what the pod's admission looks like now (``GET /load``); answered by ``l``.
 
 Coordinator to worker:
 
@@ -14,6 +15,8 @@ Coordinator to worker:
 - ``X <id> <reason> <retry after s> <message>``: ``id`` was refused (queue_full, queue_timeout,
   draining), on arrival or later (deadline, displaced by an interactive arrival).
 - ``k <id> <wait s>``: the answer to ``K``: 0 when taken, else the seconds until a token is back.
+- ``l <id> <running> <running batch> <queued interactive> <queued batch> <draining 0|1>
+  <retry after s>``: the answer to ``L``, counted over the whole pod.
 - ``S <unknown> <batch> <retry after s>``: the pod's certain refusal for an arrival of unknown
   priority and for a batch one (a reason or ``-``), sent to every worker when it changes, so a
   worker's edge can refuse without asking.

@@ -4,7 +4,9 @@ Each policy runs the same arrivals through the same fleet model (sim/fleet.py): 
 fleet sized for the peak), ``hpa`` (the chart's HPA, hpa/hpa.yaml), ``keda`` (the chart's
 ScaledObject), ``operator`` (the HPA with the operator policy's floor) and ``oracle`` (sized for
 the coming peak, knowing the future). Per-replica capacity is measured on one simulated pod
-first (sim/capacity.py). Prints a table, writes a JSON report and optional PNG plots.
+first (sim/capacity.py). ``--routing`` picks how the Service spreads requests over the ready pods:
+``random`` (kube-proxy) or ``epp`` (the endpoint picker's scoring on polled load, sim/picker.py).
+Prints a table, writes a JSON report and optional PNG plots.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from chatfleet.bench.workload import load_trace
 from chatfleet.engines.engine_model import load_profile
 from chatfleet.sim.experiment import POLICIES, prepare
 from chatfleet.sim.fleet import FleetResult
+from chatfleet.sim.picker import ROUTINGS, Routing
 from chatfleet.sim.report import PolicyReport
 
-__all__ = ["POLICIES", "simulate_command"]
+__all__ = ["POLICIES", "ROUTINGS", "simulate_command"]
 
 _ROOT = Path(__file__).resolve().parents[3]
 _console = Console(width=140)  # the table is wider than a pipe's default 80 columns
@@ -99,12 +102,22 @@ def simulate_command(
                     "per-replica capacity.")] = None,
     max_replicas: Annotated[int, typer.Option(min=1)] = 64,
     hpa_dir: Annotated[Path, typer.Option(help="Folder with hpa.yaml and keda-scaledobject.yaml.")] = _ROOT / "hpa",
+    routing: Annotated[str, typer.Option(help=(
+        "How requests are spread over the ready pods: random (a ClusterIP Service) or epp (the "
+        "endpoint picker's scoring, as chatfleet epp runs it, on load polled every --poll-interval)."
+    ))] = "random",
+    poll_interval: Annotated[float, typer.Option(
+        min=0.001, help="epp: seconds between the picker's polls of each pod's load.")] = 0.05,
 ) -> None:
     """Replay a trace against the fleet under each autoscaling policy and compare them."""
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
     unknown = sorted(set(chosen) - set(POLICIES))
     if unknown or not chosen:
         raise typer.BadParameter(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    try:
+        how = Routing(kind=routing, poll_interval_s=poll_interval)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--routing") from exc
     if plots is not None and (missing := matplotlib_missing()):
         raise typer.BadParameter(f"{missing}; or leave out --plots", param_hint="--plots")
     try:
@@ -118,7 +131,7 @@ def simulate_command(
     try:
         experiment = prepare(rows, speed=speed, cold_start_s=cold_start, profile=engine,
                              hpa_dir=hpa_dir, engine_slots=engine_slots, duration_s=duration,
-                             max_replicas=max_replicas, seed=seed)
+                             max_replicas=max_replicas, seed=seed, routing=how)
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     order = sorted(chosen, key=lambda name: name != "oracle")  # the oracle first: the others' yardstick
@@ -136,13 +149,15 @@ def simulate_command(
     slo = experiment.slo
 
     table = Table(title=f"{trace.name} x{speed:g}, cold start {cold_start:g} s, {requests} requests, "
-                        f"{profile} with {engine_slots} slots: {capacity:.2f} req/s per replica")
-    for column in ("policy", "SLO", "GPU-s", "vs oracle", "429s", "peak", "overshoot", "reversals/h",
-                   "reaction s", "recovery s"):
+                        f"{profile} with {engine_slots} slots: {capacity:.2f} req/s per replica, "
+                        f"{routing} routing")
+    for column in ("policy", "SLO", "TTFT p99 s", "GPU-s", "vs oracle", "429s", "peak", "overshoot",
+                   "reversals/h", "reaction s", "recovery s"):
         table.add_column(column, justify="right")
     for name in chosen:
         r = reports[name]
-        table.add_row(name, f"{r.slo_attainment:.1%}", f"{r.gpu_seconds:,.0f}",
+        table.add_row(name, f"{r.slo_attainment:.1%}", _opt(r.ttft_p99_s, "{:.2f}"),
+                      f"{r.gpu_seconds:,.0f}",
                       "" if r.gpu_seconds_vs_oracle is None else f"{r.gpu_seconds_vs_oracle:.2f}x",
                       str(r.rejected), str(r.peak_replicas), str(r.peak_overshoot),
                       f"{r.reversals_per_hour:.1f}", _opt(r.reaction_s), _opt(r.recovery_s))
@@ -153,6 +168,8 @@ def simulate_command(
             "trace": trace.name, "speed": speed, "cold_start_s": cold_start, "seed": seed,
             "profile": profile, "engine_slots": engine_slots, "replica_capacity": capacity,
             "requests": requests, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+            "routing": {"kind": how.kind, "poll_interval_s": how.poll_interval_s,
+                        "kv_poll_interval_s": how.kv_poll_interval_s},
             "policies": {name: reports[name].as_dict() for name in chosen}}, indent=2) + "\n")
     if plots is not None:
         path = _plot({name: results[name] for name in chosen}, plots,
@@ -160,6 +177,6 @@ def simulate_command(
         _console.print(f"plot: {path}")
 
 
-def _opt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+def _opt(value: float | None, form: str = "{:.0f}") -> str:
+    return "-" if value is None else form.format(value)
 

@@ -4,7 +4,8 @@ tuning sweep and the published table run exactly the same fleet.
 
 Per-replica capacity is measured on one simulated pod (sim/capacity.py), with the slots tuned
 the same way unless given. Every policy starts from the replicas the oracle would have at 0 s
-(static-at-peak from its own count), and runs the same requests with the same seed.
+(static-at-peak from its own count), and runs the same requests with the same seed and the same
+routing between pods (sim/picker.py: random, or the endpoint picker).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from chatfleet.sim.fleet import (
 )
 from chatfleet.sim.hpa import spec_from_manifest
 from chatfleet.sim.keda import scaled_object_from_manifest
+from chatfleet.sim.picker import Routing
 from chatfleet.sim.report import PolicyReport, Slo, summarize
 
 __all__ = ["POLICIES", "Experiment", "for_requests", "hpa_with_targets", "keda_with_targets",
@@ -83,6 +85,7 @@ class Experiment:
     keda_manifest: dict[str, Any]
     slo: Slo = field(default_factory=Slo)
     seed: int = 0
+    routing: Routing = Routing()
 
     @cached_property
     def arrivals(self) -> list[float]:
@@ -133,10 +136,13 @@ class Experiment:
         # began, so the first cold start is nobody's handicap.
         initial = (self.static_replicas if policy == "static" else
                    self.oracle.desired_replicas(FleetView(0.0, (), 0, 0, 0.0)))
-        config = FleetConfig(profile=self.profile, engine_slots=self.engine_slots,
-                             initial_replicas=initial, seed=self.seed,
-                             cold_start_s=lambda rng: self.cold_start_s * rng.uniform(0.9, 1.1))
-        return simulate(config, self.requests, autoscaler or self.autoscaler(policy))
+        return simulate(self.fleet_config(initial), self.requests, autoscaler or self.autoscaler(policy))
+
+    def fleet_config(self, initial_replicas: int) -> FleetConfig:
+        """The fleet every run of this experiment simulates, starting with ``initial_replicas``."""
+        return FleetConfig(profile=self.profile, engine_slots=self.engine_slots,
+                           initial_replicas=initial_replicas, seed=self.seed, routing=self.routing,
+                           cold_start_s=lambda rng: self.cold_start_s * rng.uniform(0.9, 1.1))
 
     def report(self, name: str, result: FleetResult, oracle: FleetResult | None) -> PolicyReport:
         return summarize(name, result, slo=self.slo, replica_capacity=self.replica_capacity,
@@ -157,7 +163,7 @@ def load_manifests(hpa_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def for_requests(requests: list[RequestSpec], *, lengths: LengthSampler, cold_start_s: float,
                  profile: EngineProfile, hpa_dir: Path, engine_slots: int | None = None,
-                 max_replicas: int = 64, seed: int = 0) -> Experiment:
+                 max_replicas: int = 64, seed: int = 0, routing: Routing = Routing()) -> Experiment:
     """The experiment for these requests: the replica's slots (tuned unless given) and its
     capacity measured with requests of ``lengths``, and the chart's autoscalers."""
     if not requests:
@@ -172,12 +178,12 @@ def for_requests(requests: list[RequestSpec], *, lengths: LengthSampler, cold_st
     return Experiment(requests=requests, profile=profile, engine_slots=engine_slots,
                       replica_capacity=capacity, cold_start_s=cold_start_s,
                       max_replicas=max_replicas, hpa_manifest=hpa_manifest,
-                      keda_manifest=keda_manifest, slo=slo, seed=seed)
+                      keda_manifest=keda_manifest, slo=slo, seed=seed, routing=routing)
 
 
 def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile: EngineProfile,
             hpa_dir: Path, engine_slots: int | None = None, duration_s: float | None = None,
-            max_replicas: int = 64, seed: int = 0) -> Experiment:
+            max_replicas: int = 64, seed: int = 0, routing: Routing = Routing()) -> Experiment:
     """The experiment for a trace replayed at ``speed`` (its first ``duration_s`` only)."""
     requests = [r for r in trace_replay(rows, speed=speed).arrivals
                 if duration_s is None or float(r.at_s or 0.0) < duration_s]
@@ -185,4 +191,5 @@ def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile:
         raise ValueError("no requests left in the trace for that speed and duration")
     return for_requests(requests, lengths=EmpiricalLengths.from_trace(rows),
                         cold_start_s=cold_start_s, profile=profile, hpa_dir=hpa_dir,
-                        engine_slots=engine_slots, max_replicas=max_replicas, seed=seed)
+                        engine_slots=engine_slots, max_replicas=max_replicas, seed=seed,
+                        routing=routing)

@@ -5,7 +5,9 @@ the engine, a bounded FIFO queue behind them with a maximum wait, 429 beyond) in
 ``EngineCore`` (the engine model of engines/engine_model.py) stepped in virtual time: a step's
 tokens count as emitted when the step ends. Pods go Loading (a cold start, GPU held) -> Ready ->
 Draining (no new requests; queued and running ones finish, up to ``drain_timeout_s``) -> gone.
-The Service sends each arrival to a ready pod at random, as kube-proxy does.
+The Service sends each arrival to a ready pod at random, as kube-proxy does, or through the
+endpoint picker's scoring on load it polled (``FleetConfig.routing``, sim/picker.py). A pod may run
+slower than the profile (``pod_speed``): a degraded GPU, a noisy neighbour.
 
 An ``Autoscaler`` is asked for the desired replica count every ``sync_period_s`` with what
 Prometheus would show then (``FleetView``: per-pod gauges as of the last scrape, every
@@ -23,12 +25,14 @@ import random
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Protocol
 
 from chatfleet.bench.workload import RequestSpec
 from chatfleet.engines.engine_model import EngineCore, EngineProfile, StepOutcome
+from chatfleet.routing import scoring
+from chatfleet.sim.picker import PolledLoad, Routing
 
 __all__ = [
     "Autoscaler",
@@ -40,15 +44,17 @@ __all__ = [
     "StaticReplicas",
     "TimelinePoint",
     "simulate",
+    "slowed",
 ]
 
 
 class RequestOutcome(IntEnum):
     OK = 0
     REJECTED = 1
-    """429 from a gateway: its queue was full, or the request waited past max_queue_wait_s."""
+    """429 from a gateway (its queue was full, or the request waited past max_queue_wait_s), or
+    from the endpoint picker (every pod's queue looked full)."""
     NO_ENDPOINT = 2
-    """No pod was ready to take it (the Service had no endpoints)."""
+    """No pod was ready to take it (the Service had no endpoints; the picker's 503)."""
     CUT = 3
     """Still running when its draining pod reached drain_timeout_s."""
     INVALID = 4
@@ -73,6 +79,10 @@ class FleetConfig:
     end_s: float | None = None
     """Stop at this virtual time; None: when the last request has finished."""
     seed: int = 0
+    routing: Routing = Routing()
+    pod_speed: Callable[[int], float] = field(default=lambda index: 1.0)
+    """Engine speed of the pod created ``index``-th (0 first), as a factor on the profile: its
+    step times are divided by it (0.5: a pod at half speed)."""
 
     def __post_init__(self) -> None:
         if self.engine_slots < 1 or self.initial_replicas < 0 or self.max_queue < 0:
@@ -162,6 +172,7 @@ class _Pod:
         "ended_at",
         "name",
         "phase",
+        "polled",
         "queue",
         "ready_at",
         "running",
@@ -175,6 +186,8 @@ class _Pod:
         self.ready_at = ready_at
         self.ended_at: float | None = None
         self.phase = _Phase.LOADING
+        self.polled: PolledLoad | None = None
+        """What the endpoint picker last polled of this pod, while it is ready (epp routing)."""
         self.queue: deque[int] = deque()
         self.running: set[int] = set()
         self.stepping = False
@@ -200,6 +213,10 @@ class _Simulation:
         self.events: list[tuple[float, int, int, object]] = []
         self.sequence = itertools.count()
         self.pods: list[_Pod] = []
+        self.by_name: dict[str, _Pod] = {}
+        self.picks = 0
+        """Requests the endpoint picker has answered: its turn counter among equal pods."""
+        self.epp = config.routing.kind == "epp"
         self.pod_names = itertools.count()
         n = len(requests)
         self.outcome = array("b", [RequestOutcome.OK] * n)
@@ -271,7 +288,15 @@ class _Simulation:
         if not ready:
             self.settle(index, RequestOutcome.NO_ENDPOINT)
             return
-        pod = ready[self.rng.randrange(len(ready))] if len(ready) > 1 else ready[0]
+        if self.epp:
+            picked = self.pick(ready)
+            if isinstance(picked, scoring.Refusal):
+                self.settle(index, RequestOutcome.REJECTED if picked.status == 429
+                            else RequestOutcome.NO_ENDPOINT)
+                return
+            pod = picked
+        else:
+            pod = ready[self.rng.randrange(len(ready))] if len(ready) > 1 else ready[0]
         if len(pod.running) < self.config.engine_slots and not pod.queue:
             self.start(pod, index)
         elif len(pod.queue) < self.config.max_queue:
@@ -279,6 +304,29 @@ class _Simulation:
             pod.queue.append(index)
         else:
             self.settle(index, RequestOutcome.REJECTED)
+
+    def pick(self, ready: list[_Pod]) -> _Pod | scoring.Refusal:
+        """The endpoint picker's choice on what it polled; the chosen pod counts one pending."""
+        views = []
+        for pod in ready:
+            assert pod.polled is not None
+            pod.polled.observe(self.now)
+            views.append(pod.polled.view(self.now))
+        self.picks += 1
+        result = scoring.pick(views, batch=False, spec=self.config.routing.spec, turn=self.picks)
+        if isinstance(result, scoring.Refusal):
+            return result
+        pod = self.by_name[result.endpoint]
+        assert pod.polled is not None
+        pod.polled.sent()
+        return pod
+
+    def load(self, pod: _Pod) -> scoring.PodLoad:
+        """The pod's admission as its gateway's ``GET /load`` answers it now. Every request is
+        interactive here: traces carry no priority."""
+        slots = self.config.engine_slots
+        return scoring.PodLoad(pod.name, slots, slots, len(pod.running), 0, len(pod.queue), 0,
+                               self.config.max_queue)
 
     def start(self, pod: _Pod, index: int) -> None:
         request = self.requests[index]
@@ -303,12 +351,16 @@ class _Simulation:
     # -- engines -------------------------------------------------------------------------------
 
     def begin_step(self, pod: _Pod) -> None:
+        if pod.polled is not None:
+            pod.polled.observe(self.now)  # the step moves its KV-cache usage
         outcome = pod.core.step()
         pod.stepping = True
         self.pending_outcomes[id(pod)] = outcome
         self.schedule(self.now + outcome.duration_s, _Kind.STEP_DONE, pod)
 
     def step_done(self, pod: _Pod) -> None:
+        if pod.polled is not None:
+            pod.polled.observe(self.now)
         outcome = self.pending_outcomes.pop(id(pod))
         pod.stepping = False
         for request_id, generated in outcome.emitted:
@@ -332,14 +384,21 @@ class _Simulation:
 
     def create_pod(self, now: float) -> _Pod:
         cold_start = self.config.cold_start_s(self.rng)
-        pod = _Pod(f"pod-{next(self.pod_names)}", EngineCore(self.config.profile,
-                   max_num_seqs=self.config.engine_slots), now, now + cold_start)
+        number = next(self.pod_names)
+        speed = self.config.pod_speed(number)
+        profile = self.config.profile if speed == 1.0 else slowed(self.config.profile, speed)
+        pod = _Pod(f"pod-{number}", EngineCore(profile, max_num_seqs=self.config.engine_slots),
+                   now, now + cold_start)
         self.pods.append(pod)
+        self.by_name[pod.name] = pod
         return pod
 
     def make_ready(self, pod: _Pod) -> None:
         if pod.phase is _Phase.LOADING:
             pod.phase = _Phase.READY
+            if self.epp:
+                pod.polled = PolledLoad(self.now, self.config.routing, lambda: self.load(pod),
+                                        lambda: pod.core.kv_usage)
 
     def remove(self, pod: _Pod) -> None:
         if pod.phase is _Phase.LOADING:
@@ -412,6 +471,18 @@ class _Simulation:
             arrival_s=array("d", (float(r.at_s or 0.0) for r in self.requests)),
             outcome=self.outcome, ttft_s=ttft, tpot_s=tpot, timeline=tuple(self.timeline),
             gpu_seconds=gpu_seconds, end_s=end_s)
+
+
+def slowed(profile: EngineProfile, speed: float) -> EngineProfile:
+    """``profile`` with every step ``speed`` times as fast (slower below 1): bandwidth and FLOPs
+    scaled up, fixed overheads down, so each step's duration is divided by ``speed``."""
+    if not speed > 0:
+        raise ValueError(f"a pod's speed must be > 0, got {speed!r}")
+    return replace(profile, name=f"{profile.name} x{speed:g}",
+                   hbm_bandwidth_bytes_per_s=profile.hbm_bandwidth_bytes_per_s * speed,
+                   flops_per_s=profile.flops_per_s * speed,
+                   step_overhead_s=profile.step_overhead_s / speed,
+                   per_seq_overhead_s=profile.per_seq_overhead_s / speed)
 
 
 def simulate(config: FleetConfig, requests: Iterable[RequestSpec], autoscaler: Autoscaler) -> FleetResult:

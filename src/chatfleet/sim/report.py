@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 
 from chatfleet.sim.fleet import FleetResult, RequestOutcome
 
-__all__ = ["PolicyReport", "Slo", "biggest_step", "meets_slo", "summarize", "valid_arrivals"]
+__all__ = ["PolicyReport", "Slo", "biggest_step", "meets_slo", "summarize", "ttft_quantile",
+           "valid_arrivals"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,8 @@ class PolicyReport:
     policy: str
     requests: int
     slo_attainment: float
+    ttft_p99_s: float | None
+    """p99 TTFT of the answered requests (refused ones are counted in ``rejected``); None: none."""
     gpu_seconds: float
     gpu_seconds_vs_oracle: float | None
     rejected: int
@@ -60,6 +63,15 @@ def valid_arrivals(result: FleetResult) -> list[float]:
     """Arrival times of the requests ``meets_slo`` scores, in the same order."""
     return [at for at, outcome in zip(result.arrival_s, result.outcome, strict=True)
             if outcome != RequestOutcome.INVALID]
+
+
+def ttft_quantile(result: FleetResult, q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of TTFT over answered requests; None when none was."""
+    answered = sorted(ttft for ttft, outcome in zip(result.ttft_s, result.outcome, strict=True)
+                      if outcome == RequestOutcome.OK and not math.isnan(ttft))
+    if not answered:
+        return None
+    return answered[min(len(answered) - 1, max(0, math.ceil(q * len(answered)) - 1))]
 
 
 def _window_rates(arrivals: Sequence[float], window_s: float, end_s: float) -> list[float]:
@@ -108,6 +120,7 @@ def summarize(name: str, result: FleetResult, *, slo: Slo, replica_capacity: flo
     return PolicyReport(
         policy=name, requests=len(outcomes),
         slo_attainment=sum(met) / len(met) if met else 1.0,
+        ttft_p99_s=ttft_quantile(result, 0.99),
         gpu_seconds=result.gpu_seconds,
         gpu_seconds_vs_oracle=result.gpu_seconds / oracle_gpu_seconds if oracle_gpu_seconds else None,
         rejected=sum(1 for o in outcomes if o in (RequestOutcome.REJECTED, RequestOutcome.NO_ENDPOINT)),

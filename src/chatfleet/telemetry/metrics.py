@@ -463,8 +463,9 @@ class EppMetrics:
             "Age of the picked pod's load observation at the moment of the pick.",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0), registry=r)
         self.load_polls_total = Counter(
-            "chatfleet_epp_load_polls", "Polls of the pods' GET /load, by result (ok or error).",
-            ["result"], registry=r)
+            "chatfleet_epp_load_polls",
+            "Polls of the pods' load: the gateway's GET /load, the engine's KV usage; by result.",
+            ["source", "result"], registry=r)
 
 
 def render(registry: CollectorRegistry) -> bytes:
