@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import socket
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -24,6 +24,9 @@ from chatfleet.rag.cli import kb_app
 from chatfleet.pod.cpu import auto_workers
 from chatfleet.settings import EngineKind, Settings, masked_dump
 from chatfleet.sim.cli import simulate_command
+
+if TYPE_CHECKING:
+    from chatfleet.routing.kube_pool import PoolRef
 
 __all__ = ["app"]
 
@@ -203,8 +206,20 @@ def operator(
 
 @app.command()
 def epp(
-    endpoints: Annotated[str, typer.Option(
-        help="The pool's gateways, ip:port[,ip:port...] (their GET /load is polled)")],
+    endpoints: Annotated[str | None, typer.Option(
+        help="A static pool: its gateways, ip:port[,ip:port...] (their GET /load is polled)")] = None,
+    pool_name: Annotated[str | None, typer.Option(
+        help="In a cluster: the InferencePool whose ready pods are the pool (watched through the "
+             "Kubernetes API)")] = None,
+    pool_namespace: Annotated[str | None, typer.Option(
+        help="The InferencePool's namespace (default: the picker's own)")] = None,
+    kube_api: Annotated[str | None, typer.Option(
+        help="The Kubernetes API's URL (default: in a pod, the cluster's, with its service account)")] = None,
+    kube_token_file: Annotated[str | None, typer.Option(
+        help="With --kube-api: a file holding the bearer token (read again for every call)")] = None,
+    kube_ca_file: Annotated[str | None, typer.Option(
+        help="With an https --kube-api: the CA that signed the API server's certificate "
+             "(default: the system's CAs)")] = None,
     host: Annotated[str, typer.Option(help="Bind address of the gRPC ext_proc service")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Port of the gRPC ext_proc service")] = 9002,
     metrics_host: Annotated[str, typer.Option(help="Bind address of /metrics")] = "0.0.0.0",
@@ -226,19 +241,61 @@ def epp(
     from chatfleet.routing.epp import EppConfig, run
     from chatfleet.routing.scoring import RoutingSpec
 
-    pool = tuple(dict.fromkeys(e.strip() for e in endpoints.split(",") if e.strip()))
-    bad = [e for e in pool if not _is_endpoint(e)]
-    if bad or not pool:
-        raise typer.BadParameter(f"not ip:port: {', '.join(bad) or '(empty)'}", param_hint="--endpoints")
+    if (endpoints is None) == (pool_name is None):
+        raise typer.BadParameter("give exactly one of --endpoints (a static pool) and --pool-name (an "
+                                 "InferencePool's pods)", param_hint="--endpoints / --pool-name")
+    pool: tuple[str, ...] = ()
+    if endpoints is not None:
+        pool = tuple(dict.fromkeys(e.strip() for e in endpoints.split(",") if e.strip()))
+        bad = [e for e in pool if not _is_endpoint(e)]
+        if bad or not pool:
+            raise typer.BadParameter(f"not ip:port: {', '.join(bad) or '(empty)'}", param_hint="--endpoints")
+    pool_ref = None if pool_name is None else _pool_ref(pool_name, pool_namespace, kube_api, kube_token_file,
+                                                        kube_ca_file)
     if not 0.0 <= batch_queue_share <= 1.0:
         raise typer.BadParameter(f"{batch_queue_share} is not in [0, 1]", param_hint="--batch-queue-share")
     if poll_interval <= 0 or stale_after <= 0 or prefix_chars < 0:
         raise typer.BadParameter("--poll-interval and --stale-after must be positive, --prefix-chars >= 0")
     configure_logging(log_level)
     run(EppConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
-                  endpoints=pool, poll_interval_s=poll_interval, prefix_chars=prefix_chars,
+                  endpoints=pool, pool_ref=pool_ref, poll_interval_s=poll_interval, prefix_chars=prefix_chars,
                   engine_metrics_port=engine_metrics_port,
                   spec=RoutingSpec(stale_after_s=stale_after, batch_queue_share=batch_queue_share)))
+
+
+def _pool_ref(name: str, namespace: str | None, api_url: str | None, token_file: str | None,
+              ca_file: str | None) -> PoolRef:
+    """The InferencePool ``chatfleet epp --pool-name`` follows, and the API server to ask."""
+    from pathlib import Path
+
+    from chatfleet.routing.kube_pool import KubeApi, KubeError, PoolRef, default_namespace
+
+    if api_url is None:
+        if token_file is not None or ca_file is not None:
+            raise typer.BadParameter("only with --kube-api (in a pod the service account's are used)",
+                                     param_hint="--kube-token-file / --kube-ca-file")
+        try:
+            api = KubeApi.in_cluster()
+        except KubeError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--kube-api") from exc
+    elif not api_url.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{api_url!r} is not an http(s) URL", param_hint="--kube-api")
+    else:
+        for hint, path in (("--kube-token-file", token_file), ("--kube-ca-file", ca_file)):
+            if path is not None and not Path(path).is_file():
+                raise typer.BadParameter(f"{path} is not a file", param_hint=hint)
+        api = KubeApi(api_url, None if token_file is None else Path(token_file),
+                      None if ca_file is None else Path(ca_file))
+    try:
+        api.verify()
+    except OSError as exc:  # ssl.SSLError included
+        raise typer.BadParameter(f"{api.ca_file} is not a PEM CA certificate: {exc}",
+                                 param_hint="--kube-ca-file") from exc
+    namespace = namespace or default_namespace()
+    if not namespace:
+        raise typer.BadParameter("not in a pod, so name the InferencePool's namespace",
+                                 param_hint="--pool-namespace")
+    return PoolRef(api, namespace, name)
 
 
 def _is_endpoint(text: str) -> bool:

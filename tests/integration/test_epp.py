@@ -8,57 +8,20 @@ and the real Envoy in front are tests/integration/test_epp_envoy.py's.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from grpc_health.v1 import health_pb2
 
 from tests.conftest import start_engine_sim
 from tests.support.epp import EppServer, destination, start_epp
+from tests.support.load_pods import LoadPod, load
 from tests.support.metrics import documented, families, family_name
 from tests.support.metrics import value as metric_value
 from tests.support.procs import wait_until
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEADERS = {":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}
-
-
-def load(running: int = 0, *, queued_i: int = 0, queued_b: int = 0, running_batch: int = 0,
-         draining: bool = False, retry_after_s: int = 2) -> dict[str, object]:
-    return {"slots": 4, "batch_slots": 3, "running": running, "running_batch": running_batch,
-            "queued_interactive": queued_i, "queued_batch": queued_b, "max_queue": 8,
-            "draining": draining, "retry_after_s": retry_after_s}
-
-
-class LoadPod:
-    """A pod as the picker sees it: ``GET /load`` answers ``self.load`` (None: 503)."""
-
-    def __init__(self) -> None:
-        self.load: dict[str, object] | None = load()
-        pod = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                answer = pod.load
-                body = json.dumps(answer if answer is not None else {"detail": "draining"}).encode()
-                self.send_response(200 if self.path == "/load" and answer is not None else 503)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

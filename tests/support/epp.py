@@ -58,22 +58,26 @@ def _messages(headers: Mapping[str, str], body: bytes | None,
         yield pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
 
 
-def start_epp(endpoints: Sequence[str], *, args: Sequence[str] = ()) -> EppServer:
+def start_epp(endpoints: Sequence[str] | None, *, args: Sequence[str] = (), ready: bool = True) -> EppServer:
+    """``chatfleet epp`` on ``endpoints`` (None: its pool comes from ``args``), once it is ready
+    (``ready=False``: once it is live)."""
     port, metrics_port = free_port(), free_port()
+    pool = [] if endpoints is None else ["--endpoints", ",".join(endpoints)]
     proc = ManagedProcess([sys.executable, "-m", "chatfleet", "epp", "--host", "127.0.0.1",
                            "--port", str(port), "--metrics-host", "127.0.0.1",
-                           "--metrics-port", str(metrics_port), "--endpoints", ",".join(endpoints),
+                           "--metrics-port", str(metrics_port), *pool,
                            "--log-level", "warning", *args], name="epp").start()
     proc.wait_http(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     server = EppServer(proc, port, metrics_port)
-    wait_until(lambda: _serving(server), timeout=20, message="epp readiness")
+    service = "readiness" if ready else "liveness"
+    wait_until(lambda: _serving(server, service), timeout=20, message=f"epp {service}")
     return server
 
 
-def _serving(server: EppServer) -> bool:
+def _serving(server: EppServer, service: str) -> bool:
     """The metrics port opens before the gRPC one: refused is "not yet"."""
     try:
-        return server.health("readiness") == health_pb2.HealthCheckResponse.SERVING
+        return server.health(service) == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         if server.proc.returncode is not None:
             raise RuntimeError(f"epp exited ({server.proc.returncode}):\n{server.proc.log_tail()}") from None

@@ -37,6 +37,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from chatfleet.routing.kube_pool import PoolRef, watch_pool
 from chatfleet.routing.pool_load import PoolLoad
 from chatfleet.routing.request_facts import RequestFacts, request_facts
 from chatfleet.routing.scoring import Pick, Refusal, RoutingSpec, Tier, pick
@@ -73,6 +74,8 @@ class EppConfig:
     poll_timeout_s: float = 1.0
     engine_metrics_port: int | None = None
     prefix_chars: int = 0
+    pool_ref: PoolRef | None = None
+    """The InferencePool whose ready pods are the endpoints (then ``endpoints`` is empty)."""
 
 
 class EndpointPicker(pb_grpc.ExternalProcessorServicer):
@@ -214,7 +217,8 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
         pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s,
                         engine_metrics_port=config.engine_metrics_port,
                         kv_stale_after_s=config.spec.stale_after_s)
-        pool.set_endpoints(config.endpoints)
+        if config.pool_ref is None:
+            pool.set_endpoints(config.endpoints)
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(
             EndpointPicker(pool, metrics, spec=config.spec, prefix_chars=config.prefix_chars), server)
@@ -228,7 +232,13 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
             raise OSError(f"cannot listen on {address}")
         await server.start()
         reporter = asyncio.create_task(_report_states(pool, metrics, config.spec, 1.0))
-        log.info("epp: listening on %s (gRPC ext_proc), %d endpoint(s)", address, len(config.endpoints))
+        # Readiness waits for ``pool.polled``, set only once endpoints are given: with a pool
+        # from the API, after its pods were first listed (the protocol's "datastore synced").
+        watcher = None if config.pool_ref is None else asyncio.create_task(
+            watch_pool(config.pool_ref, pool.set_endpoints), name="watch the InferencePool")
+        log.info("epp: listening on %s (gRPC ext_proc), endpoints: %s", address,
+                 len(config.endpoints) if config.pool_ref is None
+                 else f"InferencePool {config.pool_ref.namespace}/{config.pool_ref.name}")
         try:
             polled = asyncio.create_task(pool.polled.wait())
             await asyncio.wait([polled, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -240,6 +250,9 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
             await server.stop(grace=5.0)
         finally:
             reporter.cancel()
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await pool.aclose()
 
 
