@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SIM_MODEL, Server, chat, start_engine_sim, start_gateway, upstream_env
+from tests.conftest import SIM_MODEL, chat, start_engine_sim, start_gateway, upstream_env
 from tests.support.envoy import Envoy, start_envoy
 from tests.support.epp import EppServer, start_epp
 from tests.support.metrics import value as metric_value
