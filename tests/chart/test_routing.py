@@ -172,7 +172,7 @@ def test_no_gateway_selector_picks_up_the_picker_pods() -> None:
     assert not selects(named(docs, "NetworkPolicy", "chatfleet")["spec"]["podSelector"]["matchLabels"], labels)
 
 
-def test_the_picker_may_only_read_pods_and_inferencepools_in_its_namespace() -> None:
+def test_the_picker_may_only_read_pods_inferencepools_and_inferenceobjectives_in_its_namespace() -> None:
     docs = render(INFERENCEPOOL, namespace="team-a")
     objects = picker_objects(docs)
     assert "ClusterRole" not in objects and "ClusterRoleBinding" not in objects
@@ -181,7 +181,8 @@ def test_the_picker_may_only_read_pods_and_inferencepools_in_its_namespace() -> 
                for resource in rule["resources"] for verb in rule["verbs"]}
     assert all("resourceNames" not in r and "nonResourceURLs" not in r for r in role["rules"])
     assert granted == {(group, resource, verb) for group, resource in
-                       (("", "pods"), ("inference.networking.k8s.io", "inferencepools"))
+                       (("", "pods"), ("inference.networking.k8s.io", "inferencepools"),
+                        ("inference.networking.x-k8s.io", "inferenceobjectives"))
                        for verb in ("get", "list", "watch")}
     (binding,) = objects["RoleBinding"]
     (account,) = objects["ServiceAccount"]

@@ -36,6 +36,8 @@ NS = "llm"
 POOL = "chatfleet"
 INFERENCE = "inference.networking.k8s.io"
 POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools"
+OBJECTIVES = "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/llm/inferenceobjectives"
+INFERENCE_X = "inference.networking.x-k8s.io"
 PODS = "/api/v1/namespaces/llm/pods"
 SELECTOR = {"app": "chatfleet", "tier": "gpu"}
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -80,7 +82,17 @@ class Cluster:
 
 RESOURCES = {"v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True),
              "inference.networking.k8s.io/v1/inferencepools": kmock.ResourceInfo(
-                 kind="InferencePool", namespaced=True)}
+                 kind="InferencePool", namespaced=True),
+             "inference.networking.x-k8s.io/v1alpha2/inferenceobjectives": kmock.ResourceInfo(
+                 kind="InferenceObjective", namespaced=True)}
+
+
+def objective_object(name: str, priority: int | None, pool: str = POOL) -> dict[str, Any]:
+    spec: dict[str, Any] = {"poolRef": {"group": INFERENCE, "kind": "InferencePool", "name": pool}}
+    if priority is not None:
+        spec["priority"] = priority
+    return {"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
+            "metadata": {"name": name, "namespace": NS}, "spec": spec}
 
 
 @contextmanager
@@ -241,7 +253,8 @@ def test_the_charts_role_allows_every_call_the_picker_makes(cluster: Cluster, ep
     asked = {(r.resource.group or "", r.resource.plural, "watch" if r.params.get("watch") == "true" else
               "list" if r.name is None else "get") for r in ours if r.resource is not None}
     assert asked == {("", "pods", "list"), ("", "pods", "watch"),
-                     (INFERENCE, "inferencepools", "list"), (INFERENCE, "inferencepools", "watch")}
+                     (INFERENCE, "inferencepools", "list"), (INFERENCE, "inferencepools", "watch"),
+                     (INFERENCE_X, "inferenceobjectives", "list"), (INFERENCE_X, "inferenceobjectives", "watch")}
     (role,) = [d for d in render({"routing.mode": "inferencepool"}, namespace=NS) if d["kind"] == "Role"
                and d["metadata"]["labels"].get("app.kubernetes.io/component") == "endpoint-picker"]
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
@@ -250,10 +263,42 @@ def test_the_charts_role_allows_every_call_the_picker_makes(cluster: Cluster, ep
     for request in ours:
         if request.url.path == PODS:
             assert request.params["labelSelector"] == "app=chatfleet,tier=gpu"
-        else:
+        elif request.url.path == POOLS:
             assert request.params["fieldSelector"] == f"metadata.name={POOL}"
         if request.params.get("watch") == "true":
             assert request.params["allowWatchBookmarks"] == "true" and request.params["resourceVersion"]
+
+
+def test_a_sheddable_objective_routes_as_batch_and_tells_the_pod(cluster: Cluster, epp: EppServer) -> None:
+    """The pods' batch share is taken and their queues half full: a request whose objective has a
+    negative priority is refused as batch; one whose objective is 0 (or names another pool's, or
+    none) is routed as interactive. The pick carries the objective's priority to the pod."""
+    for name in ("a", "b"):
+        cluster.pods[name].load = load(4, running_batch=3, queued_i=4)
+    cluster.api.request("POST", OBJECTIVES, objective_object("summaries", -1))
+    cluster.api.request("POST", OBJECTIVES, objective_object("chat", None))
+    cluster.api.request("POST", OBJECTIVES, objective_object("elsewhere", -5, pool="another-pool"))
+
+    def ask(objective: str) -> Any:
+        return epp.ask({**HEADERS, "x-gateway-inference-objective": objective}, CHAT)[-1]
+
+    eventually(lambda: ask("summaries").HasField("immediate_response"), "the objective read")
+    assert ask("summaries").immediate_response.status.code == 429
+    chat = ask("chat")
+    headers = {h.header.key: h.header.raw_value.decode() for h in chat.request_body.response.header_mutation.set_headers}
+    assert headers["x-chatfleet-priority"] == "interactive"
+    assert headers["x-gateway-destination-endpoint"] in {cluster.endpoint("a"), cluster.endpoint("b")}
+    for unknown in ("elsewhere", "nobody"):
+        routed = ask(unknown)
+        assert routed.HasField("request_body")
+        assert "x-chatfleet-priority" not in {h.header.key for h in routed.request_body.response.header_mutation.set_headers}
+    # An explicit X-ChatFleet-Priority wins over the objective, as in the gateway.
+    explicit = epp.ask({**HEADERS, "x-gateway-inference-objective": "summaries", "x-chatfleet-priority": "interactive"},
+                       CHAT)[-1]
+    assert explicit.HasField("request_body")
+
+    cluster.api.request("DELETE", f"{OBJECTIVES}/summaries")
+    eventually(lambda: ask("summaries").HasField("request_body"), "the deleted objective forgotten")
 
 
 def test_over_tls_the_api_server_is_checked_against_the_cluster_ca(tmp_path: Path) -> None:

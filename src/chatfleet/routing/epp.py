@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import httpx
@@ -37,9 +38,9 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from chatfleet.routing.kube_pool import PoolRef, watch_pool
+from chatfleet.routing.kube_pool import PoolRef, watch_objectives, watch_pool
 from chatfleet.routing.pool_load import PoolLoad
-from chatfleet.routing.request_facts import RequestFacts, request_facts
+from chatfleet.routing.request_facts import PRIORITY_HEADER, RequestFacts, request_facts
 from chatfleet.routing.scoring import Pick, Refusal, RoutingSpec, Tier, pick
 from chatfleet.telemetry.metrics import EppMetrics, PickOutcome
 
@@ -87,6 +88,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self._spec = spec
         self._prefix_chars = prefix_chars
         self._turn = 0
+        self.objectives: dict[str, int] = {}
+        """The pool's InferenceObjectives' priorities by name (kept current by their watch)."""
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -128,7 +131,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
     def _answer(self, headers: dict[str, str], body: bytes, subset: frozenset[str] | None, *,
                 phase: str) -> pb.ProcessingResponse:
         started = time.perf_counter()
-        facts = request_facts(headers, body, prefix_chars=self._prefix_chars)
+        facts = request_facts(headers, body, prefix_chars=self._prefix_chars, objectives=self.objectives)
         pods = self._pool.snapshot()
         self._turn += 1
         result = pick(pods, batch=facts.batch, spec=self._spec, subset=subset, prefix_key=facts.prefix_key,
@@ -148,7 +151,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             return _immediate(result.status, result.retry_after_s, result.message)
         self._pool.sent(result.endpoint, batch=facts.batch)
         self._metrics.picks_total.labels(priority=priority, outcome=_TIER_OUTCOME[result.tier].value).inc()
-        return _destination(result.endpoint, phase)
+        return _destination(result.endpoint, phase, priority if facts.priority_from_objective else None)
 
 
 def _header_map(headers: Iterable[HeaderValue]) -> dict[str, str]:
@@ -167,13 +170,14 @@ def _subset(filter_metadata: object) -> frozenset[str] | None:
     return frozenset(filter(None, (part.strip() for part in value.string_value.split(","))))
 
 
-def _destination(endpoint: str, phase: str) -> pb.ProcessingResponse:
+def _destination(endpoint: str, phase: str, priority: str | None) -> pb.ProcessingResponse:
     """The pick, as the header the ORIGINAL_DST cluster routes on and as ``envoy.lb`` metadata
-    (the same value in both, as the protocol requires)."""
-    common = pb.CommonResponse(
-        header_mutation=pb.HeaderMutation(set_headers=[
-            HeaderValueOption(header=HeaderValue(key=DESTINATION, raw_value=endpoint.encode()))]),
-        clear_route_cache=True)
+    (the same value in both, as the protocol requires); with ``priority``, the priority the
+    request's objective gave it, for the pod's admission."""
+    headers = [HeaderValueOption(header=HeaderValue(key=DESTINATION, raw_value=endpoint.encode()))]
+    if priority is not None:
+        headers.append(HeaderValueOption(header=HeaderValue(key=PRIORITY_HEADER, raw_value=priority.encode())))
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers), clear_route_cache=True)
     metadata = Struct()
     metadata.get_or_create_struct(DESTINATION_NAMESPACE)[DESTINATION] = endpoint
     if phase == "request_headers":
@@ -220,8 +224,8 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
         if config.pool_ref is None:
             pool.set_endpoints(config.endpoints)
         server = grpc.aio.server()
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            EndpointPicker(pool, metrics, spec=config.spec, prefix_chars=config.prefix_chars), server)
+        picker = EndpointPicker(pool, metrics, spec=config.spec, prefix_chars=config.prefix_chars)
+        pb_grpc.add_ExternalProcessorServicer_to_server(picker, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
@@ -234,8 +238,10 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
         reporter = asyncio.create_task(_report_states(pool, metrics, config.spec, 1.0))
         # Readiness waits for ``pool.polled``, set only once endpoints are given: with a pool
         # from the API, after its pods were first listed (the protocol's "datastore synced").
-        watcher = None if config.pool_ref is None else asyncio.create_task(
-            watch_pool(config.pool_ref, pool.set_endpoints), name="watch the InferencePool")
+        watchers = [] if config.pool_ref is None else [
+            asyncio.create_task(watch_pool(config.pool_ref, pool.set_endpoints), name="watch the InferencePool"),
+            asyncio.create_task(watch_objectives(config.pool_ref, partial(setattr, picker, "objectives")),
+                                name="watch the InferenceObjectives")]
         log.info("epp: listening on %s (gRPC ext_proc), endpoints: %s", address,
                  len(config.endpoints) if config.pool_ref is None
                  else f"InferencePool {config.pool_ref.namespace}/{config.pool_ref.name}")
@@ -250,9 +256,9 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
             await server.stop(grace=5.0)
         finally:
             reporter.cancel()
-            if watcher is not None:
+            for watcher in watchers:
                 watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            await asyncio.gather(*watchers, return_exceptions=True)
             await pool.aclose()
 
 

@@ -38,12 +38,13 @@ import httpx
 import orjson
 
 __all__ = ["KubeApi", "KubeError", "PoolRef", "PoolSpec", "default_namespace", "is_ready",
-           "pod_endpoints", "pool_spec", "watch_pool"]
+           "objective_priority", "pod_endpoints", "pool_spec", "watch_objectives", "watch_pool"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 POOLS_PATH = "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools"
+OBJECTIVES_PATH = "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/{namespace}/inferenceobjectives"
 PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
 WATCH_TIMEOUT_S = 60
 """The API server ends each watch after this long and the watch resumes from its last version:
@@ -227,9 +228,11 @@ def _client(api: KubeApi) -> httpx.AsyncClient:
 
 def _refusal(response: httpx.Response, what: str) -> KubeError:
     hint = {401: " (the service-account token was not accepted)",
-            403: " (the picker's service account needs get, list and watch on pods and on "
-                 "inferencepools.inference.networking.k8s.io in this namespace)",
-            404: " (is the InferencePool CRD, inference.networking.k8s.io/v1, installed?)"}
+            403: " (the picker's service account needs get, list and watch on pods, "
+                 "inferencepools.inference.networking.k8s.io and "
+                 "inferenceobjectives.inference.networking.x-k8s.io in this namespace)",
+            404: " (is the CRD installed: InferencePool, inference.networking.k8s.io/v1; "
+                 "InferenceObjective, inference.networking.x-k8s.io/v1alpha2?)"}
     return KubeError(f"{what}: {response.status_code}{hint.get(response.status_code, '')}: "
                      f"{response.text[:300]}")
 
@@ -346,3 +349,41 @@ async def watch_pool(ref: PoolRef, on_change: Callable[[Iterable[str]], None]) -
             if following is not None:
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
+
+
+def objective_priority(objective: Mapping[str, Any], pool: str) -> int | None:
+    """An InferenceObjective's priority when it serves ``pool`` (its ``spec.poolRef``), else None.
+    No priority is 0, the Inference Extension's default."""
+    spec = _dict(objective.get("spec"))
+    pool_ref = _dict(spec.get("poolRef"))
+    if pool_ref.get("name") != pool or pool_ref.get("kind", "InferencePool") != "InferencePool":
+        return None
+    priority = spec.get("priority", 0)
+    return priority if type(priority) is int else 0
+
+
+async def watch_objectives(ref: PoolRef, on_change: Callable[[dict[str, int]], None]) -> None:
+    """Hand ``on_change`` the priorities of the pool's InferenceObjectives (name -> priority) once
+    listed, and again on every change, until cancelled. A cluster without the InferenceObjective
+    CRD (``inference.networking.x-k8s.io/v1alpha2``) is retried with backoff, and requests that
+    name an objective are routed on their own priority meanwhile."""
+    priorities: dict[str, int] = {}
+
+    def listed(items: list[Any]) -> None:
+        priorities.clear()
+        for item in items:
+            if isinstance(item, dict) and (priority := objective_priority(item, ref.name)) is not None:
+                priorities[_name(item)] = priority
+        on_change(dict(priorities))
+
+    def changed(kind: str, objective: dict[str, Any]) -> None:
+        priority = None if kind == "DELETED" else objective_priority(objective, ref.name)
+        if priority is None:
+            priorities.pop(_name(objective), None)
+        else:
+            priorities[_name(objective)] = priority
+        on_change(dict(priorities))
+
+    async with _client(ref.api) as client:
+        await _reflect(client, OBJECTIVES_PATH.format(namespace=ref.namespace), {},
+                       on_list=listed, on_event=changed)

@@ -1,5 +1,12 @@
 """What the picker reads from a request: its priority and the prefix its prompt starts with.
 
+The priority, first found wins: the ``X-ChatFleet-Priority`` header (set by infrastructure, as
+the gateway reads it); the Inference Extension's objective, named by the
+``x-gateway-inference-objective`` header, whose InferenceObjective's priority below 0 means
+sheddable (batch) and 0 or above interactive; the body's ``priority`` field. When the objective
+decides, the picker sets ``X-ChatFleet-Priority`` on the request too, so the pod's own admission
+queues it as the picker routed it.
+
 The picker does not validate requests: a body that is not JSON, or an unknown priority, is
 routed as interactive without a prefix, and the pod answers it with its own 400 and message,
 the same whether or not a picker sits in front.
@@ -12,26 +19,34 @@ from dataclasses import dataclass
 
 import orjson
 
-__all__ = ["PRIORITY_HEADER", "RequestFacts", "request_facts"]
+__all__ = ["OBJECTIVE_HEADER", "PRIORITY_HEADER", "RequestFacts", "request_facts"]
 
 PRIORITY_HEADER = "x-chatfleet-priority"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
 
 
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
     batch: bool
     prefix_key: str | None
+    priority_from_objective: bool = False
+    """The objective decided the priority: the picker tells the pod (``X-ChatFleet-Priority``)."""
 
 
-def request_facts(headers: Mapping[str, str], body: bytes, *, prefix_chars: int) -> RequestFacts:
-    """``headers`` with lower-case names. The header's priority wins over the body's, as in the
-    gateway. ``prefix_chars`` 0 turns prefix affinity off."""
+def request_facts(headers: Mapping[str, str], body: bytes, *, prefix_chars: int,
+                  objectives: Mapping[str, int] | None = None) -> RequestFacts:
+    """``headers`` with lower-case names; ``objectives``: the pool's InferenceObjectives' priorities
+    by name. ``prefix_chars`` 0 turns prefix affinity off."""
     document = _json_object(body)
-    priority = headers.get(PRIORITY_HEADER)
+    prefix = _prompt_prefix(document, prefix_chars) if document is not None and prefix_chars else None
+    priority: object = headers.get(PRIORITY_HEADER)
+    if priority is None and objectives:
+        objective = objectives.get(headers.get(OBJECTIVE_HEADER, ""))
+        if objective is not None:
+            return RequestFacts(batch=objective < 0, prefix_key=prefix, priority_from_objective=True)
     if priority is None and document is not None:
         priority = document.get("priority")
     batch = isinstance(priority, str) and priority.strip().lower() == "batch"
-    prefix = _prompt_prefix(document, prefix_chars) if document is not None and prefix_chars else None
     return RequestFacts(batch=batch, prefix_key=prefix)
 
 
