@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer.main
 import yaml
 
+from chatfleet.cli import app
 from tests.chart.render import CHART, ROOT, by_kind, helm, notes, one, render, set_args
 from tests.chart.test_chart import INFERENCEPOOL, INFERENCEPOOL_FULL
 from tests.support.crd import openapi_schema, problems
@@ -368,3 +370,12 @@ def test_bad_routing_values_are_refused_with_what_to_fix(values: dict[str, Any],
     result = helm("template", "x", str(CHART), *set_args(values))
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("values", [INFERENCEPOOL, INFERENCEPOOL_FULL], ids=["minimal", "full"])
+def test_the_chart_passes_only_flags_chatfleet_epp_takes(values: dict[str, Any]) -> None:
+    """The picker's container would exit at start on a flag its command does not have."""
+    (container,) = pod_template(named(render(values), "Deployment", "chatfleet-epp"))[1]["containers"]
+    options = {opt for param in typer.main.get_command(app).commands["epp"].params for opt in param.opts}
+
+    assert {"--" + name for name in flags(container)} <= options
