@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import grpc
-import httpx
+import aiohttp
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -216,8 +216,8 @@ async def _report_states(pool: PoolLoad, metrics: EppMetrics, spec: RoutingSpec,
 
 async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set; then stop taking streams and finish the open ones (5 s)."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+    connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as client:
         pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s,
                         engine_metrics_port=config.engine_metrics_port,
                         kv_stale_after_s=config.spec.stale_after_s)

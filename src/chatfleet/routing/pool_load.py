@@ -5,6 +5,10 @@ memory; polling it every 50 ms per pod costs the pod a fraction of a millisecond
 second. Between polls the picker counts what it sent each pod (``pending``), and a poll's
 answer replaces the counts it already includes: the requests sent before the poll went out.
 
+The polls go through aiohttp (its C HTTP parser, keep-alive connections): at 20 polls a second
+per pod, a pool of a hundred pods is 2,000 requests a second, and the client's CPU per request
+is what the picker's own CPU is made of (docs/benchmarks.md, "The picker's cost").
+
 A pod whose ``/load`` cannot be reached (connection refused or reset: the pod stopped, its
 gateway is gone) or answers anything but 200 gets no request until a poll succeeds again, so a
 stopped pod stops receiving requests within one poll interval. A poll that times out leaves
@@ -25,7 +29,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-import httpx
+import aiohttp
+import orjson
 
 from chatfleet.routing.scoring import PodLoad
 from chatfleet.telemetry.metrics import EppMetrics
@@ -87,13 +92,13 @@ class _Pod:
 class PoolLoad:
     """The latest load of each endpoint in the pool, kept fresh by one polling task per pod."""
 
-    def __init__(self, client: httpx.AsyncClient, metrics: EppMetrics, *, interval_s: float = 0.05,
+    def __init__(self, client: aiohttp.ClientSession, metrics: EppMetrics, *, interval_s: float = 0.05,
                  timeout_s: float = 1.0, engine_metrics_port: int | None = None, kv_interval_s: float = 0.5,
                  kv_stale_after_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._metrics = metrics
         self._interval_s = interval_s
-        self._timeout_s = timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._engine_metrics_port = engine_metrics_port
         self._kv_interval_s = kv_interval_s
         self._kv_stale_after_s = kv_stale_after_s
@@ -167,13 +172,13 @@ class PoolLoad:
             sent_before, batch_before = pod.pending, pod.pending_batch
             asked_at = self._clock()
             try:
-                response = await self._client.get(url, timeout=self._timeout_s)
-                if response.status_code != 200:
-                    raise ValueError(f"GET /load answered {response.status_code}")
-                load = parse_load(endpoint, response.json())
-            except httpx.TimeoutException:
+                async with self._client.get(url, timeout=self._timeout) as response:
+                    if response.status != 200:
+                        raise ValueError(f"GET /load answered {response.status}")
+                    load = parse_load(endpoint, orjson.loads(await response.read()))
+            except TimeoutError:
                 polls.labels(source="gateway", result="error").inc()
-            except (httpx.HTTPError, ValueError) as exc:
+            except (aiohttp.ClientError, ValueError) as exc:
                 polls.labels(source="gateway", result="error").inc()
                 if pod.load is not None:
                     log.warning("epp: %s is out of the pool until its load answers: %s", endpoint, exc)
@@ -195,12 +200,12 @@ class PoolLoad:
         while True:
             asked_at = self._clock()
             try:
-                response = await self._client.get(url, timeout=self._timeout_s)
-                usage = kv_usage_of(response.content) if response.status_code == 200 else None
+                async with self._client.get(url, timeout=self._timeout) as response:
+                    usage = kv_usage_of(await response.read()) if response.status == 200 else None
                 if usage is None:
                     raise ValueError(f"no {KV_USAGE.decode()} in the engine's /metrics "
-                                     f"(status {response.status_code})")
-            except (httpx.HTTPError, ValueError) as exc:
+                                     f"(status {response.status})")
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 polls.labels(source="engine", result="error").inc()
                 log.debug("epp: %s's engine KV usage unknown: %s", endpoint, exc)
             else:
