@@ -7,7 +7,8 @@ answer replaces the counts it already includes: the requests sent before the pol
 
 The polls go through aiohttp (its C HTTP parser, keep-alive connections): at 20 polls a second
 per pod, a pool of a hundred pods is 2,000 requests a second, and the client's CPU per request
-is what the picker's own CPU is made of (docs/benchmarks.md, "The picker's cost").
+is what the picker's own CPU is made of (docs/benchmarks.md, "Routing between pods, through the
+real Envoy": 3.5x less than httpx's).
 
 A pod whose ``/load`` cannot be reached (connection refused or reset: the pod stopped, its
 gateway is gone) or answers anything but 200 gets no request until a poll succeeds again, so a
