@@ -5,7 +5,8 @@ ChatFleet's middleware: a request without a valid key is answered before admissi
 routing or validation, and learns nothing about the deployment but that it needs a key.
 
 - Every path needs a key except :data:`PUBLIC_PATHS` (probes, the endpoint picker's /load,
-  Prometheus' scrape of /metrics, the API docs). Unknown paths need one too, so a caller without a key cannot tell which routes exist.
+  Prometheus' scrape of /metrics, the API docs). Unknown paths need one too, so a caller without
+  a key cannot tell which routes exist.
   /metrics/engine needs one: each call of it can reach the engine (the chart's ServiceMonitor
   sends a key there, ``auth.scrapeSecretKey``).
 - The key comes in ``Authorization: Bearer <key>`` (what the openai SDK sends; the scheme is

@@ -111,10 +111,10 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     picked = True
                     yield self._answer(headers, b"", subset, phase="request_headers")
                 else:
-                    yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                    yield _continue(kind)
             elif kind == "request_body":
                 if picked:  # a body the proxy streams after the pick: pass it on
-                    yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                    yield _continue(kind)
                     continue
                 body += request.request_body.body
                 if len(body) > MAX_BODY_BYTES:
@@ -124,7 +124,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     picked = True
                     yield self._answer(headers, bytes(body), subset, phase="request_body")
                 else:
-                    yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                    yield _continue(kind)
             elif kind is not None:  # a phase the Inference Extension's configuration skips
                 yield _continue(kind)
 
@@ -174,9 +174,9 @@ def _destination(endpoint: str, phase: str, priority: str | None) -> pb.Processi
     """The pick, as the header the ORIGINAL_DST cluster routes on and as ``envoy.lb`` metadata
     (the same value in both, as the protocol requires); with ``priority``, the priority the
     request's objective gave it, for the pod's admission."""
-    headers = [HeaderValueOption(header=HeaderValue(key=DESTINATION, raw_value=endpoint.encode()))]
+    headers = [_header(DESTINATION, endpoint)]
     if priority is not None:
-        headers.append(HeaderValueOption(header=HeaderValue(key=PRIORITY_HEADER, raw_value=priority.encode())))
+        headers.append(_header(PRIORITY_HEADER, priority))
     common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers), clear_route_cache=True)
     metadata = Struct()
     metadata.get_or_create_struct(DESTINATION_NAMESPACE)[DESTINATION] = endpoint
@@ -190,16 +190,21 @@ def _immediate(status: int, retry_after_s: int | None, message: str) -> pb.Proce
     """A refusal the proxy answers itself, in the OpenAI error shape the gateway uses."""
     kind = {429: "rate_limit_exceeded", 503: "service_unavailable", 413: "request_too_large"}[status]
     body = orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": kind}})
-    headers = [HeaderValueOption(header=HeaderValue(key="content-type", raw_value=b"application/json"))]
+    headers = [_header("content-type", "application/json")]
     if retry_after_s is not None:
-        headers.append(HeaderValueOption(header=HeaderValue(key="retry-after",
-                                                            raw_value=str(retry_after_s).encode())))
+        headers.append(_header("retry-after", str(retry_after_s)))
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=HttpStatus(code=status), headers=pb.HeaderMutation(set_headers=headers), body=body,
         details=f"chatfleet_epp_{kind}"))
 
 
+def _header(key: str, value: str) -> HeaderValueOption:
+    """A header to set, its value in ``raw_value`` (where Envoy reads it; ``value`` is legacy)."""
+    return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode()))
+
+
 def _continue(kind: str) -> pb.ProcessingResponse:
+    """Go on unchanged, in the answer type of the message's phase."""
     if kind in ("request_headers", "response_headers"):
         return pb.ProcessingResponse(**{kind: pb.HeadersResponse()})
     if kind in ("request_body", "response_body"):

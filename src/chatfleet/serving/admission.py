@@ -325,6 +325,10 @@ class AdmissionController:
         return int(min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, math.ceil(estimate))))
 
     async def load(self) -> Load:
+        return self.snapshot()
+
+    def snapshot(self) -> Load:
+        """The admission now (``load()`` without the wait; the pod's coordinator answers with it)."""
         queues = self._queues
         return Load(slots=self.slots, batch_slots=self.batch_slots, running=self._running,
                     running_batch=self._running_batch,

@@ -69,9 +69,9 @@ class _WorkerLink(LineProtocol):
             elif kind == "F":
                 coordinator._failed_key(fields[1])
             elif kind == "L":
-                self.send(f"l {fields[1]} {admission.running} {admission.running_batch} "
-                          f"{admission.queued(Priority.INTERACTIVE)} {admission.queued(Priority.BATCH)} "
-                          f"{int(admission.draining)} {admission.retry_after_s()}")
+                now = admission.snapshot()
+                self.send(f"l {fields[1]} {now.running} {now.running_batch} {now.queued_interactive} "
+                          f"{now.queued_batch} {int(now.draining)} {now.retry_after_s}")
         coordinator._publish()
 
     def _enqueue(self, admission: AdmissionController, rid: str, priority: Priority) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from chatfleet.routing.scoring import PodLoad, RoutingSpec
 
@@ -96,8 +96,5 @@ class PolledLoad:
 
     def view(self, now: float) -> PodLoad:
         """What the picker passes to ``pick`` for this pod at ``now`` (after ``observe``)."""
-        load = self.load
-        return PodLoad(load.endpoint, load.slots, load.batch_slots, load.running, load.running_batch,
-                       load.queued_interactive, load.queued_batch, load.max_queue,
-                       kv_usage=self.kv_usage, age_s=now - self._load_polls.last,
+        return replace(self.load, kv_usage=self.kv_usage, age_s=now - self._load_polls.last,
                        pending=self.pending)
