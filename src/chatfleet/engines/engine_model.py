@@ -8,13 +8,16 @@ says how long it took (from the profile's roofline) and which requests emitted a
 Nothing here reads a clock, sleeps or draws a random number; callers own time. The simulated
 engine drives a core in real time (it waits ``duration_s`` after each step), the replay in
 ``chatfleet.sim.engine_replay`` and the fleet simulator in virtual time (they add it to a counter).
+With ``block_hashes`` (``chain_block_hashes`` of the prompt's full blocks) the core keeps vLLM's
+automatic prefix cache: blocks computed once are reused by later requests with the same prefix.
 docs/engine-model.md explains the model, the profiles' sources and what it leaves out.
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -25,6 +28,7 @@ __all__ = [
     "EngineProfile",
     "StepOutcome",
     "available_profiles",
+    "chain_block_hashes",
     "load_profile",
 ]
 
@@ -159,23 +163,63 @@ class StepOutcome:
     num_waiting: int
 
 
+_ROOT_HASH = 0x5EED
+"""Parent of a prompt's first block in the hash chain (vLLM's ``NONE_HASH``; fixed here, so runs
+repeat)."""
+
+
+def chain_block_hashes(block_keys: Iterable[Hashable]) -> tuple[int, ...]:
+    """Chained hashes of a prompt's full blocks, given one key per block (its token ids, or a
+    trace's block identity): each block's hash covers its key and its parent's hash, so two
+    prompts share a block hash only when they share every block up to it, as in vLLM.
+
+    Python's ``hash`` of a tuple (not vLLM's SHA-256): fast, and the same in every process for
+    keys made of ints; a collision (about 2**-64 a pair) would count a false hit.
+    """
+    parent = _ROOT_HASH
+    hashes = []
+    for key in block_keys:
+        parent = hash((parent, key))
+        hashes.append(parent)
+    return tuple(hashes)
+
+
+_NEVER = 1 << 62
+"""``_Request.next_hash_at`` of a request with no prompt block left to cache."""
+
+
 class _Request:
     """Scheduler state of one request.
 
     ``num_computed`` counts tokens whose KV is in the cache. The request knows
     ``prompt_tokens + num_generated`` tokens; when all of them are computed it samples the next
     one. Preemption resets ``num_computed`` (recompute mode) but keeps ``num_generated``.
+
+    Of its ``num_blocks`` KV blocks, those whose hashes are in ``held`` (in block order) are
+    prefix-cache blocks it references; the rest are its own. ``num_hashed`` of its
+    ``block_hashes`` have been looked up or cached; the next is cached once ``num_computed``
+    reaches ``next_hash_at``.
     """
 
-    __slots__ = ("num_blocks", "num_computed", "num_generated", "output_tokens", "prompt_tokens", "request_id")
+    __slots__ = (
+        "block_hashes", "held", "next_hash_at", "num_blocks", "num_computed", "num_generated", "num_hashed",
+        "output_tokens", "preempted", "prompt_tokens", "request_id",
+    )  # fmt: skip
 
-    def __init__(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
+    def __init__(
+        self, request_id: str, prompt_tokens: int, output_tokens: int, block_hashes: tuple[int, ...], block_size: int
+    ) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.num_generated = 0
         self.num_computed = 0
         self.num_blocks = 0
+        self.block_hashes = block_hashes
+        self.held: list[int] = []
+        self.num_hashed = 0
+        self.next_hash_at = block_size if block_hashes else _NEVER
+        self.preempted = False
 
 
 class EngineCore:
@@ -188,11 +232,21 @@ class EngineCore:
     are scheduled. When a running request cannot get a block, the most recently admitted running
     request is preempted (KV freed, recomputed later from the front of the waiting queue), and no
     waiting request is admitted in that step, as in ``vllm/v1/core/sched/scheduler.py``.
+
+    Prefix caching (``enable_prefix_caching``, on by default as in vLLM; it acts only on requests
+    given ``block_hashes``): a full prompt block, once computed, is cached under its chained hash.
+    At admission a request references the longest run of its leading blocks found in the cache
+    (at most ``prompt - 1`` tokens, so that the last token is computed and a token sampled) and
+    prefills only the rest. A cached block no request references stays in the cache but counts
+    as free; when a block is needed and no never-cached free block is left, the least recently
+    freed one is evicted (a request's blocks are freed tail first, so its prompt's start stays
+    longest). ``kv_usage`` counts blocks that requests hold, as vLLM's.
     """
 
     __slots__ = (
-        "_attention_flops_per_pos", "_free_blocks", "_requests", "_running", "_waiting", "kv_capacity_tokens",
-        "max_num_batched_tokens", "max_num_seqs", "num_blocks_total", "num_preemptions_total", "profile",
+        "_attention_flops_per_pos", "_cached", "_evictable", "_num_free", "_requests", "_running", "_waiting",
+        "enable_prefix_caching", "kv_capacity_tokens", "max_num_batched_tokens", "max_num_seqs", "num_blocks_total",
+        "num_preemptions_total", "prefix_cache_hits", "prefix_cache_queries", "profile",
     )  # fmt: skip
 
     def __init__(
@@ -202,6 +256,7 @@ class EngineCore:
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         kv_capacity_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.profile = profile
         self.max_num_seqs = profile.max_num_seqs if max_num_seqs is None else max_num_seqs
@@ -218,11 +273,22 @@ class EngineCore:
                 f"kv_capacity_tokens={self.kv_capacity_tokens} holds no KV block of {profile.block_size} "
                 "tokens; give it at least one block"
             )
+        self.enable_prefix_caching = enable_prefix_caching
         self.num_preemptions_total = 0
+        self.prefix_cache_queries = 0
+        """Tokens of the requests admitted while prefix caching is on, looked up in the cache
+        (``vllm:prefix_cache_queries``; re-admissions after a preemption are not counted, as in vLLM)."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens found cached (``vllm:prefix_cache_hits``)."""
         self._running: list[_Request] = []
         self._waiting: deque[_Request] = deque()
         self._requests: dict[str, _Request] = {}
-        self._free_blocks = self.num_blocks_total
+        self._num_free = self.num_blocks_total
+        """Blocks no request holds: never-cached ones and the ``_evictable`` cached ones."""
+        self._cached: dict[int, int] = {}
+        """Block hash -> number of running requests referencing that cached block."""
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        """Cached blocks no request references, least recently freed first (evicted first)."""
         # Attention does about 4 x hidden FLOPs per layer per (query token, context token) pair.
         self._attention_flops_per_pos = 4.0 * profile.layers * profile.hidden
 
@@ -237,13 +303,19 @@ class EngineCore:
     @property
     def kv_usage(self) -> float:
         """Fraction of KV blocks in use, in [0, 1] (vLLM's ``kv_cache_usage_perc``)."""
-        return 1.0 - self._free_blocks / self.num_blocks_total
+        return 1.0 - self._num_free / self.num_blocks_total
 
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def add_request(self, request_id: str, *, prompt_tokens: int, output_tokens: int) -> None:
-        """Queue a request that will generate exactly ``output_tokens`` tokens after its prompt."""
+    def add_request(
+        self, request_id: str, *, prompt_tokens: int, output_tokens: int, block_hashes: Sequence[int] = ()
+    ) -> None:
+        """Queue a request that will generate exactly ``output_tokens`` tokens after its prompt.
+
+        ``block_hashes``: ``chain_block_hashes`` of the prompt's full blocks of ``block_size``
+        tokens, for the prefix cache (none: the prompt shares nothing).
+        """
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in the engine; use a unique id")
         if prompt_tokens < 1 or output_tokens < 1:
@@ -263,7 +335,14 @@ class EngineCore:
                 f"prompt ({prompt_tokens}) + output ({output_tokens}) = {total} tokens can never fit "
                 f"this engine's KV cache of {kv_tokens} tokens; shorten the prompt or lower max_tokens"
             )
-        request = _Request(request_id, prompt_tokens, output_tokens)
+        block_size = self.profile.block_size
+        if len(block_hashes) > prompt_tokens // block_size:
+            raise ValueError(
+                f"{len(block_hashes)} block hashes for a prompt of {prompt_tokens} tokens, which has "
+                f"{prompt_tokens // block_size} full blocks of {block_size}; hash only the full blocks"
+            )
+        hashes = tuple(block_hashes) if self.enable_prefix_caching else ()
+        request = _Request(request_id, prompt_tokens, output_tokens, hashes, block_size)
         self._requests[request_id] = request
         self._waiting.append(request)
 
@@ -274,19 +353,19 @@ class EngineCore:
             return False
         if request.num_blocks:  # only running requests hold KV blocks
             self._running.remove(request)
+            self._release(request)
         else:
             self._waiting.remove(request)
-        self._free_blocks += request.num_blocks
-        request.num_blocks = 0
         return True
 
     def step(self) -> StepOutcome:
         """Schedule one batch, account for its tokens and return what happened and how long it took."""
         running = self._running
         waiting = self._waiting
+        evictable = self._evictable
         block_size = self.profile.block_size
         budget = self.max_num_batched_tokens
-        free = self._free_blocks
+        free = self._num_free
         scheduled: list[tuple[_Request, int]] = []
         preempted: list[str] = []
 
@@ -300,15 +379,17 @@ class EngineCore:
                 num_new = budget
             blocks_needed = (computed + num_new + block_size - 1) // block_size - request.num_blocks
             if blocks_needed > free:
-                self._free_blocks = free
+                self._num_free = free
                 evicted_itself = self._preempt_for(request, blocks_needed, preempted)
-                free = self._free_blocks
+                free = self._num_free
                 num_running = len(running)
                 if evicted_itself:
                     break  # nothing after it in the running list is left to schedule
             if blocks_needed > 0:
                 request.num_blocks += blocks_needed
                 free -= blocks_needed
+                if free < len(evictable):  # the never-cached free blocks ran out
+                    self._evict(len(evictable) - free)
             scheduled.append((request, num_new))
             budget -= num_new
             index += 1
@@ -317,18 +398,30 @@ class EngineCore:
             max_num_seqs = self.max_num_seqs
             while waiting and budget > 0 and len(running) < max_num_seqs:
                 request = waiting[0]
-                num_new = request.prompt_tokens + request.num_generated  # none computed yet
-                num_new = min(num_new, budget)
-                blocks_needed = (num_new + block_size - 1) // block_size
-                if blocks_needed > free:
+                num_tokens = request.prompt_tokens + request.num_generated
+                hit_blocks = touched_free = 0
+                if request.block_hashes:
+                    hit_blocks, touched_free = self._lookup(request, num_tokens)
+                num_computed = hit_blocks * block_size
+                num_new = min(num_tokens - num_computed, budget)
+                blocks_needed = (num_computed + num_new + block_size - 1) // block_size - hit_blocks
+                if blocks_needed + touched_free > free:  # hit blocks that were free are taken too
                     break
                 waiting.popleft()
                 running.append(request)
-                request.num_blocks = blocks_needed
+                if hit_blocks:
+                    free -= self._touch(request, hit_blocks)
+                request.num_blocks = hit_blocks + blocks_needed
+                request.num_computed = num_computed
                 free -= blocks_needed
+                if free < len(evictable):
+                    self._evict(len(evictable) - free)
+                if self.enable_prefix_caching and not request.preempted:
+                    self.prefix_cache_queries += num_tokens
+                    self.prefix_cache_hits += num_computed
                 scheduled.append((request, num_new))
                 budget -= num_new
-        self._free_blocks = free
+        self._num_free = free
 
         if not scheduled:
             return StepOutcome(
@@ -337,14 +430,92 @@ class EngineCore:
             )  # fmt: skip
         return self._complete(scheduled, preempted)
 
+    # -- the prefix cache ---------------------------------------------------------------------
+
+    def _lookup(self, request: _Request, num_tokens: int) -> tuple[int, int]:
+        """(leading blocks of ``request`` found cached, how many of them are free now)."""
+        hashes = request.block_hashes
+        cached = self._cached
+        # As vLLM: at most num_tokens - 1 tokens from the cache, so the last one is computed.
+        limit = min(len(hashes), (num_tokens - 1) // self.profile.block_size)
+        hits = touched_free = 0
+        while hits < limit:
+            refs = cached.get(hashes[hits])
+            if refs is None:
+                break
+            if refs == 0:
+                touched_free += 1
+            hits += 1
+        return hits, touched_free
+
+    def _touch(self, request: _Request, hit_blocks: int) -> int:
+        """Reference ``request``'s first ``hit_blocks`` cached blocks; returns how many left the free ones."""
+        cached = self._cached
+        evictable = self._evictable
+        taken = 0
+        hashes = request.block_hashes[:hit_blocks]
+        for block_hash in hashes:
+            refs = cached[block_hash]
+            if refs == 0:
+                del evictable[block_hash]
+                taken += 1
+            cached[block_hash] = refs + 1
+        request.held = list(hashes)
+        request.num_hashed = hit_blocks
+        block_size = self.profile.block_size
+        request.next_hash_at = (hit_blocks + 1) * block_size if hit_blocks < len(request.block_hashes) else _NEVER
+        return taken
+
+    def _evict(self, count: int) -> None:
+        """Drop the ``count`` least recently freed cached blocks from the cache (their blocks are reused)."""
+        cached = self._cached
+        popitem = self._evictable.popitem
+        for _ in range(count):
+            del cached[popitem(last=False)[0]]
+
+    def _cache_blocks(self, request: _Request) -> None:
+        """Add ``request``'s newly computed full prompt blocks to the cache. A block whose hash is
+        already cached (computed by another request at the same time) stays the request's own."""
+        hashes = request.block_hashes
+        block_size = self.profile.block_size
+        full = min(request.num_computed // block_size, len(hashes))
+        cached = self._cached
+        held = request.held
+        for block_hash in hashes[request.num_hashed : full]:
+            if block_hash not in cached:
+                cached[block_hash] = 1
+                held.append(block_hash)
+        request.num_hashed = full
+        request.next_hash_at = (full + 1) * block_size if full < len(hashes) else _NEVER
+
+    def _release(self, request: _Request) -> None:
+        """Free ``request``'s blocks; its cached ones no other request references become evictable,
+        its last block first (vLLM frees a request's blocks in reverse order)."""
+        self._num_free += request.num_blocks
+        request.num_blocks = 0
+        held = request.held
+        if held:
+            cached = self._cached
+            evictable = self._evictable
+            for block_hash in reversed(held):
+                refs = cached[block_hash] - 1
+                cached[block_hash] = refs
+                if refs == 0:
+                    evictable[block_hash] = None
+            request.held = []
+
+    # -- steps --------------------------------------------------------------------------------
+
     def _preempt_for(self, request: _Request, blocks_needed: int, preempted: list[str]) -> bool:
         """Preempt from the back of the running list until ``request`` fits; True if it was evicted itself."""
         running = self._running
-        while blocks_needed > self._free_blocks:
+        while blocks_needed > self._num_free:
             victim = running.pop()
-            self._free_blocks += victim.num_blocks
-            victim.num_blocks = 0
+            self._release(victim)
             victim.num_computed = 0
+            victim.num_hashed = 0
+            victim.next_hash_at = self.profile.block_size if victim.block_hashes else _NEVER
+            victim.preempted = True
             self._waiting.appendleft(victim)
             self.num_preemptions_total += 1
             preempted.append(victim.request_id)
@@ -364,6 +535,8 @@ class EngineCore:
             before = request.num_computed
             computed = before + num_new
             request.num_computed = computed
+            if computed >= request.next_hash_at:
+                self._cache_blocks(request)
             num_new_total += num_new
             context_read += computed
             # New token j (1..num_new) attends to before + j positions.
@@ -399,7 +572,5 @@ class EngineCore:
     def _release_finished(self, finished: list[str]) -> None:
         requests = self._requests
         for request_id in finished:
-            request = requests.pop(request_id)
-            self._free_blocks += request.num_blocks
-            request.num_blocks = 0
+            self._release(requests.pop(request_id))
         self._running = [r for r in self._running if r.num_generated < r.output_tokens]
