@@ -9,6 +9,10 @@ The text is deterministic filler from a seed (the request's ``seed`` when given)
 language model; the model id is ``chatfleet-sim/<profile>``. Output length: ``max_tokens`` with
 ``ignore_eos``, else a seeded draw (median about 128 tokens) capped by ``max_tokens``.
 
+Prompts are cut into tokens as ``prompt_tokens`` says (4 characters a token), and the core's prefix
+cache (on, as in vLLM) hashes their full blocks: two requests that start with the same system
+prompt share its KV blocks, and the second prefills only what follows.
+
 With ``EngineSimMetrics`` it also exports vLLM's metric names, for ``chatfleet engine-sim``.
 """
 
@@ -20,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 
 from chatfleet.aio import cancel_and_wait
 from chatfleet.engines.base import (
@@ -30,10 +34,10 @@ from chatfleet.engines.base import (
     GenerationRequest,
     Usage,
 )
-from chatfleet.engines.engine_model import EngineCore, EngineProfile, StepOutcome
+from chatfleet.engines.engine_model import EngineCore, EngineProfile, StepOutcome, chain_block_hashes
 from chatfleet.telemetry.metrics import CONTENT_TYPE_LATEST, EngineSimMetrics, render
 
-__all__ = ["SimulatedEngine", "count_prompt_tokens"]
+__all__ = ["SimulatedEngine", "count_prompt_tokens", "prompt_block_hashes", "prompt_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,34 @@ def count_prompt_tokens(request: GenerationRequest) -> int:
                    for m in request.messages) + 1
     assert request.prompt is not None
     return max(1, math.ceil(len(request.prompt) / _CHARS_PER_TOKEN))
+
+
+def _pieces(text: str) -> list[Hashable]:
+    return [text[i:i + _CHARS_PER_TOKEN] for i in range(0, len(text), _CHARS_PER_TOKEN)]
+
+
+def prompt_tokens(request: GenerationRequest) -> list[Hashable]:
+    """The prompt as the simulated tokenizer cuts it, ``count_prompt_tokens`` tokens: text in pieces
+    of 4 characters; a chat message framed by 4 template tokens (its role among them), then one
+    that opens the answer. Template tokens are tuples, so no text equals them. A token stands for
+    its id: equal text gives equal tokens, which is all the prefix cache needs."""
+    if request.messages is None:
+        assert request.prompt is not None
+        return _pieces(request.prompt) or [("empty",)]
+    tokens: list[Hashable] = []
+    for message in request.messages:
+        tokens += (("start",), ("role", message.role), ("content",))
+        tokens += _pieces(message.content)
+        tokens.append(("end",))
+    tokens.append(("answer",))
+    return tokens
+
+
+def prompt_block_hashes(request: GenerationRequest, block_size: int) -> tuple[int, ...]:
+    """Chained hashes of the prompt's full blocks of ``block_size`` tokens, for the prefix cache."""
+    tokens = prompt_tokens(request)
+    return chain_block_hashes(tuple(tokens[i:i + block_size])
+                              for i in range(0, len(tokens) - block_size + 1, block_size))
 
 
 class _Stream:
@@ -80,6 +112,8 @@ class SimulatedEngine:
         self.seed = seed
         self.core = EngineCore(profile, max_num_seqs=max_num_seqs)
         self.metrics = metrics
+        self._prefix_counted = (0, 0)
+        """The core's (prefix cache queries, hits) already added to the metrics."""
         self._streams: dict[str, _Stream] = {}
         self._counter = itertools.count()
         self._wake = asyncio.Event()
@@ -149,6 +183,12 @@ class SimulatedEngine:
         self.metrics.kv_cache_usage_perc.set(self.core.kv_usage)
         if outcome is not None and outcome.preempted:
             self.metrics.num_preemptions_total.inc(len(outcome.preempted))
+        core = self.core
+        counted_queries, counted_hits = self._prefix_counted
+        if core.prefix_cache_queries != counted_queries:
+            self.metrics.prefix_cache_queries_total.inc(core.prefix_cache_queries - counted_queries)
+            self.metrics.prefix_cache_hits_total.inc(core.prefix_cache_hits - counted_hits)
+            self._prefix_counted = (core.prefix_cache_queries, core.prefix_cache_hits)
 
     # -- one request --------------------------------------------------------------------------
 
@@ -177,10 +217,13 @@ class SimulatedEngine:
         else:
             natural = round(rng.lognormvariate(math.log(_NATURAL_LENGTH_MEDIAN), _NATURAL_LENGTH_SIGMA))
             output_tokens = max(1, min(limit, natural))
+        block_size = self.profile.block_size
+        block_hashes = (prompt_block_hashes(request, block_size)
+                        if self.core.enable_prefix_caching and prompt_tokens >= block_size else ())
         stream = _Stream(time.perf_counter())
         try:
             self.core.add_request(request.request_id, prompt_tokens=prompt_tokens,
-                                  output_tokens=output_tokens)
+                                  output_tokens=output_tokens, block_hashes=block_hashes)
         except ValueError as exc:
             raise EngineRequestRejected(str(exc)) from exc
         self._streams[request.request_id] = stream

@@ -348,6 +348,12 @@ class EngineSimMetrics:
         self.generation_tokens_total = Counter(
             "vllm:generation_tokens", "Number of generation tokens processed.",
             names, registry=r).labels(**labels)
+        self.prefix_cache_queries_total = Counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+            names, registry=r).labels(**labels)
+        self.prefix_cache_hits_total = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+            names, registry=r).labels(**labels)
         self._request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             [*names, "finished_reason"], registry=r)
