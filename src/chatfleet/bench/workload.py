@@ -36,14 +36,24 @@ __all__ = [
 ]
 
 
+TRACE_BLOCK_TOKENS = 512
+"""Tokens covered by one of a trace's prompt block ids (Mooncake's ``hash_ids``)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestSpec:
-    """One request to send. ``at_s``: send time in seconds after the run starts (None: closed loop)."""
+    """One request to send. ``at_s``: send time in seconds after the run starts (None: closed loop).
+
+    ``prefix_ids``: ids of the prompt's blocks of ``TRACE_BLOCK_TOKENS`` tokens, first to last, as
+    a trace records them (Mooncake's ``hash_ids``): prompts share a block's content where they
+    share its id and every id before it. Empty: nothing known, the prompt shares nothing.
+    """
 
     index: int
     prompt_tokens: int
     output_tokens: int
     at_s: float | None = None
+    prefix_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.output_tokens < 1:

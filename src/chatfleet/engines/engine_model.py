@@ -16,7 +16,7 @@ docs/engine-model.md explains the model, the profiles' sources and what it leave
 from __future__ import annotations
 
 import json
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
@@ -187,6 +187,140 @@ def chain_block_hashes(block_keys: Iterable[Hashable]) -> tuple[int, ...]:
 _NEVER = 1 << 62
 """``_Request.next_hash_at`` of a request with no prompt block left to cache."""
 
+_STALE_SLACK = 4096
+"""Stale free-queue entries tolerated beyond the number of free cached blocks before compacting."""
+
+
+class _PrefixCache:
+    """One engine's cached full blocks by hash, with references and eviction order (the hash map
+    and free queue of vLLM's ``BlockPool``, for blocks counted rather than addressed).
+
+    ``_refs[h]`` > 0: that many running requests reference block ``h``; <= 0: none does, the
+    block is free (evictable) since the release numbered ``-_refs[h]``. The free queue is a deque
+    of runs, one per release: the blocks it freed, its request's last block first. A block
+    referenced again keeps its entry, which is skipped as stale when eviction meets it (its
+    ``_refs`` is no longer that release's number); freeing and referencing thus touch a request's
+    blocks in bulk (dict operations in C), and only eviction walks them one by one.
+    """
+
+    __slots__ = ("_queued", "_refs", "_releases", "_runs", "_shared", "num_evictable")
+
+    def __init__(self) -> None:
+        self._refs: dict[int, int] = {}
+        self._runs: deque[list[Any]] = deque()
+        """[release tag, hashes in eviction order, position of the next one]."""
+        self._shared: dict[int, None] = {}
+        """Blocks more than one request references: a release none of whose blocks is here
+        frees them all in bulk."""
+        self._releases = 0
+        self._queued = 0
+        """Entries in ``_runs`` not yet passed: ``num_evictable`` valid ones, the rest stale."""
+        self.num_evictable = 0
+        """Cached blocks no request references: free, and evicted when a block is needed."""
+
+    def lookup(self, hashes: tuple[int, ...], limit: int) -> tuple[int, int]:
+        """(how many of the first ``limit`` hashes are cached, in a row; how many of those are free)."""
+        get = self._refs.get
+        hits = free = 0
+        while hits < limit:
+            refs = get(hashes[hits])
+            if refs is None:
+                break
+            if refs <= 0:
+                free += 1
+            hits += 1
+        return hits, free
+
+    def reference(self, hashes: tuple[int, ...]) -> int:
+        """Reference cached blocks (all found by ``lookup``); returns how many of them were free."""
+        refs_of = self._refs
+        shared = self._shared
+        taken = 0
+        for block_hash in hashes:
+            refs = refs_of[block_hash]
+            if refs <= 0:
+                refs_of[block_hash] = 1
+                taken += 1
+            else:
+                refs_of[block_hash] = refs + 1
+                if refs == 1:
+                    shared[block_hash] = None
+        self.num_evictable -= taken
+        return taken
+
+    def insert(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
+        """Cache newly computed blocks, referenced once; returns those that were not cached yet
+        (a block already cached, computed by another request meanwhile, stays its computer's own)."""
+        refs_of = self._refs
+        if not refs_of.keys().isdisjoint(hashes):
+            hashes = tuple(h for h in hashes if h not in refs_of)
+        refs_of.update(dict.fromkeys(hashes, 1))
+        return hashes
+
+    def release(self, held: list[int]) -> None:
+        """Drop one reference to each of ``held`` (a request's cached blocks, in block order);
+        those no request references any more join the free queue, last block first."""
+        self._releases += 1
+        tag = -self._releases
+        refs_of = self._refs
+        shared = self._shared
+        if not shared or shared.keys().isdisjoint(held):
+            freed = held[::-1]
+            refs_of.update(dict.fromkeys(freed, tag))
+        else:
+            freed = []
+            for block_hash in reversed(held):
+                refs = refs_of[block_hash] - 1
+                if refs == 0:
+                    refs_of[block_hash] = tag
+                    freed.append(block_hash)
+                else:
+                    refs_of[block_hash] = refs
+                    if refs == 1:
+                        del shared[block_hash]
+        if freed:
+            self._runs.append([tag, freed, 0])
+            self.num_evictable += len(freed)
+            self._queued += len(freed)
+            if self._queued - self.num_evictable > self.num_evictable + _STALE_SLACK:
+                self._compact()
+
+    def evict(self, count: int) -> None:
+        """Forget the ``count`` free cached blocks at the front of the free queue (their blocks are reused)."""
+        refs_of = self._refs
+        pop = refs_of.pop
+        runs = self._runs
+        self.num_evictable -= count
+        while count:
+            run = runs[0]
+            tag, hashes, start = run
+            position = start
+            end = len(hashes)
+            while position < end and count:
+                block_hash = hashes[position]
+                position += 1
+                refs = pop(block_hash, None)
+                if refs == tag:
+                    count -= 1
+                elif refs is not None:  # a stale entry: the block was referenced (or freed) since
+                    refs_of[block_hash] = refs
+            self._queued -= position - start
+            if position == end:
+                runs.popleft()
+            else:
+                run[2] = position
+
+    def _compact(self) -> None:
+        """Drop the free queue's stale entries (amortised: done when they outnumber the valid ones)."""
+        refs_of = self._refs
+        runs: deque[list[Any]] = deque()
+        for tag, hashes, position in self._runs:
+            live = [h for h in hashes[position:] if refs_of.get(h) == tag]
+            if live:
+                runs.append([tag, live, 0])
+        self._runs = runs
+        self._queued = self.num_evictable
+
 
 class _Request:
     """Scheduler state of one request.
@@ -244,7 +378,7 @@ class EngineCore:
     """
 
     __slots__ = (
-        "_attention_flops_per_pos", "_cached", "_evictable", "_num_free", "_requests", "_running", "_waiting",
+        "_attention_flops_per_pos", "_cache", "_num_free", "_requests", "_running", "_waiting",
         "enable_prefix_caching", "kv_capacity_tokens", "max_num_batched_tokens", "max_num_seqs", "num_blocks_total",
         "num_preemptions_total", "prefix_cache_hits", "prefix_cache_queries", "profile",
     )  # fmt: skip
@@ -284,11 +418,8 @@ class EngineCore:
         self._waiting: deque[_Request] = deque()
         self._requests: dict[str, _Request] = {}
         self._num_free = self.num_blocks_total
-        """Blocks no request holds: never-cached ones and the ``_evictable`` cached ones."""
-        self._cached: dict[int, int] = {}
-        """Block hash -> number of running requests referencing that cached block."""
-        self._evictable: OrderedDict[int, None] = OrderedDict()
-        """Cached blocks no request references, least recently freed first (evicted first)."""
+        """Blocks no request holds: never-cached ones and the prefix cache's evictable ones."""
+        self._cache = _PrefixCache()
         # Attention does about 4 x hidden FLOPs per layer per (query token, context token) pair.
         self._attention_flops_per_pos = 4.0 * profile.layers * profile.hidden
 
@@ -362,7 +493,7 @@ class EngineCore:
         """Schedule one batch, account for its tokens and return what happened and how long it took."""
         running = self._running
         waiting = self._waiting
-        evictable = self._evictable
+        cache = self._cache
         block_size = self.profile.block_size
         budget = self.max_num_batched_tokens
         free = self._num_free
@@ -388,8 +519,8 @@ class EngineCore:
             if blocks_needed > 0:
                 request.num_blocks += blocks_needed
                 free -= blocks_needed
-                if free < len(evictable):  # the never-cached free blocks ran out
-                    self._evict(len(evictable) - free)
+                if free < cache.num_evictable:  # the never-cached free blocks ran out
+                    cache.evict(cache.num_evictable - free)
             scheduled.append((request, num_new))
             budget -= num_new
             index += 1
@@ -400,8 +531,11 @@ class EngineCore:
                 request = waiting[0]
                 num_tokens = request.prompt_tokens + request.num_generated
                 hit_blocks = touched_free = 0
-                if request.block_hashes:
-                    hit_blocks, touched_free = self._lookup(request, num_tokens)
+                hashes = request.block_hashes
+                if hashes:
+                    # As vLLM: at most num_tokens - 1 tokens from the cache, so the last one is computed.
+                    limit = min(len(hashes), (num_tokens - 1) // block_size)
+                    hit_blocks, touched_free = cache.lookup(hashes, limit)
                 num_computed = hit_blocks * block_size
                 num_new = min(num_tokens - num_computed, budget)
                 blocks_needed = (num_computed + num_new + block_size - 1) // block_size - hit_blocks
@@ -410,12 +544,16 @@ class EngineCore:
                 waiting.popleft()
                 running.append(request)
                 if hit_blocks:
-                    free -= self._touch(request, hit_blocks)
+                    hit = hashes[:hit_blocks]
+                    free -= cache.reference(hit)
+                    request.held = list(hit)
+                    request.num_hashed = hit_blocks
+                    request.next_hash_at = (hit_blocks + 1) * block_size if hit_blocks < len(hashes) else _NEVER
                 request.num_blocks = hit_blocks + blocks_needed
                 request.num_computed = num_computed
                 free -= blocks_needed
-                if free < len(evictable):
-                    self._evict(len(evictable) - free)
+                if free < cache.num_evictable:
+                    cache.evict(cache.num_evictable - free)
                 if self.enable_prefix_caching and not request.preempted:
                     self.prefix_cache_queries += num_tokens
                     self.prefix_cache_hits += num_computed
@@ -430,78 +568,21 @@ class EngineCore:
             )  # fmt: skip
         return self._complete(scheduled, preempted)
 
-    # -- the prefix cache ---------------------------------------------------------------------
-
-    def _lookup(self, request: _Request, num_tokens: int) -> tuple[int, int]:
-        """(leading blocks of ``request`` found cached, how many of them are free now)."""
-        hashes = request.block_hashes
-        cached = self._cached
-        # As vLLM: at most num_tokens - 1 tokens from the cache, so the last one is computed.
-        limit = min(len(hashes), (num_tokens - 1) // self.profile.block_size)
-        hits = touched_free = 0
-        while hits < limit:
-            refs = cached.get(hashes[hits])
-            if refs is None:
-                break
-            if refs == 0:
-                touched_free += 1
-            hits += 1
-        return hits, touched_free
-
-    def _touch(self, request: _Request, hit_blocks: int) -> int:
-        """Reference ``request``'s first ``hit_blocks`` cached blocks; returns how many left the free ones."""
-        cached = self._cached
-        evictable = self._evictable
-        taken = 0
-        hashes = request.block_hashes[:hit_blocks]
-        for block_hash in hashes:
-            refs = cached[block_hash]
-            if refs == 0:
-                del evictable[block_hash]
-                taken += 1
-            cached[block_hash] = refs + 1
-        request.held = list(hashes)
-        request.num_hashed = hit_blocks
-        block_size = self.profile.block_size
-        request.next_hash_at = (hit_blocks + 1) * block_size if hit_blocks < len(request.block_hashes) else _NEVER
-        return taken
-
-    def _evict(self, count: int) -> None:
-        """Drop the ``count`` least recently freed cached blocks from the cache (their blocks are reused)."""
-        cached = self._cached
-        popitem = self._evictable.popitem
-        for _ in range(count):
-            del cached[popitem(last=False)[0]]
-
     def _cache_blocks(self, request: _Request) -> None:
-        """Add ``request``'s newly computed full prompt blocks to the cache. A block whose hash is
-        already cached (computed by another request at the same time) stays the request's own."""
+        """Add ``request``'s newly computed full prompt blocks to the prefix cache."""
         hashes = request.block_hashes
         block_size = self.profile.block_size
         full = min(request.num_computed // block_size, len(hashes))
-        cached = self._cached
-        held = request.held
-        for block_hash in hashes[request.num_hashed : full]:
-            if block_hash not in cached:
-                cached[block_hash] = 1
-                held.append(block_hash)
+        request.held += self._cache.insert(hashes[request.num_hashed : full])
         request.num_hashed = full
         request.next_hash_at = (full + 1) * block_size if full < len(hashes) else _NEVER
 
     def _release(self, request: _Request) -> None:
-        """Free ``request``'s blocks; its cached ones no other request references become evictable,
-        its last block first (vLLM frees a request's blocks in reverse order)."""
+        """Free ``request``'s blocks; its cached ones no other request references stay cached, free."""
         self._num_free += request.num_blocks
         request.num_blocks = 0
-        held = request.held
-        if held:
-            cached = self._cached
-            evictable = self._evictable
-            for block_hash in reversed(held):
-                refs = cached[block_hash] - 1
-                cached[block_hash] = refs
-                if refs == 0:
-                    evictable[block_hash] = None
+        if request.held:
+            self._cache.release(request.held)
             request.held = []
 
     # -- steps --------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ tokens count as emitted when the step ends. Pods go Loading (a cold start, GPU h
 Draining (no new requests; queued and running ones finish, up to ``drain_timeout_s``) -> gone.
 The Service sends each arrival to a ready pod at random, as kube-proxy does, or through the
 endpoint picker's scoring on load it polled (``FleetConfig.routing``, sim/picker.py). A pod may run
-slower than the profile (``pod_speed``): a degraded GPU, a noisy neighbour.
+slower than the profile (``pod_speed``): a degraded GPU, a noisy neighbour. Each engine keeps
+vLLM's prefix cache (``FleetConfig.prefix_caching``) for requests whose trace gives their prompt
+blocks' identities (``RequestSpec.prefix_ids``).
 
 An ``Autoscaler`` is asked for the desired replica count every ``sync_period_s`` with what
 Prometheus would show then (``FleetView``: per-pod gauges as of the last scrape, every
@@ -24,13 +26,13 @@ import math
 import random
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Protocol
 
-from chatfleet.bench.workload import RequestSpec
-from chatfleet.engines.engine_model import EngineCore, EngineProfile, StepOutcome
+from chatfleet.bench.workload import TRACE_BLOCK_TOKENS, RequestSpec
+from chatfleet.engines.engine_model import EngineCore, EngineProfile, StepOutcome, chain_block_hashes
 from chatfleet.routing import scoring
 from chatfleet.sim.picker import PolledLoad, Routing
 
@@ -45,6 +47,7 @@ __all__ = [
     "TimelinePoint",
     "simulate",
     "slowed",
+    "trace_block_hashes",
 ]
 
 
@@ -83,6 +86,8 @@ class FleetConfig:
     pod_speed: Callable[[int], float] = field(default=lambda index: 1.0)
     """Engine speed of the pod created ``index``-th (0 first), as a factor on the profile: its
     step times are divided by it (0.5: a pod at half speed)."""
+    prefix_caching: bool = True
+    """Engines reuse cached prompt blocks (vLLM's automatic prefix caching, on by default there)."""
 
     def __post_init__(self) -> None:
         if self.engine_slots < 1 or self.initial_replicas < 0 or self.max_queue < 0:
@@ -155,6 +160,8 @@ class FleetResult:
     timeline: tuple[TimelinePoint, ...]
     gpu_seconds: float
     end_s: float
+    prefix_cache_hit_rate: float = 0.0
+    """Prompt tokens served from the engines' prefix caches / prompt tokens looked up, all pods."""
 
 
 class _Phase(IntEnum):
@@ -331,8 +338,11 @@ class _Simulation:
     def start(self, pod: _Pod, index: int) -> None:
         request = self.requests[index]
         pod.running.add(index)
-        pod.core.add_request(str(index), prompt_tokens=request.prompt_tokens,
-                             output_tokens=request.output_tokens)
+        core = pod.core
+        hashes = (trace_block_hashes(request.prefix_ids, request.prompt_tokens, core.profile.block_size)
+                  if request.prefix_ids and core.enable_prefix_caching else ())
+        core.add_request(str(index), prompt_tokens=request.prompt_tokens,
+                         output_tokens=request.output_tokens, block_hashes=hashes)
         if not pod.stepping:
             self.begin_step(pod)
 
@@ -387,8 +397,9 @@ class _Simulation:
         number = next(self.pod_names)
         speed = self.config.pod_speed(number)
         profile = self.config.profile if speed == 1.0 else slowed(self.config.profile, speed)
-        pod = _Pod(f"pod-{number}", EngineCore(profile, max_num_seqs=self.config.engine_slots),
-                   now, now + cold_start)
+        core = EngineCore(profile, max_num_seqs=self.config.engine_slots,
+                          enable_prefix_caching=self.config.prefix_caching)
+        pod = _Pod(f"pod-{number}", core, now, now + cold_start)
         self.pods.append(pod)
         self.by_name[pod.name] = pod
         return pod
@@ -467,10 +478,30 @@ class _Simulation:
         ttft = array("d", (self.first_token[i] - float(r.at_s or 0.0) for i, r in enumerate(self.requests)))
         gpu_seconds = sum((pod.ended_at if pod.ended_at is not None else end_s) - pod.created_at
                           for pod in self.pods)
+        queries = sum(pod.core.prefix_cache_queries for pod in self.pods)
+        hits = sum(pod.core.prefix_cache_hits for pod in self.pods)
         return FleetResult(
             arrival_s=array("d", (float(r.at_s or 0.0) for r in self.requests)),
             outcome=self.outcome, ttft_s=ttft, tpot_s=tpot, timeline=tuple(self.timeline),
-            gpu_seconds=gpu_seconds, end_s=end_s)
+            gpu_seconds=gpu_seconds, end_s=end_s, prefix_cache_hit_rate=hits / queries if queries else 0.0)
+
+
+def trace_block_hashes(prefix_ids: tuple[int, ...], prompt_tokens: int, block_size: int) -> tuple[int, ...]:
+    """The engine's chained block hashes of a prompt known by its trace block ids: each engine
+    block of ``block_size`` tokens is keyed by the trace block it lies in and its place there (by
+    both trace blocks, where a block size that does not divide theirs makes it span two). Only
+    full engine blocks within the prompt and covered by ids are hashed."""
+    size = TRACE_BLOCK_TOKENS
+    count = min(prompt_tokens // block_size, len(prefix_ids) * size // block_size)
+    per_id, straddle = divmod(size, block_size)
+    keys: list[Hashable]
+    if not straddle:  # ints: cheaper to hash than tuples, and unique as j < per_id
+        keys = [ident * per_id + j for ident in prefix_ids[:-(-count // per_id)] for j in range(per_id)]
+    else:
+        keys = [(prefix_ids[start // size], start % size, prefix_ids[(start + block_size - 1) // size])
+                for start in range(0, count * block_size, block_size)]
+    del keys[count:]
+    return chain_block_hashes(keys)
 
 
 def slowed(profile: EngineProfile, speed: float) -> EngineProfile:
