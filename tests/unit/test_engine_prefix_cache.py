@@ -3,8 +3,12 @@ prefill, its KV blocks and the hit counters (blocks of 4 tokens, from test_engin
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
 
+from chatfleet.engines import engine_model
 from chatfleet.engines.engine_model import EngineCore, StepOutcome, chain_block_hashes
 from tests.unit.test_engine_model import make_profile, run_to_completion
 
@@ -96,6 +100,10 @@ def test_blocks_cached_by_a_running_request_serve_the_next_one_and_count_once_in
     assert outcome.num_prefill_tokens == 1 and outcome.num_decode_seqs == 1
     # "a": 4 shared blocks + 1 for its first generated token; "b": 1 for its 17th token.
     assert core.kv_usage == pytest.approx(6 / 100)
+    core.abort_request("b")  # its own block is freed; the shared ones stay: "a" holds them
+    assert core.kv_usage == pytest.approx(5 / 100)
+    core.abort_request("a")
+    assert core.kv_usage == 0.0
 
 
 # --- freeing and eviction ---------------------------------------------------------------------
@@ -223,3 +231,53 @@ def test_more_block_hashes_than_full_prompt_blocks_are_refused() -> None:
     core = EngineCore(make_profile())
     with pytest.raises(ValueError, match="hash only the full blocks"):
         core.add_request("a", prompt_tokens=15, output_tokens=1, block_hashes=blocks("s", 4))
+
+
+# --- bookkeeping under churn ------------------------------------------------------------------
+
+
+def churn(core: EngineCore, check: bool) -> tuple[list[StepOutcome], int]:
+    """300 requests from 5 prompt families with random lengths and aborts on a 48-block cache;
+    with ``check``, the block accounting is verified after every step."""
+    rng = random.Random(7)
+    outcomes: list[StepOutcome] = []
+    live: list[str] = []
+    for i in range(300):
+        prompt = rng.randint(1, 60)
+        family = rng.randrange(5)
+        core.add_request(f"r{i}", prompt_tokens=prompt, output_tokens=rng.randint(1, 20),
+                         block_hashes=blocks(f"f{family}", prompt // BLOCK))
+        live.append(f"r{i}")
+        if rng.random() < 0.1:
+            core.abort_request(live.pop(rng.randrange(len(live))))
+        for _ in range(rng.randint(0, 3)):
+            outcomes.append(core.step())
+            if check:
+                assert_consistent(core)
+    outcomes += run_to_completion(core)
+    return outcomes, core.prefix_cache_hits
+
+
+def assert_consistent(core: EngineCore) -> None:
+    cache = core._cache
+    running = core._running
+    holders = Counter(h for r in running for h in r.held)
+    assert {h: n for h, n in cache._refs.items() if n > 0} == dict(holders)
+    # A shared cached block is one block, however many requests reference it.
+    own = sum(r.num_blocks - len(r.held) for r in running)
+    assert own + len(holders) + core._num_free == core.num_blocks_total
+    assert cache.num_evictable == sum(1 for n in cache._refs.values() if n <= 0) <= core._num_free
+    assert all(len(r.held) <= r.num_blocks for r in running)
+
+
+def test_block_accounting_holds_through_admissions_preemptions_aborts_and_evictions() -> None:
+    core = EngineCore(make_profile(), kv_capacity_tokens=48 * BLOCK, max_num_seqs=6)
+    outcomes, hits = churn(core, check=True)
+    assert core.num_preemptions_total > 0 and hits > 0  # the run exercised what it checks
+    assert core.kv_usage == 0.0 and core._cache.num_evictable > 0
+
+
+def test_compacting_the_free_queue_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = churn(EngineCore(make_profile(), kv_capacity_tokens=48 * BLOCK, max_num_seqs=6), check=False)
+    monkeypatch.setattr(engine_model, "_STALE_SLACK", 0)  # compact at every chance
+    assert churn(EngineCore(make_profile(), kv_capacity_tokens=48 * BLOCK, max_num_seqs=6), check=True) == reference

@@ -257,9 +257,10 @@ class _PrefixCache:
         refs_of.update(dict.fromkeys(hashes, 1))
         return hashes
 
-    def release(self, held: list[int]) -> None:
+    def release(self, held: list[int]) -> int:
         """Drop one reference to each of ``held`` (a request's cached blocks, in block order);
-        those no request references any more join the free queue, last block first."""
+        those no request references any more join the free queue, last block first. Returns
+        how many did (the others are still in use)."""
         self._releases += 1
         tag = -self._releases
         refs_of = self._refs
@@ -284,6 +285,7 @@ class _PrefixCache:
             self._queued += len(freed)
             if self._queued - self.num_evictable > self.num_evictable + _STALE_SLACK:
                 self._compact()
+        return len(freed)
 
     def evict(self, count: int) -> None:
         """Forget the ``count`` free cached blocks at the front of the free queue (their blocks are reused)."""
@@ -578,12 +580,15 @@ class EngineCore:
         request.next_hash_at = (full + 1) * block_size if full < len(hashes) else _NEVER
 
     def _release(self, request: _Request) -> None:
-        """Free ``request``'s blocks; its cached ones no other request references stay cached, free."""
-        self._num_free += request.num_blocks
-        request.num_blocks = 0
-        if request.held:
-            self._cache.release(request.held)
+        """Free ``request``'s blocks: its own, and the cached ones no other request references
+        (those stay cached, free)."""
+        held = request.held
+        if held:
+            self._num_free += request.num_blocks - len(held) + self._cache.release(held)
             request.held = []
+        else:
+            self._num_free += request.num_blocks
+        request.num_blocks = 0
 
     # -- steps --------------------------------------------------------------------------------
 
