@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -15,7 +16,7 @@ from chatfleet.engines.engine_model import (
     load_profile,
 )
 
-SHIPPED_PROFILES = ["llama-3-8b-a100", "llama-3-8b-h100", "llama-3-8b-l4", "tiny-cpu"]
+SHIPPED_PROFILES = ["llama-3-8b-a100", "llama-3-8b-h100", "llama-3-8b-l4", "llama-3.1-8b-h200", "tiny-cpu"]
 
 
 # Round numbers: reading the weights takes 1 ms, compute runs 1e6 tokens/s, KV blocks hold 4 tokens.
@@ -337,20 +338,33 @@ class StepTimeCase:
     context_tokens_read: int
     attention_flops: float
     expected_s: float
+    overrides: tuple[tuple[str, float], ...] = ()
 
 
-# make_profile: memory = (1e9 + 1000 x context) / 1e12 s; compute = (1e6 x tokens + attention) / 1e12 s.
+# make_profile: CPU 1 ms + 10 us per sequence; weights 1 ms to read; dense 1 us per token at full efficiency;
+# KV 1 ns per token of context; attention 1 ps per FLOP. GEMM time = hypot(weights, dense).
 STEP_TIME_CASES = [
-    StepTimeCase("one decoding sequence is memory-bound", 1, 1, 100, 0.0, 0.001 + 1e-5 + 1e-3 + 1e-7),
-    StepTimeCase("kv reads add to a memory-bound step", 4, 4, 500_000, 0.0, 0.001 + 4e-5 + 1.5e-3),
-    StepTimeCase("a large prefill chunk is compute-bound", 5000, 1, 5000, 0.0, 0.001 + 1e-5 + 5e-3),
-    StepTimeCase("attention flops add to a compute-bound step", 5000, 1, 5000, 1e9, 0.001 + 1e-5 + 6e-3),
-]
+    StepTimeCase("one decoding sequence is memory-bound", 1, 1, 100, 0.0,
+                 0.001 + 1e-5 + math.hypot(1e-3, 1e-6) + 1e-7),
+    StepTimeCase("kv reads add to a memory-bound step", 4, 4, 500_000, 0.0,
+                 0.001 + 4e-5 + math.hypot(1e-3, 4e-6) + 5e-4),
+    StepTimeCase("a large prefill chunk is compute-bound", 5000, 1, 5000, 0.0,
+                 0.001 + 1e-5 + math.hypot(1e-3, 5e-3) + 5e-6),
+    StepTimeCase("weights and dense flops of a mid-size batch both count", 1000, 1, 0, 0.0, 0.001 + 1e-5 + math.sqrt(2e-6)),
+    StepTimeCase(
+        "attention flops add at their own efficiency", 5000, 1, 5000, 1e9,
+        0.001 + 1e-5 + math.hypot(1e-3, 5e-3) + 5e-6 + 2e-3, (("attention_efficiency", 0.5),),
+    ),
+    StepTimeCase(
+        "the gpu floor adds and dense efficiency slows compute-bound gemms", 5000, 1, 0, 0.0,
+        0.001 + 1e-5 + 0.002 + math.hypot(1e-3, 1e-2), (("gpu_step_floor_s", 0.002), ("dense_efficiency", 0.5)),
+    ),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", STEP_TIME_CASES, ids=[c.id for c in STEP_TIME_CASES])
-def test_step_time_is_overheads_plus_the_slower_of_memory_and_compute(case: StepTimeCase) -> None:
-    seconds = make_profile().step_seconds(
+def test_step_time_is_cpu_plus_gpu_floor_gemms_kv_read_and_attention(case: StepTimeCase) -> None:
+    seconds = make_profile(**dict(case.overrides)).step_seconds(
         num_new_tokens=case.num_new_tokens,
         num_seqs=case.num_seqs,
         context_tokens_read=case.context_tokens_read,
@@ -361,12 +375,13 @@ def test_step_time_is_overheads_plus_the_slower_of_memory_and_compute(case: Step
 
 def test_h100_decode_is_memory_bound_at_small_batch_and_prefill_compute_bound() -> None:
     profile = load_profile("llama-3-8b-h100")
+    fixed_s = profile.step_overhead_s + profile.per_seq_overhead_s + profile.gpu_step_floor_s
     weights_s = profile.weight_bytes / profile.hbm_bandwidth_bytes_per_s
     decode = profile.step_seconds(num_new_tokens=1, num_seqs=1, context_tokens_read=300, attention_flops=0.0)
     prefill = profile.step_seconds(num_new_tokens=8192, num_seqs=1, context_tokens_read=8192, attention_flops=0.0)
-    assert decode - profile.step_overhead_s - profile.per_seq_overhead_s == pytest.approx(weights_s, rel=0.01)
-    assert prefill - profile.step_overhead_s - profile.per_seq_overhead_s == pytest.approx(
-        2 * profile.params * 8192 / profile.flops_per_s
+    assert decode - fixed_s == pytest.approx(weights_s, rel=0.01)
+    assert prefill - fixed_s == pytest.approx(
+        2 * profile.params * 8192 / (profile.dense_efficiency * profile.flops_per_s), rel=0.01
     )
 
 
@@ -421,6 +436,9 @@ BAD_PROFILES = [
     BadProfileCase("zero bandwidth", {"hbm_bandwidth_bytes_per_s": 0}, "hbm_bandwidth_bytes_per_s must be > 0"),
     BadProfileCase("negative flops", {"flops_per_s": -1.0}, "flops_per_s must be > 0"),
     BadProfileCase("negative overhead", {"step_overhead_s": -0.001}, "step_overhead_s must be >= 0"),
+    BadProfileCase("negative gpu floor", {"gpu_step_floor_s": -0.001}, "gpu_step_floor_s must be >= 0"),
+    BadProfileCase("zero dense efficiency", {"dense_efficiency": 0.0}, r"dense_efficiency must be in \(0, 1\]"),
+    BadProfileCase("attention above peak", {"attention_efficiency": 1.5}, r"attention_efficiency must be in \(0, 1\]"),
     BadProfileCase("no seats", {"max_num_seqs": 0}, "max_num_seqs must be > 0"),
     BadProfileCase("kv cache smaller than a block", {"kv_capacity_tokens": 3}, "holds no block of 4 tokens"),
     BadProfileCase("no sources", {"sources": ()}, "sources must cite"),

@@ -21,6 +21,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from importlib.resources.abc import Traversable
+from math import hypot
 from typing import Any
 
 __all__ = [
@@ -41,8 +42,10 @@ class EngineProfile:
     """How fast one engine replica runs one model on one GPU, and its scheduler defaults.
 
     Hardware figures are *achieved* rates (what large copies and GEMMs reach), not datasheet peaks.
-    ``step_overhead_s`` is the fixed cost of a step (CPU scheduling, input preparation, sampling,
-    kernel launches); ``per_seq_overhead_s`` the part of it that grows with each scheduled sequence.
+    A step's time is the GPU's part (``gpu_step_floor_s``, the weight GEMMs, the KV read and the
+    attention FLOPs; see ``step_seconds``) plus the engine's CPU part: ``step_overhead_s`` per step
+    and ``per_seq_overhead_s`` per scheduled sequence (scheduling, input preparation, sampling,
+    output processing and the API server's share), which no GPU measurement sees.
     """
 
     name: str
@@ -59,7 +62,15 @@ class EngineProfile:
     hbm_bandwidth_bytes_per_s: float
     flops_per_s: float
     step_overhead_s: float
+    """Engine CPU time per step (not GPU work); docs/engine-model.md cites where each profile's comes from."""
     per_seq_overhead_s: float
+    """Engine CPU time per scheduled sequence per step."""
+    gpu_step_floor_s: float = 0.0
+    """GPU time of a step beyond its roofline (kernel launches, small kernels): a decode step's floor."""
+    dense_efficiency: float = 1.0
+    """Share of ``flops_per_s`` that a step's weight GEMMs reach when compute-bound."""
+    attention_efficiency: float = 1.0
+    """Share of ``flops_per_s`` that attention reaches (a prefill chunk's causal attention)."""
     max_num_seqs: int
     max_num_batched_tokens: int
     kv_capacity_tokens: int
@@ -78,10 +89,14 @@ class EngineProfile:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"profile {self.name!r}: {name} must be > 0, got {value!r}")
-        for name in ("step_overhead_s", "per_seq_overhead_s"):
+        for name in ("step_overhead_s", "per_seq_overhead_s", "gpu_step_floor_s"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"profile {self.name!r}: {name} must be >= 0 seconds, got {value!r}")
+        for name in ("dense_efficiency", "attention_efficiency"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], got {value!r}")
         if self.kv_capacity_tokens < self.block_size:
             raise ValueError(
                 f"profile {self.name!r}: kv_capacity_tokens ({self.kv_capacity_tokens}) holds no "
@@ -95,16 +110,28 @@ class EngineProfile:
     def step_seconds(
         self, *, num_new_tokens: int, num_seqs: int, context_tokens_read: int, attention_flops: float
     ) -> float:
-        """Duration of one engine step: fixed overheads plus a roofline of memory and compute.
+        """Duration of one engine step: the engine's CPU time plus the GPU's.
 
-        A step reads every weight once and the KV cache of every scheduled token's context
-        (memory time), and does 2 x params FLOPs per new token plus the attention FLOPs (compute
-        time); the GPU is limited by whichever is longer. Small decode batches are memory-bound,
-        prefill chunks compute-bound.
+        GPU: a floor, then three parts that run as separate kernels, so their times add up:
+        - the weight GEMMs read every weight once (memory time) and do 2 x params FLOPs per new
+          token at ``dense_efficiency`` (compute time); neither hides the other fully, so they
+          combine as a smooth maximum, sqrt(memory^2 + compute^2): small decode batches are
+          memory-bound, prefill chunks compute-bound, batches of about 100-200 tokens pay for both;
+        - attention reads the KV cache of every scheduled token's context (memory-bound: decode)
+        - and does the attention FLOPs at ``attention_efficiency`` (compute-bound: prefill chunks).
+        CPU: ``step_overhead_s`` + ``per_seq_overhead_s`` x scheduled sequences.
+        docs/engine-model.md has the fit of this form to an H200 and its residuals.
         """
-        memory_s = (self.weight_bytes + self.kv_bytes_per_token * context_tokens_read) / self.hbm_bandwidth_bytes_per_s
-        compute_s = (2.0 * self.params * num_new_tokens + attention_flops) / self.flops_per_s
-        return self.step_overhead_s + self.per_seq_overhead_s * num_seqs + max(memory_s, compute_s)
+        bandwidth = self.hbm_bandwidth_bytes_per_s
+        flops = self.flops_per_s
+        dense_s = 2.0 * self.params * num_new_tokens / (self.dense_efficiency * flops)
+        gemm_s = hypot(self.weight_bytes / bandwidth, dense_s)
+        attention_s = self.kv_bytes_per_token * context_tokens_read / bandwidth + attention_flops / (
+            self.attention_efficiency * flops
+        )
+        return (
+            self.step_overhead_s + self.per_seq_overhead_s * num_seqs + self.gpu_step_floor_s + gemm_s + attention_s
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as JSON-ready data (the shape of ``profiles/<name>.json``)."""

@@ -513,7 +513,8 @@ def slowed(profile: EngineProfile, speed: float) -> EngineProfile:
                    hbm_bandwidth_bytes_per_s=profile.hbm_bandwidth_bytes_per_s * speed,
                    flops_per_s=profile.flops_per_s * speed,
                    step_overhead_s=profile.step_overhead_s / speed,
-                   per_seq_overhead_s=profile.per_seq_overhead_s / speed)
+                   per_seq_overhead_s=profile.per_seq_overhead_s / speed,
+                   gpu_step_floor_s=profile.gpu_step_floor_s / speed)
 
 
 def simulate(config: FleetConfig, requests: Iterable[RequestSpec], autoscaler: Autoscaler) -> FleetResult:
