@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -163,15 +164,28 @@ def closed_loop(
 
 @dataclass(frozen=True, slots=True)
 class TraceRow:
+    """One recorded request. ``prefix_ids``: its prompt's block ids (see ``RequestSpec``), or ()."""
+
     arrived_at_s: float
     prompt_tokens: int
     output_tokens: int
+    prefix_ids: tuple[int, ...] = ()
 
 
 def load_trace(path: Path) -> list[TraceRow]:
-    """Read a trace CSV with columns arrived_at, num_prefill_tokens, num_decode_tokens (see shared/traces).
+    """Read a trace: a CSV (columns arrived_at, num_prefill_tokens, num_decode_tokens) or Mooncake
+    JSON lines (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``; see
+    shared/traces). JSON lines are recognised by a ``.jsonl``/``.json`` name or a first character
+    ``{``. A file that is neither raises ValueError naming the line and what it holds."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return _load_jsonl(path)
+    with path.open(newline="") as handle:
+        if handle.read(64).lstrip().startswith("{"):
+            return _load_jsonl(path)
+    return _load_csv(path)
 
-    A file that is not such a CSV raises ValueError naming the line and what it holds."""
+
+def _load_csv(path: Path) -> list[TraceRow]:
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"arrived_at", "num_prefill_tokens", "num_decode_tokens"} - set(reader.fieldnames or ())
@@ -194,6 +208,42 @@ def load_trace(path: Path) -> list[TraceRow]:
         return rows
 
 
+_JSONL_EXPECTED = (
+    'a JSON object {"timestamp": ms, "input_length": tokens, "output_length": tokens, '
+    '"hash_ids": [whole numbers, one per 512-token block]}'
+)
+
+
+def _load_jsonl(path: Path) -> list[TraceRow]:
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                hash_ids = record.get("hash_ids", [])
+                if not isinstance(hash_ids, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in hash_ids
+                ):
+                    raise ValueError("hash_ids")
+                fields = (record["timestamp"], record["input_length"], record["output_length"])
+                if not all(isinstance(f, int | float) and not isinstance(f, bool) for f in fields):
+                    raise ValueError("numbers")
+                if fields[1] != int(fields[1]) or fields[2] != int(fields[2]):
+                    raise ValueError("whole token counts")
+                rows.append(
+                    TraceRow(float(fields[0]) / 1000, int(fields[1]), int(fields[2]), tuple(hash_ids))
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                shown = line.strip()
+                shown = shown if len(shown) <= 120 else shown[:117] + "..."
+                raise ValueError(f"{path}, line {number}: {shown!r} is not a trace row; expected {_JSONL_EXPECTED}") from exc
+    if not rows:
+        raise ValueError(f"{path}: no trace rows; expected one per line, each {_JSONL_EXPECTED}")
+    return rows
+
+
 def trace_replay(
     rows: Sequence[TraceRow], *, speed: float = 1.0, start_s: float = 0.0, max_rows: int | None = None
 ) -> OpenLoop:
@@ -211,6 +261,7 @@ def trace_replay(
             prompt_tokens=row.prompt_tokens,
             output_tokens=row.output_tokens,
             at_s=(row.arrived_at_s - start_s) / speed,
+            prefix_ids=row.prefix_ids,
         )
         for index, row in enumerate(selected)
     ]
