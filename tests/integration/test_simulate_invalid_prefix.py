@@ -76,6 +76,16 @@ def test_over_length_requests_are_counted_invalid_and_miss_the_slo(tmp_path: Pat
         assert without["slo_attainment"] > row["slo_attainment"]
 
 
+def test_a_request_over_the_whole_kv_cache_is_invalid_even_within_max_model_len(tmp_path: Path) -> None:
+    # llama-3-8b-l4 holds 21,888 tokens of KV: a 30,000-token prompt can never run on it.
+    rows = [(i * 0.5, 30_000 if i % 10 == 0 else 300, 20) for i in range(100)]
+    data = report_of(write_csv(tmp_path / "kv.csv", rows), tmp_path / "kv.json",
+                     "--max-model-len", "65536")
+    assert data["max_model_len"] == 65536
+    assert data["unservable_share"] == pytest.approx(0.1)
+    assert data["policies"]["oracle"]["invalid"] == data["policies"]["static"]["invalid"] == 10
+
+
 def test_a_profile_that_serves_none_of_the_trace_is_refused(tmp_path: Path) -> None:
     trace = write_csv(tmp_path / "long.csv", [(0.0, 5000, 10), (1.0, 6000, 10)])
     run = simulate("--trace", trace, *FAST, "--max-model-len", "4096")
