@@ -22,7 +22,7 @@ from chatfleet.bench.workload import EmpiricalLengths, load_trace
 from chatfleet.engines.engine_model import load_profile
 from chatfleet.sim.arrivals import RateShape, shaped_arrivals
 from chatfleet.sim.experiment import for_requests
-from chatfleet.sim.report import meets_slo, valid_arrivals
+from chatfleet.sim.report import meets_slo, scored_arrivals
 
 ROOT = Path(__file__).resolve().parents[1]
 START_H, END_H = 9.0, 18.0
@@ -61,7 +61,7 @@ def main() -> None:
         results[policy] = experiment.run(policy)
         report = experiment.report(policy, results[policy], results.get("oracle"))
         met = meets_slo(results[policy], experiment.slo)
-        arrived = valid_arrivals(results[policy])
+        arrived = scored_arrivals(results[policy])
         after_step = []
         for day in range(args.days):
             step = day * DAY_S + START_H * 3600

@@ -29,11 +29,16 @@ def test_a_request_meets_the_slo_only_when_answered_fast_enough_on_both_counts()
     slo = Slo(ttft_s=2.0, tpot_s=0.1)
     run = result([(0, OK, 1.0, 0.05), (1, OK, 2.5, 0.05), (2, OK, 1.0, 0.2), (3, REJECTED, math.nan, math.nan),
                   (4, CUT, 1.0, math.nan), (5, OK, 0.5, math.nan), (6, INVALID, math.nan, math.nan)], [1])
-    # One-token answers have no TPOT and meet it; the too-long request is not scored at all.
-    assert meets_slo(run, slo) == [True, False, False, False, False, True]
+    # One-token answers have no TPOT and meet it; the too-long request misses it, or is not
+    # scored at all with exclude_invalid.
+    assert meets_slo(run, slo) == [True, False, False, False, False, True, False]
+    assert meets_slo(run, slo, exclude_invalid=True) == [True, False, False, False, False, True]
     report = summarize("p", run, slo=slo, replica_capacity=1.0)
-    assert report.slo_attainment == pytest.approx(2 / 6)
-    assert (report.rejected, report.cut, report.requests) == (1, 1, 7)
+    assert report.slo_attainment == pytest.approx(2 / 7)
+    assert (report.rejected, report.cut, report.invalid, report.requests) == (1, 1, 1, 7)
+    assert not report.slo_excludes_invalid
+    excluded = summarize("p", run, slo=slo, replica_capacity=1.0, exclude_invalid=True)
+    assert excluded.slo_attainment == pytest.approx(2 / 6) and excluded.slo_excludes_invalid
 
 
 def test_reversals_count_changes_of_direction_not_steps() -> None:

@@ -79,13 +79,23 @@ def run_command(
         float | None, typer.Option(callback=_positive, help="Open loop: Poisson arrivals, req/s.")
     ] = None,
     trace: Annotated[
-        Path | None, typer.Option(exists=True, dir_okay=False, help="Open loop: replay this trace CSV.")
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help=(
+            "Open loop: replay this trace (CSV, or Mooncake JSON lines whose hash_ids become "
+            "shared prompt prefixes).")),
     ] = None,
     speed: Annotated[float, typer.Option(callback=_positive, help="Trace time is divided by this.")] = 1.0,
     trace_start: Annotated[
         float, typer.Option(min=0.0, help="Start the replay at this trace time (s).")
     ] = 0.0,
     trace_rows: Annotated[int | None, typer.Option(min=1, help="Replay at most this many rows.")] = None,
+    prompt_scale: Annotated[
+        float, typer.Option(min=0.0001, max=1.0, help=(
+            "Trace: multiply prompt lengths and prefix blocks by this (keeps which blocks repeat)."))
+    ] = 1.0,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Trace: cut longer prompts, keeping their leading blocks.")
+    ] = None,
     duration: Annotated[
         float | None, typer.Option(callback=_positive, help="Stop sending after S seconds.")
     ] = None,
@@ -130,6 +140,8 @@ def run_command(
         speed=speed,
         trace_start=trace_start,
         trace_rows=trace_rows,
+        prompt_scale=prompt_scale,
+        max_prompt_tokens=max_prompt_tokens,
         lengths=_lengths(prompt_tokens, output_tokens, lengths_from, trace),
         seed=seed,
     )
@@ -216,6 +228,8 @@ def _workload(
     speed: float,
     trace_start: float,
     trace_rows: int | None,
+    prompt_scale: float,
+    max_prompt_tokens: int | None,
     lengths: LengthSampler,
     seed: int,
 ) -> Workload:
@@ -228,8 +242,11 @@ def _workload(
         raise typer.BadParameter(
             f"give exactly one of --concurrency, --rate and --trace (got {', '.join(chosen) or 'none'})"
         )
-    if trace is None and (speed != 1.0 or trace_start or trace_rows is not None):
-        raise typer.BadParameter("--speed, --trace-start and --trace-rows apply to --trace only")
+    if trace is None and (speed != 1.0 or trace_start or trace_rows is not None or prompt_scale != 1.0
+                          or max_prompt_tokens is not None):
+        raise typer.BadParameter(
+            "--speed, --trace-start, --trace-rows, --prompt-scale and --max-prompt-tokens apply to "
+            "--trace only")
     if concurrency is None and ramp:
         raise typer.BadParameter("--ramp applies to --concurrency only")
     if concurrency is not None:
@@ -238,6 +255,7 @@ def _workload(
         return poisson(rate_per_s=rate, lengths=lengths, seed=seed)
     assert trace is not None
     try:
-        return trace_replay(load_trace(trace), speed=speed, start_s=trace_start, max_rows=trace_rows)
+        return trace_replay(load_trace(trace), speed=speed, start_s=trace_start, max_rows=trace_rows,
+                            prompt_scale=prompt_scale, max_prompt_tokens=max_prompt_tokens)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--trace") from exc

@@ -298,7 +298,8 @@ class _Run:
             {
                 "model": self._config.model,
                 "messages": [
-                    {"role": "user", "content": self._prompts.prompt(spec.index, spec.prompt_tokens)}
+                    {"role": "user", "content": self._prompts.prompt(
+                        spec.index, spec.prompt_tokens, spec.prefix_ids, spec.prefix_block_tokens)}
                 ],
                 "max_tokens": spec.output_tokens,
                 "ignore_eos": True,

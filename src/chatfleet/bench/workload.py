@@ -12,7 +12,10 @@ vLLM's ``ignore_eos``. Prompt length is approximate, see ``PromptSynthesizer``.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
+import json
+import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,9 +47,10 @@ TRACE_BLOCK_TOKENS = 512
 class RequestSpec:
     """One request to send. ``at_s``: send time in seconds after the run starts (None: closed loop).
 
-    ``prefix_ids``: ids of the prompt's blocks of ``TRACE_BLOCK_TOKENS`` tokens, first to last, as
-    a trace records them (Mooncake's ``hash_ids``): prompts share a block's content where they
-    share its id and every id before it. Empty: nothing known, the prompt shares nothing.
+    ``prefix_ids``: ids of the prompt's blocks of ``prefix_block_tokens`` tokens (a trace's
+    ``TRACE_BLOCK_TOKENS``, fewer when ``trace_replay`` scales prompts down), first to last, as a
+    trace records them (Mooncake's ``hash_ids``): prompts share a block's content where they share
+    its id and every id before it. Empty: nothing known, the prompt shares nothing.
     """
 
     index: int
@@ -54,6 +58,7 @@ class RequestSpec:
     output_tokens: int
     at_s: float | None = None
     prefix_ids: tuple[int, ...] = ()
+    prefix_block_tokens: int = TRACE_BLOCK_TOKENS
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.output_tokens < 1:
@@ -163,15 +168,28 @@ def closed_loop(
 
 @dataclass(frozen=True, slots=True)
 class TraceRow:
+    """One recorded request. ``prefix_ids``: its prompt's block ids (see ``RequestSpec``), or ()."""
+
     arrived_at_s: float
     prompt_tokens: int
     output_tokens: int
+    prefix_ids: tuple[int, ...] = ()
 
 
 def load_trace(path: Path) -> list[TraceRow]:
-    """Read a trace CSV with columns arrived_at, num_prefill_tokens, num_decode_tokens (see shared/traces).
+    """Read a trace: a CSV (columns arrived_at, num_prefill_tokens, num_decode_tokens) or Mooncake
+    JSON lines (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``; see
+    shared/traces). JSON lines are recognised by a ``.jsonl``/``.json`` name or a first character
+    ``{``. A file that is neither raises ValueError naming the line and what it holds."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return _load_jsonl(path)
+    with path.open(newline="") as handle:
+        if handle.read(64).lstrip().startswith("{"):
+            return _load_jsonl(path)
+    return _load_csv(path)
 
-    A file that is not such a CSV raises ValueError naming the line and what it holds."""
+
+def _load_csv(path: Path) -> list[TraceRow]:
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"arrived_at", "num_prefill_tokens", "num_decode_tokens"} - set(reader.fieldnames or ())
@@ -194,28 +212,91 @@ def load_trace(path: Path) -> list[TraceRow]:
         return rows
 
 
+_JSONL_EXPECTED = (
+    'a JSON object {"timestamp": ms, "input_length": tokens, "output_length": tokens, '
+    '"hash_ids": [whole numbers, one per 512-token block]}'
+)
+
+
+def _load_jsonl(path: Path) -> list[TraceRow]:
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                hash_ids = record.get("hash_ids", [])
+                if not isinstance(hash_ids, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in hash_ids
+                ):
+                    raise ValueError("hash_ids")
+                fields = (record["timestamp"], record["input_length"], record["output_length"])
+                if not all(isinstance(f, int | float) and not isinstance(f, bool) for f in fields):
+                    raise ValueError("numbers")
+                if fields[1] != int(fields[1]) or fields[2] != int(fields[2]):
+                    raise ValueError("whole token counts")
+                rows.append(
+                    TraceRow(float(fields[0]) / 1000, int(fields[1]), int(fields[2]), tuple(hash_ids))
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                shown = line.strip()
+                shown = shown if len(shown) <= 120 else shown[:117] + "..."
+                raise ValueError(f"{path}, line {number}: {shown!r} is not a trace row; expected {_JSONL_EXPECTED}") from exc
+    if not rows:
+        raise ValueError(f"{path}: no trace rows; expected one per line, each {_JSONL_EXPECTED}")
+    return rows
+
+
 def trace_replay(
-    rows: Sequence[TraceRow], *, speed: float = 1.0, start_s: float = 0.0, max_rows: int | None = None
+    rows: Sequence[TraceRow],
+    *,
+    speed: float = 1.0,
+    start_s: float = 0.0,
+    max_rows: int | None = None,
+    prompt_scale: float = 1.0,
+    max_prompt_tokens: int | None = None,
 ) -> OpenLoop:
-    """Replay ``rows`` from trace time ``start_s``: a row arriving at t is sent at (t - start_s) / speed."""
+    """Replay ``rows`` from trace time ``start_s``: a row arriving at t is sent at (t - start_s) / speed.
+
+    For engines smaller than the trace's: ``prompt_scale`` multiplies every prompt length and the
+    tokens of each prefix block alike, so the block ids and the share of each prompt that repeats
+    are kept (a 512-token block becomes ``round(512 * prompt_scale)`` tokens, at least 1). Then
+    ``max_prompt_tokens`` cuts longer prompts, dropping their trailing blocks: what they share
+    with others stays a leading prefix, so cache hits are kept up to the cut.
+    """
     if speed <= 0:
         raise ValueError(f"trace speed must be positive, got {speed}")
+    if not 0 < prompt_scale <= 1:
+        raise ValueError(f"prompt scale must be in (0, 1], got {prompt_scale}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max prompt tokens must be at least 1, got {max_prompt_tokens}")
     selected = [row for row in rows if row.arrived_at_s >= start_s]
     if max_rows is not None:
         selected = selected[:max_rows]
     if not selected:
         raise ValueError(f"the trace has no rows at or after start offset {start_s} s")
-    arrivals = [
-        RequestSpec(
+    block_tokens = max(1, round(TRACE_BLOCK_TOKENS * prompt_scale))
+    arrivals = []
+    for index, row in enumerate(selected):
+        prompt_tokens = max(1, round(row.prompt_tokens * prompt_scale))
+        prefix_ids = row.prefix_ids
+        if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
+            prompt_tokens = max_prompt_tokens
+            prefix_ids = prefix_ids[: math.ceil(prompt_tokens / block_tokens)]
+        arrivals.append(RequestSpec(
             index=index,
-            prompt_tokens=row.prompt_tokens,
+            prompt_tokens=prompt_tokens,
             output_tokens=row.output_tokens,
             at_s=(row.arrived_at_s - start_s) / speed,
-        )
-        for index, row in enumerate(selected)
-    ]
+            prefix_ids=prefix_ids,
+            prefix_block_tokens=block_tokens,
+        ))
+    shaped = "" if prompt_scale == 1 else f", prompts x{prompt_scale:g}"
+    if max_prompt_tokens is not None:
+        shaped += f", prompts cut at {max_prompt_tokens} tokens"
     return OpenLoop(
-        arrivals=arrivals, description=f"trace x{speed:g}, {len(arrivals)} rows from {start_s:g} s"
+        arrivals=arrivals, description=f"trace x{speed:g}, {len(arrivals)} rows from {start_s:g} s{shaped}"
     )
 
 
@@ -228,6 +309,12 @@ class PromptSynthesizer:
     approximation: the chat template adds a few tokens of its own, and a real tokenizer may merge or
     split the odd pair. Each request starts at a different place in a seeded word sequence, so no two
     prompts share a prefix that an engine's prefix cache could reuse.
+
+    A request with ``prefix_ids`` (a trace's prompt block ids) is instead the concatenation of its
+    blocks' texts, each drawn from the seed and the block's id alone: equal ids give equal text, so
+    prompts that share leading ids share a leading text prefix, and the last block is cut to the
+    request's length. Every block is its own random draw of words (not a slice of the corpus), so
+    two different ids do not give the same text.
     """
 
     # fmt: off
@@ -249,11 +336,27 @@ class PromptSynthesizer:
         self._doubled = self._corpus * 2
         self._seed = seed
 
-    def prompt(self, index: int, tokens: int) -> str:
+    def prompt(self, index: int, tokens: int, prefix_ids: Sequence[int] = (),
+               block_tokens: int = TRACE_BLOCK_TOKENS) -> str:
         """The prompt of request ``index``: ``tokens`` words, i.e. ``4 * tokens`` characters."""
+        if prefix_ids:
+            used = prefix_ids[: -(-tokens // block_tokens)]
+            text = "".join(_block_text(self._seed, ident, block_tokens) for ident in used)
+            own = tokens - len(used) * block_tokens  # a prompt longer than its blocks: its own tail
+            return text[: tokens * 4] + (self._own(index, own) if own > 0 else "")
+        return self._own(index, tokens)
+
+    def _own(self, index: int, tokens: int) -> str:
         start = random.Random(self._seed * 1_000_003 + index).randrange(self._CORPUS_WORDS) * 4
         whole, rest = divmod(tokens, self._CORPUS_WORDS)
         return (
             self._doubled[start : start + self._CORPUS_WORDS * 4] * whole
             + self._doubled[start : start + rest * 4]
         )
+
+
+@functools.lru_cache(maxsize=8192)
+def _block_text(seed: int, ident: int, tokens: int) -> str:
+    """The text of prefix block ``ident``: ``tokens`` words drawn from ``seed`` and ``ident`` only."""
+    rng = random.Random(f"{seed}:{ident}")
+    return "".join(rng.choices([" " + word for word in PromptSynthesizer._WORDS], k=tokens))

@@ -5,20 +5,39 @@ It depends on the engine profile, the slots and the request lengths, so it is me
 load test would: Poisson arrivals at a rate, one pod, and a bisection for the highest rate whose
 SLO attainment is at least the target. The first ``warmup_share`` of the run is not scored: a pod
 that starts empty meets the SLO for a while at any rate, which would overstate its capacity.
+
+Requests the engine can never serve (over max_model_len or its whole KV cache) would count as
+arrivals without costing the pod anything, and overstate the capacity: ``servable_lengths`` keeps
+the lengths a pod can serve and says what share it dropped, which the report shows.
 """
 
 from __future__ import annotations
 
-from chatfleet.bench.workload import LengthSampler
+from collections.abc import Sequence
+
+from chatfleet.bench.workload import EmpiricalLengths, LengthSampler
 from chatfleet.engines.engine_model import EngineProfile
 from chatfleet.sim.arrivals import shaped_arrivals, step
-from chatfleet.sim.fleet import FleetConfig, StaticReplicas, simulate
-from chatfleet.sim.report import Slo, meets_slo, valid_arrivals
+from chatfleet.sim.fleet import FleetConfig, StaticReplicas, servable, simulate
+from chatfleet.sim.report import Slo, meets_slo, scored_arrivals
 
-__all__ = ["SLOT_CHOICES", "replica_capacity", "tuned_slots"]
+__all__ = ["SLOT_CHOICES", "replica_capacity", "servable_lengths", "tuned_slots"]
 
 SLOT_CHOICES = (8, 16, 24, 32, 48, 64, 96, 128, 256)
 """Slot counts ``tuned_slots`` tries (vLLM's max-num-seqs)."""
+
+
+def servable_lengths(profile: EngineProfile,
+                     pairs: Sequence[tuple[int, int]]) -> tuple[EmpiricalLengths, float]:
+    """(the (prompt, output) pairs an engine of ``profile`` can serve, share of ``pairs`` it
+    cannot). ValueError when it can serve none of them."""
+    kept = [(prompt, output) for prompt, output in pairs if servable(profile, prompt, output)]
+    if not kept:
+        raise ValueError(
+            f"{profile.name} can serve none of the {len(pairs)} requests: every one is over its "
+            f"max_model_len of {profile.max_model_len} or its KV cache of "
+            f"{profile.kv_capacity_tokens} tokens; raise --max-model-len or pick a larger profile")
+    return EmpiricalLengths(kept), 1 - len(kept) / len(pairs)
 
 
 def replica_capacity(profile: EngineProfile, *, engine_slots: int, lengths: LengthSampler, slo: Slo,
@@ -33,7 +52,8 @@ def replica_capacity(profile: EngineProfile, *, engine_slots: int, lengths: Leng
         config = FleetConfig(profile=profile, engine_slots=engine_slots, initial_replicas=1,
                              max_queue_wait_s=duration_s, seed=seed)
         result = simulate(config, requests, StaticReplicas(1))
-        scored = [met for met, at in zip(meets_slo(result, slo), valid_arrivals(result), strict=True)
+        scored = [met for met, at in zip(meets_slo(result, slo, exclude_invalid=True),
+                                         scored_arrivals(result, exclude_invalid=True), strict=True)
                   if at >= duration_s * warmup_share]
         return sum(scored) / len(scored) if scored else 1.0
 

@@ -6,13 +6,16 @@ ScaledObject), ``operator`` (the HPA with the operator policy's floor) and ``ora
 the coming peak, knowing the future). Per-replica capacity is measured on one simulated pod
 first (sim/capacity.py). ``--routing`` picks how the Service spreads requests over the ready pods:
 ``random`` (kube-proxy) or ``epp`` (the endpoint picker's scoring on polled load, sim/picker.py).
-Prints a table, writes a JSON report and optional PNG plots.
+Requests the engine can never serve (over ``--max-model-len`` or its whole KV cache) are counted
+in their own ``invalid`` column and miss the SLO unless ``--exclude-invalid``. Prints a table,
+writes a JSON report and optional PNG plots.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -87,8 +90,9 @@ def _plot(results: dict[str, FleetResult], directory: Path, title: str, ttft_slo
 
 def simulate_command(
     trace: Annotated[Path, typer.Option(exists=True, dir_okay=False, help=(
-        "Trace CSV: arrived_at, num_prefill_tokens, num_decode_tokens. A 19-minute one: "
-        "examples/traces/azure2023_conv_ramp.csv in a ChatFleet checkout."))],
+        "Trace CSV (arrived_at, num_prefill_tokens, num_decode_tokens) or Mooncake JSON lines "
+        "(timestamp ms, input_length, output_length, hash_ids: prompt block ids for the prefix "
+        "cache). A 19-minute one: examples/traces/azure2023_conv_ramp.csv in a ChatFleet checkout."))],
     speed: Annotated[float, typer.Option(min=0.01, help="Trace time is divided by this.")] = 1.0,
     cold_start: Annotated[float, typer.Option(min=0, help="Seconds from a new pod to ready.")] = 120.0,
     policies: Annotated[str, typer.Option(help=f"Comma-separated, from {', '.join(POLICIES)}.")] = ",".join(POLICIES),
@@ -96,7 +100,16 @@ def simulate_command(
     plots: Annotated[Path | None, typer.Option(help="Write PNG plots into this folder.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     duration: Annotated[float | None, typer.Option(min=1, help="Simulate only this many seconds of (sped-up) trace.")] = None,
-    profile: Annotated[str, typer.Option(help="Engine profile of every replica.")] = "llama-3-8b-h100",
+    profile: Annotated[str, typer.Option(help=(
+        "Engine profile of every replica; the default is fitted to an H200 measurement."))] = "llama-3.1-8b-h200",
+    max_model_len: Annotated[int | None, typer.Option(
+        min=1, help="Override the profile's max_model_len (prompt + output tokens).")] = None,
+    exclude_invalid: Annotated[bool, typer.Option(
+        "--exclude-invalid", help="Leave requests the engine can never serve out of SLO attainment "
+                                  "(default: they count as missed).")] = False,
+    prefix_caching: Annotated[bool, typer.Option(
+        "--prefix-caching/--no-prefix-caching", help="Engines reuse cached prompt blocks of "
+                                                     "requests whose trace gives hash_ids.")] = True,
     engine_slots: Annotated[int | None, typer.Option(
         min=1, help="Gateway slots = vLLM max-num-seqs; default: the fewest that reach the best "
                     "per-replica capacity.")] = None,
@@ -128,10 +141,13 @@ def simulate_command(
         engine = load_profile(profile)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    if max_model_len is not None:
+        engine = replace(engine, max_model_len=max_model_len)
     try:
         experiment = prepare(rows, speed=speed, cold_start_s=cold_start, profile=engine,
                              hpa_dir=hpa_dir, engine_slots=engine_slots, duration_s=duration,
-                             max_replicas=max_replicas, seed=seed, routing=how)
+                             max_replicas=max_replicas, seed=seed, routing=how,
+                             prefix_caching=prefix_caching, exclude_invalid=exclude_invalid)
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     order = sorted(chosen, key=lambda name: name != "oracle")  # the oracle first: the others' yardstick
@@ -147,27 +163,37 @@ def simulate_command(
     requests, capacity, engine_slots = (len(experiment.requests), experiment.replica_capacity,
                                         experiment.engine_slots)
     slo = experiment.slo
+    oracle = results.get("oracle")
+    hit_rate = oracle.prefix_cache_hit_rate if oracle is not None else None
+    unservable = experiment.unservable_share
 
-    table = Table(title=f"{trace.name} x{speed:g}, cold start {cold_start:g} s, {requests} requests, "
-                        f"{profile} with {engine_slots} slots: {capacity:.2f} req/s per replica, "
-                        f"{routing} routing")
-    for column in ("policy", "SLO", "TTFT p99 s", "GPU-s", "vs oracle", "429s", "peak", "overshoot",
-                   "reversals/h", "reaction s", "recovery s"):
+    table = Table(title=(
+        f"{trace.name} x{speed:g}, cold start {cold_start:g} s, {requests} requests, {profile} "
+        f"(max_model_len {engine.max_model_len}) with {engine_slots} slots: {capacity:.2f} req/s per "
+        f"replica ({unservable:.1%} of the trace unservable, left out of it), {routing} routing"
+        + ("" if hit_rate is None else f", prefix cache hits {hit_rate:.1%}")),
+        caption=("SLO: attainment over the servable requests only (--exclude-invalid)" if exclude_invalid
+                 else "SLO: invalid requests (never servable) count as missed"))
+    for column in ("policy", "SLO", "TTFT p99 s", "GPU-s", "vs oracle", "429s", "invalid", "peak",
+                   "overshoot", "reversals/h", "reaction s", "recovery s"):
         table.add_column(column, justify="right")
     for name in chosen:
         r = reports[name]
         table.add_row(name, f"{r.slo_attainment:.1%}", _opt(r.ttft_p99_s, "{:.2f}"),
                       f"{r.gpu_seconds:,.0f}",
                       "" if r.gpu_seconds_vs_oracle is None else f"{r.gpu_seconds_vs_oracle:.2f}x",
-                      str(r.rejected), str(r.peak_replicas), str(r.peak_overshoot),
+                      str(r.rejected), str(r.invalid), str(r.peak_replicas), str(r.peak_overshoot),
                       f"{r.reversals_per_hour:.1f}", _opt(r.reaction_s), _opt(r.recovery_s))
     _console.print(table)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps({
             "trace": trace.name, "speed": speed, "cold_start_s": cold_start, "seed": seed,
-            "profile": profile, "engine_slots": engine_slots, "replica_capacity": capacity,
-            "requests": requests, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+            "profile": profile, "max_model_len": engine.max_model_len, "engine_slots": engine_slots,
+            "replica_capacity": capacity, "unservable_share": unservable,
+            "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hit_rate,
+            "requests": requests, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
+                                          "exclude_invalid": exclude_invalid},
             "routing": {"kind": how.kind, "poll_interval_s": how.poll_interval_s,
                         "kv_poll_interval_s": how.kv_poll_interval_s},
             "policies": {name: reports[name].as_dict() for name in chosen}}, indent=2) + "\n")

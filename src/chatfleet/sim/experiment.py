@@ -22,7 +22,6 @@ import yaml
 
 from chatfleet.autoscale.policy import PolicySpec
 from chatfleet.bench.workload import (
-    EmpiricalLengths,
     LengthSampler,
     RequestSpec,
     TraceRow,
@@ -30,7 +29,7 @@ from chatfleet.bench.workload import (
 )
 from chatfleet.engines.engine_model import EngineProfile
 from chatfleet.sim.autoscalers import HPAOnQueue, KedaOnQueue, OperatorFloor, Oracle
-from chatfleet.sim.capacity import replica_capacity, tuned_slots
+from chatfleet.sim.capacity import replica_capacity, servable_lengths, tuned_slots
 from chatfleet.sim.fleet import (
     Autoscaler,
     FleetConfig,
@@ -86,6 +85,11 @@ class Experiment:
     slo: Slo = field(default_factory=Slo)
     seed: int = 0
     routing: Routing = Routing()
+    unservable_share: float = 0.0
+    """Share of the trace the engine can never serve; ``replica_capacity`` is for the rest."""
+    prefix_caching: bool = True
+    exclude_invalid: bool = False
+    """Leave requests the engine can never serve out of SLO attainment (default: they miss it)."""
 
     @cached_property
     def arrivals(self) -> list[float]:
@@ -142,12 +146,14 @@ class Experiment:
         """The fleet every run of this experiment simulates, starting with ``initial_replicas``."""
         return FleetConfig(profile=self.profile, engine_slots=self.engine_slots,
                            initial_replicas=initial_replicas, seed=self.seed, routing=self.routing,
+                           prefix_caching=self.prefix_caching,
                            cold_start_s=lambda rng: self.cold_start_s * rng.uniform(0.9, 1.1))
 
     def report(self, name: str, result: FleetResult, oracle: FleetResult | None) -> PolicyReport:
         return summarize(name, result, slo=self.slo, replica_capacity=self.replica_capacity,
                          oracle_gpu_seconds=oracle.gpu_seconds if oracle else None,
-                         lookahead_s=self.cold_start_s + REACTION_LOOKAHEAD_S)
+                         lookahead_s=self.cold_start_s + REACTION_LOOKAHEAD_S,
+                         exclude_invalid=self.exclude_invalid)
 
 
 def load_manifests(hpa_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -163,7 +169,9 @@ def load_manifests(hpa_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def for_requests(requests: list[RequestSpec], *, lengths: LengthSampler, cold_start_s: float,
                  profile: EngineProfile, hpa_dir: Path, engine_slots: int | None = None,
-                 max_replicas: int = 64, seed: int = 0, routing: Routing = Routing()) -> Experiment:
+                 max_replicas: int = 64, seed: int = 0, routing: Routing = Routing(),
+                 unservable_share: float = 0.0, prefix_caching: bool = True,
+                 exclude_invalid: bool = False) -> Experiment:
     """The experiment for these requests: the replica's slots (tuned unless given) and its
     capacity measured with requests of ``lengths``, and the chart's autoscalers."""
     if not requests:
@@ -178,18 +186,24 @@ def for_requests(requests: list[RequestSpec], *, lengths: LengthSampler, cold_st
     return Experiment(requests=requests, profile=profile, engine_slots=engine_slots,
                       replica_capacity=capacity, cold_start_s=cold_start_s,
                       max_replicas=max_replicas, hpa_manifest=hpa_manifest,
-                      keda_manifest=keda_manifest, slo=slo, seed=seed, routing=routing)
+                      keda_manifest=keda_manifest, slo=slo, seed=seed, routing=routing,
+                      unservable_share=unservable_share, prefix_caching=prefix_caching,
+                      exclude_invalid=exclude_invalid)
 
 
 def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile: EngineProfile,
             hpa_dir: Path, engine_slots: int | None = None, duration_s: float | None = None,
-            max_replicas: int = 64, seed: int = 0, routing: Routing = Routing()) -> Experiment:
-    """The experiment for a trace replayed at ``speed`` (its first ``duration_s`` only)."""
+            max_replicas: int = 64, seed: int = 0, routing: Routing = Routing(),
+            prefix_caching: bool = True, exclude_invalid: bool = False) -> Experiment:
+    """The experiment for a trace replayed at ``speed`` (its first ``duration_s`` only); the
+    replica's capacity is measured on the trace's lengths that the engine can serve."""
     requests = [r for r in trace_replay(rows, speed=speed).arrivals
                 if duration_s is None or float(r.at_s or 0.0) < duration_s]
     if not requests:
         raise ValueError("no requests left in the trace for that speed and duration")
-    return for_requests(requests, lengths=EmpiricalLengths.from_trace(rows),
+    lengths, unservable = servable_lengths(profile, [(r.prompt_tokens, r.output_tokens) for r in rows])
+    return for_requests(requests, lengths=lengths,
                         cold_start_s=cold_start_s, profile=profile, hpa_dir=hpa_dir,
                         engine_slots=engine_slots, max_replicas=max_replicas, seed=seed,
-                        routing=routing)
+                        routing=routing, unservable_share=unservable, prefix_caching=prefix_caching,
+                        exclude_invalid=exclude_invalid)

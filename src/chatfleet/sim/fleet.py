@@ -45,6 +45,7 @@ __all__ = [
     "RequestOutcome",
     "StaticReplicas",
     "TimelinePoint",
+    "servable",
     "simulate",
     "slowed",
     "trace_block_hashes",
@@ -61,7 +62,8 @@ class RequestOutcome(IntEnum):
     CUT = 3
     """Still running when its draining pod reached drain_timeout_s."""
     INVALID = 4
-    """Prompt + output over the engine's max_model_len: a 400 under any policy."""
+    """Prompt + output over the engine's max_model_len or its whole KV cache (``servable``): a 400
+    under any policy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +290,7 @@ class _Simulation:
     def arrive(self, index: int) -> None:
         self.arrivals_seen.append(self.now)
         request = self.requests[index]
-        if request.prompt_tokens + request.output_tokens > self.config.profile.max_model_len:
+        if not servable(self.config.profile, request.prompt_tokens, request.output_tokens):
             self.settle(index, RequestOutcome.INVALID)
             return
         ready = [pod for pod in self.pods if pod.phase is _Phase.READY]
@@ -484,6 +486,14 @@ class _Simulation:
             arrival_s=array("d", (float(r.at_s or 0.0) for r in self.requests)),
             outcome=self.outcome, ttft_s=ttft, tpot_s=tpot, timeline=tuple(self.timeline),
             gpu_seconds=gpu_seconds, end_s=end_s, prefix_cache_hit_rate=hits / queries if queries else 0.0)
+
+
+def servable(profile: EngineProfile, prompt_tokens: int, output_tokens: int) -> bool:
+    """Whether an engine of ``profile`` can ever serve the request: prompt + output within its
+    max_model_len and within its whole KV cache (EngineCore refuses either with a 400)."""
+    total = prompt_tokens + output_tokens
+    return total <= profile.max_model_len and total <= (
+        profile.kv_capacity_tokens // profile.block_size * profile.block_size)
 
 
 def trace_block_hashes(prefix_ids: tuple[int, ...], prompt_tokens: int, block_size: int) -> tuple[int, ...]:

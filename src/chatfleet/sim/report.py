@@ -1,8 +1,10 @@
 """What a fleet run is worth: SLO attainment, GPU-seconds, refusals, and how the scaling moved.
 
 SLO (the issue's): a request meets it when it was answered, its TTFT is at most ``ttft_s`` and its
-mean time per output token at most ``tpot_s``; refused, unrouted and cut requests miss it. Requests
-longer than the engine's context (a 400 under any policy) are left out. The
+mean time per output token at most ``tpot_s``; refused, unrouted and cut requests miss it. So do
+requests the engine can never serve (``RequestOutcome.INVALID``: over max_model_len or the whole KV
+cache, a 400 under any policy), counted apart in ``invalid``; ``exclude_invalid`` leaves them out
+of the attainment's denominator instead. The
 "biggest step" is the largest rise of the arrival rate between consecutive ``window_s`` windows;
 reaction and recovery are measured from its start.
 """
@@ -16,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 from chatfleet.sim.fleet import FleetResult, RequestOutcome
 
-__all__ = ["PolicyReport", "Slo", "biggest_step", "meets_slo", "summarize", "ttft_quantile",
-           "valid_arrivals"]
+__all__ = ["PolicyReport", "Slo", "biggest_step", "meets_slo", "scored_arrivals", "summarize",
+           "ttft_quantile"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,10 @@ class PolicyReport:
     gpu_seconds_vs_oracle: float | None
     rejected: int
     """429s plus requests that found no ready pod."""
+    invalid: int
+    """Requests the engine can never serve (over max_model_len or its whole KV cache)."""
+    slo_excludes_invalid: bool
+    """True: ``slo_attainment`` is over the servable requests only; False: invalid ones missed it."""
     cut: int
     peak_replicas: int
     peak_overshoot: int
@@ -52,17 +58,18 @@ class PolicyReport:
         return asdict(self)
 
 
-def meets_slo(result: FleetResult, slo: Slo) -> list[bool]:
-    """Per valid request (those the engine could serve at all, in arrival order): met or not."""
+def meets_slo(result: FleetResult, slo: Slo, *, exclude_invalid: bool = False) -> list[bool]:
+    """Per scored request, in arrival order: met or not. Invalid requests miss, or are left out
+    with ``exclude_invalid``."""
     return [outcome == RequestOutcome.OK and ttft <= slo.ttft_s and (math.isnan(tpot) or tpot <= slo.tpot_s)
             for outcome, ttft, tpot in zip(result.outcome, result.ttft_s, result.tpot_s, strict=True)
-            if outcome != RequestOutcome.INVALID]
+            if not (exclude_invalid and outcome == RequestOutcome.INVALID)]
 
 
-def valid_arrivals(result: FleetResult) -> list[float]:
+def scored_arrivals(result: FleetResult, *, exclude_invalid: bool = False) -> list[float]:
     """Arrival times of the requests ``meets_slo`` scores, in the same order."""
     return [at for at, outcome in zip(result.arrival_s, result.outcome, strict=True)
-            if outcome != RequestOutcome.INVALID]
+            if not (exclude_invalid and outcome == RequestOutcome.INVALID)]
 
 
 def ttft_quantile(result: FleetResult, q: float) -> float | None:
@@ -92,10 +99,11 @@ def biggest_step(arrivals: Sequence[float], window_s: float, end_s: float) -> tu
 
 def summarize(name: str, result: FleetResult, *, slo: Slo, replica_capacity: float,
               oracle_gpu_seconds: float | None = None, window_s: float = 60.0,
-              target: float = 0.99, lookahead_s: float = 0.0) -> PolicyReport:
+              target: float = 0.99, lookahead_s: float = 0.0,
+              exclude_invalid: bool = False) -> PolicyReport:
     """The report's numbers; ``lookahead_s`` (the cold start) is how early before the biggest
     step a scale-up still counts as the reaction to it."""
-    met = meets_slo(result, slo)
+    met = meets_slo(result, slo, exclude_invalid=exclude_invalid)
     outcomes = list(result.outcome)
     desired = [point.desired for point in result.timeline]
     moves = [b - a for a, b in itertools.pairwise(desired) if b != a]
@@ -111,7 +119,7 @@ def summarize(name: str, result: FleetResult, *, slo: Slo, replica_capacity: flo
     after = [p.desired for p in result.timeline if step_at <= p.at <= step_at + 900]
     recovery = None
     windows = math.ceil(result.end_s / window_s)
-    scored = list(zip(valid_arrivals(result), met, strict=True))
+    scored = list(zip(scored_arrivals(result, exclude_invalid=exclude_invalid), met, strict=True))
     for w in range(int(step_at // window_s), windows):
         inside = [m for at, m in scored if w * window_s <= at < (w + 1) * window_s]
         if inside and sum(inside) / len(inside) >= target:
@@ -124,6 +132,8 @@ def summarize(name: str, result: FleetResult, *, slo: Slo, replica_capacity: flo
         gpu_seconds=result.gpu_seconds,
         gpu_seconds_vs_oracle=result.gpu_seconds / oracle_gpu_seconds if oracle_gpu_seconds else None,
         rejected=sum(1 for o in outcomes if o in (RequestOutcome.REJECTED, RequestOutcome.NO_ENDPOINT)),
+        invalid=sum(1 for o in outcomes if o == RequestOutcome.INVALID),
+        slo_excludes_invalid=exclude_invalid,
         cut=sum(1 for o in outcomes if o == RequestOutcome.CUT),
         peak_replicas=max(desired, default=0),
         peak_overshoot=max(0, max(after, default=0) - needed),
