@@ -88,14 +88,16 @@ _REFUSED_BODIES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/chat/chat/completions"])
 def test_a_refused_body_reads_the_same_whatever_json_content_type_announced_it(
         gw: Server, path: str) -> None:
     """A body sent as ``application/json`` is read by pydantic's JSON parser first
     (api/json_body_route.py), one sent as ``application/json; charset=utf-8`` by FastAPI alone:
-    every refusal is the same 400 with the same words."""
+    every refusal is the same (400, Chatchat's 422, or the 404 of a body Chatchat's schema takes)
+    with the same words."""
     for raw in _REFUSED_BODIES:
-        answers = [httpx.post(gw.v1 + path, content=raw, headers={"content-type": ctype}, timeout=10)
+        answers = [httpx.post(gw.url + path, content=raw, headers={"content-type": ctype}, timeout=10)
                    for ctype in ("application/json", "application/json; charset=utf-8")]
-        assert [a.status_code for a in answers] == [400, 400], (raw, answers[0].text)
+        assert 400 <= answers[0].status_code < 500, (raw, answers[0].text)
+        assert answers[0].status_code == answers[1].status_code, raw
         assert answers[0].json() == answers[1].json(), raw

@@ -22,16 +22,26 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException  # FastAPI's body reading catches this one
 
-__all__ = ["JsonBodyRoute"]
+__all__ = ["JsonBodyRoute", "json_post"]
 
 _JSON = "application/json"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_post(router: APIRouter, path: str, **kwargs: Any) -> Callable[[F], F]:
+    """As ``router.post(path, **kwargs)``, the route a ``JsonBodyRoute``."""
+    def add(endpoint: F) -> F:
+        router.add_api_route(path, endpoint, methods=["POST"], route_class_override=JsonBodyRoute,
+                             **kwargs)
+        return endpoint
+    return add
 
 
 class JsonBodyRoute(APIRoute):

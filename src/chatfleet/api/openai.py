@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Request, Response
@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import WithJsonSchema
 
 from chatfleet.api.errors import InvalidParameter, ModelNotFound, error_response
-from chatfleet.api.json_body_route import JsonBodyRoute
+from chatfleet.api.json_body_route import json_post
 from chatfleet.api.responses import RETRY_AFTER, sse_content
 from chatfleet.api.schemas import (
     ChatCompletionChunk,
@@ -49,7 +49,6 @@ __all__ = ["check_limits", "router"]
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request: the message names the field"},
@@ -176,19 +175,10 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     return JSONResponse(answer, headers=headers)
 
 
-def _completion_route(path: str, **kwargs: Any) -> Callable[[F], F]:
-    """A completion route: its body read by ``JsonBodyRoute`` (pydantic's JSON parser)."""
-    def add(endpoint: F) -> F:
-        router.add_api_route(path, endpoint, methods=["POST"], route_class_override=JsonBodyRoute,
-                             **kwargs)
-        return endpoint
-    return add
-
-
-@_completion_route("/v1/chat/completions", responses={
+@json_post(router, "/v1/chat/completions", responses={
     200: {"model": ChatCompletionResponse, "description": _STREAMED,
           "content": sse_content(ChatCompletionChunk, ErrorResponse, done=True)}, **_ERRORS},
-                   summary="Chat completion (OpenAI API), streamed with stream=true")
+           summary="Chat completion (OpenAI API), streamed with stream=true")
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -198,10 +188,10 @@ async def chat_completions(
                         time.perf_counter())
 
 
-@_completion_route("/v1/completions", responses={
+@json_post(router, "/v1/completions", responses={
     200: {"model": CompletionResponse, "description": _STREAMED,
           "content": sse_content(CompletionChunk, ErrorResponse, done=True)}, **_ERRORS},
-                   summary="Text completion (OpenAI API), streamed with stream=true")
+           summary="Text completion (OpenAI API), streamed with stream=true")
 async def completions(
     body: CompletionRequest,
     request: Request,
