@@ -75,3 +75,29 @@ def test_two_files_of_one_name_in_one_upload_store_the_first_and_refuse_the_seco
     content = httpx.get(f"{gw.url}/knowledge_base/download_doc", params={
         "knowledge_base_name": "twins", "file_name": "a.txt"}, timeout=10).content
     assert content == b"the first one"
+
+
+_REFUSED_BODIES = [
+    b"", b"{", b"[]", b'"x"', b"{}", b"\xff\xfe", b"\xef\xbb\xbf{}",
+    b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4} trailing',
+    b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5.0}',
+    b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, '
+    b'"max_tokens": "4"}',
+    b'{"model": "M", "messages": [{"role": "bad", "content": "x"}], "stream": "yes", "n": 2}',
+    b'{"model": "M", "messages": [{"role": "user", "content": "\\ud800"}], "temperature": NaN}',
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/chat/chat/completions"])
+def test_a_refused_body_reads_the_same_whatever_json_content_type_announced_it(
+        gw: Server, path: str) -> None:
+    """A body sent as ``application/json`` is read by pydantic's JSON parser first
+    (api/json_body_route.py), one sent as ``application/json; charset=utf-8`` by FastAPI alone:
+    every refusal is the same (400, Chatchat's 422, or the 404 of a body Chatchat's schema takes)
+    with the same words."""
+    for raw in _REFUSED_BODIES:
+        answers = [httpx.post(gw.url + path, content=raw, headers={"content-type": ctype}, timeout=10)
+                   for ctype in ("application/json", "application/json; charset=utf-8")]
+        assert 400 <= answers[0].status_code < 500, (raw, answers[0].text)
+        assert answers[0].status_code == answers[1].status_code, raw
+        assert answers[0].json() == answers[1].json(), raw

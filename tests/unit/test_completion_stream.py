@@ -100,17 +100,22 @@ async def test_the_end_reported_as_a_disconnect_does_not_cut_the_stream_short() 
 
 
 async def test_a_disconnect_closes_the_stream_and_ends_nothing() -> None:
+    """Even a client gone before the stream's first step: the payloads, started as
+    ``CompletionService.open_stream`` starts them, are closed (their ``finally`` frees the slot)."""
     closed = []
 
     async def rest() -> AsyncIterator[Any]:
         try:
+            yield "a"
             await asyncio.Event().wait()  # the engine's next token never comes
             yield "never"
         finally:
             closed.append(True)
 
     server = _Server(disconnect=True)
-    await CompletionStream("a", rest(), send_timeout_s=30)(server.scope, server.receive, server.send)
+    events = rest()
+    first = await anext(events)
+    await CompletionStream(first, events, send_timeout_s=30)(server.scope, server.receive, server.send)
     assert closed == [True]
     assert not any(m.get("more_body") is False for _, m in server.sent)
 
@@ -123,3 +128,59 @@ async def test_without_the_extension_every_event_goes_through_the_middlewares() 
     server.scope = {"type": "http"}
     await CompletionStream("a", rest(), send_timeout_s=30)(server.scope, server.receive, server.send)
     assert [path for path, _ in server.sent] == ["send", "send", "send"]
+
+
+async def test_a_failing_stream_fails_the_request_while_the_client_stays() -> None:
+    async def rest() -> AsyncIterator[Any]:
+        yield "b"
+        raise ValueError("the engine broke")
+
+    server = _Server()
+    with pytest.raises(ValueError, match="the engine broke"):
+        await asyncio.wait_for(CompletionStream("a", rest(), send_timeout_s=30)(
+            server.scope, server.receive, server.send), 5)
+
+
+async def test_a_cancel_from_outside_closes_the_stream_and_propagates() -> None:
+    closed = []
+    started = asyncio.Event()
+
+    async def rest() -> AsyncIterator[Any]:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+            yield "never"
+        finally:
+            closed.append(True)
+
+    server = _Server()
+    request = asyncio.create_task(CompletionStream("a", rest(), send_timeout_s=30)(
+        server.scope, server.receive, server.send))
+    await asyncio.wait_for(started.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert closed == [True]
+
+
+async def test_a_client_that_reads_nothing_is_given_up_on_after_the_send_timeout() -> None:
+    closed = []
+
+    async def rest() -> AsyncIterator[Any]:
+        try:
+            yield "b"
+        finally:
+            closed.append(True)
+
+    server = _Server()
+
+    async def stuck(message: dict[str, Any]) -> None:
+        server.sent.append(("body_send", message))
+        if len(server.sent) > 2:
+            await asyncio.Event().wait()  # the client's buffers are full
+
+    server.scope["extensions"][BODY_SEND_EXTENSION] = stuck
+    await asyncio.wait_for(CompletionStream("a", rest(), send_timeout_s=0.05)(
+        server.scope, server.receive, server.send), 5)
+    assert closed == [True]
+    assert not any(m.get("more_body") is False for _, m in server.sent)

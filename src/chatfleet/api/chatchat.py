@@ -39,6 +39,7 @@ from chatfleet.api.chatchat_schemas import (
     KbChatOptions,
     KbChatRequest,
 )
+from chatfleet.api.json_body_route import json_post
 from chatfleet.api.openai import (
     ClientDisconnected,
     cancel_on_disconnect,
@@ -192,8 +193,8 @@ def _content(answer: dict[str, Any]) -> tuple[str, str | None]:
     return choice["message"]["content"], choice["finish_reason"]
 
 
-@router.post("/chat/chat/completions", summary="Chat (Chatchat's OpenAI-style chat route)",
-             responses={200: _CHAT_ANSWER, **_ERRORS, **_OPENAI_STYLE_REFUSALS})
+@json_post(router, "/chat/chat/completions", summary="Chat (Chatchat's OpenAI-style chat route)",
+           responses={200: _CHAT_ANSWER, **_ERRORS, **_OPENAI_STYLE_REFUSALS})
 async def chat_completions(body: ChatchatChatRequest, request: Request) -> Response:
     arrived_at = time.perf_counter()
     stream = bool(body.stream)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import WithJsonSchema
 
 from chatfleet.api.errors import InvalidParameter, ModelNotFound, error_response
+from chatfleet.api.json_body_route import json_post
 from chatfleet.api.responses import RETRY_AFTER, sse_content
 from chatfleet.api.schemas import (
     ChatCompletionChunk,
@@ -174,10 +175,10 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     return JSONResponse(answer, headers=headers)
 
 
-@router.post("/v1/chat/completions", responses={
+@json_post(router, "/v1/chat/completions", responses={
     200: {"model": ChatCompletionResponse, "description": _STREAMED,
           "content": sse_content(ChatCompletionChunk, ErrorResponse, done=True)}, **_ERRORS},
-             summary="Chat completion (OpenAI API), streamed with stream=true")
+           summary="Chat completion (OpenAI API), streamed with stream=true")
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -187,10 +188,10 @@ async def chat_completions(
                         time.perf_counter())
 
 
-@router.post("/v1/completions", responses={
+@json_post(router, "/v1/completions", responses={
     200: {"model": CompletionResponse, "description": _STREAMED,
           "content": sse_content(CompletionChunk, ErrorResponse, done=True)}, **_ERRORS},
-             summary="Text completion (OpenAI API), streamed with stream=true")
+           summary="Text completion (OpenAI API), streamed with stream=true")
 async def completions(
     body: CompletionRequest,
     request: Request,

@@ -176,18 +176,36 @@ class CompletionStream(Response):
         timer = _StallTimer(self.send_timeout_s)
         stream = asyncio.create_task(self._stream(send, body_send, timer))
         timer.watch(stream)
-        disconnect = asyncio.create_task(_disconnected(receive))
+        owner = asyncio.current_task()
+        assert owner is not None
+        listening = True
+
+        def stream_ended(_: asyncio.Task[None]) -> None:
+            if listening:  # it ended (delivered, failed or stalled) before the server said so
+                owner.cancel()
+
+        # This task listens for the disconnect itself: one task and one ``asyncio.wait`` fewer a
+        # request than a watcher task beside the stream.
+        stream.add_done_callback(stream_ended)
         try:
-            await asyncio.wait((stream, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except asyncio.CancelledError:
+                if not stream.done() or owner.uncancel() > 0:  # cancelled from outside
+                    raise
+            finally:
+                listening = False
             if not stream.done() and self._delivered:  # the server reports the end as a
                 await asyncio.wait((stream,))          # disconnect: let the stream finish
         finally:
             timer.stop()
-            disconnect.cancel()
             if not stream.done():
                 stream.cancel()
                 await asyncio.wait((stream,))
         if stream.cancelled():
+            # A stream cancelled before its first step never entered its ``aclosing``.
+            await self._rest.aclose()  # type: ignore[attr-defined]
             if timer.stalled:
                 log.warning("closed a stream whose client read nothing for %.0f s "
                             "(server.send_timeout_s); its engine slot is free", self.send_timeout_s)
@@ -221,8 +239,3 @@ class CompletionStream(Response):
             except StopAsyncIteration:
                 return
             raise RuntimeError("a completion stream yielded after its last payloads")
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
