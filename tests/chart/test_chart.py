@@ -50,8 +50,10 @@ def kb_variant(engine: str, existing: bool, ingress: bool) -> tuple[str, dict[st
 
 
 OPERATOR = {"operator.enabled": True}
-OPERATOR_PEERING = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2}
-OPERATOR_NAMESPACES = {**OPERATOR_PEERING, "operator.watchNamespaces": ["llm", "team-b"]}
+OPERATOR_PEERING = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2,
+                    "operator.clusterWide": True}
+OPERATOR_NAMESPACES = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2,
+                       "operator.watchNamespaces": ["llm", "team-b"]}
 
 
 def operator_variant(mode: str, existing: bool, ingress: bool) -> tuple[str, dict[str, Any]]:
