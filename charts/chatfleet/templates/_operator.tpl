@@ -2,7 +2,7 @@
 minReplicaCount) to it: the operator owns that one field by server-side apply, so neither Helm 4
 (server-side apply) nor Helm 3 (three-way merge) ever fights it on upgrade. The chart's floor
 goes to the operator as this annotation: it holds that floor until a policy enforces its own, and
-starts its hysteresis there. docs/operations.md#upgrades. */ -}}
+starts its hysteresis there. docs/operations.md#who-owns-the-floor. */ -}}
 {{- define "chatfleet.chartFloor" -}}
 {{- if .Values.operator.enabled }}
 annotations:

@@ -8,7 +8,7 @@ their autoscaler. The write is a server-side apply of that one field under the f
 ``chatfleet-operator`` (``force``: it takes the field over once from whoever set it before), so
 the operator owns exactly that field and nothing else: Helm 4, which installs and upgrades with
 server-side apply, owns the rest and never conflicts with it, since the chart leaves the floor
-out when the operator is enabled (docs/operations.md#upgrades).
+out when the operator is enabled (docs/operations.md#who-owns-the-floor).
 
 The chart's own floor (``autoscaling.minReplicas``) reaches the operator as the target's
 ``chatfleet.io/chart-floor`` annotation: the floor to start from, and the one to hold while a
