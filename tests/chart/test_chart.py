@@ -16,6 +16,7 @@ from tests.chart.render import (
     containers,
     env,
     helm,
+    notes,
     one,
     render,
     set_args,
@@ -272,6 +273,16 @@ def test_the_drain_covers_the_longest_answer_the_pod_accepts(values: dict[str, A
     pod_spec = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert env(containers(docs)["gateway"])["CHATFLEET_SERVER__DRAIN_TIMEOUT_S"] == str(drain)
     assert pod_spec["terminationGracePeriodSeconds"] == 5 + drain + 15
+
+
+def test_notes_say_how_long_a_pod_drains_and_warn_when_a_set_drain_cuts_answers() -> None:
+    derived = " ".join(notes().split())
+    assert "drains for up to 450 s (grace period 470 s)" in derived
+    assert "covers the longest answer it accepts, 8192 tokens at 20 tokens/s" in derived
+    assert "gateway.drainTimeoutSeconds" not in derived
+    short = " ".join(notes({"gateway.drainTimeoutSeconds": 60}).split())
+    assert "drains for up to 60 s (grace period 80 s)" in short
+    assert "answers longer than about 600 tokens are cut at scale-down" in short
 
 
 @pytest.mark.parametrize("engine", ["gpu", "sim"])
