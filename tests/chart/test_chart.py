@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import re
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from tests.chart.render import (
     containers,
     env,
     helm,
+    notes,
     one,
     render,
     set_args,
@@ -50,8 +53,10 @@ def kb_variant(engine: str, existing: bool, ingress: bool) -> tuple[str, dict[st
 
 
 OPERATOR = {"operator.enabled": True}
-OPERATOR_PEERING = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2}
-OPERATOR_NAMESPACES = {**OPERATOR_PEERING, "operator.watchNamespaces": ["llm", "team-b"]}
+OPERATOR_PEERING = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2,
+                    "operator.clusterWide": True}
+OPERATOR_NAMESPACES = {**OPERATOR, "operator.peering.enabled": True, "operator.replicas": 2,
+                       "operator.watchNamespaces": ["llm", "team-b"]}
 
 
 def operator_variant(mode: str, existing: bool, ingress: bool) -> tuple[str, dict[str, Any]]:
@@ -243,11 +248,41 @@ def test_scale_down_drains_before_anything_is_killed(engine: str) -> None:
     pod_spec = one(docs, "Deployment")["spec"]["template"]["spec"]
     pod = containers(docs)
     gateway_sleep = int(pod["gateway"]["lifecycle"]["preStop"]["exec"]["command"][1])
-    engine_sleep = int(pod["engine"]["lifecycle"]["preStop"]["exec"]["command"][1])
+    hold = pod["engine"]["lifecycle"]["preStop"]["exec"]["command"]
+    engine_hold = int(re.search(r"time.monotonic\(\) \+ (\d+)", hold[2])[1])
     assert gateway_sleep == 7
     assert env(pod["gateway"])["CHATFLEET_SERVER__DRAIN_TIMEOUT_S"] == "45"
-    assert engine_sleep >= 7 + 45
-    assert pod_spec["terminationGracePeriodSeconds"] > engine_sleep
+    assert hold[:2] == ["python3", "-c"] and engine_hold >= 7 + 45
+    assert pod_spec["terminationGracePeriodSeconds"] > engine_hold
+
+
+@pytest.mark.parametrize(("values", "drain"), [
+    ({}, 30 + math.ceil(8192 / 20) + 10),
+    ({"engine.vllm.maxModelLen": 32768}, 30 + math.ceil(32768 / 20) + 10),
+    ({"gateway.limits.maxTokens": 2048, "engine.vllm.maxModelLen": 2048,
+      "gateway.drain.minDecodeTokensPerSecond": 16}, 30 + 2048 // 16 + 10),
+    ({**SIM, "gateway.limits.maxTokens": 1000, "gateway.admission.maxQueueWaitSeconds": 5,
+      "gateway.drain.marginSeconds": 0}, 5 + 1000 // 20),
+])
+def test_the_drain_covers_the_longest_answer_the_pod_accepts(values: dict[str, Any],
+                                                              drain: int) -> None:
+    """Derived (drainTimeoutSeconds null): the longest queue wait, then the longest answer (the
+    larger of the max_tokens cap and vLLM's context) at the slowest decode speed, then a margin;
+    the grace period covers the preStop sleep, that drain and the engine's last 5 s."""
+    docs = render(values)
+    pod_spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert env(containers(docs)["gateway"])["CHATFLEET_SERVER__DRAIN_TIMEOUT_S"] == str(drain)
+    assert pod_spec["terminationGracePeriodSeconds"] == 5 + drain + 15
+
+
+def test_notes_say_how_long_a_pod_drains_and_warn_when_a_set_drain_cuts_answers() -> None:
+    derived = " ".join(notes().split())
+    assert "drains for up to 450 s (grace period 470 s)" in derived
+    assert "covers the longest answer it accepts, 8192 tokens at 20 tokens/s" in derived
+    assert "gateway.drainTimeoutSeconds" not in derived
+    short = " ".join(notes({"gateway.drainTimeoutSeconds": 60}).split())
+    assert "drains for up to 60 s (grace period 80 s)" in short
+    assert "answers longer than about 600 tokens are cut at scale-down" in short
 
 
 @pytest.mark.parametrize("engine", ["gpu", "sim"])

@@ -82,7 +82,8 @@ def test_the_operator_pod_runs_the_command_with_the_values() -> None:
     args = flags(container)
     assert args["--prometheus-url"] == ["http://prom.mon.svc:9090"]
     assert args["--interval"] == ["15"] and args["--log-level"] == ["debug"]
-    assert args["--standalone"] == [""] and "--peering" not in args and "--namespace" not in args
+    assert args["--standalone"] == [""] and "--peering" not in args
+    assert args["--namespace"] == ["llm"], "its own namespace unless told otherwise"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args["--metrics-port"] == [str(ports["metrics"])] and args["--metrics-host"] == ["0.0.0.0"]
     assert args["--liveness"] == [f"http://0.0.0.0:{ports['health']}/healthz"]
@@ -127,8 +128,21 @@ def test_no_gateway_selector_picks_up_the_operator_pods() -> None:
     assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == ["metrics", "health"]
 
 
-def test_cluster_wide_rbac_is_what_the_operator_touches_and_nothing_on_deployments() -> None:
+def test_by_default_it_may_patch_autoscalers_in_its_own_namespace_only() -> None:
+    """No ClusterRole unless asked for: a Role and RoleBinding in the release namespace, and the
+    operator watches that namespace alone."""
     docs = render(OPERATOR)
+    objects = operator_objects(docs)
+    assert "ClusterRole" not in objects and "ClusterRoleBinding" not in objects
+    assert [(o["metadata"]["namespace"]) for o in objects["Role"]] == ["llm"]
+    assert [(o["metadata"]["namespace"]) for o in objects["RoleBinding"]] == ["llm"]
+    assert rules_granted(docs) == NAMESPACED
+    (container,) = operator_pod(docs)["containers"]
+    assert flags(container)["--namespace"] == ["llm"]
+
+
+def test_cluster_wide_rbac_is_what_the_operator_touches_and_nothing_on_deployments() -> None:
+    docs = render({**OPERATOR, "operator.clusterWide": True})
     objects = operator_objects(docs)
     assert "Role" not in objects and len(objects["ClusterRole"]) == 1
     assert rules_granted(docs) == NAMESPACED
@@ -181,8 +195,28 @@ def test_an_own_operator_image_is_used() -> None:
     ({**OPERATOR, "operator.prometheusUrl": "prometheus:9090"}, "/operator/prometheusUrl"),
     ({**OPERATOR, "operator.watchNamespaces": ["Team_B"]}, "/operator/watchNamespaces"),
     ({**OPERATOR, "operator.logLevel": "verbose"}, "/operator/logLevel"),
+    ({**OPERATOR, "operator.clusterWide": True, "operator.watchNamespaces": ["llm"]},
+     "operator.clusterWide serves every namespace"),
 ])
 def test_bad_operator_values_are_refused(values: dict[str, Any], message: str) -> None:
     result = helm("template", "x", str(CHART), *set_args(values))
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("mode", "kind", "field"), [
+    ("hpa", "HorizontalPodAutoscaler", "minReplicas"),
+    ("keda", "ScaledObject", "minReplicaCount"),
+])
+def test_with_the_operator_on_the_chart_leaves_the_floor_field_to_it(mode: str, kind: str,
+                                                                     field: str) -> None:
+    """Helm 4 applies server-side: a floor the chart rendered would conflict on the next upgrade
+    with the operator, which owns the field. So with the operator on the chart renders no floor,
+    only its value as the annotation the operator starts from; with it off, the floor as before."""
+    values = {"autoscaling.mode": mode, "autoscaling.minReplicas": 3}
+    (on,) = by_kind(render({**values, **OPERATOR}))[kind]
+    assert field not in on["spec"]
+    assert on["metadata"]["annotations"] == {"chatfleet.io/chart-floor": "3"}
+    (off,) = by_kind(render(values))[kind]
+    assert off["spec"][field] == 3
+    assert "chatfleet.io/chart-floor" not in (off["metadata"].get("annotations") or {})

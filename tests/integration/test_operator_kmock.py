@@ -1,9 +1,10 @@
 """The real operator (``chatfleet operator``, kopf, a subprocess) against kmock's Kubernetes API and
 a real local HTTP server answering Prometheus' query API with fixed series.
 
-What must hold: in enforce mode exactly the target's floor field is PATCHed, with the value the
-policy computes from what Prometheus said; in recommend mode nothing but the policy's status (and
-Events) is written; no request ever goes to a Deployment; bad policies end up in their status
+What must hold: in enforce mode exactly the target's floor field is written, by a server-side
+apply as the operator's own field manager, with the value the policy computes from what
+Prometheus said; in recommend mode nothing but the policy's status (and Events) is written, except
+the chart's floor on a target the chart left the field out of; no request ever goes to a Deployment; bad policies end up in their status
 while the operator carries on with the good ones; one instance acts (kopf peering).
 """
 
@@ -250,7 +251,7 @@ def access(request: kmock.Request) -> tuple[str, str, str]:
 def chart_rbac() -> set[tuple[str, str, str]]:
     """What the chart lets the operator do (cluster-wide, with peering), plus discovery."""
     docs = render({"operator.enabled": True, "operator.peering.enabled": True,
-                   "operator.replicas": 2})
+                   "operator.replicas": 2, "operator.clusterWide": True})
     return rules_granted(docs) | {("", "", "discovery")}
 
 
@@ -308,6 +309,22 @@ def expected_floor(rate: float, capacity: float, utilization: float = 0.85) -> i
     return math.ceil(rate / (capacity * utilization) - 1e-9)
 
 
+def floor_apply(floor: int, kind: str = "HorizontalPodAutoscaler") -> dict[str, Any]:
+    """The server-side apply body that owns the floor field and nothing else."""
+    api_version, field = (("autoscaling/v2", "minReplicas") if kind == "HorizontalPodAutoscaler"
+                          else ("keda.sh/v1alpha1", "minReplicaCount"))
+    return {"apiVersion": api_version, "kind": kind, "metadata": {"name": DEPLOYMENT},
+            "spec": {field: floor}}
+
+
+def assert_owned_by_the_operator(request: kmock.Request) -> None:
+    """A server-side apply as the field manager chatfleet-operator, forced (it takes the field
+    over once from whoever set it before: Helm 3, an older operator's merge patch)."""
+    assert str(request.method).upper().endswith("PATCH")
+    assert request.headers.get("Content-Type") == "application/apply-patch+yaml"
+    assert request.params == {"fieldManager": "chatfleet-operator", "force": "true"}
+
+
 def no_deployment_requests(api: kmock.KubernetesEmulator) -> None:
     touched = [f"{r.method} {r.url}" for r in list(api) if "deployments" in str(r.url)]
     assert touched == [], touched
@@ -327,9 +344,9 @@ async def test_enforce_patches_exactly_the_hpa_min_replicas(api, prometheus, ope
     await asyncio.sleep(1.5)  # further ticks: the floor holds, so no further patches
 
     hpa_writes = [r for r in writes(api) if resource_of(r) == HPAS]
-    assert [r.data for r in hpa_writes] == [{"spec": {"minReplicas": floor}}]
+    assert [r.data for r in hpa_writes] == [floor_apply(floor)]
     assert hpa_writes[0].name == DEPLOYMENT and hpa_writes[0].namespace == NS
-    assert "merge-patch" in hpa_writes[0].headers.get("Content-Type", "")
+    assert_owned_by_the_operator(hpa_writes[0])
     spec = api.objects[HPAS, NS, DEPLOYMENT]["spec"]
     assert spec == {**hpa()["spec"], "minReplicas": floor}  # nothing else of the HPA changed
     no_deployment_requests(api)
@@ -407,7 +424,8 @@ async def test_enforce_patches_a_scaled_objects_min_replica_count(api, prometheu
         op.proc)
     await eventually(lambda: status_of(api, "keda").get("applied"), op.proc)
     so_writes = [r for r in writes(api) if resource_of(r) == SCALED_OBJECTS]
-    assert [r.data for r in so_writes] == [{"spec": {"minReplicaCount": floor}}]
+    assert [r.data for r in so_writes] == [floor_apply(floor, "ScaledObject")]
+    assert_owned_by_the_operator(so_writes[0])
     assert not [r for r in list(api) if resource_of(r) == HPAS]
     no_deployment_requests(api)
     assert status_of(api, "keda")["replicaCapacity"] == pytest.approx(1.0)
@@ -434,6 +452,36 @@ async def test_recommend_mode_writes_only_the_status(api, prometheus, operator) 
     events = [r.data for r in writes(api) if resource_of(r) == EVENTS]
     assert any(e.get("reason") == "FloorRecommended" and "recommends" in e.get("message", "")
                for e in events), events
+    no_deployment_requests(api)
+
+
+async def test_a_chart_left_floor_is_held_at_the_charts_value_and_the_policy_starts_there(
+        api, prometheus, operator) -> None:
+    """The chart with the operator on: the rendered HPA has no minReplicas, only the chart's floor
+    as an annotation. A policy in recommend mode makes the operator write that floor (and only
+    that field, as its own field manager); its hysteresis starts there, so the low demand (1
+    req/s, one replica's worth) does not lower it on the first tick."""
+    prometheus.rate, prometheus.capacity = 1.0, 2.0
+    docs = render({"operator.enabled": True, "autoscaling.minReplicas": 3})
+    rendered = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+    assert "minReplicas" not in rendered["spec"]
+    assert rendered["metadata"]["annotations"]["chatfleet.io/chart-floor"] == "3"
+    chart_hpa = hpa()
+    del chart_hpa["spec"]["minReplicas"]
+    chart_hpa["metadata"]["annotations"] = {"chatfleet.io/chart-floor": "3"}
+    api.objects[HPAS, NS, DEPLOYMENT] = chart_hpa
+    api.objects[POLICIES, NS, "watch"] = policy("watch", mode="recommend")
+    op = operator()
+    await eventually(lambda: api.objects[HPAS, NS, DEPLOYMENT]["spec"].get("minReplicas") == 3,
+                     op.proc)
+    await eventually(lambda: status_of(api, "watch").get("targetMinReplicas") == 3, op.proc)
+    await asyncio.sleep(1.0)  # two more ticks: the floor holds, no further writes
+    hpa_writes = [r for r in writes(api) if resource_of(r) == HPAS]
+    assert [r.data for r in hpa_writes] == [floor_apply(3)]
+    assert_owned_by_the_operator(hpa_writes[0])
+    status = status_of(api, "watch")
+    assert status["applied"] is False and status["neededReplicas"] == 1
+    assert status["floor"] == 3 and status["reason"].startswith("kept at 3"), status["reason"]
     no_deployment_requests(api)
 
 
@@ -555,5 +603,5 @@ async def test_of_two_peers_only_the_higher_priority_one_acts(api, prometheus, o
     assert ticks(high) >= acting + 2
     peers = api.objects[PEERINGS, None, "chatfleet-operator"]["status"]
     assert sorted(p["priority"] for p in peers.values()) == [10, 20]
-    assert [r.data for r in writes(api) if resource_of(r) == HPAS] == [{"spec": {"minReplicas": 6}}]
+    assert [r.data for r in writes(api) if resource_of(r) == HPAS] == [floor_apply(6)]
     no_deployment_requests(api)

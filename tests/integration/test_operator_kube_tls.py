@@ -29,7 +29,8 @@ async def api_server() -> AsyncIterator[tuple[str, trustme.CA, list[dict[str, An
 
     async def hpa(request: web.Request) -> web.Response:
         if request.method == "PATCH":
-            patches.append({"type": request.content_type, "body": await request.json()})
+            patches.append({"type": request.content_type, "body": await request.json(),
+                            "query": dict(request.query)})
         return web.json_response({"kind": "HorizontalPodAutoscaler", "spec": {"minReplicas": 1}})
 
     app = web.Application()
@@ -66,7 +67,10 @@ async def test_inline_ca_and_client_certificate_work(api_server) -> None:
             await client.get_target(HPA, "llm", "other")
     finally:
         await client.aclose()
-    assert patches == [{"type": "application/merge-patch+json", "body": {"spec": {"minReplicas": 4}}}]
+    assert patches == [{"type": "application/apply-patch+yaml",
+                        "body": {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                                 "metadata": {"name": "chatfleet"}, "spec": {"minReplicas": 4}},
+                        "query": {"fieldManager": "chatfleet-operator", "force": "true"}}]
 
 
 async def test_without_the_client_certificate_the_call_fails_as_a_kube_error(api_server) -> None:

@@ -123,7 +123,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [chatfleet.io]
   resources: [chatfleetpolicies/status]
   verbs: [patch]
-# The targets: read, and in enforce mode a merge patch of spec.minReplicas / minReplicaCount.
+# The targets: read, and a server-side apply of spec.minReplicas / minReplicaCount only.
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, patch]

@@ -4,8 +4,15 @@ target and patch its floor.
 What it may touch is closed here: an autoscaling/v2 HorizontalPodAutoscaler's
 ``spec.minReplicas`` or a KEDA ScaledObject's ``spec.minReplicaCount``. There is no code path to
 a Deployment: the HPA owns ``spec.replicas``, and writing it too is how operators end up fighting
-their autoscaler. The patch is a JSON merge patch of that one field, so nothing else of the
-target is overwritten (a ``kubectl apply`` of other fields keeps working).
+their autoscaler. The write is a server-side apply of that one field under the field manager
+``chatfleet-operator`` (``force``: it takes the field over once from whoever set it before), so
+the operator owns exactly that field and nothing else: Helm 4, which installs and upgrades with
+server-side apply, owns the rest and never conflicts with it, since the chart leaves the floor
+out when the operator is enabled (docs/operations.md#who-owns-the-floor).
+
+The chart's own floor (``autoscaling.minReplicas``) reaches the operator as the target's
+``chatfleet.io/chart-floor`` annotation: the floor to start from, and the one to hold while a
+policy only recommends.
 
 Credentials come from kopf's login (kubeconfig or the pod's service account), so the operator
 and these calls always talk to the same API server as the same user.
@@ -22,8 +29,14 @@ from typing import Any
 import httpx
 import kopf
 
-__all__ = ["TARGETS", "KubeClient", "KubeError", "Target", "TargetNotFound", "current_floor",
+__all__ = ["CHART_FLOOR_ANNOTATION", "FIELD_MANAGER", "TARGETS", "KubeClient", "KubeError",
+           "Target", "TargetNotFound", "chart_floor", "current_floor", "floor_apply_patch",
            "scale_target_name"]
+
+FIELD_MANAGER = "chatfleet-operator"
+"""The operator's field manager: ``kubectl get hpa -o yaml --show-managed-fields`` names it as
+the owner of the floor field."""
+CHART_FLOOR_ANNOTATION = "chatfleet.io/chart-floor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,15 +44,15 @@ class Target:
     """A kind of scaling target: where it lives in the API and which field is its floor."""
 
     kind: str
-    api_path: str
+    api_version: str
     plural: str
     floor_field: str
 
 
 TARGETS: dict[str, Target] = {
-    "HorizontalPodAutoscaler": Target("HorizontalPodAutoscaler", "/apis/autoscaling/v2",
+    "HorizontalPodAutoscaler": Target("HorizontalPodAutoscaler", "autoscaling/v2",
                                       "horizontalpodautoscalers", "minReplicas"),
-    "ScaledObject": Target("ScaledObject", "/apis/keda.sh/v1alpha1", "scaledobjects",
+    "ScaledObject": Target("ScaledObject", "keda.sh/v1alpha1", "scaledobjects",
                            "minReplicaCount"),
 }
 
@@ -96,7 +109,7 @@ class KubeClient:
         await self._client.aclose()
 
     def _url(self, target: Target, namespace: str, name: str) -> str:
-        return f"{target.api_path}/namespaces/{namespace}/{target.plural}/{name}"
+        return f"/apis/{target.api_version}/namespaces/{namespace}/{target.plural}/{name}"
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -114,16 +127,36 @@ class KubeClient:
         return await self._call("GET", self._url(target, namespace, name))
 
     async def set_floor(self, target: Target, namespace: str, name: str, floor: int) -> None:
-        """Merge-patch exactly the target's floor field."""
+        """Server-side apply of exactly the target's floor field, as ``FIELD_MANAGER``. The body
+        is JSON, which is YAML, as the apply content type asks."""
         await self._call("PATCH", self._url(target, namespace, name),
-                         json={"spec": {target.floor_field: floor}},
-                         headers={"Content-Type": "application/merge-patch+json"})
+                         json=floor_apply_patch(target, name, floor),
+                         params={"fieldManager": FIELD_MANAGER, "force": "true"},
+                         headers={"Content-Type": "application/apply-patch+yaml"})
+
+
+def floor_apply_patch(target: Target, name: str, floor: int) -> dict[str, Any]:
+    """The apply configuration that owns the floor field and nothing else: an apply body names
+    the object (apiVersion, kind, metadata.name) and lists only the fields its manager owns."""
+    return {"apiVersion": target.api_version, "kind": target.kind, "metadata": {"name": name},
+            "spec": {target.floor_field: floor}}
 
 
 def current_floor(target: Target, obj: dict[str, Any]) -> int | None:
     """The target's floor as it is now (None if unset)."""
     value = obj.get("spec", {}).get(target.floor_field)
     return int(value) if isinstance(value, int | float) else None
+
+
+def chart_floor(obj: dict[str, Any]) -> int | None:
+    """The floor the chart was given (its ``chatfleet.io/chart-floor`` annotation on the target);
+    None when the target has none or it is not a positive whole number."""
+    value = (obj.get("metadata", {}).get("annotations") or {}).get(CHART_FLOOR_ANNOTATION)
+    try:
+        floor = int(str(value))
+    except ValueError:
+        return None
+    return floor if floor >= 1 else None
 
 
 def scale_target_name(obj: dict[str, Any]) -> str | None:

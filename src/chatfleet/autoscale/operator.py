@@ -3,8 +3,12 @@ pure policy (autoscale/policy.py) and set the target autoscaler's floor.
 
 It cooperates with the HPA instead of replacing it: the only field it writes outside its own
 resource is the HPA's ``spec.minReplicas`` (or a KEDA ScaledObject's ``spec.minReplicaCount``),
-and only in ``enforce`` mode. ``recommend`` mode writes the resource's status and nothing else, so
-a policy can be watched for a while before it is trusted. A Deployment's ``spec.replicas`` is
+which it owns by server-side apply (autoscale/kube.py). In ``enforce`` mode that field is the
+policy's floor. ``recommend`` mode writes the resource's status and, only when the target carries
+the chart's floor (the ``chatfleet.io/chart-floor`` annotation: the chart leaves the field to the
+operator), that floor, so a policy can be watched for a while before it is trusted while the
+fleet keeps the floor its values ask for. The chart's floor is also where the hysteresis starts
+on a policy's first tick. A Deployment's ``spec.replicas`` is
 never written (autoscale/kube.py has no code path to it).
 
 Every tick's decision and the inputs behind it go to ``status`` (a person reads why the floor is
@@ -44,6 +48,7 @@ from chatfleet.autoscale.kube import (
     KubeError,
     Target,
     TargetNotFound,
+    chart_floor,
     current_floor,
     scale_target_name,
 )
@@ -181,11 +186,15 @@ def parse_policy(spec: Mapping[str, Any]) -> ParsedPolicy:
                         cold_start_s=cold_start)
 
 
-def previous_state(status: Mapping[str, Any], spec: PolicySpec) -> PolicyState | None:
-    """The hysteresis state the last tick left in the status, clamped to today's bounds."""
+def previous_state(status: Mapping[str, Any], spec: PolicySpec,
+                   start: int | None = None) -> PolicyState | None:
+    """The hysteresis state the last tick left in the status, clamped to today's bounds; on the
+    first tick, ``start`` (the chart's floor) if given."""
     floor = status.get("floor")
     if isinstance(floor, bool) or not isinstance(floor, int):
-        return None
+        if start is None:
+            return None
+        floor = start
     lower_since = status.get("lowerSince")
     return PolicyState(floor=min(max(floor, spec.min_replicas), spec.max_replicas),
                        lower_since=float(lower_since) if isinstance(lower_since, int | float)
@@ -284,19 +293,20 @@ async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
                         TickOutcome.PROMETHEUS_ERROR, "PrometheusUnavailable", str(exc))
         return
 
-    decision = decide(spec_now, observations, previous_state(status, spec_now))
+    charts = chart_floor(target_obj)
+    decision = decide(spec_now, observations, previous_state(status, spec_now, start=charts))
     before = current_floor(policy.target, target_obj)
     after = before
-    if policy.mode == "enforce" and before != decision.floor:
+    wanted = decision.floor if policy.mode == "enforce" else charts
+    if wanted is not None and before != wanted:
         try:
-            await runtime.client().set_floor(policy.target, namespace, policy.target_name,
-                                             decision.floor)
+            await runtime.client().set_floor(policy.target, namespace, policy.target_name, wanted)
         except KubeError as exc:
             _report_problem(runtime, body, patch, status, namespace, name, TickOutcome.KUBE_ERROR,
                             "KubernetesError", str(exc))
             return
         runtime.metrics.floor_patches_total.labels(policy_namespace=namespace, policy=name).inc()
-        after = decision.floor
+        after = wanted
     _record(runtime, body, patch, status, namespace, name, policy, decision, observations_info={
         "job": job,
         "ratePoints": len(observations.rates),
