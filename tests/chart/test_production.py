@@ -193,12 +193,13 @@ def test_bad_new_values_are_refused_with_the_path(values: dict[str, Any], messag
 
 
 def test_a_changed_token_value_rolls_the_pods() -> None:
-    def checksum(token: str) -> str:
-        annotations = one(render({"engine.vllm.hfToken.value": token}), "Deployment")[
+    def checksum(token: str, **values: Any) -> str:
+        annotations = one(render({"engine.vllm.hfToken.value": token, **values}), "Deployment")[
             "spec"]["template"]["metadata"]["annotations"]
         return annotations["checksum/secrets"]
     assert checksum("hf_one") != checksum("hf_two")
-    assert checksum("hf_one") == checksum("hf_one")
+    assert checksum("hf_one") == checksum("hf_one", commonLabels={"team": "llm"}), (
+        "the Secret's data, not its labels: a relabel rolls nothing")
     for values in ({}, {"engine.vllm.hfToken.existingSecret": "hf"}, SIM):
         annotations = one(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]
         assert "checksum/secrets" not in annotations, "no Secret of the chart's to follow"
