@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart.render import CHART, ROOT, by_kind, helm, one, render, set_args
+from tests.chart.render import CHART, ROOT, by_kind, helm, notes, one, render, set_args
 from tests.support.tools import tool_path
 
 HPA_DIR = ROOT / "hpa"
@@ -272,6 +272,11 @@ def test_keda_reads_a_missing_series_as_a_failure_and_falls_back_to_max_replicas
     spec = one(render({"autoscaling.mode": "keda", **TUNED, "autoscaling.keda.fallback": {
         "failureThreshold": 5, "replicas": 4}}), "ScaledObject")["spec"]
     assert spec["fallback"] == {"failureThreshold": 5, "replicas": 4}
+
+
+def test_notes_say_what_keda_does_without_the_series() -> None:
+    text = notes({"autoscaling.mode": "keda", **TUNED})
+    assert "KEDA runs 12 pods after 3 polls (FALLBACK True), not the floor." in text
 
 
 def test_a_removed_cooldown_period_value_is_refused_by_the_schema() -> None:
