@@ -132,11 +132,14 @@ def test_pods_skip_service_links_and_relabel_volumes_only_on_mismatch() -> None:
 
 
 def test_every_emptydir_is_bounded_and_requested() -> None:
-    for values in ({}, SIM, {"knowledgeBase.local.persistence.enabled": False}):
-        docs = render(values)
-        for volume in volumes(docs).values():
-            if "emptyDir" in volume:
-                assert volume["emptyDir"].get("sizeLimit"), volume
+    everything = {"operator.enabled": True, "routing.mode": "inferencepool"}
+    for values in ({}, SIM, {"knowledgeBase.local.persistence.enabled": False}, everything):
+        deployments = by_kind(render(values))["Deployment"]
+        assert len(deployments) == (3 if values is everything else 1)
+        for deployment in deployments:
+            for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+                if "emptyDir" in volume:
+                    assert volume["emptyDir"].get("sizeLimit"), (deployment["metadata"]["name"], volume)
     docs = render({"tmpSize": "3Gi", "knowledgeBase.local.persistence.enabled": False,
                    "knowledgeBase.local.persistence.size": "5Gi"})
     assert volumes(docs)["tmp"]["emptyDir"] == {"sizeLimit": "3Gi"}
