@@ -6,7 +6,8 @@
 Two renders of charts/chatfleet (release "chatfleet", namespace "chatfleet"): engine.kind=vllm and
 engine.kind=sim. Objects identical in both go to k8s/base; the rest to k8s/overlays/gpu or
 k8s/overlays/sim. `kubectl apply -k k8s/overlays/sim` then creates exactly what
-`helm template --set engine.kind=sim` renders (without the helm test hook).
+`helm template --set engine.kind=sim` renders (without the helm test hook), but for the label
+`app.kubernetes.io/managed-by`: kubectl, not Helm.
 
 A third render, the gpu one with routing.mode=inferencepool (and the example HTTPRoute to a
 Gateway named inference-gateway), is k8s/overlays/inferencepool: ../gpu plus the objects only it
@@ -47,12 +48,26 @@ def helm_binary() -> str:
     return found
 
 
+MANAGED_BY = "app.kubernetes.io/managed-by"
+
+
+def for_kubectl(node: Any) -> Any:
+    """The chart's objects as kubectl applies them: ``managed-by: kubectl``, not ``Helm`` (no Helm
+    release owns them; tools that trust the label, `helm list` adoption among them, would be misled)."""
+    if isinstance(node, dict):
+        return {key: ("kubectl" if key == MANAGED_BY and value == "Helm" else for_kubectl(value))
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [for_kubectl(item) for item in node]
+    return node
+
+
 def render(values: dict[str, str]) -> list[dict[str, Any]]:
     args = [helm_binary(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--skip-tests"]
     for key, value in values.items():
         args += ["--set", f"{key}={value}"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    return [for_kubectl(doc) for doc in yaml.safe_load_all(out) if doc]
 
 
 def file_name(doc: dict[str, Any]) -> str:

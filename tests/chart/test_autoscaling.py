@@ -16,14 +16,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart.render import ROOT, by_kind, one, render
+from tests.chart.render import CHART, ROOT, by_kind, helm, notes, one, render, set_args
 from tests.support.tools import tool_path
 
 HPA_DIR = ROOT / "hpa"
 ADAPTER_VALUES = HPA_DIR / "prometheus-adapter-values.yaml"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
+SHARED_KB = {"knowledgeBase.store": "pgvector", "knowledgeBase.pgvector.existingSecret": "chatfleet-pg"}
+"""More than one pod needs knowledge bases every pod shares (the chart refuses local ones)."""
+
 TUNED = {
+    **SHARED_KB,
     "autoscaling.minReplicas": 2,
     "autoscaling.maxReplicas": 12,
     "autoscaling.targetQueueDepthPerPod": 4,
@@ -123,7 +127,7 @@ def test_keda_mode_scales_the_deployment_with_the_hpa_behavior() -> None:
 
 
 def test_mode_none_renders_no_autoscaler_and_a_fixed_replica_count() -> None:
-    docs = render({"autoscaling.mode": "none", "replicaCount": 3})
+    docs = render({"autoscaling.mode": "none", "replicaCount": 3, **SHARED_KB})
     kinds = by_kind(docs)
     assert "HorizontalPodAutoscaler" not in kinds and "ScaledObject" not in kinds
     assert one(docs, "Deployment")["spec"]["replicas"] == 3
@@ -169,7 +173,8 @@ def test_keda_queries_use_the_adapter_series() -> None:
 def test_standalone_files_are_what_the_chart_renders(standalone: str, mode: str, kind: str) -> None:
     """hpa/ serves kubectl users a release "chatfleet" in namespace "chatfleet"; it must not drift."""
     (written,) = [d for d in yaml.safe_load_all((HPA_DIR / standalone).read_text()) if d]
-    rendered = one(render({"autoscaling.mode": mode}, release="chatfleet", namespace="chatfleet"), kind)
+    rendered = one(render({"autoscaling.mode": mode, "autoscaling.maxReplicas": 8, **SHARED_KB},
+                          release="chatfleet", namespace="chatfleet"), kind)
     assert written["apiVersion"] == rendered["apiVersion"] and written["kind"] == kind
     assert written["metadata"]["name"] == rendered["metadata"]["name"] == "chatfleet"
     assert written["metadata"]["namespace"] == "chatfleet"
@@ -252,3 +257,46 @@ def test_keda_slot_utilization_is_the_sum_of_per_pod_shares(tmp_path: Path) -> N
     # Pod a 64/64, pod b 32, 32, 48, 16 of 64; pods without a gateway yet add nothing.
     promtool_eval(tmp_path, triggers(scaled)["slot-utilization"]["metadata"]["query"],
                   [1.5, 1.5, 1.75, 1.25])
+
+
+def test_keda_reads_a_missing_series_as_a_failure_and_falls_back_to_max_replicas() -> None:
+    """ignoreNullValues "false": an empty result (say the ServiceMonitor is not selected) is an
+    error, and after failureThreshold of them KEDA asks for the fallback replicas, by default the
+    most pods the autoscaler may run, instead of reading no demand and scaling to the floor.
+    No cooldownPeriod: KEDA uses it only to scale to zero, and the floor is at least 1."""
+    spec = one(render({"autoscaling.mode": "keda", **TUNED}), "ScaledObject")["spec"]
+    assert spec["fallback"] == {"failureThreshold": 3, "replicas": 12}
+    assert "cooldownPeriod" not in spec
+    for trigger in spec["triggers"]:
+        assert trigger["metadata"]["ignoreNullValues"] == "false", trigger["name"]
+    spec = one(render({"autoscaling.mode": "keda", **TUNED, "autoscaling.keda.fallback": {
+        "failureThreshold": 5, "replicas": 4}}), "ScaledObject")["spec"]
+    assert spec["fallback"] == {"failureThreshold": 5, "replicas": 4}
+
+
+def test_notes_say_what_keda_does_without_the_series() -> None:
+    text = notes({"autoscaling.mode": "keda", **TUNED})
+    assert "KEDA runs 12 pods after 3 polls (FALLBACK True), not the floor." in text
+
+
+def test_a_removed_cooldown_period_value_is_refused_by_the_schema() -> None:
+    result = helm("template", "x", str(CHART), *set_args({"autoscaling.keda.cooldownPeriod": 300}))
+    assert result.returncode != 0 and "cooldownPeriod" in result.stderr, result.stderr
+
+
+def test_keda_queries_find_nothing_without_the_gateway_series(tmp_path: Path) -> None:
+    """What the fallback is for: with kube-state-metrics but no gateway series (an unselected
+    ServiceMonitor), both queries return no sample at all, which KEDA would otherwise read as 0."""
+    scaled = one(render({"autoscaling.mode": "keda"}, release="chat", namespace="llm"), "ScaledObject")
+    ksm_only = [(series, values) for series, values in KSM_AND_GATEWAY if series.startswith("kube_")]
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in ksm_only],
+        "promql_expr_test": [{"expr": t["metadata"]["query"], "eval_time": "1m", "exp_samples": []}
+                             for t in scaled["spec"]["triggers"]],
+    }]}
+    path = tmp_path / "keda-null-test.yaml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False, width=1000))
+    result = subprocess.run([tool_path("promtool"), "test", "rules", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

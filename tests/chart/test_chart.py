@@ -24,9 +24,10 @@ from tests.chart.render import (
 
 GPU = {"engine.kind": "vllm"}
 SIM = {"engine.kind": "sim"}
-EXISTING = {"engine.vllm.modelCache.existingClaim": "shared-models",
+EXISTING = {"engine.vllm.modelCache.enabled": True, "engine.vllm.modelCache.existingClaim": "shared-models",
             "engine.vllm.hfToken.existingSecret": "hf-secret"}
 TOKEN_VALUE = {"engine.vllm.hfToken.value": "hf_dummy_for_tests"}
+MODEL_CACHE_RWX = {"engine.vllm.modelCache.enabled": True, "engine.vllm.modelCache.storageClassName": "nfs-client"}
 INGRESS = {"ingress.enabled": True, "ingress.className": "nginx"}
 
 
@@ -104,7 +105,8 @@ def matrix() -> list[Any]:
         workers = WORKERS if mode == "none" and ingress else {}
         routing_suffix, routing = routing_variant(mode, existing, ingress)
         values: dict[str, Any] = {**(GPU if engine == "gpu" else SIM), "autoscaling.mode": mode,
-                                  **(EXISTING if existing else TOKEN_VALUE), **(INGRESS if ingress else {}),
+                                  **(EXISTING if existing else {**TOKEN_VALUE, **MODEL_CACHE_RWX}),
+                                  **(INGRESS if ingress else {}),
                                   **operator, **kb, **workers, **routing}
         case_id = (f"{engine}-{mode}-{'existing' if existing else 'created'}-"
                    f"{'ingress' if ingress else 'noingress'}{suffix}{kb_suffix}"
@@ -158,7 +160,8 @@ def test_default_values_render_a_gpu_pod_with_everything_around_it() -> None:
     assert "replicas" not in spec, "the HPA owns the replica count"
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "chatfleet-model-cache"
+    assert volumes["model-cache"]["emptyDir"] == {"sizeLimit": "50Gi"}, "no claim needing ReadWriteMany"
+    assert [c["metadata"]["name"] for c in kinds["PersistentVolumeClaim"]] == ["chatfleet-kb"]
     tolerations = spec["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
 
@@ -185,14 +188,16 @@ def test_sim_engine_needs_no_gpu_and_answers_as_the_simulated_model() -> None:
     assert not any("gpu" in key for key in engine["resources"].get("limits", {}))
     assert env(pod["gateway"])["CHATFLEET_ENGINE__MODEL"] == "chatfleet-sim/llama-3-8b-h100"
     kinds = by_kind(docs)
-    assert "PersistentVolumeClaim" not in kinds and "Secret" not in kinds
+    assert [c["metadata"]["name"] for c in kinds["PersistentVolumeClaim"]] == ["chatfleet-kb"]
+    assert "Secret" not in kinds
     assert "tolerations" not in one(docs, "Deployment")["spec"]["template"]["spec"]
 
 
 def test_existing_claim_and_secret_are_used_not_created() -> None:
     docs = render(EXISTING)
     kinds = by_kind(docs)
-    assert "PersistentVolumeClaim" not in kinds and "Secret" not in kinds
+    assert [c["metadata"]["name"] for c in kinds["PersistentVolumeClaim"]] == ["chatfleet-kb"]
+    assert "Secret" not in kinds
     volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "shared-models"
     assert volumes["hf-token"]["secret"]["secretName"] == "hf-secret"
@@ -211,7 +216,8 @@ def test_a_token_value_becomes_a_secret_the_engine_mounts() -> None:
 
 @pytest.mark.parametrize("mode", ["hpa", "keda", "none"])
 def test_replicas_are_set_only_without_an_autoscaler(mode: str) -> None:
-    docs = render({"autoscaling.mode": mode, "replicaCount": 3})
+    docs = render({"autoscaling.mode": mode, "replicaCount": 3, "knowledgeBase.store": "pgvector",
+                   "knowledgeBase.pgvector.existingSecret": "chatfleet-pg"})
     spec = one(docs, "Deployment")["spec"]
     assert spec.get("replicas") == (3 if mode == "none" else None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,14 @@ import yaml
 
 from tests.chart.render import ROOT, render
 from tests.support.tools import tool_path
+
+
+def render_k8s_module():
+    spec = importlib.util.spec_from_file_location("render_k8s", ROOT / "scripts" / "render_k8s.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tool_env() -> dict[str, str]:
@@ -35,9 +44,24 @@ def test_kustomize_builds_exactly_the_helm_objects(overlay: str, values: dict[st
                            capture_output=True, text=True, timeout=60, check=False)
     assert built.returncode == 0, built.stderr
     from_kustomize = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout) if d}
-    from_helm = {(d["kind"], d["metadata"]["name"]): d
+    for_kubectl = render_k8s_module().for_kubectl
+    from_helm = {(d["kind"], d["metadata"]["name"]): for_kubectl(d)
                  for d in render(values, namespace="chatfleet")
                  if "helm.sh/hook" not in d["metadata"].get("annotations", {})}
     assert from_kustomize.keys() == from_helm.keys()
     for key, doc in from_helm.items():
         assert from_kustomize[key] == doc, key
+
+
+def test_k8s_manifests_say_kubectl_manages_them_not_helm() -> None:
+    """No Helm release owns k8s/: a `managed-by: Helm` label would mislead tools that trust it."""
+    files = list((ROOT / "k8s").rglob("*.yaml"))
+    labelled = 0
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            labels = (doc or {}).get("metadata", {}).get("labels", {})
+            if "app.kubernetes.io/managed-by" in labels:
+                assert labels["app.kubernetes.io/managed-by"] == "kubectl", path
+                labelled += 1
+    assert labelled >= 10, "k8s/ objects lost their labels"
+    assert "managed-by: Helm" not in "".join(p.read_text() for p in files)

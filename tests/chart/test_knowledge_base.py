@@ -33,7 +33,6 @@ DATA_DIR = "/var/lib/chatfleet/kb"
 PGVECTOR_NO_SECRET = ("knowledgeBase.store is pgvector but knowledgeBase.pgvector.existingSecret is "
                       "empty: create a Secret holding the DSN (kubectl create secret generic "
                       "chatfleet-pg --from-literal=dsn=postgresql://")
-SEPARATE_KBS = "Each replica would have its own separate knowledge bases"
 LOST = "knowledgeBase.local.persistence.enabled is false"
 
 
@@ -54,7 +53,7 @@ def kb_claims(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for d in claims if d["metadata"]["name"].endswith("-kb")]
 
 
-def test_local_store_by_default_writes_to_an_emptydir_at_its_data_dir() -> None:
+def test_local_store_by_default_writes_to_a_claim_at_its_data_dir() -> None:
     docs = render(SIM)
     container = gateway(docs)
     kb_env = {k: v for k, v in env(container).items() if k.startswith("CHATFLEET_KB__")}
@@ -71,8 +70,11 @@ def test_local_store_by_default_writes_to_an_emptydir_at_its_data_dir() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts[DATA_DIR]["name"] == "kb-data" and not mounts[DATA_DIR].get("readOnly")
-    assert pod_volumes(docs)["kb-data"] == {"name": "kb-data", "emptyDir": {}}
-    assert not kb_claims(docs)
+    assert pod_volumes(docs)["kb-data"] == {"name": "kb-data",
+                                            "persistentVolumeClaim": {"claimName": "chatfleet-kb"}}
+    (claim,) = kb_claims(docs)
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}, (
+        "ReadWriteOnce on the default StorageClass: binds on a typical cluster")
     assert DATA_DIR not in {m["mountPath"] for m in containers(docs)["engine"]["volumeMounts"]}
 
 
@@ -97,10 +99,9 @@ def test_an_existing_claim_is_mounted_not_created() -> None:
 
 
 @pytest.mark.parametrize("values", [
-    {},
     {**KB_CLAIM, "knowledgeBase.local.persistence.enabled": False},
     {**KB_CLAIM, **KB_PGVECTOR},
-], ids=["defaults", "persistence-off", "pgvector"])
+], ids=["persistence-off", "pgvector"])
 def test_the_kb_claim_renders_only_with_local_persistence(values: dict[str, Any]) -> None:
     assert not kb_claims(render({**SIM, **values}))
 
@@ -203,20 +204,45 @@ def test_bad_kb_values_are_refused_with_what_to_fix(values: dict[str, Any], mess
     assert message in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize(("values", "pods"), [
-    ({}, 8),
-    ({"autoscaling.mode": "keda", "autoscaling.maxReplicas": 3, **KB_CLAIM}, 3),
-    ({"autoscaling.mode": "none", "replicaCount": 2, **KB_CLAIM}, 2),
-], ids=["hpa-defaults", "keda-claim", "none-two"])
-def test_notes_warn_that_local_kbs_are_per_pod_when_several_may_run(values: dict[str, Any],
-                                                                    pods: int) -> None:
-    text = notes({**SIM, **values})
-    assert f"WARNING: knowledgeBase.store is local but up to {pods} gateway pods may run" in text
-    assert SEPARATE_KBS in text
+PER_POD = {"knowledgeBase.local.perPodStores": True, "knowledgeBase.local.persistence.enabled": False}
+
+
+@pytest.mark.parametrize(("values", "pods", "value"), [
+    ({"autoscaling.maxReplicas": 8}, 8, "autoscaling.maxReplicas"),
+    ({"autoscaling.mode": "keda", "autoscaling.maxReplicas": 3, **KB_CLAIM}, 3, "autoscaling.maxReplicas"),
+    ({"autoscaling.mode": "none", "replicaCount": 2}, 2, "replicaCount"),
+], ids=["hpa-eight", "keda-claim", "none-two"])
+@pytest.mark.parametrize("binary", ["helm", "helm3"])
+def test_a_local_kb_with_several_pods_fails_at_render_with_the_fix(values: dict[str, Any], pods: int,
+                                                                   value: str, binary: str) -> None:
+    """Each pod would keep its own knowledge bases: `helm install` refuses, naming what to set."""
+    result = helm("template", "x", str(CHART), *set_args({**SIM, **values}), binary=binary)
+    assert result.returncode != 0
+    assert (f"knowledgeBase.store is local but up to {pods} gateway pods may run ({value}={pods})"
+            in result.stderr), result.stderr
+    for fix in ("--from-literal=dsn=postgresql://", "knowledgeBase.store=pgvector",
+                "knowledgeBase.pgvector.existingSecret=chatfleet-pg", f"({value}=1)",
+                "knowledgeBase.local.perPodStores=true"):
+        assert fix in result.stderr, fix
+
+
+def test_per_pod_stores_render_an_emptydir_each_and_notes_warn() -> None:
+    values = {**SIM, "autoscaling.maxReplicas": 4, **PER_POD}
+    docs = render(values)
+    assert pod_volumes(docs)["kb-data"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    assert not kb_claims(docs)
+    text = notes(values)
+    assert "WARNING: knowledgeBase.local.perPodStores is true and up to 4 gateway pods may run" in text
     assert "invisible to the others" in text
-    assert "--from-literal=dsn=postgresql://" in text
     assert ("--set knowledgeBase.store=pgvector "
             "--set knowledgeBase.pgvector.existingSecret=chatfleet-pg") in text
+
+
+def test_per_pod_stores_on_one_shared_claim_fail() -> None:
+    result = helm("template", "x", str(CHART), *set_args({
+        **SIM, "autoscaling.maxReplicas": 4, "knowledgeBase.local.perPodStores": True}))
+    assert result.returncode != 0
+    assert "knowledgeBase.local.persistence.enabled=false" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("values", [
@@ -230,8 +256,8 @@ def test_notes_stay_quiet_when_kbs_are_shared_or_one_pod_runs(values: dict[str, 
 
 
 def test_notes_warn_that_an_emptydir_loses_the_kbs() -> None:
-    text = notes({**SIM, "autoscaling.mode": "none"})
-    assert SEPARATE_KBS not in text
+    text = notes({**SIM, "autoscaling.mode": "none", "knowledgeBase.local.persistence.enabled": False})
+    assert "perPodStores" not in text
     assert f"WARNING: {LOST}" in text and "LOST whenever a pod restarts" in text
     assert "Retrieval: lexical only (BM25): knowledgeBase.embeddings.url is not set" in text
 

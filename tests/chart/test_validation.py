@@ -15,7 +15,7 @@ from cloudcoil.models.keda import v1alpha1 as keda
 from cloudcoil.models.prometheus_operator import v1 as monitoring
 from pydantic import BaseModel, ConfigDict
 
-from tests.chart.render import CHART, render_text
+from tests.chart.render import CHART, ROOT, render_text
 from tests.chart.test_chart import MATRIX
 from tests.chart.test_routing import CRD_SCHEMAS, crd_problems
 from tests.support.tools import tool_path
@@ -51,6 +51,43 @@ CUSTOM_KINDS: dict[tuple[str, str], type[BaseModel]] = {
 }
 
 
+EXAMPLES = sorted((ROOT / "examples").glob("values-*.yaml"))
+"""The example value files users install with (-f): validated like the matrix."""
+
+POD_EXTRAS = {
+    "extraVolumes": [{"name": "certs", "configMap": {"name": "corp-ca"}}],
+    "gateway.extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/corp-ca", "readOnly": True}],
+    "engine.extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/ssl/corp", "readOnly": True}],
+    # What checkov asks of any container, the chart's own included.
+    "initContainers": [{"name": "wait", "image": "busybox:1.37", "command": ["true"],
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "16Mi"}},
+                        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}}],
+    "runtimeClassName": "nvidia", "priorityClassName": "llm-serving",
+    "engine.securityContext": {"runAsUser": 20000}, "engine.vllm.hfToken.value": "hf_dummy",
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "chatfleet"}}}],
+    "networkPolicy.from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}],
+}
+"""The values issue 16 added to the pod, all at once."""
+
+PER_POD_STORES = {"engine.kind": "sim", "autoscaling.mode": "keda", "autoscaling.maxReplicas": 4,
+                  "knowledgeBase.local.perPodStores": True, "knowledgeBase.local.persistence.enabled": False}
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}: a values file for checkov's --var-file."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
 def newest_schema_version() -> str:
     help_text = subprocess.run([tool_path("kubernetes-validate"), "--help"], capture_output=True,
                                text=True, timeout=60, check=True).stdout
@@ -64,13 +101,16 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, l
     """Case id -> (file with the built-in kinds of that rendering, its custom resources)."""
     folder = tmp_path_factory.mktemp("renders")
     out = {}
-    for case in MATRIX:
-        docs = [d for d in yaml.safe_load_all(render_text(case.values[0])) if d]
+    cases = [(case.id, case.values[0]) for case in MATRIX] + [
+        (f"example-{path.stem}", yaml.safe_load(path.read_text())) for path in EXAMPLES] + [
+        ("pod-extras", POD_EXTRAS), ("kb-per-pod-stores", PER_POD_STORES)]
+    for case_id, values in cases:
+        docs = [d for d in yaml.safe_load_all(render_text(values)) if d]
         custom = [d for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS | CRD_SCHEMAS.keys()]
         builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS | CRD_SCHEMAS.keys()]
-        path = folder / f"{case.id}.yaml"
+        path = folder / f"{case_id}.yaml"
         path.write_text(yaml.safe_dump_all(builtin))
-        out[case.id] = (path, custom)
+        out[case_id] = (path, custom)
     return out
 
 
@@ -129,8 +169,12 @@ def test_routing_resources_match_their_vendored_crds(renders) -> None:
     {"auth": {"existingSecret": "chatfleet-api-keys", "rateLimit": {"requestsPerSecond": 5}}},
     {"gateway": {"workers": 4, "admission": {"interactiveReservedSlots": 4},
                  "resources": {"limits": {"cpu": "5"}}}},
+    yaml.safe_load((ROOT / "examples" / "values-production.yaml").read_text()),
+    nested(POD_EXTRAS),
+    nested(PER_POD_STORES),
 ], ids=["defaults", "sim-keda-operator-inferencepool", "operator-peering-namespaces", "kb-local-claim",
-        "kb-pgvector-embeddings", "auth-rate-limit", "workers-cpu-limit"])
+        "kb-pgvector-embeddings", "auth-rate-limit", "workers-cpu-limit", "example-production",
+        "pod-extras", "kb-per-pod-stores"])
 def test_checkov_passes_with_only_written_waivers(values: dict[str, Any], tmp_path: Path) -> None:
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))

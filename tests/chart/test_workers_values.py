@@ -27,7 +27,7 @@ def test_by_default_auto_runs_two_workers_on_two_requested_cores_without_a_cpu_l
     container = gateway({})
     assert workers(container) == 2
     resources = container["resources"]
-    assert resources["requests"] == {"cpu": "2", "memory": "768Mi"}
+    assert resources["requests"] == {"cpu": "2", "memory": "768Mi", "ephemeral-storage": "2Gi"}
     assert resources["limits"] == {"memory": "1536Mi"}, "no CPU limit: CFS throttling stalls event loops"
 
 
@@ -37,7 +37,8 @@ def test_a_number_of_workers_sizes_the_cpu_request_and_the_memory(count: int, me
                                                                   memory_limit: str) -> None:
     container = gateway({"gateway.workers": count})
     assert workers(container) == count
-    assert container["resources"] == {"requests": {"cpu": str(count), "memory": memory_request},
+    assert container["resources"] == {"requests": {"cpu": str(count), "memory": memory_request,
+                                                   "ephemeral-storage": "2Gi"},
                                       "limits": {"memory": memory_limit}}
 
 
@@ -76,7 +77,7 @@ def test_one_memory_figure_given_sets_the_other(side: str) -> None:
 
 
 def test_resources_the_user_names_are_kept_as_given() -> None:
-    given = {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"memory": "6Gi"}}
+    given = {"requests": {"cpu": "1", "memory": "3Gi", "ephemeral-storage": "5Gi"}, "limits": {"memory": "6Gi"}}
     container = gateway({"gateway.workers": 4, "gateway.resources": given})
     assert workers(container) == 4
     assert container["resources"] == given

@@ -219,7 +219,8 @@ gateway's auto would then see the whole node. */}}
 {{/* The gateway container's resources: gateway.resources, completed from the workers. CPU: the
 request given, else one core per worker (a worker is one event loop), never above a given limit;
 no limit unless given. Memory: neither given, 256Mi per worker plus 256Mi for the supervisor as
-the request and twice that as the limit; one given, the other equal to it. */}}
+the request and twice that as the limit; one given, the other equal to it. Ephemeral storage:
+a request of tmpSize (the pod's /tmp emptyDir) unless given. */}}
 {{- define "chatfleet.gatewayResources" -}}
 {{- $workers := include "chatfleet.gatewayWorkers" . | int -}}
 {{- $given := .Values.gateway.resources -}}
@@ -238,6 +239,9 @@ the request and twice that as the limit; one given, the other equal to it. */}}
 {{- $_ := set $requests "cpu" . }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if not (hasKey $requests "ephemeral-storage") }}
+{{- $_ := set $requests "ephemeral-storage" .Values.tmpSize }}
 {{- end }}
 {{- if and (not $requests.memory) (not $limits.memory) }}
 {{- $_ := set $requests "memory" (printf "%dMi" (mul 256 (add1 $workers))) }}
@@ -277,4 +281,68 @@ neither the helm test pod (component test) nor any other release pod joins the p
 {{- define "chatfleet.poolSelectorLabels" -}}
 {{ include "chatfleet.selectorLabels" . }}
 app.kubernetes.io/component: server
+{{- end }}
+
+{{/* The Deployment's spec.replicas. Without an autoscaler: replicaCount. With one: nothing on a
+fresh install (the HPA or KEDA owns the count), but the live Deployment's count while it exists:
+switching autoscaling.mode from none to hpa/keda would otherwise drop the field the last release
+set, and the API server would default it to 1 (Helm 3's three-way merge deletes it; Helm 4's
+server-side apply removes a field its manager stops applying) until the new HPA scales back up.
+Rendering the live count changes nothing, and leaves nothing for a later release to remove.
+`helm template` and the k8s/ manifests cannot look it up and leave the field out. */}}
+{{- define "chatfleet.deploymentReplicas" -}}
+{{- if eq .Values.autoscaling.mode "none" }}
+{{- .Values.replicaCount }}
+{{- else }}
+{{- with lookup "apps/v1" "Deployment" .Release.Namespace (include "chatfleet.fullname" .) }}
+{{- dig "spec" "replicas" "" . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the chart itself creates the Hugging Face token Secret (hfToken.value). */}}
+{{- define "chatfleet.hfSecretCreated" -}}
+{{- if and (eq .Values.engine.kind "vllm") .Values.engine.vllm.hfToken.value (not .Values.engine.vllm.hfToken.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* Refuse storage that cannot work with the pods that may run, with the values that fix it, so
+`helm install` fails here instead of reporting success over Pending pods or split data:
+- a local knowledge base with more than one pod (each its own knowledge bases), unless
+  knowledgeBase.local.perPodStores says that is intended (then never on one shared claim);
+- a chart-made ReadWriteMany model cache on the default StorageClass (ReadWriteOnce on most
+  clusters: the claim never binds), or a claim that is not ReadWriteMany with more than one pod. */}}
+{{- define "chatfleet.validateStorage" -}}
+{{- $maxPods := include "chatfleet.maxPods" . | int -}}
+{{- $podsValue := ternary "replicaCount" "autoscaling.maxReplicas" (eq .Values.autoscaling.mode "none") -}}
+{{- $kb := .Values.knowledgeBase -}}
+{{- if and (eq $kb.store "local") (gt $maxPods 1) }}
+{{- if not $kb.local.perPodStores }}
+{{- fail (printf "knowledgeBase.store is local but up to %d gateway pods may run (%s=%d): each pod would keep its own separate knowledge bases, and a document uploaded through one pod would be invisible to the others. Keep them in PostgreSQL with pgvector, shared by every pod (kubectl create secret generic chatfleet-pg --from-literal=%s=postgresql://USER:PASSWORD@HOST:5432/DB, then set knowledgeBase.store=pgvector and knowledgeBase.pgvector.existingSecret=chatfleet-pg); or run one pod (%s=1); or, for a fleet that never uploads documents, set knowledgeBase.local.perPodStores=true and knowledgeBase.local.persistence.enabled=false" $maxPods $podsValue $maxPods $kb.pgvector.secretKey $podsValue) }}
+{{- else if $kb.local.persistence.enabled }}
+{{- fail (printf "knowledgeBase.local.perPodStores is true but so is knowledgeBase.local.persistence.enabled: up to %d pods would share one claim, which a ReadWriteOnce volume cannot do across nodes and which gives no pod the others' indexes. Set knowledgeBase.local.persistence.enabled=false (an emptyDir per pod), or knowledgeBase.store=pgvector" $maxPods) }}
+{{- end }}
+{{- end }}
+{{- $cache := .Values.engine.vllm.modelCache -}}
+{{- if and (eq .Values.engine.kind "vllm") $cache.enabled (not $cache.existingClaim) }}
+{{- if and (has "ReadWriteMany" $cache.accessModes) (not $cache.storageClassName) }}
+{{- fail "engine.vllm.modelCache asks for a ReadWriteMany claim of the cluster's default StorageClass, which provides only ReadWriteOnce on most clusters: the claim would never bind and the pods would stay Pending. Set engine.vllm.modelCache.storageClassName to a class that provides ReadWriteMany (NFS, EFS, Filestore, CephFS...), or engine.vllm.modelCache.existingClaim to a claim you made, or engine.vllm.modelCache.enabled=false (each pod downloads the model into its own emptyDir)" }}
+{{- else if and (not (has "ReadWriteMany" $cache.accessModes)) (gt $maxPods 1) }}
+{{- fail (printf "engine.vllm.modelCache.accessModes is %v but up to %d pods may run (%s=%d): a claim that is not ReadWriteMany attaches to one node, and pods on the others would stay Pending. Set engine.vllm.modelCache.accessModes=[ReadWriteMany] with a storageClassName that provides it, or an existingClaim, or engine.vllm.modelCache.enabled=false" $cache.accessModes $maxPods $podsValue $maxPods) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The helm test pod's labels: the release's, but a name of its own, so no selector of the
+gateway (Deployment, Service, PodDisruptionBudget, NetworkPolicy, InferencePool) matches it. */}}
+{{- define "chatfleet.testLabels" -}}
+helm.sh/chart: {{ include "chatfleet.chart" . }}
+app.kubernetes.io/name: {{ include "chatfleet.name" . | trunc 58 | trimSuffix "-" }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chatfleet
+app.kubernetes.io/component: test
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
