@@ -134,3 +134,25 @@ def test_a_malformed_mooncake_line_is_refused_with_its_place(tmp_path: Path, lin
     assert run.returncode == 2
     flat = " ".join(run.stderr.split())
     assert "bad.jsonl" in flat and expected in flat and "hash_ids" in flat
+
+
+def test_a_per_token_ttft_allowance_scores_long_prompts_by_their_length(tmp_path: Path) -> None:
+    # Every third prompt is 48k tokens: about 3 s of prefill on an idle H200, over a flat 2 s TTFT
+    # whatever the fleet; with 0.1 s per 1k prompt tokens it has 6.8 s.
+    rows = [(i * 2.0, 48_000 if i % 3 == 0 else 1_000, 20) for i in range(60)]
+    trace = write_csv(tmp_path / "long.csv", rows)
+    h200 = ("--profile", "llama-3.1-8b-h200", "--engine-slots", "8", "--cold-start", "30",
+            "--policies", "oracle,static")
+    flat = simulate("--trace", trace, *h200, "--report", tmp_path / "flat.json")
+    allowed = simulate("--trace", trace, *h200, "--slo-ttft-per-1k-tokens", "0.1",
+                       "--report", tmp_path / "allowed.json")
+    assert flat.returncode == 0 and allowed.returncode == 0, flat.stderr + allowed.stderr
+    assert "+ 0.1 s per 1k prompt tokens" in " ".join(allowed.stdout.split())
+    flat_report, allowed_report = (json.loads((tmp_path / name).read_text()) for name in ("flat.json", "allowed.json"))
+    assert flat_report["slo"]["ttft_per_1k_prompt_tokens_s"] == 0
+    assert allowed_report["slo"]["ttft_per_1k_prompt_tokens_s"] == 0.1
+    for policy in ("oracle", "static"):
+        assert flat_report["policies"][policy]["slo_attainment"] <= 40 / 60
+        assert allowed_report["policies"][policy]["slo_attainment"] > 0.95
+    refused = simulate("--trace", trace, *h200, "--slo-ttft-per-1k-tokens", "-1")
+    assert refused.returncode == 2 and "--slo-ttft-per-1k-tokens" in refused.stderr

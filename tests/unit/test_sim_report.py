@@ -15,12 +15,14 @@ OK, REJECTED, CUT, INVALID = (RequestOutcome.OK, RequestOutcome.REJECTED, Reques
 
 
 def result(requests: list[tuple[float, RequestOutcome, float, float]],
-           desired: list[int], gpu_seconds: float = 1000.0, every: float = 15.0) -> FleetResult:
+           desired: list[int], gpu_seconds: float = 1000.0, every: float = 15.0,
+           prompt_tokens: list[int] | None = None) -> FleetResult:
     """requests: (arrival, outcome, ttft, tpot); desired: one replica count per sync."""
     return FleetResult(
         arrival_s=array("d", [r[0] for r in requests]),
         outcome=array("b", [r[1] for r in requests]),
         ttft_s=array("d", [r[2] for r in requests]), tpot_s=array("d", [r[3] for r in requests]),
+        prompt_tokens=array("l", prompt_tokens or [1000] * len(requests)),
         timeline=tuple(TimelinePoint(i * every, d, d, 0, 0, 0, 0.0) for i, d in enumerate(desired)),
         gpu_seconds=gpu_seconds, end_s=max(len(desired) * every, max(r[0] for r in requests) + 1))
 
@@ -39,6 +41,16 @@ def test_a_request_meets_the_slo_only_when_answered_fast_enough_on_both_counts()
     assert not report.slo_excludes_invalid
     excluded = summarize("p", run, slo=slo, replica_capacity=1.0, exclude_invalid=True)
     assert excluded.slo_attainment == pytest.approx(2 / 6) and excluded.slo_excludes_invalid
+
+
+def test_a_per_token_ttft_allowance_gives_long_prompts_their_prefill_time() -> None:
+    # TTFT 3 s for a 500-token and for a 32k-token prompt: both miss a flat 2 s; with 0.1 s per
+    # 1k prompt tokens the long one has 5.2 s and meets it, the short one still has 2.05 s.
+    run = result([(0, OK, 3.0, 0.05), (1, OK, 3.0, 0.05)], [1], prompt_tokens=[500, 32_000])
+    assert meets_slo(run, Slo()) == [False, False]
+    assert meets_slo(run, Slo(ttft_per_1k_prompt_tokens_s=0.1)) == [False, True]
+    with pytest.raises(ValueError, match="per 1k prompt tokens"):
+        Slo(ttft_per_1k_prompt_tokens_s=-1)
 
 
 def test_reversals_count_changes_of_direction_not_steps() -> None:

@@ -30,7 +30,7 @@ from chatfleet.engines.engine_model import load_profile
 from chatfleet.sim.experiment import POLICIES, prepare
 from chatfleet.sim.fleet import FleetResult
 from chatfleet.sim.picker import ROUTINGS, Routing
-from chatfleet.sim.report import PolicyReport
+from chatfleet.sim.report import PolicyReport, Slo
 
 __all__ = ["POLICIES", "ROUTINGS", "simulate_command"]
 
@@ -113,6 +113,13 @@ def simulate_command(
     engine_slots: Annotated[int | None, typer.Option(
         min=1, help="Gateway slots = vLLM max-num-seqs; default: the fewest that reach the best "
                     "per-replica capacity.")] = None,
+    slo_ttft: Annotated[float, typer.Option(
+        min=0.001, help="SLO: seconds to the first token (plus --slo-ttft-per-1k-tokens).")] = 2.0,
+    slo_ttft_per_1k_tokens: Annotated[float, typer.Option(
+        min=0, help="SLO: seconds of TTFT allowed per 1,000 prompt tokens on top of --slo-ttft, for "
+                    "long-context traffic (a 64k prompt takes seconds to prefill on an idle GPU).")] = 0.0,
+    slo_tpot: Annotated[float, typer.Option(
+        min=0.001, help="SLO: mean seconds per output token after the first.")] = 0.1,
     max_replicas: Annotated[int, typer.Option(min=1)] = 64,
     hpa_dir: Annotated[Path, typer.Option(help="Folder with hpa.yaml and keda-scaledobject.yaml.")] = _ROOT / "hpa",
     routing: Annotated[str, typer.Option(help=(
@@ -147,7 +154,9 @@ def simulate_command(
         experiment = prepare(rows, speed=speed, cold_start_s=cold_start, profile=engine,
                              hpa_dir=hpa_dir, engine_slots=engine_slots, duration_s=duration,
                              max_replicas=max_replicas, seed=seed, routing=how,
-                             prefix_caching=prefix_caching, exclude_invalid=exclude_invalid)
+                             prefix_caching=prefix_caching, exclude_invalid=exclude_invalid,
+                             slo=Slo(ttft_s=slo_ttft, tpot_s=slo_tpot,
+                                     ttft_per_1k_prompt_tokens_s=slo_ttft_per_1k_tokens))
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     order = sorted(chosen, key=lambda name: name != "oracle")  # the oracle first: the others' yardstick
@@ -172,8 +181,12 @@ def simulate_command(
         f"(max_model_len {engine.max_model_len}) with {engine_slots} slots: {capacity:.2f} req/s per "
         f"replica ({unservable:.1%} of the trace unservable, left out of it), {routing} routing"
         + ("" if hit_rate is None else f", prefix cache hits {hit_rate:.1%}")),
-        caption=("SLO: attainment over the servable requests only (--exclude-invalid)" if exclude_invalid
-                 else "SLO: invalid requests (never servable) count as missed"))
+        caption=(f"SLO: TTFT <= {slo.ttft_s:g} s"
+                 + (f" + {slo.ttft_per_1k_prompt_tokens_s:g} s per 1k prompt tokens"
+                    if slo.ttft_per_1k_prompt_tokens_s else "")
+                 + f", TPOT <= {slo.tpot_s * 1000:g} ms; "
+                 + ("attainment over the servable requests only (--exclude-invalid)" if exclude_invalid
+                    else "invalid requests (never servable) count as missed")))
     for column in ("policy", "SLO", "TTFT p99 s", "GPU-s", "vs oracle", "429s", "invalid", "peak",
                    "overshoot", "reversals/h", "reaction s", "recovery s"):
         table.add_column(column, justify="right")
@@ -193,6 +206,7 @@ def simulate_command(
             "replica_capacity": capacity, "unservable_share": unservable,
             "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hit_rate,
             "requests": requests, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
+                                          "ttft_per_1k_prompt_tokens_s": slo.ttft_per_1k_prompt_tokens_s,
                                           "exclude_invalid": exclude_invalid},
             "routing": {"kind": how.kind, "poll_interval_s": how.poll_interval_s,
                         "kv_poll_interval_s": how.kv_poll_interval_s},

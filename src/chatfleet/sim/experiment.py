@@ -171,13 +171,12 @@ def for_requests(requests: list[RequestSpec], *, lengths: LengthSampler, cold_st
                  profile: EngineProfile, hpa_dir: Path, engine_slots: int | None = None,
                  max_replicas: int = 64, seed: int = 0, routing: Routing = Routing(),
                  unservable_share: float = 0.0, prefix_caching: bool = True,
-                 exclude_invalid: bool = False) -> Experiment:
+                 exclude_invalid: bool = False, slo: Slo = Slo()) -> Experiment:
     """The experiment for these requests: the replica's slots (tuned unless given) and its
     capacity measured with requests of ``lengths``, and the chart's autoscalers."""
     if not requests:
         raise ValueError("no requests to simulate")
     hpa_manifest, keda_manifest = load_manifests(hpa_dir)
-    slo = Slo()
     if engine_slots is None:
         engine_slots, capacity = tuned_slots(profile, lengths=lengths, slo=slo, seed=seed)
     else:
@@ -194,7 +193,7 @@ def for_requests(requests: list[RequestSpec], *, lengths: LengthSampler, cold_st
 def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile: EngineProfile,
             hpa_dir: Path, engine_slots: int | None = None, duration_s: float | None = None,
             max_replicas: int = 64, seed: int = 0, routing: Routing = Routing(),
-            prefix_caching: bool = True, exclude_invalid: bool = False) -> Experiment:
+            prefix_caching: bool = True, exclude_invalid: bool = False, slo: Slo = Slo()) -> Experiment:
     """The experiment for a trace replayed at ``speed`` (its first ``duration_s`` only); the
     replica's capacity is measured on the trace's lengths that the engine can serve."""
     requests = [r for r in trace_replay(rows, speed=speed).arrivals
@@ -206,4 +205,4 @@ def prepare(rows: list[TraceRow], *, speed: float, cold_start_s: float, profile:
                         cold_start_s=cold_start_s, profile=profile, hpa_dir=hpa_dir,
                         engine_slots=engine_slots, max_replicas=max_replicas, seed=seed,
                         routing=routing, unservable_share=unservable, prefix_caching=prefix_caching,
-                        exclude_invalid=exclude_invalid)
+                        exclude_invalid=exclude_invalid, slo=slo)

@@ -159,6 +159,7 @@ class FleetResult:
     """NaN when no token was produced."""
     tpot_s: array
     """Mean seconds per output token after the first; NaN for one-token or unanswered requests."""
+    prompt_tokens: array
     timeline: tuple[TimelinePoint, ...]
     gpu_seconds: float
     end_s: float
@@ -484,7 +485,8 @@ class _Simulation:
         hits = sum(pod.core.prefix_cache_hits for pod in self.pods)
         return FleetResult(
             arrival_s=array("d", (float(r.at_s or 0.0) for r in self.requests)),
-            outcome=self.outcome, ttft_s=ttft, tpot_s=tpot, timeline=tuple(self.timeline),
+            outcome=self.outcome, ttft_s=ttft, tpot_s=tpot,
+            prompt_tokens=array("l", (r.prompt_tokens for r in self.requests)), timeline=tuple(self.timeline),
             gpu_seconds=gpu_seconds, end_s=end_s, prefix_cache_hit_rate=hits / queries if queries else 0.0)
 
 

@@ -1,7 +1,7 @@
 """What a fleet run is worth: SLO attainment, GPU-seconds, refusals, and how the scaling moved.
 
-SLO (the issue's): a request meets it when it was answered, its TTFT is at most ``ttft_s`` and its
-mean time per output token at most ``tpot_s``; refused, unrouted and cut requests miss it. So do
+SLO (the issue's): a request meets it when it was answered, its TTFT is at most ``ttft_s`` (plus
+an allowance per prompt token, ``Slo``) and its mean time per output token at most ``tpot_s``; refused, unrouted and cut requests miss it. So do
 requests the engine can never serve (``RequestOutcome.INVALID``: over max_model_len or the whole KV
 cache, a 400 under any policy), counted apart in ``invalid``; ``exclude_invalid`` leaves them out
 of the attainment's denominator instead. The
@@ -24,8 +24,23 @@ __all__ = ["PolicyReport", "Slo", "biggest_step", "meets_slo", "scored_arrivals"
 
 @dataclass(frozen=True, slots=True)
 class Slo:
+    """TTFT at most ``ttft_s`` plus ``ttft_per_1k_prompt_tokens_s`` for each 1,000 prompt tokens
+    (0 by default: one bound for every prompt), and mean TPOT at most ``tpot_s``. The per-token
+    allowance is for long-context traffic: a 64k-token prompt takes seconds to prefill on an idle
+    H200, so a flat 2 s TTFT would call a fleet of any size failing."""
+
     ttft_s: float = 2.0
     tpot_s: float = 0.100
+    ttft_per_1k_prompt_tokens_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.ttft_s <= 0 or self.tpot_s <= 0 or self.ttft_per_1k_prompt_tokens_s < 0:
+            raise ValueError(f"SLO bounds must be positive (the per-token TTFT allowance may be 0), got "
+                             f"ttft {self.ttft_s} s, tpot {self.tpot_s} s, "
+                             f"{self.ttft_per_1k_prompt_tokens_s} s per 1k prompt tokens")
+
+    def ttft_bound_s(self, prompt_tokens: int) -> float:
+        return self.ttft_s + self.ttft_per_1k_prompt_tokens_s * prompt_tokens / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +76,10 @@ class PolicyReport:
 def meets_slo(result: FleetResult, slo: Slo, *, exclude_invalid: bool = False) -> list[bool]:
     """Per scored request, in arrival order: met or not. Invalid requests miss, or are left out
     with ``exclude_invalid``."""
-    return [outcome == RequestOutcome.OK and ttft <= slo.ttft_s and (math.isnan(tpot) or tpot <= slo.tpot_s)
-            for outcome, ttft, tpot in zip(result.outcome, result.ttft_s, result.tpot_s, strict=True)
+    return [outcome == RequestOutcome.OK and ttft <= slo.ttft_bound_s(prompt)
+            and (math.isnan(tpot) or tpot <= slo.tpot_s)
+            for outcome, ttft, tpot, prompt in zip(result.outcome, result.ttft_s, result.tpot_s,
+                                                   result.prompt_tokens, strict=True)
             if not (exclude_invalid and outcome == RequestOutcome.INVALID)]
 
 
