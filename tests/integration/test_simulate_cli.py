@@ -71,7 +71,7 @@ def test_simulate_routes_through_the_endpoint_picker_with_routing_epp(tmp_path: 
         assert f"{routing} routing" in " ".join(run.stdout.split())
         reports[routing] = json.loads(report.read_text())
     assert reports["epp"]["routing"] == {"kind": "epp", "poll_interval_s": 0.1,
-                                         "kv_poll_interval_s": 0.5}
+                                         "prefix_affinity": False, "kv_poll_interval_s": 0.5}
     assert reports["random"]["routing"]["kind"] == "random"
     random_row, epp_row = (reports[r]["policies"]["static"] for r in ("random", "epp"))
     # The same fleet (static at peak), so the same GPUs; the picker queues less than chance.

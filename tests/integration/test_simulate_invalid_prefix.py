@@ -156,3 +156,12 @@ def test_a_per_token_ttft_allowance_scores_long_prompts_by_their_length(tmp_path
         assert allowed_report["policies"][policy]["slo_attainment"] > 0.95
     refused = simulate("--trace", trace, *h200, "--slo-ttft-per-1k-tokens", "-1")
     assert refused.returncode == 2 and "--slo-ttft-per-1k-tokens" in refused.stderr
+
+
+def test_prefix_affinity_is_the_pickers_and_shows_in_the_report(tmp_path: Path) -> None:
+    trace = write_mooncake(tmp_path / "slice.jsonl")
+    data = report_of(trace, tmp_path / "affinity.json", "--routing", "epp", "--prefix-affinity")
+    assert data["routing"]["kind"] == "epp" and data["routing"]["prefix_affinity"] is True
+    refused = simulate("--trace", trace, *FAST, "--prefix-affinity")
+    assert refused.returncode == 2
+    assert "use it with routing epp" in " ".join(refused.stderr.replace("│", " ").split())

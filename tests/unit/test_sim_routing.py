@@ -130,3 +130,28 @@ def test_bad_routing_is_refused_with_what_to_choose() -> None:
         Routing("magic")
     with pytest.raises(ValueError, match="poll intervals must be > 0"):
         Routing("epp", poll_interval_s=0)
+    with pytest.raises(ValueError, match="use it with routing epp"):
+        Routing("random", prefix_affinity=True)
+
+
+def test_prefix_affinity_sends_prompts_that_start_alike_to_one_pod_whose_cache_holds_them() -> None:
+    """Sixteen system prompts of 4 trace blocks (2,048 tokens; 32k in all, more than an L4's
+    21,888 tokens of KV), each request adding a block of its own, over four lightly loaded pods:
+    the least-loaded picker alone sends every prompt to every pod, whose LRU cache then loses them
+    between turns; keyed on the first block, each pod serves about four prompts, which it keeps."""
+    prompts = 16
+    requests = [RequestSpec(index=i, prompt_tokens=5 * 512 - 100, output_tokens=20, at_s=i * 0.25,
+                            prefix_ids=tuple(range(10 * (i % prompts), 10 * (i % prompts) + 4)) + (1000 + i,))
+                for i in range(400)]
+
+    def run(affinity: bool) -> FleetResult:
+        config = FleetConfig(profile=L4, engine_slots=8, initial_replicas=4, seed=2,
+                             routing=Routing("epp", prefix_affinity=affinity))
+        return simulate(config, requests, StaticReplicas(4))
+
+    spread, kept = run(False), run(True)
+    # At best every request but each prompt's first finds its 2,048 shared tokens cached.
+    best = 2048 / (5 * 512 - 100) * (400 - prompts) / 400
+    assert kept.prefix_cache_hit_rate > 0.9 * best
+    assert spread.prefix_cache_hit_rate < kept.prefix_cache_hit_rate - 0.25
+    assert outcomes(kept)["OK"] == outcomes(spread)["OK"] == 400

@@ -128,6 +128,10 @@ def simulate_command(
     ))] = "random",
     poll_interval: Annotated[float, typer.Option(
         min=0.001, help="epp: seconds between the picker's polls of each pod's load.")] = 0.05,
+    prefix_affinity: Annotated[bool, typer.Option(
+        "--prefix-affinity", help="epp: send prompts that start with the same trace block to the same "
+                                  "pod while it is about as loaded as the least (chatfleet epp "
+                                  "--prefix-chars), so its prefix cache holds them.")] = False,
 ) -> None:
     """Replay a trace against the fleet under each autoscaling policy and compare them."""
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
@@ -135,7 +139,7 @@ def simulate_command(
     if unknown or not chosen:
         raise typer.BadParameter(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
     try:
-        how = Routing(kind=routing, poll_interval_s=poll_interval)
+        how = Routing(kind=routing, poll_interval_s=poll_interval, prefix_affinity=prefix_affinity)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--routing") from exc
     if plots is not None and (missing := matplotlib_missing()):
@@ -180,6 +184,7 @@ def simulate_command(
         f"{trace.name} x{speed:g}, cold start {cold_start:g} s, {requests} requests, {profile} "
         f"(max_model_len {engine.max_model_len}) with {engine_slots} slots: {capacity:.2f} req/s per "
         f"replica ({unservable:.1%} of the trace unservable, left out of it), {routing} routing"
+        + (" with prefix affinity" if prefix_affinity else "")
         + ("" if hit_rate is None else f", prefix cache hits {hit_rate:.1%}")),
         caption=(f"SLO: TTFT <= {slo.ttft_s:g} s"
                  + (f" + {slo.ttft_per_1k_prompt_tokens_s:g} s per 1k prompt tokens"
@@ -209,6 +214,7 @@ def simulate_command(
                                           "ttft_per_1k_prompt_tokens_s": slo.ttft_per_1k_prompt_tokens_s,
                                           "exclude_invalid": exclude_invalid},
             "routing": {"kind": how.kind, "poll_interval_s": how.poll_interval_s,
+                        "prefix_affinity": how.prefix_affinity,
                         "kv_poll_interval_s": how.kv_poll_interval_s},
             "policies": {name: reports[name].as_dict() for name in chosen}}, indent=2) + "\n")
     if plots is not None:

@@ -299,7 +299,7 @@ class _Simulation:
             self.settle(index, RequestOutcome.NO_ENDPOINT)
             return
         if self.epp:
-            picked = self.pick(ready)
+            picked = self.pick(ready, request)
             if isinstance(picked, scoring.Refusal):
                 self.settle(index, RequestOutcome.REJECTED if picked.status == 429
                             else RequestOutcome.NO_ENDPOINT)
@@ -315,7 +315,7 @@ class _Simulation:
         else:
             self.settle(index, RequestOutcome.REJECTED)
 
-    def pick(self, ready: list[_Pod]) -> _Pod | scoring.Refusal:
+    def pick(self, ready: list[_Pod], request: RequestSpec) -> _Pod | scoring.Refusal:
         """The endpoint picker's choice on what it polled; the chosen pod counts one pending."""
         views = []
         for pod in ready:
@@ -323,7 +323,10 @@ class _Simulation:
             pod.polled.observe(self.now)
             views.append(pod.polled.view(self.now))
         self.picks += 1
-        result = scoring.pick(views, batch=False, spec=self.config.routing.spec, turn=self.picks)
+        key = (str(request.prefix_ids[0]) if self.config.routing.prefix_affinity and request.prefix_ids
+               else None)
+        result = scoring.pick(views, batch=False, spec=self.config.routing.spec, prefix_key=key,
+                              turn=self.picks)
         if isinstance(result, scoring.Refusal):
             return result
         pod = self.by_name[result.endpoint]

@@ -31,12 +31,17 @@ ROUTINGS = ("random", "epp")
 @dataclass(frozen=True, slots=True)
 class Routing:
     """``kind``: ``random`` (a random ready pod, as kube-proxy does) or ``epp`` (the endpoint
-    picker's scoring on polled load); the intervals are ``chatfleet epp``'s."""
+    picker's scoring on polled load); the intervals are ``chatfleet epp``'s. ``prefix_affinity``
+    (epp only): the picker keys each request on its prompt's first trace block, as ``chatfleet epp
+    --prefix-chars`` does on the prompt's first characters when they fall within that block:
+    prompts that start alike go to the same pod while it is within the spec's slack of the least
+    loaded."""
 
     kind: str = "random"
     poll_interval_s: float = 0.05
     kv_poll_interval_s: float | None = 0.5
     spec: RoutingSpec = RoutingSpec()
+    prefix_affinity: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ROUTINGS:
@@ -44,6 +49,8 @@ class Routing:
         if not self.poll_interval_s > 0 or not (self.kv_poll_interval_s is None
                                                 or self.kv_poll_interval_s > 0):
             raise ValueError("poll intervals must be > 0")
+        if self.prefix_affinity and self.kind != "epp":
+            raise ValueError("prefix affinity is the endpoint picker's: use it with routing epp")
 
 
 class _Polls:
