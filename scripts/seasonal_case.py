@@ -25,6 +25,8 @@ from chatfleet.sim.experiment import for_requests
 from chatfleet.sim.report import meets_slo, scored_arrivals
 
 ROOT = Path(__file__).resolve().parents[1]
+CONV_L4_SLOTS = 16
+"""What `chatfleet simulate` tunes for conv on llama-3-8b-l4 (docs/autoscaling.md, Slots and capacity)."""
 START_H, END_H = 9.0, 18.0
 
 
@@ -48,12 +50,12 @@ def main() -> None:
     lengths = EmpiricalLengths.from_trace(rows)
     requests = list(shaped_arrivals(workday(args.night, args.day), duration_s=args.days * DAY_S,
                                     lengths=lengths, seed=0).arrivals)
-    # The table's conv fleet: L4s with the 24 slots sim/capacity.py tunes for conv's lengths.
+    # The table's conv fleet: L4s with the slots sim/capacity.py tunes for conv's lengths.
     experiment = for_requests(requests, lengths=lengths, cold_start_s=args.cold_start,
                               profile=load_profile("llama-3-8b-l4"), hpa_dir=ROOT / "hpa",
-                              engine_slots=24)
+                              engine_slots=CONV_L4_SLOTS)
     print(f"{len(requests)} requests over {args.days} days, {args.night:g} -> {args.day:g} req/s "
-          f"at 09:00, cold start {args.cold_start:g} s (L4, 24 slots, "
+          f"at 09:00, cold start {args.cold_start:g} s (L4, {CONV_L4_SLOTS} slots, "
           f"{experiment.replica_capacity:.2f} req/s per replica)")
     results, out = {}, {}
     for policy in ("oracle", "hpa", "operator"):
