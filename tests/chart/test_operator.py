@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from tests.chart.render import CHART, by_kind, helm, render, set_args
+from chatfleet.autoscale.operator import parse_policy
+from tests.chart.render import CHART, by_kind, helm, notes, render, set_args
 from tests.chart.test_chart import OPERATOR, OPERATOR_NAMESPACES, OPERATOR_PEERING
+from tests.support.crd import problems
 
 OPERATOR_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ClusterKopfPeering",
                   "KopfPeering", "PodMonitor"}
@@ -220,3 +222,86 @@ def test_with_the_operator_on_the_chart_leaves_the_floor_field_to_it(mode: str, 
     (off,) = by_kind(render(values))[kind]
     assert off["spec"][field] == 3
     assert "chatfleet.io/chart-floor" not in (off["metadata"].get("annotations") or {})
+
+
+def chart_policy(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The chart's ChatFleetPolicy, if it rendered one (at most one)."""
+    policies = by_kind(docs).get("ChatFleetPolicy", [])
+    assert len(policies) <= 1
+    return policies[0] if policies else None
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("hpa", "HorizontalPodAutoscaler"),
+                                            ("keda", "ScaledObject")])
+def test_with_the_operator_on_the_chart_names_its_own_autoscaler_in_a_policy(mode: str,
+                                                                             kind: str) -> None:
+    """The chart left the floor field to the operator, which writes it only for targets a policy
+    names: so the chart renders one for its own HPA / ScaledObject, in recommend mode (the
+    operator holds the chart's floor), with the chart's bounds, valid for the CRD the chart
+    installs and taken by the operator as the chart means it."""
+    values = {"autoscaling.mode": mode, "autoscaling.minReplicas": 2, "autoscaling.maxReplicas": 6,
+              "knowledgeBase.store": "pgvector", "knowledgeBase.pgvector.existingSecret": "pg"}
+    docs = render({**values, **OPERATOR}, release="chat", namespace="team-a")
+    policy = chart_policy(docs)
+    assert policy is not None
+    (target,) = by_kind(docs)[kind]
+    assert policy["metadata"]["name"] == "chat-chatfleet" and policy["metadata"]["namespace"] == "team-a"
+    assert policy["spec"]["targetRef"] == {"kind": kind, "name": target["metadata"]["name"]}
+    assert target["metadata"]["namespace"] == "team-a"
+    assert problems(policy) == []
+    parsed = parse_policy(policy["spec"])
+    assert parsed.mode == "recommend"
+    assert (parsed.spec.min_replicas, parsed.spec.max_replicas) == (2, 6)
+    assert parsed.cold_start_s is None, "learned from the pods unless set"
+    assert chart_policy(render(values)) is None, "no operator, no policy"
+
+
+def test_the_policy_takes_its_fields_from_the_values() -> None:
+    policy = chart_policy(render({**OPERATOR, "operator.policy.mode": "enforce",
+                                  "operator.policy.replicaCapacity": 2.5,
+                                  "operator.policy.coldStartSeconds": 240,
+                                  "operator.policy.targetUtilization": 0.8,
+                                  "operator.policy.trendWindowSeconds": 900,
+                                  "operator.policy.lowerAfterSeconds": 1200,
+                                  "operator.policy.slo": {"ttftSeconds": 0.5, "attainment": 0.95}}))
+    assert policy is not None and problems(policy) == []
+    parsed = parse_policy(policy["spec"])
+    assert parsed.mode == "enforce" and parsed.cold_start_s == 240
+    assert parsed.spec.replica_capacity == 2.5 and parsed.spec.target_utilization == 0.8
+    assert (parsed.spec.trend_window_s, parsed.spec.lower_after_s) == (900, 1200)
+    assert parsed.ttft_seconds == 0.5 and parsed.slo_error_ratio == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("values", [
+    {**OPERATOR, "operator.policy.create": False},
+    {**OPERATOR, "autoscaling.mode": "none"},
+], ids=["create-false", "no-autoscaler"])
+def test_no_policy_without_create_or_an_autoscaler(values: dict[str, Any]) -> None:
+    assert chart_policy(render(values)) is None
+
+
+def test_notes_say_what_holds_the_floor() -> None:
+    text = " ".join(notes({**OPERATOR, "autoscaling.mode": "keda", "autoscaling.minReplicas": 2,
+                           "autoscaling.maxReplicas": 4, "knowledgeBase.store": "pgvector",
+                           "knowledgeBase.pgvector.existingSecret": "pg"}).split())
+    assert ("ChatFleetPolicy chatfleet (recommend mode) names it: the operator holds the floor at 2"
+            in text), text
+    assert "WARNING" not in text.partition("Operator:")[2].partition("Knowledge bases:")[0]
+    text = " ".join(notes({**OPERATOR, "autoscaling.mode": "keda",
+                           "operator.policy.create": False}).split())
+    assert ("WARNING: operator.policy.create is false: until a ChatFleetPolicy names chatfleet"
+            in text and "0: KEDA may scale the pods to zero" in text), text
+
+
+def test_a_policy_the_operator_would_not_watch_is_refused() -> None:
+    """The chart's policy in a namespace the operator does not watch would hold nothing, and a
+    ScaledObject's floor would stay 0: the render fails with what to set."""
+    result = helm("template", "chatfleet", str(CHART), "--namespace", "llm",
+                  *set_args({**OPERATOR, "operator.watchNamespaces": ["team-b"]}))
+    assert result.returncode != 0
+    assert ("operator.watchNamespaces (team-b) leaves out the release namespace llm" in result.stderr
+            and "add llm to operator.watchNamespaces, or set operator.policy.create: false"
+            in result.stderr), result.stderr
+    assert chart_policy(render({**OPERATOR, "operator.watchNamespaces": ["team-b"],
+                                "operator.policy.create": False})) is None
+    assert chart_policy(render({**OPERATOR, "operator.clusterWide": True})) is not None

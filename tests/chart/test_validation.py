@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from tests.chart.render import CHART, ROOT, render_text
 from tests.chart.test_chart import MATRIX
 from tests.chart.test_routing import CRD_SCHEMAS, crd_problems
+from tests.support.crd import problems
 from tests.support.tools import tool_path
 
 
@@ -49,6 +50,9 @@ CUSTOM_KINDS: dict[tuple[str, str], type[BaseModel]] = {
     ("kopf.dev/v1", "ClusterKopfPeering"): ClusterKopfPeering,
     ("kopf.dev/v1", "KopfPeering"): KopfPeering,
 }
+
+CHART_CRD_KINDS = {("chatfleet.io/v1alpha1", "ChatFleetPolicy")}
+"""Kinds whose CRDs the chart installs itself (crds/): checked against that CRD's schema."""
 
 
 EXAMPLES = sorted((ROOT / "examples").glob("values-*.yaml"))
@@ -106,8 +110,9 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, l
         ("pod-extras", POD_EXTRAS), ("kb-per-pod-stores", PER_POD_STORES)]
     for case_id, values in cases:
         docs = [d for d in yaml.safe_load_all(render_text(values)) if d]
-        custom = [d for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS | CRD_SCHEMAS.keys()]
-        builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS | CRD_SCHEMAS.keys()]
+        known = CUSTOM_KINDS.keys() | CRD_SCHEMAS.keys() | CHART_CRD_KINDS
+        custom = [d for d in docs if (d["apiVersion"], d["kind"]) in known]
+        builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in known]
         path = folder / f"{case_id}.yaml"
         path.write_text(yaml.safe_dump_all(builtin))
         out[case_id] = (path, custom)
@@ -132,7 +137,7 @@ def test_custom_resources_match_their_crd_models(renders) -> None:
     seen: set[str] = set()
     for case_id, (_, custom) in renders.items():
         for doc in custom:
-            if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+            if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS.keys() | CHART_CRD_KINDS:
                 continue
             model = CUSTOM_KINDS[(doc["apiVersion"], doc["kind"])]
             parsed = model.model_validate(doc)
@@ -155,13 +160,28 @@ def test_routing_resources_match_their_vendored_crds(renders) -> None:
     assert seen == {"InferencePool", "HTTPRoute"}
 
 
+def test_chart_policies_match_the_charts_crd(renders) -> None:
+    """The chart's ChatFleetPolicy (operator on, with an HPA or a ScaledObject), as the API server
+    with the chart's CRD would check it; one in every such rendering."""
+    kinds = set()
+    for case_id, (_, custom) in renders.items():
+        policies = [d for d in custom if (d["apiVersion"], d["kind"]) in CHART_CRD_KINDS]
+        for doc in policies:
+            assert problems(doc) == [], case_id
+            kinds.add(doc["spec"]["targetRef"]["kind"])
+        if "-operator" in case_id and ("-hpa-" in case_id or "-keda-" in case_id):
+            assert len(policies) == 1, case_id
+    assert kinds == {"HorizontalPodAutoscaler", "ScaledObject"}
+
+
 @pytest.mark.parametrize("values", [
     {},
     {"engine": {"kind": "sim"}, "autoscaling": {"mode": "keda"}, "operator": {"enabled": True},
      "routing": {"mode": "inferencepool", "epp": {"replicas": 2},
                  "httpRoute": {"enabled": True, "gatewayName": "inference-gateway"}}},
+    # checkov renders into the namespace default: the chart's policy goes there, so it is watched.
     {"operator": {"enabled": True, "replicas": 2, "peering": {"enabled": True},
-                  "watchNamespaces": ["llm", "team-b"]}},
+                  "watchNamespaces": ["default", "team-b"]}},
     {"knowledgeBase": {"local": {"persistence": {"enabled": True}}}},
     {"knowledgeBase": {"store": "pgvector", "pgvector": {"existingSecret": "chatfleet-pg"},
                        "embeddings": {"url": "http://embeddings.llm.svc:8080/v1", "model": "BAAI/bge-m3",

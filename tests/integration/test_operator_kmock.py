@@ -455,10 +455,71 @@ async def test_recommend_mode_writes_only_the_status(api, prometheus, operator) 
     no_deployment_requests(api)
 
 
+def put_the_charts_objects(api: kmock.KubernetesEmulator, mode: str, kind: str,
+                           field: str) -> tuple[str, str]:
+    """Puts the chart's autoscaler (``mode``, floor 3) and its own ChatFleetPolicy, as rendered with
+    the operator on, into kmock; returns the autoscaler's resource and the policy's name."""
+    docs = render({"operator.enabled": True, "autoscaling.mode": mode, "autoscaling.minReplicas": 3,
+                   "autoscaling.maxReplicas": 8, "knowledgeBase.store": "pgvector",
+                   "knowledgeBase.pgvector.existingSecret": "pg"}, release=DEPLOYMENT, namespace=NS)
+    (target,) = [d for d in docs if d["kind"] == kind]
+    (chart_policy,) = [d for d in docs if d["kind"] == "ChatFleetPolicy"]
+    assert field not in target["spec"]
+    assert target["metadata"]["annotations"]["chatfleet.io/chart-floor"] == "3"
+    assert chart_policy["spec"]["mode"] == "recommend" and problems(chart_policy) == []
+    resource = HPAS if mode == "hpa" else SCALED_OBJECTS
+    api.objects[resource, NS, target["metadata"]["name"]] = target
+    # What the API server adds on create (kopf keeps its timers under the uid).
+    chart_policy["metadata"].update(uid=str(uuid.uuid4()), generation=1, resourceVersion="1")
+    api.objects[POLICIES, NS, chart_policy["metadata"]["name"]] = chart_policy
+    return resource, chart_policy["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("mode", "kind", "field"), [
+    ("hpa", "HorizontalPodAutoscaler", "minReplicas"),
+    ("keda", "ScaledObject", "minReplicaCount"),
+])
+async def test_the_charts_own_policy_holds_the_floor_the_chart_left_and_starts_there(
+        api, prometheus, operator, mode: str, kind: str, field: str) -> None:
+    """The chart with the operator on, as rendered: the HPA / ScaledObject has no floor field, only
+    the chart's floor as an annotation, and the chart's own ChatFleetPolicy names it in recommend
+    mode, with the chart's bounds. The operator writes that floor (and only that field, as its own
+    field manager) from its first tick, and keeps it while the demand (1 req/s, one replica's
+    worth) would need less."""
+    prometheus.rate, prometheus.capacity = 1.0, 2.0
+    resource, name = put_the_charts_objects(api, mode, kind, field)
+    op = operator()
+    await eventually(lambda: api.objects[resource, NS, DEPLOYMENT]["spec"].get(field) == 3, op.proc)
+    await eventually(lambda: status_of(api, name).get("targetMinReplicas") == 3, op.proc)
+    await asyncio.sleep(1.0)  # two more ticks: the floor holds, no further writes
+    target_writes = [r for r in writes(api) if resource_of(r) == resource]
+    assert [r.data for r in target_writes] == [floor_apply(3, kind)]
+    assert_owned_by_the_operator(target_writes[0])
+    status = status_of(api, name)
+    assert status["applied"] is False and status["neededReplicas"] == 1
+    assert status["floor"] == 3 and "held at minReplicas 3" in status["reason"], status["reason"]
+    no_deployment_requests(api)
+
+
+async def test_the_charts_floor_is_held_while_prometheus_cannot_be_read(api, prometheus,
+                                                                        operator) -> None:
+    """A wrong operator.prometheusUrl (or Prometheus down) at install: the chart's floor needs
+    nothing from Prometheus, so the ScaledObject is not left at KEDA's 0 meanwhile."""
+    prometheus.fail = True
+    resource, name = put_the_charts_objects(api, "keda", "ScaledObject", "minReplicaCount")
+    op = operator()
+    await eventually(lambda: api.objects[resource, NS, DEPLOYMENT]["spec"].get("minReplicaCount")
+                     == 3, op.proc)
+    await eventually(lambda: status_of(api, name).get("conditions"), op.proc)
+    assert status_of(api, name)["conditions"][0]["reason"] == "PrometheusUnavailable"
+    assert [r.data for r in writes(api) if resource_of(r) == resource] == [
+        floor_apply(3, "ScaledObject")]
+
+
 async def test_a_chart_left_floor_is_held_at_the_charts_value_and_the_policy_starts_there(
         api, prometheus, operator) -> None:
     """The chart with the operator on: the rendered HPA has no minReplicas, only the chart's floor
-    as an annotation. A policy in recommend mode makes the operator write that floor (and only
+    as an annotation. A policy of one's own (minReplicas 1, below the chart's floor) in recommend mode makes the operator write that floor (and only
     that field, as its own field manager); its hysteresis starts there, so the low demand (1
     req/s, one replica's worth) does not lower it on the first tick."""
     prometheus.rate, prometheus.capacity = 1.0, 2.0

@@ -251,8 +251,8 @@ def _report_problem(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, status
 
 async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
                    status: Mapping[str, Any], namespace: str, name: str, patch: kopf.Patch) -> None:
-    """One tick for one policy. Writes only ``patch`` (its status) and, in enforce mode, the
-    target's floor."""
+    """One tick for one policy. Writes only ``patch`` (its status) and the target's floor: in
+    enforce mode the policy's, in recommend mode the chart's (before Prometheus is read)."""
     patch.status["observedGeneration"] = body.metadata.get("generation")
     try:
         policy = parse_policy(spec)
@@ -272,6 +272,16 @@ async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
         _report_problem(runtime, body, patch, status, namespace, name, TickOutcome.KUBE_ERROR,
                         "KubernetesError", str(exc))
         return
+    charts = chart_floor(target_obj)
+    before = current_floor(policy.target, target_obj)
+    after: int | None = before
+    if policy.mode == "recommend" and charts is not None:
+        # The chart's floor needs nothing from Prometheus: it is held from the first tick, even
+        # while Prometheus cannot be read (a wrong URL would otherwise leave a ScaledObject at 0).
+        after = await _hold_floor(runtime, body, patch, status, namespace, name, policy, before,
+                                  charts)
+        if after is None:
+            return
     job = policy.job or scale_target_name(target_obj)
     if job is None:
         _report_problem(runtime, body, patch, status, namespace, name, TickOutcome.INVALID_POLICY,
@@ -293,20 +303,12 @@ async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
                         TickOutcome.PROMETHEUS_ERROR, "PrometheusUnavailable", str(exc))
         return
 
-    charts = chart_floor(target_obj)
     decision = decide(spec_now, observations, previous_state(status, spec_now, start=charts))
-    before = current_floor(policy.target, target_obj)
-    after = before
-    wanted = decision.floor if policy.mode == "enforce" else charts
-    if wanted is not None and before != wanted:
-        try:
-            await runtime.client().set_floor(policy.target, namespace, policy.target_name, wanted)
-        except KubeError as exc:
-            _report_problem(runtime, body, patch, status, namespace, name, TickOutcome.KUBE_ERROR,
-                            "KubernetesError", str(exc))
+    if policy.mode == "enforce":
+        after = await _hold_floor(runtime, body, patch, status, namespace, name, policy, before,
+                                  decision.floor)
+        if after is None:
             return
-        runtime.metrics.floor_patches_total.labels(policy_namespace=namespace, policy=name).inc()
-        after = wanted
     _record(runtime, body, patch, status, namespace, name, policy, decision, observations_info={
         "job": job,
         "ratePoints": len(observations.rates),
@@ -315,6 +317,23 @@ async def evaluate(runtime: Runtime, body: kopf.Body, spec: Mapping[str, Any],
         "coldStartSeconds": round(cold_start_s, 3),
         "coldStartSource": cold_start_source,
     }, before=before, after=after)
+
+
+async def _hold_floor(runtime: Runtime, body: kopf.Body, patch: kopf.Patch,
+                      status: Mapping[str, Any], namespace: str, name: str, policy: ParsedPolicy,
+                      current: int | None, wanted: int) -> int | None:
+    """Sets the target's floor to ``wanted`` unless it is there already; the floor after, or None
+    when the API server refused (reported in the status)."""
+    if current == wanted:
+        return current
+    try:
+        await runtime.client().set_floor(policy.target, namespace, policy.target_name, wanted)
+    except KubeError as exc:
+        _report_problem(runtime, body, patch, status, namespace, name, TickOutcome.KUBE_ERROR,
+                        "KubernetesError", str(exc))
+        return None
+    runtime.metrics.floor_patches_total.labels(policy_namespace=namespace, policy=name).inc()
+    return wanted
 
 
 def _record(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, status: Mapping[str, Any],
