@@ -79,11 +79,14 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GenerationDelta:
     """A piece of output: ``text`` holds ``tokens`` new tokens (0 for a final, text-less delta).
 
     The last delta of a stream has ``finish_reason`` set and, when the engine reports it, ``usage``.
+    Nothing changes a delta once built, but it is not a frozen dataclass: one is built per read on
+    the relay's hot path, and a frozen one's ``__init__`` sets each field through
+    ``object.__setattr__`` (0.6 against 0.2 µs).
     """
 
     text: str

@@ -213,10 +213,11 @@ class OpenAICompatEngine:
                 # One loop over the reads, no generator per layer: this is the relay's hot path.
                 content = response.content
                 stream = UpstreamStream(chat=request.is_chat)
+                clock = watchdog.clock
                 while not stream.done:
-                    watchdog.waiting()
+                    watchdog.waiting_since = clock()  # ``waiting()``, without its call per token
                     piece = await content.readany()
-                    watchdog.received()
+                    watchdog.waiting_since = None
                     if not piece:
                         raise EngineUnavailable("engine closed the stream before it finished")
                     delta = stream.feed(piece)
@@ -245,26 +246,26 @@ class OpenAICompatEngine:
 
 class _ReadWatchdog:
     """Closes a response whose engine has sent nothing for ``timeout_s`` while it was waited for:
-    one timer per response that looks at when the wait in progress began (``waiting``,
-    ``received``), where aiohttp's ``sock_read`` would cancel and re-arm a timer on every read.
-    Time spent relaying (the client slow to take a token) is not the engine's: it does not count.
-    The read then in progress fails, and ``generate`` answers ``timeout()`` for it."""
+    one timer per response that looks at when the wait in progress began (``waiting_since``, set
+    by ``waiting`` or, on the relay's hot path, directly), where aiohttp's ``sock_read`` would
+    cancel and re-arm a timer on every read. Time spent relaying (the client slow to take a
+    token) is not the engine's: it does not count. The read then in progress fails, and
+    ``generate`` answers ``timeout()`` for it."""
 
-    __slots__ = ("_loop", "_response", "_timer", "expired", "timeout_s", "waiting_since")
+    __slots__ = ("_loop", "_response", "_timer", "clock", "expired", "timeout_s", "waiting_since")
 
     def __init__(self, response: aiohttp.ClientResponse, timeout_s: float) -> None:
         self._loop = asyncio.get_running_loop()
+        self.clock = self._loop.time
         self._response = response
         self.timeout_s = timeout_s
         self.waiting_since: float | None = None
+        """When the read in progress began (``clock()``); None between reads."""
         self.expired = False
         self._timer = self._loop.call_later(timeout_s, self._check)
 
     def waiting(self) -> None:
         self.waiting_since = self._loop.time()
-
-    def received(self) -> None:
-        self.waiting_since = None
 
     def _check(self) -> None:
         now = self._loop.time()

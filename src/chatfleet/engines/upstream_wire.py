@@ -114,9 +114,15 @@ class ContentTemplate:
     UTF-8 and control characters checked as the full parse checks them). Anything else (the role
     chunk, the finish, usage, errors, another shape) returns None from ``text`` and is parsed in
     full. A chunk whose key is ambiguous (two ``"content":"``) teaches nothing.
+
+    The learnt chunk's whole event is kept too (its ``data:`` line as it came, and the blank line
+    after it), for ``event_text``: an engine sends an event per read when the gateway keeps up, so
+    a read that is exactly one such event with another text gives its text without being split
+    into lines first.
     """
 
-    __slots__ = ("_key", "_prefix", "_suffix", "_trimmed")
+    __slots__ = ("_event_head", "_event_tail", "_event_trimmed", "_key", "_prefix", "_suffix",
+                 "_trimmed")
 
     def __init__(self, *, chat: bool) -> None:
         self._key = b'"content":"' if chat else b'"text":"'
@@ -124,6 +130,28 @@ class ContentTemplate:
         self._suffix = b""
         self._trimmed = 0
         """len(prefix) + len(suffix); 0 until a chunk was learnt."""
+        self._event_head = b""
+        self._event_tail = b""
+        self._event_trimmed = 0
+        """len(event head) + len(event tail); 0 while no event was learnt."""
+
+    def event_text(self, piece: bytes) -> str | None:
+        """The text of ``piece`` if it is exactly one event of the learnt chunk with another text
+        (``data:``, the chunk, ``\\n\\n``), else None.
+
+        The bytes between the learnt head and tail must be one JSON string, which holds no raw
+        quote or line end: so ``piece`` is one line and its blank line, read as ``text`` reads
+        that line's payload, and nothing else.
+        """
+        trimmed = self._event_trimmed
+        if (not trimmed or len(piece) <= trimmed or not piece.startswith(self._event_head)
+                or not piece.endswith(self._event_tail)):
+            return None
+        try:
+            text = orjson.loads(piece[len(self._event_head) - 1:len(piece) - len(self._event_tail) + 1])
+        except orjson.JSONDecodeError:
+            return None
+        return text if text else None
 
     def text(self, data: bytes) -> str | None:
         """The text of ``data`` if it is the learnt chunk with another text, else None."""
@@ -137,9 +165,10 @@ class ContentTemplate:
             return None  # a quote in the middle (another shape) or a bad string: parse in full
         return text if text else None
 
-    def learn(self, data: bytes, chunk: StreamChunk, text: str | None) -> None:
+    def learn(self, data: bytes, chunk: StreamChunk, text: str | None, line: bytes = b"") -> None:
         """Keep ``data``'s bytes around its text, if ``chunk`` (parsed from it) is a plain text
-        chunk whose text ``text`` sits in exactly one place a changed text can take."""
+        chunk whose text ``text`` sits in exactly one place a changed text can take; and, if
+        ``line`` (the ``data:`` line that carried it) ends with it, the event's too."""
         if self._trimmed or not text or chunk.usage is not None or not chunk.choices:
             return
         if len(chunk.choices) != 1 or chunk.choices[0].finish_reason is not None:
@@ -170,6 +199,10 @@ class ContentTemplate:
         if choice is None or choice_text(choice) != "probe" or choice.finish_reason is not None:
             return
         self._prefix, self._suffix, self._trimmed = prefix, suffix, len(prefix) + len(suffix)
+        if line.startswith(b"data:") and line.endswith(data):
+            self._event_head = line[:len(line) - len(data)] + prefix
+            self._event_tail = suffix + b"\n\n"
+            self._event_trimmed = len(self._event_head) + len(self._event_tail)
 
 
 def choice_text(choice: _Choice) -> str | None:
@@ -261,9 +294,14 @@ class UpstreamStream:
 
     def feed(self, piece: bytes) -> GenerationDelta | None:
         """The text that ``piece`` completes, as one delta (None if it completes no text)."""
-        texts: list[str] = []
         template = self._template
-        for line in self._lines.feed(piece):
+        lines = self._lines
+        if not lines._pending and len(piece) <= lines._limit:  # one token's event, the usual read
+            text = template.event_text(piece)
+            if text is not None:
+                return GenerationDelta(text, 1)
+        texts: list[str] = []
+        for line in lines.feed(piece):
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
@@ -289,8 +327,8 @@ class UpstreamStream:
                     self.reason = choice.finish_reason
             if chunk.usage is not None:
                 self.usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-            template.learn(data, chunk, text)
-        return GenerationDelta("".join(texts), tokens=len(texts)) if texts else None
+            template.learn(data, chunk, text, line)
+        return GenerationDelta("".join(texts), len(texts)) if texts else None
 
     def finish(self) -> GenerationDelta:
         """The last delta, once ``done``: the finish reason (OpenAI's) and the usage."""
