@@ -41,6 +41,16 @@ def render(values: dict[str, Any] | None = None, release: str = "chatfleet",
     return [doc for doc in yaml.safe_load_all(render_text(values, release, namespace)) if doc]
 
 
+def lint_and_render_file(values_file: Path, namespace: str = "llm") -> list[dict[str, Any]]:
+    """An example values file as a user would take it: `helm lint --strict` clean (no warning),
+    then rendered."""
+    lint = helm("lint", "--strict", str(CHART), "-f", str(values_file))
+    assert lint.returncode == 0 and "[WARNING]" not in lint.stdout, lint.stdout + lint.stderr
+    rendered = helm("template", "chatfleet", str(CHART), "-n", namespace, "-f", str(values_file))
+    assert rendered.returncode == 0, rendered.stderr
+    return [d for d in yaml.safe_load_all(rendered.stdout) if d]
+
+
 def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:

@@ -18,7 +18,8 @@ import kmock
 import pytest
 import yaml
 
-from tests.chart.render import CHART, ROOT, by_kind, containers, env, helm, notes, one, render, set_args
+from tests.chart.render import (CHART, ROOT, by_kind, containers, env, helm, lint_and_render_file, notes, one,
+                                render, set_args)
 from tests.chart.test_chart import SIM
 from tests.conftest import Server, upstream_env
 from tests.support.procs import free_port
@@ -108,11 +109,7 @@ def test_model_caches_that_can_bind_render(values: dict[str, Any]) -> None:
 
 
 def test_the_production_example_scales_out_with_shared_storage() -> None:
-    lint = helm("lint", "--strict", str(CHART), "-f", str(PRODUCTION_VALUES))
-    assert lint.returncode == 0 and "[WARNING]" not in lint.stdout, lint.stdout + lint.stderr
-    rendered = helm("template", "chatfleet", str(CHART), "-n", "llm", "-f", str(PRODUCTION_VALUES))
-    assert rendered.returncode == 0, rendered.stderr
-    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    docs = lint_and_render_file(PRODUCTION_VALUES)
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
     (claim,) = by_kind(docs)["PersistentVolumeClaim"]

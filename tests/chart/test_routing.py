@@ -16,7 +16,7 @@ import typer.main
 import yaml
 
 from chatfleet.cli import app
-from tests.chart.render import CHART, ROOT, by_kind, helm, notes, one, render, set_args
+from tests.chart.render import CHART, ROOT, by_kind, helm, lint_and_render_file, notes, one, render, set_args
 from tests.chart.test_chart import INFERENCEPOOL, INFERENCEPOOL_FULL
 from tests.support.crd import openapi_schema, problems
 
@@ -338,11 +338,7 @@ def test_the_vendored_crds_are_the_ones_the_objects_name() -> None:
 
 
 def test_the_example_values_render_the_whole_inferencepool_setup() -> None:
-    result = helm("lint", "--strict", str(CHART), "-f", str(EXAMPLE_VALUES))
-    assert result.returncode == 0 and "[WARNING]" not in result.stdout, result.stdout + result.stderr
-    rendered = helm("template", "chatfleet", str(CHART), "-n", "llm", "-f", str(EXAMPLE_VALUES))
-    assert rendered.returncode == 0, rendered.stderr
-    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    docs = lint_and_render_file(EXAMPLE_VALUES)
     assert crd_problems(one(docs, "InferencePool")) == [] and crd_problems(one(docs, "HTTPRoute")) == []
     assert {"Deployment", "Service", "Role", "RoleBinding", "ServiceAccount", "NetworkPolicy",
             "PodMonitor"} <= set(picker_objects(docs))
