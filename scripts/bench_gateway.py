@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 
 from chatfleet.bench.loadgen import LoadConfig, RunResult, run_event_loop, run_load
+from chatfleet.bench.process_cpu import tree_cpu_s
 from chatfleet.bench.report import Summary, cdf_points, summarize, write_json
 from chatfleet.bench.workload import FixedLengths, closed_loop
 
@@ -63,6 +64,8 @@ class Plan:
     rounds: int
     """Runs per target and concurrency: 1 alternates which target goes first between concurrencies;
     more go A/B/B/A/A/B/B/A..., so that slow drift (other load on the machine) hits both alike."""
+    workers: int = 1
+    """Gateway worker processes (``chatfleet serve --workers``); above 1 the pod's admission is shared."""
 
     @property
     def model(self) -> str:
@@ -151,17 +154,6 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (psutil when installed, else /proc)."""
-    try:
-        import psutil
-    except ImportError:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 @dataclass(frozen=True, kw_only=True)
 class Measured:
     concurrency: int
@@ -186,7 +178,7 @@ def run_once(
     config = LoadConfig(url=url, model=plan.model, duration_s=plan.duration_s, seed=round_)
 
     def snapshot() -> dict[str, float]:
-        own = {name: cpu_seconds(pid) for name, pid in pids.items()} | {"client": time.process_time()}
+        own = {name: tree_cpu_s(pid)[0] for name, pid in pids.items()} | {"client": time.process_time()}
         return own | {"machine": machine_busy_seconds()}
 
     before = snapshot()
@@ -390,7 +382,7 @@ def servers(plan: Plan) -> Iterator[tuple[dict[str, str], dict[str, int]]]:
             "CHATFLEET_ADMISSION__MAX_QUEUE": str(top),
             "CHATFLEET_SERVER__LOG_LEVEL": "warning",
         }
-        gateway_args = ["serve", "--host", HOST, "--port", str(gateway_port)]
+        gateway_args = ["serve", "--host", HOST, "--port", str(gateway_port), "--workers", str(plan.workers)]
         gateway = Server("gateway", gateway_args, env=gateway_env, log_dir=log_dir)
         started.append(gateway)
         gateway.wait_ready(f"http://{HOST}:{gateway_port}/readyz")
@@ -428,8 +420,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about one minute: short runs, one round")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
+    parser.add_argument(
+        "--concurrencies", type=lambda text: tuple(int(c) for c in text.split(",")),
+        help="comma-separated stream counts (default 64,256,512)",
+    )
+    parser.add_argument(
+        "--name", default="gateway-overhead", help="output file stem under --out-dir (default gateway-overhead)"
+    )
     args = parser.parse_args()
-    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(QUICK if args.quick else FULL, workers=args.workers)
+    if args.concurrencies:
+        plan = dataclasses.replace(plan, concurrencies=args.concurrencies)
     started = time.time()
     measured = measure(plan)
     pooled, rows = compare(plan, measured)
@@ -445,7 +447,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "gateway": {"engine_slots": top, "max_queue": top, "uvicorn_workers": 1, "log_level": "warning"},
+        "gateway": {"engine_slots": top, "max_queue": top, "workers": plan.workers, "log_level": "warning"},
     }
     runs = [
         {
@@ -458,7 +460,7 @@ def main() -> None:
         }
         for m in measured
     ]
-    json_path, png_path = args.out_dir / "gateway-overhead.json", args.out_dir / "gateway-overhead.png"
+    json_path, png_path = args.out_dir / f"{args.name}.json", args.out_dir / f"{args.name}.png"
     write_json(json_path, pooled, extra={"meta": meta, "comparison": rows, "rounds": runs})
     plot(png_path, plan, pooled, rows, measured)
     print()

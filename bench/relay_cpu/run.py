@@ -60,12 +60,13 @@ from typing import Any
 
 import httpx
 
+from chatfleet.bench.process_cpu import tree_cpu_s
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PEERS = Path.home() / ".cache" / "chatfleet" / "peers"
 HOST = "127.0.0.1"
 MODEL = "relay-stub"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 ALL_GATEWAYS = ("chatfleet", "chatfleet-before", "python-floor", "vllm-router", "litellm")
 REFERENCE = "vllm-router"
 LITELLM_KEY = "sk-" + secrets.token_hex(32)
@@ -94,43 +95,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-# --- CPU from /proc ---------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(ppid, CPU seconds incl. reaped children) of one process, None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": state is fields[0]
-    ppid = int(fields[1])
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return ppid, (utime + stime + cutime + cstime) / CLK_TCK
-
-
-def tree_cpu_s(root: int) -> tuple[float, int]:
-    """CPU seconds of ``root`` and all its descendants, and how many processes that is.
-
-    A child that exited and was reaped counts in its parent's cutime/cstime and is no longer in the
-    tree; a live one counts in its own utime/stime: nothing is counted twice."""
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
-            stats[int(entry)] = stat
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, count, todo = 0.0, 0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += stats[pid][1]
-            count += 1
-            todo.extend(children.get(pid, ()))
-    return total, count
 
 
 # --- processes ----------------------------------------------------------------------------------

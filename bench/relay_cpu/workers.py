@@ -29,25 +29,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from run import HOST, MODEL, REPO, Proc, _stat, free_port, run_client, start_gateway
-
-
-def worker_cpu_s(supervisor: int) -> dict[int, float]:
-    """CPU seconds of each child of ``supervisor`` (its workers)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _stat(int(entry))) is not None and stat[0] == supervisor:
-            found[int(entry)] = stat[1]
-    return found
+from chatfleet.bench.process_cpu import children_cpu_s
+from run import HOST, MODEL, REPO, Proc, free_port, run_client, start_gateway
 
 
 def one_run(workers: int, stub_url: str, streams: int, tokens: int, log_dir: Path,
             stub: Proc) -> dict[str, Any]:
     gateway, url = start_gateway("chatfleet", stub_url, streams, log_dir, workers=workers)
     try:
-        before = worker_cpu_s(gateway.popen.pid)
+        before = children_cpu_s(gateway.popen.pid)
         result = run_client(gateway, stub, url, streams, tokens, timeout_s=300)
-        after = worker_cpu_s(gateway.popen.pid)
+        after = children_cpu_s(gateway.popen.pid)
     finally:
         gateway.stop()
     spent = sorted((after[pid] - before.get(pid, 0.0) for pid in after), reverse=True)
