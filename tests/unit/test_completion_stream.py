@@ -184,3 +184,55 @@ async def test_a_client_that_reads_nothing_is_given_up_on_after_the_send_timeout
         server.scope, server.receive, server.send), 5)
     assert closed == [True]
     assert not any(m.get("more_body") is False for _, m in server.sent)
+
+
+async def test_the_head_and_first_payload_go_out_before_the_stream_task_starts() -> None:
+    """The first token is sent by the request's own task: a task started for it would wait
+    behind everything else ready on the loop (under load, other streams' tokens)."""
+    server = _Server()
+    sent_by: list[asyncio.Task[Any] | None] = []
+    request_task: list[asyncio.Task[Any] | None] = []
+
+    async def body_send(message: dict[str, Any]) -> None:
+        sent_by.append(asyncio.current_task())
+        server.sent.append(("body_send", message))
+
+    async def rest() -> AsyncIterator[Any]:
+        yield "b"
+        yield LastPayloads(("[DONE]",))
+
+    async def request() -> None:
+        request_task.append(asyncio.current_task())
+        await CompletionStream("a", rest(), send_timeout_s=30)(server.scope, server.receive, server.send)
+
+    server.scope["extensions"][BODY_SEND_EXTENSION] = body_send
+    await asyncio.wait_for(request(), 5)
+    assert [m.get("body") for _, m in server.sent] == [None, b"data: a\n\n", b"data: b\n\n",
+                                                       b"data: [DONE]\n\n"]
+    assert sent_by[0] is request_task[0]  # "a": the request's task
+    assert sent_by[1] is not request_task[0]  # "b": the stream's
+
+
+async def test_a_client_that_takes_not_even_the_first_payload_is_given_up_on() -> None:
+    closed = []
+
+    async def rest() -> AsyncIterator[Any]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            closed.append(True)
+
+    server = _Server()
+
+    async def stuck(message: dict[str, Any]) -> None:
+        server.sent.append(("body_send", message))
+        await asyncio.Event().wait()  # the client's buffers are full from the start
+
+    server.scope["extensions"][BODY_SEND_EXTENSION] = stuck
+    events = rest()
+    first = await anext(events)  # started, as ``CompletionService.open_stream`` starts it
+    await asyncio.wait_for(CompletionStream(first, events, send_timeout_s=0.05)(
+        server.scope, server.receive, server.send), 5)
+    assert closed == [True]
+    assert [m.get("body") for _, m in server.sent] == [None, b"data: a\n\n"]

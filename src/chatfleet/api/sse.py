@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
+from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -104,14 +105,16 @@ class _StallTimer:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.sending_since: float | None = None
         self.stalled = False
 
-    def watch(self, task: asyncio.Task[None]) -> None:
+    def watch(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` on a stall from now on (the timer starts with the first call)."""
         self._task = task
-        self._timer = self._loop.call_later(self.timeout_s, self._check)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.timeout_s, self._check)
 
     def _check(self) -> None:
         now = self._loop.time()
@@ -143,10 +146,13 @@ class CompletionStream(Response):
     This is the relay's hot path, one event per token per client, so a token costs one framing and
     one call of the server's ``send``: the stream runs in a task of its own, as Starlette's
     ``StreamingResponse`` does (resuming it per token does not pass through every middleware's
-    frame), and body events go to the server's send directly (``DirectBodySend``). The request's
-    own task waits for the client to disconnect, and then cancels the stream. A client that has
-    read nothing for ``send_timeout_s`` is given up on: the stream is closed and the connection
-    too, without finishing the response.
+    frame), and body events go to the server's send directly (``DirectBodySend``). The head and the
+    first payload go out from the request's own task, before the stream's task starts: a new task
+    runs only after everything else ready on the loop, which under load is a whole engine step's
+    worth of other streams' tokens, and that wait would add to this stream's time to first token.
+    The request's task then waits for the client to disconnect, and cancels the stream. A client
+    that has read nothing for ``send_timeout_s`` is given up on: the stream is closed and the
+    connection too, without finishing the response.
     """
 
     media_type = "text/event-stream"
@@ -174,10 +180,22 @@ class CompletionStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_send = (scope.get("extensions") or {}).get(BODY_SEND_EXTENSION, send)
         timer = _StallTimer(self.send_timeout_s)
-        stream = asyncio.create_task(self._stream(send, body_send, timer))
-        timer.watch(stream)
         owner = asyncio.current_task()
         assert owner is not None
+        opened = not isinstance(self._first, LastPayloads)
+        if opened:
+            timer.watch(owner)
+            try:
+                await self._open(send, body_send, timer)
+            except BaseException:
+                timer.stop()
+                if timer.stalled and owner.uncancel() == 0:
+                    await self._close_stalled()
+                    return
+                await self._rest.aclose()  # type: ignore[attr-defined]
+                raise
+        stream = asyncio.create_task(self._stream(send, body_send, timer, opened=opened))
+        timer.watch(stream)
         listening = True
 
         def stream_ended(_: asyncio.Task[None]) -> None:
@@ -204,32 +222,51 @@ class CompletionStream(Response):
                 stream.cancel()
                 await asyncio.wait((stream,))
         if stream.cancelled():
-            # A stream cancelled before its first step never entered its ``aclosing``.
-            await self._rest.aclose()  # type: ignore[attr-defined]
             if timer.stalled:
-                log.warning("closed a stream whose client read nothing for %.0f s "
-                            "(server.send_timeout_s); its engine slot is free", self.send_timeout_s)
+                await self._close_stalled()
+            else:  # a stream cancelled before its first step never entered its ``aclosing``
+                await self._rest.aclose()  # type: ignore[attr-defined]
             return
         stream.result()  # an exception of the stream is the request's
 
-    async def _stream(self, send: Send, body_send: Send, timer: _StallTimer) -> None:
+    async def _close_stalled(self) -> None:
+        await self._rest.aclose()  # type: ignore[attr-defined]
+        log.warning("closed a stream whose client read nothing for %.0f s "
+                    "(server.send_timeout_s); its engine slot is free", self.send_timeout_s)
+
+    async def _open(self, send: Send, body_send: Send, timer: _StallTimer) -> None:
+        """The response's head and its first payload (not the last one)."""
+        timer.sending_since = asyncio.get_running_loop().time()
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        await body_send({"type": "http.response.body", "body": self._framed(self._first),
+                         "more_body": True})
+        timer.sending_since = None
+
+    async def _stream(self, send: Send, body_send: Send, timer: _StallTimer, *, opened: bool) -> None:
+        """The rest of the response: after ``_open`` if ``opened``, else all of it."""
         loop = asyncio.get_running_loop()
         rest, framed = self._rest, self._framed
         async with aclosing(rest):  # type: ignore[type-var]
-            timer.sending_since = loop.time()
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
-            item = self._first
-            while not isinstance(item, LastPayloads):
-                timer.sending_since = loop.time()
-                await body_send({"type": "http.response.body", "body": framed(item), "more_body": True})
-                timer.sending_since = None
-                try:
-                    item = await anext(rest)
-                except StopAsyncIteration:
+            if opened:  # the first payload is out (``_open``): the next ones, each as it comes
+                while True:
+                    try:
+                        item = await anext(rest)
+                    except StopAsyncIteration:
+                        timer.sending_since = loop.time()
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        return
+                    if isinstance(item, LastPayloads):
+                        break
                     timer.sending_since = loop.time()
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    return
+                    await body_send({"type": "http.response.body", "body": framed(item),
+                                     "more_body": True})
+                    timer.sending_since = None
+            else:  # the last payloads came first: the head, and they end the body
+                item = self._first
+                timer.sending_since = loop.time()
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
             timer.sending_since = loop.time()
             await send({"type": "http.response.body", "body": framed(item), "more_body": False})
             timer.sending_since = None
