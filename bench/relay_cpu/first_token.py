@@ -15,7 +15,7 @@ from sending it to the first byte of text (the role chunk does not count). Targe
 checkout's ``src`` given with ``--before``), ``python-floor`` (the bare relay on
 ChatFleet's stack) and ``vllm-router`` (when its venv exists). Rounds are interleaved: in each
 round every level runs every target, the order rotated. Added TTFT is a target's percentile minus
-direct's, pooled over the rounds.
+direct's, pooled over the rounds (interpolated: ``chatfleet.bench.report.Distribution``).
 
 Writes ``docs/benchmarks/first-token.json`` and ``.png`` (``--out`` to put them elsewhere).
 Usage: python bench/relay_cpu/first_token.py [--levels 0,64,256] [--rounds 3] [--quick]
@@ -37,9 +37,18 @@ from typing import Any
 
 import aiohttp
 
+from chatfleet.bench.report import Distribution
 from run import HERE, HOST, MODEL, PEERS, REPO, VENVS, Proc, free_port, start_gateway
 
 TARGETS = ("direct", "chatfleet", "chatfleet-2w", "python-floor", "vllm-router")
+
+
+def stream_counts(text: str) -> list[int]:
+    """``--levels``: comma-separated whole numbers of background streams, 0 or more."""
+    levels = [int(n) for n in text.split(",")]
+    if any(n < 0 for n in levels):
+        raise ValueError(text)
+    return levels
 
 
 async def probe_ttfts(url: str, probes: int, gap_s: float) -> list[float]:
@@ -70,21 +79,22 @@ async def probe_ttfts(url: str, probes: int, gap_s: float) -> list[float]:
         return list(await asyncio.gather(*tasks))
 
 
-def measure(url: str, level: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One run: ``level`` background streams through ``url``, probes timed meanwhile."""
+def measure(url: str, level: int, *, tokens: int, lead_s: float, probes: int, gap_s: float) -> dict[str, Any]:
+    """One run: ``level`` background streams of ``tokens`` through ``url``; ``lead_s`` after they
+    start, ``probes`` probes ``gap_s`` apart, timed."""
     background = None
     if level:
         background = subprocess.Popen(
             [sys.executable, str(HERE / "client.py"), "--url", url, "--model", MODEL, "--streams",
-             str(level), "--tokens", str(args.tokens), "--timeout", "120"],
+             str(level), "--tokens", str(tokens), "--timeout", "120"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert background.stdin is not None and background.stdout is not None
         if background.stdout.readline().strip() != "ready":
             raise RuntimeError("the background client did not start")
         background.stdin.write("go\n")
         background.stdin.flush()
-        time.sleep(args.lead_s)
-    ttfts = asyncio.run(probe_ttfts(url, args.probes, args.gap_ms / 1000))
+        time.sleep(lead_s)
+    ttfts = asyncio.run(probe_ttfts(url, probes, gap_s))
     load: dict[str, Any] = {}
     if background is not None:
         out, _ = background.communicate(timeout=180)
@@ -94,22 +104,20 @@ def measure(url: str, level: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"ttfts_ms": [round(1000 * t, 3) for t in ttfts], "background": load}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summarize(runs: list[dict[str, Any]], targets: list[str], levels: list[int]) -> list[dict[str, Any]]:
     rows = []
     for level in levels:
         pooled = {t: [x for r in runs if r["target"] == t and r["level"] == level for x in r["ttfts_ms"]]
                   for t in targets}
-        direct_p50, direct_p99 = percentile(pooled["direct"], 0.5), percentile(pooled["direct"], 0.99)
+        direct = Distribution.of(pooled["direct"])
+        assert direct is not None
         for target in targets:
-            p50, p99 = percentile(pooled[target], 0.5), percentile(pooled[target], 0.99)
-            rows.append({"level": level, "target": target, "probes": len(pooled[target]),
-                         "p50_ms": p50, "p99_ms": p99,
-                         "added_p50_ms": round(p50 - direct_p50, 3), "added_p99_ms": round(p99 - direct_p99, 3)})
+            ttft = Distribution.of(pooled[target])
+            assert ttft is not None
+            rows.append({"level": level, "target": target, "probes": ttft.count,
+                         "p50_ms": round(ttft.p50, 3), "p99_ms": round(ttft.p99, 3),
+                         "added_p50_ms": round(ttft.p50 - direct.p50, 3),
+                         "added_p99_ms": round(ttft.p99 - direct.p99, 3)})
     return rows
 
 
@@ -136,7 +144,8 @@ def plot(path: Path, rows: list[dict[str, Any]], targets: list[str], levels: lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", default="0,64,256", help="background streams, comma-separated")
+    parser.add_argument("--levels", type=stream_counts, default="0,64,256",
+                        help="background streams, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--probes", type=int, default=60, help="timed requests per run")
     parser.add_argument("--gap-ms", type=float, default=47.0, help="between probes (not a multiple of 20)")
@@ -149,9 +158,11 @@ def main() -> None:
                         help="another checkout's src: also run it as chatfleet-before (1 worker)")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.probes, args.levels = 1, 20, "0,64"
-    levels = [int(n) for n in args.levels.split(",")]
+        args.rounds, args.probes, args.levels = 1, 20, [0, 64]
+    levels = args.levels
     targets = [t for t in args.targets.split(",") if t]
+    if unknown := set(targets) - set(TARGETS):
+        parser.error(f"--targets: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
     if "direct" not in targets:
         targets.insert(0, "direct")
     if args.before is not None:
@@ -181,17 +192,18 @@ def main() -> None:
             proc, urls[target] = start_gateway(name, stub_url, top, log_dir,
                                                args.before.resolve() if args.before else None, workers=workers)
             procs.append(proc)
-            warm = argparse.Namespace(**{**vars(args), "probes": 5, "lead_s": 0.2, "tokens": 16})
-            measure(urls[target], 8, warm)  # first requests open the upstream pools
+            measure(urls[target], 8, tokens=16, lead_s=0.2, probes=5, gap_s=0.047)  # opens the pools
         for round_ in range(args.rounds):
             order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
             for level in levels:
                 for target in order:
-                    run = measure(urls[target], level, args) | {"target": target, "level": level, "round": round_}
-                    runs.append(run)
-                    print(f"round {round_} {target:13s} {level:4d} streams: TTFT p50 "
-                          f"{percentile(run['ttfts_ms'], 0.5):7.2f} ms, max {max(run['ttfts_ms']):7.2f} ms",
-                          file=sys.stderr)
+                    run = measure(urls[target], level, tokens=args.tokens, lead_s=args.lead_s,
+                                  probes=args.probes, gap_s=args.gap_ms / 1000)
+                    runs.append(run | {"target": target, "level": level, "round": round_})
+                    ttft = Distribution.of(run["ttfts_ms"])
+                    assert ttft is not None
+                    print(f"round {round_} {target:13s} {level:4d} streams: TTFT p50 {ttft.p50:7.2f} ms, "
+                          f"max {ttft.max:7.2f} ms", file=sys.stderr)
     finally:
         for proc in reversed(procs):
             proc.stop()
