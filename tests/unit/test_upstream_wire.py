@@ -83,16 +83,32 @@ def test_an_event_a_read_gives_the_text_and_tokens_that_any_split_of_the_bytes_g
         assert sum(tokens for _, tokens in deltas) == 8 and reason == "stop"
 
 
-def test_the_learnt_event_reads_only_one_whole_event_of_the_same_shape() -> None:
+def _learnt(line: bytes, text: str, *, with_line: bool = True) -> ContentTemplate:
+    """A template shown ``line``'s chunk as a stream's first and second text chunk."""
+    template = ContentTemplate(chat=True)
+    for _ in range(2):
+        template.learn(line[6:], parse_chunk(line[6:]), text, line if with_line else b"")
+    return template
+
+
+def test_a_streams_first_text_chunk_teaches_nothing_and_its_second_does() -> None:
+    """The first token goes by unlearnt (it is on the time to first token); the second teaches."""
     template = ContentTemplate(chat=True)
     line = _event("a").rstrip(b"\n")
     template.learn(line[6:], parse_chunk(line[6:]), "a", line)
+    assert template.event_text(_event("b")) is None and template.text(line[6:]) is None
+    template.learn(line[6:], parse_chunk(line[6:]), "a", line)
+    assert template.event_text(_event("b")) == "b" and template.text(line[6:]) == "a"
+
+
+def test_the_learnt_event_reads_only_one_whole_event_of_the_same_shape() -> None:
+    line = _event("a").rstrip(b"\n")
+    template = _learnt(line, "a")
     assert template.event_text(_event('b "\n')) == 'b "\n'
     for other in (_event("b") + _event("c"), _event("b", end=b"\r\n\r\n"), _event("b", end=b"\n"),
                   _event(""), _event(None, finish='"stop"'), b"x" + _event("b")):
         assert template.event_text(other) is None, other
-    unlearnt = ContentTemplate(chat=True)
-    unlearnt.learn(line[6:], parse_chunk(line[6:]), "a")  # no line: the chunk only
+    unlearnt = _learnt(line, "a", with_line=False)  # no line: the chunk only
     assert unlearnt.event_text(_event("b")) is None and unlearnt.text(line[6:]) == "a"
 
 
@@ -105,8 +121,9 @@ def test_two_events_in_one_read_are_two_tokens_in_one_delta() -> None:
 
 def test_an_event_shaped_like_the_text_chunks_around_a_bad_string_is_parsed_and_refused() -> None:
     stream = UpstreamStream(chat=True)
-    stream.feed(_event("") + _event("a"))
+    stream.feed(_event("") + _event("a") + _event("a"))
     good = _event("b")
+    assert stream._template.event_text(good) == "b"  # the template reads this shape now
     bad = good.replace(b'"b"', b'"b\x01"')  # a raw control character: no JSON string
     with pytest.raises(EngineBadData):
         stream.feed(bad)

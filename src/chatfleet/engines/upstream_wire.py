@@ -121,8 +121,8 @@ class ContentTemplate:
     into lines first.
     """
 
-    __slots__ = ("_event_head", "_event_tail", "_event_trimmed", "_key", "_prefix", "_suffix",
-                 "_trimmed")
+    __slots__ = ("_event_head", "_event_tail", "_event_trimmed", "_key", "_passed_first", "_prefix",
+                 "_suffix", "_trimmed")
 
     def __init__(self, *, chat: bool) -> None:
         self._key = b'"content":"' if chat else b'"text":"'
@@ -134,6 +134,8 @@ class ContentTemplate:
         self._event_tail = b""
         self._event_trimmed = 0
         """len(event head) + len(event tail); 0 while no event was learnt."""
+        self._passed_first = False
+        """A plain text chunk went by unlearnt: the stream's first (see ``learn``)."""
 
     def event_text(self, piece: bytes) -> str | None:
         """The text of ``piece`` if it is exactly one event of the learnt chunk with another text
@@ -168,10 +170,17 @@ class ContentTemplate:
     def learn(self, data: bytes, chunk: StreamChunk, text: str | None, line: bytes = b"") -> None:
         """Keep ``data``'s bytes around its text, if ``chunk`` (parsed from it) is a plain text
         chunk whose text ``text`` sits in exactly one place a changed text can take; and, if
-        ``line`` (the ``data:`` line that carried it) ends with it, the event's too."""
+        ``line`` (the ``data:`` line that carried it) ends with it, the event's too.
+
+        The stream's first plain text chunk is let go by: learning costs a search and a second
+        full parse, and the first token is on the way to the client's time to first token, which
+        the learnt template cannot shorten (a one-token answer would never use it)."""
         if self._trimmed or not text or chunk.usage is not None or not chunk.choices:
             return
         if len(chunk.choices) != 1 or chunk.choices[0].finish_reason is not None:
+            return
+        if not self._passed_first:
+            self._passed_first = True
             return
         start = data.find(self._key)
         if start < 0 or data.find(self._key, start + 1) >= 0:
