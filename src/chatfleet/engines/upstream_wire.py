@@ -109,7 +109,8 @@ class ContentTemplate:
     An engine renders every token chunk of a stream alike: the same id, created, model and fields,
     only the text differs. Once a chunk with exactly one choice, text and nothing else that
     matters (no finish reason, usage or error) has been parsed and checked (``parse_chunk``), its
-    bytes before and after the text are kept; a later payload with that prefix and suffix is the
+    bytes before and after the text are kept (from the stream's second such chunk: see
+    ``learn``); a later payload with that prefix and suffix is the
     same chunk with another text, and only its text is decoded (orjson, a JSON string: escapes,
     UTF-8 and control characters checked as the full parse checks them). Anything else (the role
     chunk, the finish, usage, errors, another shape) returns None from ``text`` and is parsed in
