@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -19,8 +20,11 @@ FAST = ("--profile", "llama-3-8b-l4", "--engine-slots", "16", "--cold-start", "3
 
 def simulate(*args: str | Path) -> subprocess.CompletedProcess[str]:
     command = "from chatfleet.cli import app; app(prog_name='chatfleet')"
+    # A wide console: rich's error panel wraps at 80 columns, which splits a long temporary path
+    # (pytest's numbered base directory grows with every run on a machine) in the middle of a name.
     return subprocess.run([sys.executable, "-c", command, "simulate", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "COLUMNS": "1000"})
 
 
 def write_csv(path: Path, rows: list[tuple[float, int, int]]) -> Path:
