@@ -109,7 +109,10 @@ async def test_a_disconnect_aborts_the_request_inside_vllm(vllm_server: VLLMServ
     was lost runs to max_tokens and is counted there as finished, which is the witness here."""
     streams, max_tokens = 4, MAX_MODEL_LEN - 48
     assert vllm_server.max_num_seqs == streams
-    gw: Server = gateway(gateway_env(vllm_server))
+    # The gateway's run delay reaches seconds here (see above), and a connect timer armed before
+    # such a stall fires before the loop sees the connection made: a 503 that says nothing about
+    # aborts. 30 s instead of the default 5 for this starved machine's sake.
+    gw: Server = gateway(gateway_env(vllm_server, CHATFLEET_ENGINE__CONNECT_TIMEOUT_S="30"))
     rounds: list[float] = []
     with ManagedProcess([sys.executable, "-c", "while True: pass"], name="cpu-load"):
         while len(rounds) < 4:
