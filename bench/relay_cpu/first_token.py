@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 
 from chatfleet.bench.report import Distribution
-from run import HERE, HOST, MODEL, PEERS, REPO, VENVS, Proc, free_port, start_gateway
+from run import HERE, MODEL, REPO, Proc, peer_bin, rotated, start_gateway, start_stub
 
 TARGETS = ("direct", "chatfleet", "chatfleet-2w", "python-floor", "vllm-router")
 
@@ -168,7 +168,7 @@ def main() -> None:
     if args.before is not None:
         targets.insert(2, "chatfleet-before")
     skipped = {}
-    if "vllm-router" in targets and not (PEERS / VENVS["vllm-router"][0] / "bin" / "vllm-router").exists():
+    if "vllm-router" in targets and not peer_bin("vllm-router", "vllm-router").exists():
         targets.remove("vllm-router")
         skipped["vllm-router"] = "no venv (bench/relay_cpu/run.py --install)"
     if args.probes * args.gap_ms / 1000 + args.lead_s > args.tokens * 0.02:
@@ -180,12 +180,8 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
-        stub_port = free_port()
-        stub = Proc("stub", [sys.executable, str(HERE / "stub.py"), "--port", str(stub_port), "--model", MODEL],
-                    {}, log_dir)
+        stub, stub_url = start_stub(log_dir)
         procs.append(stub)
-        stub_url = f"http://{HOST}:{stub_port}"
-        stub.wait_ready(f"{stub_url}/health", 30)
         urls = {"direct": f"{stub_url}/v1"}
         for target in targets[1:]:
             name, workers = ("chatfleet", 2) if target == "chatfleet-2w" else (target, 1)
@@ -194,7 +190,7 @@ def main() -> None:
             procs.append(proc)
             measure(urls[target], 8, tokens=16, lead_s=0.2, probes=5, gap_s=0.047)  # opens the pools
         for round_ in range(args.rounds):
-            order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
+            order = rotated(targets, round_)
             for level in levels:
                 for target in order:
                     run = measure(urls[target], level, tokens=args.tokens, lead_s=args.lead_s,

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from chatfleet.bench.process_cpu import tree_cpu_s
-from run import HERE, HOST, MODEL, PEERS, VENVS, Proc, free_port, start_gateway
+from run import MODEL, Proc, peer_bin, rotated, start_gateway, start_stub
 
 TARGETS = ("chatfleet", "chatfleet-before", "python-floor", "vllm-router")
 
@@ -73,7 +73,7 @@ def main() -> None:
     if args.rounds < 1 or args.requests < 1 or args.concurrency < 1:
         parser.error("--rounds, --requests and --concurrency must be at least 1")
     targets = [t for t in TARGETS if t != "chatfleet-before" or args.before is not None]
-    if not (PEERS / VENVS["vllm-router"][0] / "bin" / "vllm-router").exists():
+    if not peer_bin("vllm-router", "vllm-router").exists():
         targets.remove("vllm-router")
         print("vllm-router: no venv (bench/relay_cpu/run.py --install); skipped", file=sys.stderr)
 
@@ -81,12 +81,8 @@ def main() -> None:
     procs: list[Proc] = []
     per_round: dict[str, list[float]] = {t: [] for t in targets}
     try:
-        stub_port = free_port()
-        stub = Proc("stub", [sys.executable, str(HERE / "stub.py"), "--port", str(stub_port),
-                             "--model", MODEL], {}, log_dir)
+        stub, stub_url = start_stub(log_dir)
         procs.append(stub)
-        stub_url = f"http://{HOST}:{stub_port}"
-        stub.wait_ready(f"{stub_url}/health", 30)
         gateways: dict[str, tuple[Proc, str]] = {}
         for target in targets:
             proc, url = start_gateway(target, stub_url, 4 * args.concurrency, log_dir,
@@ -95,7 +91,7 @@ def main() -> None:
             gateways[target] = proc, url
             asyncio.run(one_token_requests(url, 200, args.concurrency))  # opens the pools
         for round_ in range(args.rounds):
-            order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
+            order = rotated(targets, round_)
             for target in order:
                 ms = cpu_ms_per_request(*gateways[target], args.requests, args.concurrency)
                 per_round[target].append(ms)

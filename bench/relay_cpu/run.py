@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -140,6 +140,32 @@ class Proc:
         except (ProcessLookupError, PermissionError):
             pass
         self.popen.wait()
+
+
+def start_stub(log_dir: Path, pace_ms: float | None = None) -> tuple[Proc, str]:
+    """The relay stub (``stub.py``) on a free port, ready, and its base URL; stopped again if it
+    does not become ready. ``pace_ms``: between a stream's chunks (the stub's default: 20)."""
+    port = free_port()
+    args = [sys.executable, str(HERE / "stub.py"), "--port", str(port), "--model", MODEL]
+    if pace_ms is not None:
+        args += ["--pace-ms", str(pace_ms)]
+    stub = Proc("stub", args, {}, log_dir)
+    url = f"http://{HOST}:{port}"
+    try:
+        stub.wait_ready(f"{url}/health", 30)
+    except BaseException:
+        stub.stop()
+        raise
+    return stub, url
+
+
+T = TypeVar("T")
+
+
+def rotated(items: list[T], round_: int) -> list[T]:
+    """``items`` starting at round ``round_``'s place: interleaved rounds run them in turn first."""
+    shift = round_ % len(items)
+    return items[shift:] + items[:shift]
 
 
 def peer_bin(name: str, exe: str) -> Path:
@@ -384,12 +410,8 @@ def main() -> None:
     versions: dict[str, str | None] = {}
     truncated = False
     try:
-        stub_port = free_port()
-        stub = Proc("stub", [sys.executable, str(HERE / "stub.py"), "--port", str(stub_port), "--model",
-                             MODEL, "--pace-ms", str(plan.pace_ms)], {}, log_dir)
+        stub, stub_url = start_stub(log_dir, plan.pace_ms)
         procs.append(stub)
-        stub_url = f"http://{HOST}:{stub_port}"
-        stub.wait_ready(f"{stub_url}/health", 30)
         urls: dict[str, str] = {}
         by_name: dict[str, Proc] = {}
         for name in list(gateways):
@@ -411,7 +433,7 @@ def main() -> None:
                 run_client(proc, stub, url, 8, 8, 60)
             print(f"{name} ready ({time.monotonic() - started:.0f}s)", file=sys.stderr)
         for round_ in range(plan.rounds):
-            order = gateways[round_ % len(gateways):] + gateways[:round_ % len(gateways)]
+            order = rotated(gateways, round_)
             for level in plan.levels:
                 for tokens in plan.lengths:
                     for name in order:

@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from chatfleet.bench.process_cpu import children_cpu_s
-from run import HOST, MODEL, REPO, Proc, free_port, run_client, start_gateway
+from run import REPO, Proc, rotated, run_client, start_gateway, start_stub
 
 
 def one_run(workers: int, stub_url: str, streams: int, tokens: int, log_dir: Path,
@@ -87,14 +86,11 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="chatfleet-workers-") as tmp:
         log_dir = Path(tmp)
-        port = free_port()
-        stub = Proc("stub", [sys.executable, str(Path(__file__).with_name("stub.py")), "--port", str(port),
-                             "--model", MODEL, "--pace-ms", str(args.pace_ms)], {}, log_dir)
+        stub, stub_url = start_stub(log_dir, args.pace_ms)
         try:
-            stub.wait_ready(f"http://{HOST}:{port}/health", 30)
             for round_ in range(args.rounds):
-                for workers in ((1, 2) if round_ % 2 == 0 else (2, 1)):
-                    run = one_run(workers, f"http://{HOST}:{port}", args.streams, args.tokens, log_dir, stub)
+                for workers in rotated([1, 2], round_):
+                    run = one_run(workers, stub_url, args.streams, args.tokens, log_dir, stub)
                     runs.append(run)
                     print(json.dumps(run), flush=True)
         finally:
