@@ -29,9 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from run import HOST, REPO, Proc, free_port
-
-MODEL = "relay-stub"
+from run import HOST, MODEL, REPO, Proc, free_port, start_stub
 
 
 async def one(client: httpx.AsyncClient, url: str, tokens: int) -> dict[str, object]:
@@ -69,15 +67,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="chatfleet-burst-") as tmp:
         log_dir = Path(tmp)
-        stub_port, gw_port = free_port(), free_port()
-        stub = Proc("stub", [sys.executable, str(Path(__file__).with_name("stub.py")), "--port",
-                             str(stub_port), "--model", MODEL], {}, log_dir)
+        gw_port = free_port()
+        stub, stub_url = start_stub(log_dir)
         gateway = None
         try:
-            stub.wait_ready(f"http://{HOST}:{stub_port}/health", 30)
             gateway = Proc("chatfleet", [sys.executable, "-m", "chatfleet", "serve", "--host", HOST,
                                          "--port", str(gw_port), "--workers", str(args.workers)], {
-                "CHATFLEET_ENGINE__KIND": "openai", "CHATFLEET_ENGINE__URL": f"http://{HOST}:{stub_port}/v1",
+                "CHATFLEET_ENGINE__KIND": "openai", "CHATFLEET_ENGINE__URL": f"{stub_url}/v1",
                 "CHATFLEET_ENGINE__MODEL": MODEL, "CHATFLEET_ADMISSION__ENGINE_SLOTS": "8",
                 "CHATFLEET_ADMISSION__MAX_QUEUE": "16", "CHATFLEET_SERVER__LOG_LEVEL": "warning",
                 "CHATFLEET_KB__DATA_DIR": str(log_dir / "kb")}, log_dir)
@@ -86,7 +82,7 @@ def main() -> None:
             results = asyncio.run(burst(f"http://{HOST}:{gw_port}/v1/chat/completions",
                                         args.streams, args.tokens))
             elapsed = time.monotonic() - started
-            stats = httpx.get(f"http://{HOST}:{stub_port}/stats").json()
+            stats = httpx.get(f"{stub_url}/stats").json()
             metrics = httpx.get(f"http://{HOST}:{gw_port}/metrics").text
         finally:
             if gateway is not None:
