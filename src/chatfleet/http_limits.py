@@ -20,6 +20,8 @@ adds, per request:
 Each refusal closes the connection (``Connection: close``). A request is complete once its body
 is read: no timer runs while its answer streams, however long.
 
+Each answer's head goes out in one write with the first bytes of its body (``http_head_write``).
+
 A head that begins in the same read as the previous request's end (pipelining) is counted from
 the next read on, so it may reach ``max_header_bytes`` plus the part of that read, which is at
 most ``max_header_bytes`` again: the parser is fed at most that much at a time.
@@ -34,6 +36,8 @@ from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from chatfleet.http_head_write import HeadHolder
 
 __all__ = ["BoundedHttpToolsProtocol", "HttpLimits", "bounded_protocol"]
 
@@ -137,7 +141,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head, self._in_body = False, True
         self._cancel_timers()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous:  # a new request's cycle (none for an upgrade)
+            self.cycle.transport = HeadHolder(self.transport, self.cycle)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._in_body = True, 0, False
