@@ -36,6 +36,7 @@ from chatfleet.engines.base import (
     GenerationDelta,
     GenerationRequest,
 )
+from chatfleet.engines.eager_body import EagerBodyRequest
 from chatfleet.engines.upstream_wire import MAX_ERROR_BODY_BYTES, UpstreamStream, read_at_most
 from chatfleet.http_pools import ShardedTransport
 
@@ -121,8 +122,10 @@ class OpenAICompatEngine:
         # the httpx pools; no decompression (identity above).
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ssl=tls,
                                          keepalive_timeout=5.0)
+        # EagerBodyRequest: the request leaves in this step, not one loop pass later (eager_body.py).
         self._session = aiohttp.ClientSession(connector=connector, headers=headers,
-                                              timeout=self._stream_timeout, auto_decompress=False)
+                                              timeout=self._stream_timeout, auto_decompress=False,
+                                              request_class=EagerBodyRequest)
 
     async def aclose(self) -> None:
         if self._client is not None:
