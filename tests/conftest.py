@@ -114,6 +114,16 @@ def upstream_env(sim: Server, **extra: str | float) -> dict[str, str]:
     return env
 
 
+def gateway_before_engine_sim(**extra: str | float) -> Iterator[Server]:
+    """A gateway in front of its own engine-sim (``upstream_env``'s ``extra`` settings), for a
+    module-scoped fixture to ``yield from``; both stop after it."""
+    sim = start_engine_sim()
+    server = start_gateway(upstream_env(sim, **extra))
+    yield server
+    server.proc.terminate()
+    sim.proc.terminate()
+
+
 @pytest.fixture
 def engine_sim() -> Iterator[Callable[..., Server]]:
     started: list[Server] = []

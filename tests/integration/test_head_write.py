@@ -10,16 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Server, chat, start_engine_sim, start_gateway, upstream_env
+from tests.conftest import Server, chat, gateway_before_engine_sim
 
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Server]:
-    sim = start_engine_sim()
-    server = start_gateway(upstream_env(sim))
-    yield server
-    server.proc.terminate()
-    sim.proc.terminate()
+    yield from gateway_before_engine_sim()
 
 
 def first_read(gw: Server, request: bytes) -> bytes:

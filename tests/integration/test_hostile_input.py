@@ -11,16 +11,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import SIM_MODEL, Server, start_engine_sim, start_gateway, upstream_env
+from tests.conftest import SIM_MODEL, Server, gateway_before_engine_sim
 
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Server]:
-    sim = start_engine_sim()
-    server = start_gateway(upstream_env(sim))
-    yield server
-    server.proc.terminate()
-    sim.proc.terminate()
+    yield from gateway_before_engine_sim()
 
 
 @pytest.mark.parametrize(("field", "raw"), [
