@@ -5,9 +5,9 @@ uvicorn writes a response's head (status line and headers) as soon as the app se
 ``http.response.start``, and its body at each ``http.response.body``: two writes, so two segments,
 for every answer, also when the app sends both at once (a JSON answer; a stream's head and first
 event, ``api/sse.CompletionStream``). The client wakes for the head and, on a machine whose cores
-are busy, runs before the gateway writes the body: at rest on a 2-core machine, a streamed chat's
-first event left 85 µs after its head, 29 µs of which were the gateway's own work (measured in the
-gateway, docs/benchmarks.md), and that wait is on the way to the first token.
+are busy, runs before the gateway writes the body: at rest on a 2-core machine, writing a streamed
+chat's head took the gateway 114 µs, 29 µs of them its own work (timed in the gateway,
+docs/benchmarks.md), before its first event could follow: a wait on the way to the first token.
 
 ``HeadHolder`` stands in for the connection's transport in one request's response cycle until the
 head is out: it keeps the head and writes it together with the cycle's next write, or, if none
