@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+from run import REPO, rotated
+
 MODEL = "in-process"
 
 
@@ -244,8 +244,7 @@ def main() -> None:
         parser.error("target names must differ")
     rows: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
-        shift = round_ % len(targets)
-        for target in targets[shift:] + targets[:shift]:
+        for target in rotated(targets, round_):
             row = {"round": round_, "target": target.name, **run_target(target, args.requests, args.tokens)}
             rows.append(row)
             print(f"round {round_} {target.name:16s} Python {row['python']:8s} fixed "

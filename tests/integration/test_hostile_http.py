@@ -17,20 +17,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Server, chat, start_engine_sim, start_gateway, upstream_env
+from tests.conftest import Server, chat, gateway_before_engine_sim
 
 TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Server]:
-    sim = start_engine_sim()
-    server = start_gateway(upstream_env(sim, server__keep_alive_s=TIMEOUT_S,
-                                        server__header_timeout_s=TIMEOUT_S,
-                                        server__body_timeout_s=TIMEOUT_S))
-    yield server
-    server.proc.terminate()
-    sim.proc.terminate()
+    yield from gateway_before_engine_sim(server__keep_alive_s=TIMEOUT_S,
+                                         server__header_timeout_s=TIMEOUT_S,
+                                         server__body_timeout_s=TIMEOUT_S)
 
 
 def connect(gw: Server) -> socket.socket:
