@@ -227,6 +227,9 @@ def epp(
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls of each pod's load")] = 0.05,
     stale_after: Annotated[float, typer.Option(
         help="A pod whose load is older than this many seconds gets no request")] = 2.0,
+    forget_pick_after: Annotated[float, typer.Option(
+        help="A request sent to a pod counts against it until the pod's load shows it arrived, or "
+             "for at most this many seconds (it never reached the pod's admission)")] = 1.0,
     batch_queue_share: Annotated[float, typer.Option(
         help="Batch requests queue on a pod only while its queue is below this share of its bound")] = 0.5,
     engine_metrics_port: Annotated[int | None, typer.Option(
@@ -254,12 +257,13 @@ def epp(
                                                         kube_ca_file)
     if not 0.0 <= batch_queue_share <= 1.0:
         raise typer.BadParameter(f"{batch_queue_share} is not in [0, 1]", param_hint="--batch-queue-share")
-    if poll_interval <= 0 or stale_after <= 0 or prefix_chars < 0:
-        raise typer.BadParameter("--poll-interval and --stale-after must be positive, --prefix-chars >= 0")
+    if poll_interval <= 0 or stale_after <= 0 or forget_pick_after <= 0 or prefix_chars < 0:
+        raise typer.BadParameter("--poll-interval, --stale-after and --forget-pick-after must be "
+                                 "positive, --prefix-chars >= 0")
     configure_logging(log_level)
     run(EppConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
                   endpoints=pool, pool_ref=pool_ref, poll_interval_s=poll_interval, prefix_chars=prefix_chars,
-                  engine_metrics_port=engine_metrics_port,
+                  engine_metrics_port=engine_metrics_port, forget_pick_after_s=forget_pick_after,
                   spec=RoutingSpec(stale_after_s=stale_after, batch_queue_share=batch_queue_share)))
 
 

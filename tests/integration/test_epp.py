@@ -80,6 +80,32 @@ def test_a_burst_between_polls_is_spread_over_equal_pods(pods: list[LoadPod]) ->
     assert sorted(picked.count(pod.endpoint) for pod in pods) == [2, 2, 2]
 
 
+def test_a_pick_counts_against_its_pod_until_the_pods_arrivals_show_it(pods: list[LoadPod]) -> None:
+    """Polls answered after a pick that do not count it yet (the request is still on its way
+    through the proxy) leave it pending; an answer whose ``arrivals`` count it takes it out."""
+    epp = start_epp([pod.endpoint for pod in pods], args=["--poll-interval", "0.02",
+                                                          "--forget-pick-after", "60"])
+    a, b, full = pods
+
+    def eight_slots(running: int, arrivals: int) -> dict[str, object]:
+        return {**load(running, arrivals=arrivals), "slots": 8, "batch_slots": 7}
+
+    try:
+        full.load = load(4, queued_i=8)
+        a.load, b.load = load(3, arrivals=5), eight_slots(7, arrivals=5)  # a: 3/4 taken, b: 7/8
+        settle(epp)
+        assert destination(epp.ask(HEADERS, CHAT)) == a.endpoint
+        settle(epp)  # a's answers since do not count that request: a's last slot is still taken
+        assert destination(epp.ask(HEADERS, CHAT)) == b.endpoint
+
+        # a's request arrived (and ended); b's is still on its way, and one of b's own ended.
+        a.load, b.load = load(3, arrivals=6), eight_slots(6, arrivals=5)
+        settle(epp)
+        assert destination(epp.ask(HEADERS, CHAT)) == a.endpoint  # 3/4 against b's 7/8
+    finally:
+        epp.proc.terminate()
+
+
 def test_every_pod_full_is_429_with_retry_after_and_an_openai_error(epp: EppServer, pods: list[LoadPod]) -> None:
     pods[0].load = load(4, queued_i=8, retry_after_s=9)
     pods[1].load = load(4, queued_i=8, retry_after_s=4)

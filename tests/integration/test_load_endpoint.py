@@ -53,7 +53,7 @@ def test_load_counts_running_and_queued_by_priority_then_draining(engine_sim, ga
     gw: Server = gateway(upstream_env(sim, **POD))
     poll = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
     assert load(poll) == {"slots": 2, "batch_slots": 1, **IDLE, "max_queue": 4, "draining": False,
-                          "retry_after_s": load(poll)["retry_after_s"]}
+                          "retry_after_s": load(poll)["retry_after_s"], "arrivals": 0}
     streams = [http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10) for _ in range(4)]
     steps = [("batch", {"running": 1, "running_batch": 1}),
              ("interactive", {"running": 2}),
@@ -65,7 +65,7 @@ def test_load_counts_running_and_queued_by_priority_then_draining(engine_sim, ga
     now = load(poll)
     assert now == {"slots": 2, "batch_slots": 1, "running": 2, "running_batch": 1,
                    "queued_interactive": 1, "queued_batch": 1, "max_queue": 4, "draining": False,
-                   "retry_after_s": now["retry_after_s"]}
+                   "retry_after_s": now["retry_after_s"], "arrivals": 4}
     assert isinstance(now["retry_after_s"], int) and 1 <= now["retry_after_s"] <= 60
     metrics = gw.metrics()  # /load and the autoscaler's gauges tell the same story
     assert value(metrics, "chatfleet_requests_running") == 2
@@ -104,7 +104,8 @@ def test_every_worker_of_a_pod_reports_the_pods_load(engine_sim, gateway) -> Non
         start_stream(conn, priority)
         wait_load(pollers, **then)
     expected = {"slots": 2, "batch_slots": 1, "running": 2, "running_batch": 1,
-                "queued_interactive": 1, "queued_batch": 1, "max_queue": 4, "draining": False}
+                "queued_interactive": 1, "queued_batch": 1, "max_queue": 4, "draining": False,
+                "arrivals": 4}
     answers = [load(conn) for _ in range(5) for conn in pollers]
     assert all(answer.items() >= expected.items() for answer in answers), answers
     metrics = gw.metrics()

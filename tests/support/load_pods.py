@@ -10,11 +10,16 @@ from tests.support.procs import LOCALHOST
 
 
 def load(running: int = 0, *, queued_i: int = 0, queued_b: int = 0, running_batch: int = 0,
-         draining: bool = False, retry_after_s: int = 2) -> dict[str, object]:
-    """A gateway's ``/load`` answer (routing/pool_load.py's fields) with 4 slots, 3 of them for batch."""
-    return {"slots": 4, "batch_slots": 3, "running": running, "running_batch": running_batch,
-            "queued_interactive": queued_i, "queued_batch": queued_b, "max_queue": 8,
-            "draining": draining, "retry_after_s": retry_after_s}
+         draining: bool = False, retry_after_s: int = 2, arrivals: int | None = None) -> dict[str, object]:
+    """A gateway's ``/load`` answer (routing/pool_load.py's fields) with 4 slots, 3 of them for batch;
+    without ``arrivals``, as a gateway older than that count answers."""
+    answer: dict[str, object] = {
+        "slots": 4, "batch_slots": 3, "running": running, "running_batch": running_batch,
+        "queued_interactive": queued_i, "queued_batch": queued_b, "max_queue": 8,
+        "draining": draining, "retry_after_s": retry_after_s}
+    if arrivals is not None:
+        answer["arrivals"] = arrivals
+    return answer
 
 
 class LoadPod:

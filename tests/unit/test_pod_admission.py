@@ -208,7 +208,7 @@ async def test_every_worker_reports_the_pods_load(pod: Pod) -> None:
         await settle()
     expected = Load(slots=3, batch_slots=2, running=3, running_batch=2, queued_interactive=2,
                     queued_batch=1, max_queue=5, draining=False,
-                    retry_after_s=pod.coordinator.admission.retry_after_s())
+                    retry_after_s=pod.coordinator.admission.retry_after_s(), arrivals=6)
     assert await a.load() == await b.load() == await pod.coordinator.admission.load() == expected
     for ticket in tickets:
         ticket.release()

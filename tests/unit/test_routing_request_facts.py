@@ -54,9 +54,12 @@ def test_a_load_answer_is_read_only_with_every_count() -> None:
     answer = {"slots": 4, "batch_slots": 3, "running": 1, "running_batch": 0, "queued_interactive": 0,
               "queued_batch": 2, "max_queue": 8, "draining": False, "retry_after_s": 1}
 
-    assert parse_load("10.0.0.1:8000", answer).queued_batch == 2
+    load, arrivals = parse_load("10.0.0.1:8000", answer)
+    assert (load.queued_batch, arrivals) == (2, None)  # a gateway older than the arrivals count
+    assert parse_load("10.0.0.1:8000", {**answer, "arrivals": 7})[1] == 7
     for broken, says in (({**answer, "running": -1}, "'running'"), ({**answer, "slots": "4"}, "'slots'"),
-                         ({**answer, "draining": 0}, "'draining'"), ([], "not a JSON object")):
+                         ({**answer, "draining": 0}, "'draining'"), ({**answer, "arrivals": None}, "'arrivals'"),
+                         ([], "not a JSON object")):
         with pytest.raises(ValueError, match=says):
             parse_load("10.0.0.1:8000", broken)
 

@@ -73,6 +73,7 @@ class EppConfig:
     spec: RoutingSpec = RoutingSpec()
     poll_interval_s: float = 0.05
     poll_timeout_s: float = 1.0
+    forget_pick_after_s: float = 1.0
     engine_metrics_port: int | None = None
     prefix_chars: int = 0
     pool_ref: PoolRef | None = None
@@ -225,7 +226,8 @@ async def serve(config: EppConfig, metrics: EppMetrics, stop: asyncio.Event) -> 
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as client:
         pool = PoolLoad(client, metrics, interval_s=config.poll_interval_s, timeout_s=config.poll_timeout_s,
                         engine_metrics_port=config.engine_metrics_port,
-                        kv_stale_after_s=config.spec.stale_after_s)
+                        kv_stale_after_s=config.spec.stale_after_s,
+                        forget_pick_after_s=config.forget_pick_after_s)
         if config.pool_ref is None:
             pool.set_endpoints(config.endpoints)
         server = grpc.aio.server()

@@ -111,6 +111,9 @@ class Load:
     draining: bool
     retry_after_s: int
     """What a refusal would say in ``Retry-After`` now."""
+    arrivals: int
+    """Requests admission has taken a decision on since the process started (granted, queued or
+    refused): the picker matches them against what it sent the pod (routing/pool_load.py)."""
 
 
 class LoadUnavailable(Exception):
@@ -283,6 +286,7 @@ class AdmissionController:
         self._running = 0
         self._running_batch = 0
         self._draining = False
+        self._arrivals = 0
         self._releases: deque[float] = deque(maxlen=_DRAIN_RATE_WINDOW)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -334,7 +338,8 @@ class AdmissionController:
                     running_batch=self._running_batch,
                     queued_interactive=len(queues[Priority.INTERACTIVE]),
                     queued_batch=len(queues[Priority.BATCH]), max_queue=self.max_queue,
-                    draining=self._draining, retry_after_s=self.retry_after_s())
+                    draining=self._draining, retry_after_s=self.retry_after_s(),
+                    arrivals=self._arrivals)
 
     # -- entering ----------------------------------------------------------------------------
 
@@ -368,6 +373,7 @@ class AdmissionController:
 
         Raises Draining (503) while draining, QueueFull (429) when the queue is at its bound.
         """
+        self._arrivals += 1
         entry = self._decide(priority)
         refusal = self._refusal(entry)
         if refusal is not None:

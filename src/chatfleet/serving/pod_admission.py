@@ -205,12 +205,12 @@ class PodAdmission:
 
     def _load(self, fields: Sequence[str]) -> Load:
         """The ``l`` line's counts (the wire splits a line into at most 5 fields, so rejoined)."""
-        running, running_batch, queued_i, queued_b, draining, retry_after_s = map(
+        running, running_batch, queued_i, queued_b, draining, retry_after_s, arrivals = map(
             int, " ".join(fields[2:]).split(" "))
         return Load(slots=self.slots, batch_slots=self.batch_slots, running=running,
                     running_batch=running_batch, queued_interactive=queued_i, queued_batch=queued_b,
                     max_queue=self.max_queue, draining=bool(draining) or self._draining,
-                    retry_after_s=retry_after_s)
+                    retry_after_s=retry_after_s, arrivals=arrivals)
 
     # -- the pod's rate limits ---------------------------------------------------------------
 

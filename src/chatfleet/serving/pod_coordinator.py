@@ -71,7 +71,7 @@ class _WorkerLink(LineProtocol):
             elif kind == "L":
                 now = admission.snapshot()
                 self.send(f"l {fields[1]} {now.running} {now.running_batch} {now.queued_interactive} "
-                          f"{now.queued_batch} {int(now.draining)} {now.retry_after_s}")
+                          f"{now.queued_batch} {int(now.draining)} {now.retry_after_s} {now.arrivals}")
         coordinator._publish()
 
     def _enqueue(self, admission: AdmissionController, rid: str, priority: Priority) -> None:

@@ -16,7 +16,7 @@ Coordinator to worker:
   draining), on arrival or later (deadline, displaced by an interactive arrival).
 - ``k <id> <wait s>``: the answer to ``K``: 0 when taken, else the seconds until a token is back.
 - ``l <id> <running> <running batch> <queued interactive> <queued batch> <draining 0|1>
-  <retry after s>``: the answer to ``L``, counted over the whole pod.
+  <retry after s> <arrivals>``: the answer to ``L``, counted over the whole pod.
 - ``S <unknown> <batch> <retry after s>``: the pod's certain refusal for an arrival of unknown
   priority and for a batch one (a reason or ``-``), sent to every worker when it changes, so a
   worker's edge can refuse without asking.
