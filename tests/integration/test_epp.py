@@ -106,6 +106,25 @@ def test_a_pick_counts_against_its_pod_until_the_pods_arrivals_show_it(pods: lis
         epp.proc.terminate()
 
 
+def test_a_pick_the_pods_arrivals_never_count_is_forgotten_and_counted(pods: list[LoadPod]) -> None:
+    """A request that never reaches the pod's admission (refused at its edge, a route that takes
+    no slot) stops counting against the pod after --forget-pick-after."""
+    epp = start_epp([pods[0].endpoint], args=["--poll-interval", "0.02", "--forget-pick-after", "0.2"])
+    try:
+        pods[0].load = load(3, arrivals=5)
+        settle(epp)
+        assert destination(epp.ask(HEADERS, CHAT)) == pods[0].endpoint
+
+        wait_until(lambda: metric_value(epp.metrics_text(), "chatfleet_epp_picks_forgotten_total") == 1,
+                   timeout=10, interval=0.05, message="the pick forgotten")
+        # Its slot is free again in the picker's count: a second request is a slot pick, not a queue one.
+        assert destination(epp.ask(HEADERS, CHAT)) == pods[0].endpoint
+        assert metric_value(epp.metrics_text(), "chatfleet_epp_picks_total",
+                            priority="interactive", outcome="slot") == 2
+    finally:
+        epp.proc.terminate()
+
+
 def test_every_pod_full_is_429_with_retry_after_and_an_openai_error(epp: EppServer, pods: list[LoadPod]) -> None:
     pods[0].load = load(4, queued_i=8, retry_after_s=9)
     pods[1].load = load(4, queued_i=8, retry_after_s=4)
@@ -193,5 +212,5 @@ def test_health_and_metrics_say_what_the_picker_did(epp: EppServer, pods: list[L
     assert metric_value(text, "chatfleet_epp_decision_seconds_count") >= 1
     assert metric_value(text, "chatfleet_epp_load_age_seconds_count") >= 1
     doc = {family_name(name): labels for name, labels in documented("Endpoint picker").items()}
-    assert len(doc) == 5, "the Endpoint picker rows of docs/metrics.md were not found"
+    assert len(doc) == 6, "the Endpoint picker rows of docs/metrics.md were not found"
     assert families(text) == doc

@@ -36,10 +36,12 @@ def test_a_pick_sent_after_the_poll_was_asked_is_taken_out_when_the_answer_count
 def test_a_pick_that_never_reaches_admission_is_forgotten() -> None:
     pending = picks((0.10, True), (0.50, False))
 
-    pending.answered(1.05, 10)
+    assert pending.answered(1.05, 10) == 0
     assert (len(pending), pending.batch) == (2, 1)
-    pending.answered(1.15, 10)  # the first is more than a second old
+    assert pending.answered(1.15, 10) == 1  # the first is more than a second old
     assert (len(pending), pending.batch) == (1, 0)
+    assert pending.answered(1.20, 11) == 0  # the second arrived: taken out, not forgotten
+    assert len(pending) == 0
 
 
 def test_without_an_arrivals_count_an_answer_takes_out_what_was_sent_before_its_poll() -> None:

@@ -98,8 +98,9 @@ class PendingPicks:
         self._picks.append((at, batch))
         self.batch += batch
 
-    def answered(self, asked_at: float, arrivals: int | None) -> None:
-        """A load answer to a poll asked at ``asked_at`` came back with ``arrivals``."""
+    def answered(self, asked_at: float, arrivals: int | None) -> int:
+        """A load answer to a poll asked at ``asked_at`` came back with ``arrivals``. Returns how
+        many picks it forgot (taken out by age, not counted)."""
         picks = self._picks
         if arrivals is None or self._arrivals is None or arrivals < self._arrivals:
             # No count to match, or a new gateway process counting from 0: the older rule.
@@ -108,9 +109,12 @@ class PendingPicks:
             arrived = arrivals - self._arrivals
         self._arrivals = arrivals
         forget_before = asked_at - self._forget_after_s
+        forgotten = 0
         while picks and (arrived > 0 or picks[0][0] < forget_before):
+            forgotten += arrived <= 0
             arrived -= 1
             self.batch -= picks.popleft()[1]
+        return forgotten
 
 
 KV_USAGE = b"vllm:kv_cache_usage_perc"
@@ -239,7 +243,9 @@ class PoolLoad:
             else:
                 polls.labels(source="gateway", result="ok").inc()
                 pod.load, pod.observed_at = load, asked_at
-                pod.pending.answered(asked_at, arrivals)
+                forgotten = pod.pending.answered(asked_at, arrivals)
+                if forgotten:
+                    self._metrics.picks_forgotten_total.inc(forgotten)
             if endpoint in self._unpolled:
                 self._unpolled.discard(endpoint)
                 self._check_polled()

@@ -472,6 +472,10 @@ class EppMetrics:
             "chatfleet_epp_load_polls",
             "Polls of the pods' load: the gateway's GET /load, the engine's KV usage; by result.",
             ["source", "result"], registry=r)
+        self.picks_forgotten_total = Counter(
+            "chatfleet_epp_picks_forgotten",
+            "Picks no load answer of their pod counted within --forget-pick-after: requests that "
+            "never reached the pod's admission, or took longer to.", registry=r)
 
 
 def render(registry: CollectorRegistry) -> bytes:
