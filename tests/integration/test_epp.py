@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from grpc_health.v1 import health_pb2
@@ -34,9 +35,18 @@ def pods() -> Iterator[list[LoadPod]]:
 
 @pytest.fixture
 def epp(pods: list[LoadPod]) -> Iterator[EppServer]:
-    server = start_epp([pod.endpoint for pod in pods], args=["--poll-interval", "0.02"])
-    yield server
-    server.proc.terminate()
+    with picker(pods, "--poll-interval", "0.02") as server:
+        yield server
+
+
+@contextmanager
+def picker(pods: list[LoadPod], *args: str) -> Iterator[EppServer]:
+    """``chatfleet epp`` on ``pods`` with ``args``, stopped when the block ends."""
+    server = start_epp([pod.endpoint for pod in pods], args=args)
+    try:
+        yield server
+    finally:
+        server.proc.terminate()
 
 
 def settle(epp: EppServer) -> None:
@@ -71,11 +81,8 @@ def test_a_request_without_a_body_is_answered_at_its_headers(epp: EppServer, pod
 def test_a_burst_between_polls_is_spread_over_equal_pods(pods: list[LoadPod]) -> None:
     """The pods' loads do not move here, so only the picker's own count of what it sent since
     the last poll (a minute apart) can spread the burst."""
-    epp = start_epp([pod.endpoint for pod in pods], args=["--poll-interval", "60", "--stale-after", "120"])
-    try:
+    with picker(pods, "--poll-interval", "60", "--stale-after", "120") as epp:
         picked = [destination(epp.ask(HEADERS, CHAT)) for _ in range(6)]
-    finally:
-        epp.proc.terminate()
 
     assert sorted(picked.count(pod.endpoint) for pod in pods) == [2, 2, 2]
 
@@ -83,14 +90,12 @@ def test_a_burst_between_polls_is_spread_over_equal_pods(pods: list[LoadPod]) ->
 def test_a_pick_counts_against_its_pod_until_the_pods_arrivals_show_it(pods: list[LoadPod]) -> None:
     """Polls answered after a pick that do not count it yet (the request is still on its way
     through the proxy) leave it pending; an answer whose ``arrivals`` count it takes it out."""
-    epp = start_epp([pod.endpoint for pod in pods], args=["--poll-interval", "0.02",
-                                                          "--forget-pick-after", "60"])
     a, b, full = pods
 
     def eight_slots(running: int, arrivals: int) -> dict[str, object]:
         return {**load(running, arrivals=arrivals), "slots": 8, "batch_slots": 7}
 
-    try:
+    with picker(pods, "--poll-interval", "0.02", "--forget-pick-after", "60") as epp:
         full.load = load(4, queued_i=8)
         a.load, b.load = load(3, arrivals=5), eight_slots(7, arrivals=5)  # a: 3/4 taken, b: 7/8
         settle(epp)
@@ -102,15 +107,12 @@ def test_a_pick_counts_against_its_pod_until_the_pods_arrivals_show_it(pods: lis
         a.load, b.load = load(3, arrivals=6), eight_slots(6, arrivals=5)
         settle(epp)
         assert destination(epp.ask(HEADERS, CHAT)) == a.endpoint  # 3/4 against b's 7/8
-    finally:
-        epp.proc.terminate()
 
 
 def test_a_pick_the_pods_arrivals_never_count_is_forgotten_and_counted(pods: list[LoadPod]) -> None:
     """A request that never reaches the pod's admission (refused at its edge, a route that takes
     no slot) stops counting against the pod after --forget-pick-after."""
-    epp = start_epp([pods[0].endpoint], args=["--poll-interval", "0.02", "--forget-pick-after", "0.2"])
-    try:
+    with picker(pods[:1], "--poll-interval", "0.02", "--forget-pick-after", "0.2") as epp:
         pods[0].load = load(3, arrivals=5)
         settle(epp)
         assert destination(epp.ask(HEADERS, CHAT)) == pods[0].endpoint
@@ -121,8 +123,6 @@ def test_a_pick_the_pods_arrivals_never_count_is_forgotten_and_counted(pods: lis
         assert destination(epp.ask(HEADERS, CHAT)) == pods[0].endpoint
         assert metric_value(epp.metrics_text(), "chatfleet_epp_picks_total",
                             priority="interactive", outcome="slot") == 2
-    finally:
-        epp.proc.terminate()
 
 
 def test_every_pod_full_is_429_with_retry_after_and_an_openai_error(epp: EppServer, pods: list[LoadPod]) -> None:
